@@ -23,6 +23,8 @@ class SpecConfig:
     win_length: int = 512
     hop_length: int = 159
     center: bool = False
+    # librosa < 0.10 (what the OGM-GE code ran on) padded centred frames by reflection
+    pad_mode: str = "reflect"
     # fbank only
     num_mel_bins: int = 128
     frame_length_ms: float = 25.0
