@@ -5,12 +5,17 @@ An adapter is one module exposing::
     NAME: str                      # CLI name, e.g. "cremad"
     LAYOUT: str                    # one-line description of the raw layout (avprep datasets)
     NUM_CLASSES: int | None        # fixed class count, None when derived from the data
+    DEFAULT_DURATION: float        # clip length of the paper's presets (3.0 CREMA-D, 10.0 others)
     def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery
 
-``discover`` only looks at names and small text files: no media is opened.
+``discover`` only looks at names and small text files: no media is opened. Unusable rows
+(missing video, unknown label, duplicate key) become ``Problem``s, deliberate omissions
+(e.g. non-KS Kinetics classes) are counted in ``skipped``, and how the splits were made
+(e.g. a val split derived from train) is said in ``notes``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -49,6 +54,7 @@ class Discovery:
     problems: list[Problem] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)   # e.g. {"class not in KS-31": 412}
     default_duration: float | None = None
+    notes: list[str] = field(default_factory=list)   # how splits were made, e.g. a derived val split
 
 
 _KEY_BAD = re.compile(r"[.\s/\\]+")
@@ -72,3 +78,72 @@ def hash_split(name: str, seed: int = 0, test: float = 0.1, val_of_rest: float =
     if x < test:
         return "test"
     return "val" if (x - test) / (1 - test) < val_of_rest else "train"
+
+
+# ----------------------------------------------------------------------------- adapter helpers
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+VAL_FRACTION = 0.1
+# Never media: PyAV would open some (images, subtitles) but they are not audio-visual clips.
+NOT_MEDIA = frozenset(
+    ".txt .json .jsonl .csv .tsv .md .rst .html .htm .xml .yaml .yml .ini .cfg .log .py .sh .pdf "
+    ".doc .docx .zip .tar .gz .tgz .bz2 .xz .7z .rar .db .sqlite .pkl .pickle .npy .npz .pt .pth "
+    ".jpg .jpeg .png .bmp .webp .tif .tiff .srt .vtt .ass .ssa .sub .nfo .part .ytdl .tmp".split())
+
+
+def split_alias(name: str) -> str | None:
+    """``train``/``val``/``test`` for the usual spellings of a split name, else None."""
+    return SPLIT_ALIASES.get(name.strip().lower())
+
+
+def is_media_name(name: str) -> bool:
+    """A plausible media file name: not hidden, has an extension, not an obvious non-media one."""
+    suffix = Path(name).suffix.lower()
+    return not name.startswith(".") and bool(suffix) and suffix not in NOT_MEDIA
+
+
+def rel(path: Path, src: Path) -> str:
+    """``path`` relative to the dataset root, POSIX style (what manifests and failures record)."""
+    try:
+        return Path(path).relative_to(src).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def derive_val(clips: list[Clip], seed: int = 0, fraction: float = VAL_FRACTION) -> list[Clip]:
+    """Move a stable ``fraction`` of ``train`` (by hash of key and seed) to ``val``.
+
+    For split sources with only train/test (VGGSound, OGM-GE lists): model selection needs a
+    validation split, and hashing keeps it deterministic and stable as clips are added.
+    """
+    return [dataclasses.replace(c, split="val")
+            if c.split == "train" and hash_fraction("val:" + c.key, seed) < fraction else c
+            for c in clips]
+
+
+def derived_val_note(source: str, seed: int, fraction: float = VAL_FRACTION) -> str:
+    return (f"{source} has no validation split: val = {fraction:.0%} of train chosen by "
+            f"hash of the key (seed {seed})")
+
+
+def dedupe(clips, src: Path) -> tuple[list[Clip], list[Problem]]:
+    """Keep the first clip of each key (callers order by priority); later ones become Problems."""
+    kept: dict[str, Clip] = {}
+    problems = []
+    for clip in clips:
+        first = kept.setdefault(clip.key, clip)
+        if first is not clip:
+            where = "listed twice" if first.split == clip.split else f"also in {first.split}"
+            problems.append(Problem(clip.key, rel(clip.video, src), "duplicate",
+                                    f"duplicate key in {clip.split} ({where}); kept {rel(first.video, src)}"))
+    return list(kept.values()), problems
+
+
+def finish(name: str, classes: list[str], clips: list[Clip], problems: list[Problem],
+           skipped: dict[str, int], duration: float, notes: list[str] = ()) -> Discovery:
+    """A Discovery with clips sorted by key and problems by (key, stage): reruns compare equal."""
+    return Discovery(name=name, classes=list(classes), clips=sorted(clips, key=lambda c: c.key),
+                     problems=sorted(problems, key=lambda p: (p.key, p.stage, p.source)),
+                     skipped={k: v for k, v in sorted(skipped.items()) if v},
+                     default_duration=duration, notes=list(notes))

@@ -1,0 +1,102 @@
+"""CREMA-D: ``RAW/VideoFlash/<clip>.flv`` + ``RAW/AudioWAV/<clip>.wav`` (SPEC §2).
+
+Clip names are ``<actor>_<sentence>_<EMO>_<level>``; the label is the EMO field. Audio comes
+from the WAV when there is one, else from the FLV's own track (``Clip.audio = None``).
+
+Splits: the dataset has none. Without split files every clip goes to train/val/test by a hash
+of its name (10% test, the rest 9:1), or, with ``split_by="speaker"``, by a hash of its actor
+id so no actor is in two splits (the clip split leaks speakers between train and test). With
+the OGM-GE CSVs (train and test only) val is 10% of their train, by hash of the clip name.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from manifests import load as _load_manifest
+
+from ..errors import ConfigError, DatasetLayoutError
+from . import splitfiles
+from ._base import (Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
+                    hash_split, is_media_name, make_key)
+
+NAME = "cremad"
+LAYOUT = "RAW/VideoFlash/<actor>_<sentence>_<EMO>_<level>.flv (+ RAW/AudioWAV/<same>.wav)"
+CLASSES: list[str] = list(_load_manifest("cremad")["classes"])
+NUM_CLASSES = len(CLASSES)
+DEFAULT_DURATION = 3.0
+SPLIT_BY = ("clip", "speaker")
+
+
+def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
+    """CREMA-D clips of ``src`` (see the module docstring for how splits are made)."""
+    src = Path(src)
+    if split_by not in (None, *SPLIT_BY):
+        raise ConfigError(f"cremad: --split-by must be one of {', '.join(SPLIT_BY)}, not {split_by!r}")
+    if split_by is not None and split_files:
+        raise ConfigError("cremad: --split-by and split files are exclusive (the files fix the splits)")
+    videos = _index(src / "VideoFlash", required=True)
+    wavs = _index(src / "AudioWAV", required=False)
+    problems: list[Problem] = []
+    skipped: dict[str, int] = {}
+    notes: list[str] = []
+
+    def make_clip(name: str, label: str, split: str) -> Clip:
+        return Clip(make_key(name), label, split, videos[name], wavs.get(name),
+                    {"speaker": name.split("_")[0]})
+
+    if split_files:
+        source = splitfiles.read_split_files(split_files, CLASSES)
+        problems += source.problems
+        clips = []
+        for e in source.entries:
+            if e.clip_id not in videos:
+                problems.append(Problem(make_key(e.clip_id), f"VideoFlash/{e.clip_id}.flv", "missing",
+                                        f"listed in {e.source} but not in {src / 'VideoFlash'}"))
+            elif _emotion(e.clip_id) != e.label:
+                problems.append(Problem(make_key(e.clip_id), e.source, "label",
+                                        f"{e.source} says {e.label} but the clip name says {_emotion(e.clip_id)}"))
+            else:
+                clips.append(make_clip(e.clip_id, e.label, e.split))
+        listed = {e.clip_id for e in source.entries} | {p.key for p in source.problems}
+        skipped["not in split files"] = sum(1 for name in videos if name not in listed)
+        if source.needs_val:
+            clips = derive_val(clips, seed)
+            notes.append(derived_val_note("the split files", seed))
+        notes.append("splits from " + ", ".join(source.files))
+    else:
+        clips = []
+        for name in sorted(videos):
+            label = _emotion(name)
+            if label not in CLASSES:
+                problems.append(Problem(make_key(name), f"VideoFlash/{videos[name].name}", "label",
+                                        f"emotion {label!r} of {name!r} is not one of {', '.join(CLASSES)}"))
+                continue
+            unit = name.split("_")[0] if split_by == "speaker" else name
+            clips.append(make_clip(name, label, hash_split(unit, seed)))
+        notes.append(f"splits by hash of the {'actor id' if split_by == 'speaker' else 'clip name'} "
+                     f"(seed {seed}): 10% test, the rest 9:1 train/val")
+    missing_wav = sum(1 for c in clips if c.audio is None)
+    if missing_wav:
+        notes.append(f"{missing_wav} clips have no WAV: their audio comes from the FLV")
+    clips, dups = dedupe(clips, src)
+    return finish(NAME, CLASSES, clips, problems + dups, skipped, DEFAULT_DURATION, notes)
+
+
+def _emotion(name: str) -> str:
+    parts = name.split("_")
+    return parts[2] if len(parts) >= 3 else ""
+
+
+def _index(folder: Path, *, required: bool) -> dict[str, Path]:
+    """Clip name -> file of ``folder`` (first by name when one clip has several extensions)."""
+    if not folder.is_dir():
+        if required:
+            raise DatasetLayoutError(f"{folder}: no such folder; expected CREMA-D's "
+                                     f"VideoFlash/<clip>.flv (and AudioWAV/<clip>.wav) under {folder.parent}")
+        return {}
+    out: dict[str, Path] = {}
+    for name in sorted(os.listdir(folder)):
+        if is_media_name(name) and (folder / name).is_file():
+            out.setdefault(Path(name).stem, folder / name)
+    return out

@@ -1,0 +1,92 @@
+"""VGGSound: ``RAW/vggsound.csv`` + videos anywhere under RAW (SPEC §2).
+
+The CSV has no header; rows are ``youtube_id,start_seconds,label,split`` with split ``train``
+or ``test`` (labels with commas are quoted, hence the csv module). Videos are named
+``<youtube_id>_<start:06d>.mp4``; an unpadded start, a ``_<end>`` suffix and other video
+containers are accepted too. The tree is indexed once, so 200k rows cost one walk.
+
+Classes are the sorted unique labels of the whole CSV (so they do not depend on which videos
+were downloaded). Rows without a video are "missing" Problems: VGGSound always has many.
+The CSV only has train/test, so val is 10% of train by hash of the key (recorded in notes).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from pathlib import Path
+
+from ..errors import ConfigError, DatasetLayoutError
+from . import splitfiles
+from ._base import (Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
+                    is_media_name, make_key, split_alias)
+
+NAME = "vggsound"
+LAYOUT = "RAW/vggsound.csv (youtube_id,start_seconds,label,split) + RAW/**/<youtube_id>_<start:06d>.mp4"
+NUM_CLASSES = None
+DEFAULT_DURATION = 10.0
+_CSV = "vggsound.csv"
+_ANY_ID = re.compile(r"(.+)_(\d+)")
+
+
+def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
+    """VGGSound clips of ``src`` (see the module docstring)."""
+    src = Path(src)
+    if split_files or split_by is not None:
+        raise ConfigError(f"{NAME}: split files and --split-by are not supported (the CSV has the split)")
+    rows = _read_csv(src / _CSV)
+    classes = sorted({label for *_, label, _split in rows})
+    videos = _index(src)
+    clips, problems = [], []
+    for line, ytid, start, label, split in rows:
+        key = make_key(f"{ytid}_{start:06d}")
+        path = videos.get((ytid, start))
+        if path is None:
+            problems.append(Problem(key, f"{_CSV}:{line}", "missing",
+                                    f"no video {ytid}_{start:06d}.mp4 under {src}"))
+        else:
+            clips.append(Clip(key, label, split, path, meta={"youtube_id": ytid, "start": start}))
+    clips = derive_val(clips, seed)
+    notes = [derived_val_note(_CSV, seed)]
+    clips, dups = dedupe(clips, src)
+    return finish(NAME, classes, clips, problems + dups, {}, DEFAULT_DURATION, notes)
+
+
+def _read_csv(path: Path) -> list[tuple[int, str, int, str, str]]:
+    """(line, youtube_id, start, label, split) rows; a header-like first row is tolerated."""
+    if not path.is_file():
+        raise DatasetLayoutError(f"{path}: not found; expected {LAYOUT}")
+    rows = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            row = [x.strip() for x in row]
+            if not any(row):
+                continue
+            ok = len(row) == 4 and row[1].isdigit() and split_alias(row[3]) in ("train", "test") and row[2]
+            if not ok:
+                if n == 1 and not (len(row) > 1 and row[1].isdigit()):
+                    continue        # a header some copies add
+                raise DatasetLayoutError(f"{path}:{n}: expected 'youtube_id,start_seconds,label,train|test', "
+                                         f"got {','.join(row)!r}")
+            rows.append((n, row[0], int(row[1]), row[2], split_alias(row[3])))
+    if not rows:
+        raise DatasetLayoutError(f"{path}: no rows; expected {LAYOUT}")
+    return rows
+
+
+def _index(src: Path) -> dict[tuple[str, int], Path]:
+    """(youtube_id, start) -> video, from one walk of the tree; the first path in sorted order wins."""
+    out: dict[tuple[str, int], Path] = {}
+    for root, dirs, names in os.walk(src, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not is_media_name(name):
+                continue
+            stem = Path(name).stem
+            parsed = splitfiles.parse_clip_id(stem)
+            if parsed is None:      # not an 11-character YouTube id: <id>_<start>
+                m = _ANY_ID.fullmatch(stem)
+                parsed = m and (m.group(1), int(m.group(2)), None)
+            if parsed and parsed[1] is not None:
+                out.setdefault((parsed[0], parsed[1]), Path(root) / name)
+    return out

@@ -1,0 +1,91 @@
+"""One clip → the members of one WebDataset sample (SPEC §3–4, ARCHITECTURE "Sample schema")."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import media, spectrogram
+from .config import ExtractConfig
+from .datasets._base import Clip
+from .errors import ClipError
+
+# Keys the extractor owns; a clip's meta cannot override them.
+_CORE_KEYS = ("key", "label", "label_index", "split", "source", "audio_source", "duration",
+              "sample_rate", "fps", "n_frames", "frame_times", "frame_size", "spec_shape",
+              "spec_preset")
+
+
+def relative_source(path: Path, src_root: Path) -> str:
+    """``path`` relative to the raw dataset folder, POSIX style (absolute if outside it)."""
+    path = Path(path)
+    try:
+        return path.relative_to(src_root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def npy_bytes(array: np.ndarray, dtype: str) -> bytes:
+    """``array`` as a little-endian .npy (format 1.0, no pickle): same values → same bytes."""
+    buf = io.BytesIO()
+    arr = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+    np.lib.format.write_array(buf, arr, version=(1, 0), allow_pickle=False)
+    return buf.getvalue()
+
+
+def extract_clip(clip: Clip, label_index: int, split: str, cfg: ExtractConfig,
+                 src_root: Path) -> dict[str, bytes]:
+    """Decode ``clip`` and return its sample members without the key prefix, in tar order:
+    ``cls``, ``json``, ``spec.npy``, ``f000.jpg``, ...
+
+    Raises ``ClipError(stage, message)``: stages ``open``/``video``/``audio`` from decoding,
+    ``spectrogram`` when the audio cannot be turned into the preset's array. Video and audio
+    of one file are read in a single demux pass (``media.decode_clip``).
+    """
+    audio_path = clip.audio or clip.video
+    decoded = media.decode_clip(clip.video, clip.audio, sample_rate=cfg.spec.sample_rate, fps=cfg.fps,
+                                frame_size=cfg.frame_size, jpeg_quality=cfg.jpeg_quality)
+    frames, wave = decoded.frames, decoded.wave
+    if not frames:
+        raise ClipError("video", f"{clip.video}: no video frames decoded")
+    if wave is None or wave.size == 0:
+        raise ClipError("audio", f"{audio_path}: no audio samples decoded")
+    wave = media.fit_duration(wave, cfg.spec.num_samples)
+    try:
+        spec = spectrogram.compute(wave, cfg.spec)
+    except ClipError:
+        raise
+    except Exception as e:  # numerical failures are the clip's, not the run's
+        raise ClipError("spectrogram", f"{audio_path}: {type(e).__name__}: {e}") from e
+    if tuple(spec.shape) != tuple(cfg.spec.shape) or not np.isfinite(spec).all():
+        raise ClipError("spectrogram", f"{audio_path}: bad spectrogram (shape {tuple(spec.shape)}, "
+                                       f"expected {tuple(cfg.spec.shape)}, or non-finite values)")
+
+    meta = {k: v for k, v in clip.meta.items() if k not in _CORE_KEYS}
+    meta.update(
+        key=clip.key, label=clip.label, label_index=int(label_index), split=split,
+        source=relative_source(clip.video, src_root),
+        audio_source=relative_source(audio_path, src_root),
+        duration=round(decoded.duration, 6), sample_rate=cfg.spec.sample_rate, fps=cfg.fps,
+        n_frames=len(frames), frame_times=[round(t, 6) for t in decoded.frame_times],
+        frame_size=list(decoded.frame_size), spec_shape=list(cfg.spec.shape), spec_preset=cfg.spec.preset,
+    )
+    members = {
+        "cls": str(int(label_index)).encode("ascii"),
+        "json": json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                           default=_json_default).encode("ascii"),
+        "spec.npy": npy_bytes(spec, cfg.spec_dtype),
+    }
+    for i, jpeg in enumerate(frames):
+        members[f"f{i:03d}.jpg"] = jpeg
+    return members
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return value.as_posix()
+    raise TypeError(f"cannot store {type(value).__name__} in sample metadata")

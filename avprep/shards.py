@@ -1,0 +1,178 @@
+"""Shard planning and deterministic, atomic tar writing (SPEC §4).
+
+A shard's membership is decided before any media is decoded, from the sorted clip keys
+alone, so a shard's bytes depend only on its clips and the options, never on worker count
+or completion order. That is also what makes resuming safe: a shard either exists under its
+final name complete (tmp + fsync + rename) or does not exist.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .config import ExtractConfig
+from .datasets._base import SPLITS, Clip
+
+TMP_MARK = ".tmp-"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard to write: its file name, split and clips (sorted by key)."""
+
+    name: str
+    split: str
+    clips: tuple[Clip, ...]
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    name: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+def split_order(splits: Iterable[str]) -> list[str]:
+    """train, val, test first, then any other split names alphabetically."""
+    splits = set(splits)
+    return [s for s in SPLITS if s in splits] + sorted(splits - set(SPLITS))
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def estimate_sample_bytes(cfg: ExtractConfig) -> int:
+    """A deterministic guess of one sample's tar size, used only to cap shard bytes.
+
+    The spectrogram size is exact; frames are counted from the preset's duration and sized
+    from the frame size and JPEG quality (a 16:9 frame at ~0.4-2.7 bits per pixel), because
+    the real sizes are only known after decoding, too late to decide shard membership.
+    """
+    rows, cols = cfg.spec.shape
+    spec = rows * cols * (2 if cfg.spec_dtype == "float16" else 4) + 128
+    n_frames = max(1, math.floor(cfg.spec.duration * cfg.fps))
+    short = cfg.frame_size or 720
+    pixels = short * short * 16 / 9
+    bits_per_pixel = 0.4 + 2.3 * (cfg.jpeg_quality / 100) ** 3
+    frame = int(pixels * bits_per_pixel / 8)
+    per_member = 1024  # header + average padding
+    return spec + n_frames * frame + (3 + n_frames) * per_member + 64
+
+
+def plan_shards(clips: Iterable[Clip], cfg: ExtractConfig) -> list[ShardPlan]:
+    """Group clips per split, sort by key, and cut into shards of at most ``cfg.shard_size``
+    samples (and, with ``cfg.shard_max_bytes``, at most that many estimated bytes; a shard
+    always holds at least one sample)."""
+    by_split: dict[str, list[Clip]] = {}
+    for clip in clips:
+        by_split.setdefault(clip.split, []).append(clip)
+    per_sample = estimate_sample_bytes(cfg) if cfg.shard_max_bytes else 0
+    plans = []
+    for split in split_order(by_split):
+        chunks: list[list[Clip]] = [[]]
+        for clip in sorted(by_split[split], key=lambda c: c.key):
+            chunk = chunks[-1]
+            full = len(chunk) >= cfg.shard_size or (
+                cfg.shard_max_bytes and (len(chunk) + 1) * per_sample > cfg.shard_max_bytes)
+            if chunk and full:
+                chunks.append([])
+            chunks[-1].append(clip)
+        plans += [ShardPlan(shard_name(split, i), split, tuple(c)) for i, c in enumerate(chunks)]
+    return plans
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what tarfile writes, so no second read is needed."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self._f.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    tmp = tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_shard(path: Path, samples: Mapping[str, Mapping[str, bytes]]) -> WrittenShard:
+    """Write ``{key: {ext: bytes}}`` as a tar at ``path``: samples sorted by key, each sample's
+    members contiguous and in the given order, fixed headers. Atomic: the file appears under
+    its final name only once complete and fsynced."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            out = _HashingWriter(f)
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for key in sorted(samples):
+                    for ext, data in samples[key].items():
+                        tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return WrittenShard(path.name, len(samples), out.size, out.sha.hexdigest())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,105 @@
+"""Audio -> 2-D array for each spectrogram preset (SPEC §3).
+
+STFT presets (``kind == "stft"``): ``torch.stft`` with a periodic Hann window of
+``win_length`` (zero-padded to ``n_fft`` in the middle, as librosa does), ``center`` padding
+with ``pad_mode``, magnitude, then ``log(|S| + 1e-7)``; shape (n_fft // 2 + 1, frames). It is
+computed in float64 and returned as float32, so it agrees with ``librosa.stft`` to float
+rounding.
+
+fbank preset (``kind == "fbank"``): the AST / GeWu-lab front-end, i.e. what
+``torchaudio.compliance.kaldi.fbank(w - w.mean(), htk_compat=True, use_energy=False,
+window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)`` computes, ported to
+numpy (torchaudio cannot be installed here, and kaldi-native-fbank refuses 128 mel bins on a
+512-point FFT because some low filters hold no FFT bin; the tests check this port against
+kaldi-native-fbank at 80 bins, where it accepts): 25 ms frames every 10 ms, snip_edges,
+pre-emphasis 0.97, DC removal per frame, Hann ("hanning", symmetric) window, FFT size rounded to
+a power of two, power spectrum, 128 HTK-mel triangles over 20 Hz .. Nyquist without area
+normalisation, log with a float32-epsilon floor. The waveform stays in [-1, 1] (as torchaudio
+loads it; Kaldi's own tools use the int16 scale, which would only add the constant
+2*ln(32768) to every value) and has its mean removed first. Frames are zero-padded or cut to
+``num_frames`` (AST pads 998 -> 1024 for 10 s); shape (num_frames, num_mel_bins). No
+normalisation by dataset statistics: that belongs to the loader.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import SpecConfig
+
+__all__ = ["compute", "mel_banks", "LOG_EPS"]
+
+LOG_EPS = 1e-7
+
+
+def compute(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
+    """The float32 array of ``spec.shape`` for ``wave`` (mono, already ``spec.num_samples`` long)."""
+    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+    if wave.size != spec.num_samples:
+        raise ValueError(f"expected {spec.num_samples} samples ({spec.duration} s at "
+                         f"{spec.sample_rate} Hz), got {wave.size}; call media.fit_duration first")
+    if spec.kind == "stft":
+        out = _stft(wave, spec)
+    elif spec.kind == "fbank":
+        out = _fbank(wave, spec)
+    else:
+        raise ValueError(f"unknown spectrogram kind {spec.kind!r}")
+    assert out.shape == spec.shape, (out.shape, spec.shape)
+    return out
+
+
+def _stft(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
+    x = torch.from_numpy(wave.astype(np.float64))
+    window = torch.hann_window(spec.win_length, periodic=True, dtype=torch.float64)
+    s = torch.stft(x, n_fft=spec.n_fft, hop_length=spec.hop_length, win_length=spec.win_length,
+                   window=window, center=spec.center, pad_mode=spec.pad_mode, normalized=False,
+                   onesided=True, return_complex=True)
+    return torch.log(s.abs() + LOG_EPS).to(torch.float32).numpy()
+
+
+def _mel(f):
+    return 1127.0 * np.log(1.0 + np.asarray(f, np.float64) / 700.0)
+
+
+def mel_banks(num_bins: int, n_fft: int, sample_rate: int, low_freq: float = 20.0,
+              high_freq: float = 0.0) -> np.ndarray:
+    """Kaldi's triangular mel filters, (num_bins, n_fft // 2 + 1), unnormalised, HTK mel scale.
+
+    Like torchaudio (and unlike Kaldi, which refuses), a filter too narrow to contain an FFT
+    bin stays all zero: its log energy is the floor. 128 bins on a 512-point FFT at 16 kHz
+    leave a few of the lowest filters empty; AST-style features have them too.
+    """
+    nyquist = sample_rate / 2
+    high = high_freq if high_freq > 0 else nyquist + high_freq
+    lo, hi = _mel(low_freq), _mel(high)
+    delta = (hi - lo) / (num_bins + 1)
+    left = lo + delta * np.arange(num_bins)[:, None]
+    centre, right = left + delta, left + 2 * delta
+    fft_mel = _mel(sample_rate / n_fft * np.arange(n_fft // 2))[None, :]
+    up = (fft_mel - left) / (centre - left)
+    down = (right - fft_mel) / (right - centre)
+    banks = np.maximum(0.0, np.minimum(up, down))
+    return np.pad(banks, ((0, 0), (0, 1)))        # the Nyquist bin gets no weight
+
+
+def _fbank(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
+    sr = spec.sample_rate
+    length = int(round(sr * spec.frame_length_ms / 1000))
+    shift = int(round(sr * spec.frame_shift_ms / 1000))
+    n_fft = 1 << (length - 1).bit_length()            # round_to_power_of_two
+    x = wave.astype(np.float64)
+    x = x - x.mean()
+    feats = np.zeros(spec.shape, np.float32)
+    n = 1 + (x.size - length) // shift if x.size >= length else 0   # snip_edges
+    n = min(n, spec.num_frames)                        # frames past num_frames are cut anyway
+    if n == 0:
+        return feats
+    frames = np.lib.stride_tricks.sliding_window_view(x, length)[::shift][:n]
+    frames = frames - frames.mean(axis=1, keepdims=True)             # remove_dc_offset
+    previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)   # replicate-padded
+    frames = frames - 0.97 * previous                                   # pre-emphasis
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(length) / (length - 1))   # "hanning"
+    power = np.abs(np.fft.rfft(frames * window, n=n_fft, axis=1)) ** 2
+    energies = power @ mel_banks(spec.num_mel_bins, n_fft, sr).T
+    feats[:n] = np.log(np.maximum(energies, np.finfo(np.float32).eps))
+    return feats

@@ -1,0 +1,441 @@
+"""Synthetic raw datasets in each real layout (SPEC §2), with real encoded media.
+
+Every clip carries two class cues whose strength is set separately, so tests and demos can
+make one modality dominant (the imbalance OGM-GE is about):
+
+- audio: a class-specific tone (plus its octave at half amplitude) mixed with white noise at
+  ``audio_snr`` dB;
+- visual: a class-specific colour in the centre of the frame mixed with pixel noise at
+  ``visual_snr`` dB.
+
+Each frame also carries a noise-free time marker in its top-left corner: the left block's grey
+level encodes ``floor(t)`` and the right block's the fraction of the second, so a decoded
+frame tells which presentation time it was (``read_marker``). Media is written with PyAV
+(libx264 + AAC in MP4/MKV, Sorenson H.263 + MP3 in FLV, PCM WAV) with bit-exact muxing and
+one encoder thread, so the same seed gives byte-identical files.
+"""
+from __future__ import annotations
+
+import colorsys
+import csv
+import json
+import math
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import av
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = ["write_clip", "write_wav", "make_dataset", "read_marker", "tone_frequency", "class_colour",
+           "check_options", "DATASETS", "MARKER_BLOCK"]
+
+DATASETS = ("cremad", "kinetics-sounds", "vggsound", "ave", "folder")
+
+MARKER_BLOCK = 8                 # marker block side in pixels (two blocks, top-left corner)
+_SECOND_STEP = 20                # grey levels per second in the left marker block
+_SECOND_BASE = 15
+_AUDIO_RMS = 0.1                 # mixed waveform RMS: far from clipping
+_PIXEL_SCALE = 60.0              # pixel deviation from mid-grey of a unit-power image
+
+# (video codec, pixel format, audio codec, audio rate override) by file suffix.
+_CODECS = {
+    ".mp4": ("libx264", "yuv420p", "aac", None),
+    ".mkv": ("libx264", "yuv420p", "aac", None),
+    ".mov": ("libx264", "yuv420p", "aac", None),
+    ".flv": ("flv", "yuv420p", "libmp3lame", 22050),
+    ".avi": ("mjpeg", "yuvj420p", "pcm_s16le", None),
+}
+
+
+# ----------------------------------------------------------------------------- cues
+
+def tone_frequency(label_index: int, num_classes: int) -> float:
+    """The class tone in Hz: log-spaced over 250..3500 Hz (its octave stays below 8 kHz)."""
+    if not 0 <= label_index < max(num_classes, 1):
+        raise ValueError(f"label_index {label_index} out of range for {num_classes} classes")
+    lo, hi = 250.0, 3500.0
+    if num_classes <= 1:
+        return lo
+    return float(lo * (hi / lo) ** (label_index / (num_classes - 1)))
+
+
+def class_colour(label_index: int, num_classes: int) -> np.ndarray:
+    """The class colour as float RGB in [-1, 1] around mid-grey: hues spread over the wheel."""
+    hue = label_index / max(num_classes, 1)
+    rgb = colorsys.hsv_to_rgb(hue, 1.0, 1.0)
+    return np.asarray(rgb, np.float64) * 2.0 - 1.0
+
+
+def _mix_weights(snr_db: float) -> tuple[float, float]:
+    """Amplitudes (signal, noise) of unit-power sources so that power ratio = snr_db, total power 1."""
+    if snr_db == math.inf:
+        return 1.0, 0.0
+    if snr_db == -math.inf:
+        return 0.0, 1.0
+    p = 1.0 / (1.0 + 10.0 ** (-min(max(snr_db, -300.0), 300.0) / 10.0))
+    return math.sqrt(p), math.sqrt(1.0 - p)
+
+
+def _audio_wave(n: int, sample_rate: int, label_index: int, num_classes: int, snr_db: float,
+                rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(n) / sample_rate
+    f = tone_frequency(label_index, num_classes)
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    tone = np.sin(2 * np.pi * f * t + phase[0]) + 0.5 * np.sin(2 * np.pi * 2 * f * t + phase[1])
+    tone /= math.sqrt(0.5 + 0.125)                        # unit power
+    noise = rng.standard_normal(n)
+    ws, wn = _mix_weights(snr_db)
+    return (_AUDIO_RMS * (ws * tone + wn * noise)).astype(np.float32)
+
+
+def _frame_image(i: int, fps: float, w: int, h: int, colour: np.ndarray, snr_db: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """RGB uint8 frame i: class colour in the centre half, noise everywhere, time marker."""
+    signal = np.zeros((h, w, 3))
+    y0, y1, x0, x1 = h // 4, h - h // 4, w // 4, w - w // 4
+    # unit power inside the cue region
+    signal[y0:y1, x0:x1] = colour / max(np.sqrt(np.mean(colour ** 2)), 1e-9)
+    ws, wn = _mix_weights(snr_db)
+    img = 128.0 + _PIXEL_SCALE * (ws * signal + wn * rng.standard_normal((h, w, 3)))
+    t = i / fps
+    sec, frac = int(math.floor(t + 1e-9)), t - math.floor(t + 1e-9)
+    b = MARKER_BLOCK
+    img[:b, :b] = _SECOND_BASE + _SECOND_STEP * (sec % 12)
+    img[:b, b:2 * b] = round(250 * max(frac, 0.0))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def read_marker(rgb: np.ndarray, scale: float = 1.0) -> tuple[int, float]:
+    """(floor(t) modulo 12, fraction of the second) from a decoded frame's time marker.
+
+    ``scale`` is the decoded frame's size relative to the encoded one (e.g. 0.5 after resizing
+    a 160x120 clip to a short side of 60). Only the inner half of each block is read, so
+    compression and resampling at the block edges do not matter."""
+    rgb = np.asarray(rgb, np.float64)
+    block = MARKER_BLOCK * scale
+    lo, hi = int(block * 0.25), max(int(block * 0.75), 1)
+    left = rgb[lo:hi, lo:hi].mean()
+    right = rgb[lo:hi, int(block) + lo:int(block) + hi].mean()
+    return int(round((left - _SECOND_BASE) / _SECOND_STEP)), right / 250.0
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def _audio_frames(wave: np.ndarray, stream, sample_rate: int, layout: str):
+    """Chunks of ``wave`` (channels, n) as frames of the encoder's frame size."""
+    cc = stream.codec_context
+    size = cc.frame_size or 1024
+    planar = cc.format.is_planar
+    fmt = cc.format.name
+    for start in range(0, wave.shape[1], size):
+        chunk = wave[:, start:start + size]
+        if fmt.startswith("s16"):
+            chunk = np.clip(np.rint(chunk * 32767), -32768, 32767).astype(np.int16)
+        else:
+            chunk = chunk.astype(np.float32)
+        arr = chunk if planar else chunk.T.reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr), format=fmt, layout=layout)
+        frame.sample_rate = sample_rate
+        frame.pts = start
+        yield frame
+
+
+def _open_output(path: Path):
+    container = av.open(str(path), "w")
+    container.flags |= av.container.Flags.bitexact.value
+    return container
+
+
+def _add_video_stream(container, codec: str, pix_fmt: str, fps: int, size: tuple[int, int], rotation):
+    w, h = size
+    if codec == "libx264" and (w % 2 or h % 2):
+        pix_fmt = "yuv444p"                          # 4:2:0 needs even sizes
+    stream = container.add_stream(codec, rate=fps)
+    stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+    stream.codec_context.flags |= av.codec.context.Flags.bitexact.value
+    if codec == "libx264":
+        stream.options = {"preset": "ultrafast", "crf": "18", "threads": "1"}
+    elif codec == "flv":
+        stream.codec_context.bit_rate = 800_000
+        stream.codec_context.thread_count = 1
+    else:
+        stream.codec_context.thread_count = 1
+    if rotation:
+        stream.set_display_rotation(rotation)
+    return stream
+
+
+def _add_audio_stream(container, codec: str, sample_rate: int, layout: str):
+    stream = container.add_stream(codec, rate=sample_rate, layout=layout)
+    stream.codec_context.flags |= av.codec.context.Flags.bitexact.value
+    if codec == "libmp3lame":
+        stream.codec_context.format = "fltp"
+    return stream
+
+
+def write_wav(path, wave: np.ndarray, sample_rate: int, layout: str = "mono") -> Path:
+    """Write ``wave`` ((n,) or (channels, n) floats in [-1, 1]) as 16-bit PCM WAV; returns ``path``."""
+    path = Path(path)
+    wave = np.atleast_2d(np.asarray(wave, np.float32))
+    container = _open_output(path)
+    stream = _add_audio_stream(container, "pcm_s16le", sample_rate, layout)
+    for frame in _audio_frames(wave, stream, sample_rate, layout):
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+    container.close()
+    return path
+
+
+_LAYOUT_CHANNELS = {"mono": 1, "stereo": 2, "5.1": 6}
+
+
+def write_clip(path, *, duration: float, label_index: int, num_classes: int,
+               audio_snr: float = 20.0, visual_snr: float = 20.0, fps: int = 10,
+               size: tuple[int, int] = (160, 120), sample_rate: int = 16000, seed: int = 0,
+               audio: bool = True, audio_layout: str = "mono", audio_path=None,
+               rotation: int | None = None, video_codec: str | None = None) -> Path:
+    """Write one real encoded clip with class cues; returns ``path``.
+
+    The container and codecs follow the suffix: ``.mp4``/``.mkv``/``.mov`` H.264 + AAC,
+    ``.flv`` Sorenson H.263 + MP3 (at 22.05 kHz, as FLV only signals 5.5/11/22/44 kHz),
+    ``.avi`` MJPEG + PCM; ``video_codec`` overrides the video codec. ``audio=False`` writes no
+    audio stream. ``audio_path`` also writes the waveform as 16-bit PCM WAV at ``sample_rate``
+    (CREMA-D's AudioWAV; the clip's own track has the same samples unless FLV changed the
+    rate). ``audio_layout`` ("mono", "stereo", "5.1") repeats the waveform on every channel. ``rotation`` stores a display matrix (degrees CCW). Odd
+    sizes are encoded as H.264 4:4:4. Frame ``i`` has pts ``i/fps``; the video has
+    ``max(1, round(duration*fps))`` frames and the audio ``round(duration*rate)`` samples.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _CODECS:
+        raise ValueError(f"{path}: unsupported suffix {suffix!r}; use one of {', '.join(_CODECS)}")
+    vcodec, pix_fmt, acodec, arate = _CODECS[suffix]
+    vcodec = video_codec or vcodec
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def audio_at(rate: int) -> np.ndarray:     # same tone phases at any rate
+        return _audio_wave(int(round(duration * rate)), rate, label_index, num_classes, audio_snr,
+                           np.random.default_rng([seed, label_index, 1]))
+
+    wave = audio_at(sample_rate)
+    if audio_path is not None:
+        audio_path = Path(audio_path)
+        audio_path.parent.mkdir(parents=True, exist_ok=True)
+        write_wav(audio_path, wave, sample_rate)
+
+    colour = class_colour(label_index, num_classes)
+    rng = np.random.default_rng([seed, label_index, 2])
+    container = _open_output(path)
+    try:
+        vstream = _add_video_stream(container, vcodec, pix_fmt, fps, size, rotation)
+        astream = None
+        rate = arate or sample_rate
+        if audio:
+            astream = _add_audio_stream(container, acodec, rate, audio_layout)
+        for i in range(max(1, int(round(duration * fps)))):
+            img = _frame_image(i, fps, size[0], size[1], colour, visual_snr, rng)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            container.mux(vstream.encode(frame))
+        container.mux(vstream.encode(None))
+        if astream is not None:
+            stream_wave = wave if rate == sample_rate else audio_at(rate)
+            chans = np.repeat(stream_wave[None], _LAYOUT_CHANNELS.get(audio_layout, 1), axis=0)
+            for frame in _audio_frames(chans, astream, rate, audio_layout):
+                container.mux(astream.encode(frame))
+            container.mux(astream.encode(None))
+    finally:
+        container.close()
+    return path
+
+
+# ----------------------------------------------------------------------------- datasets
+
+_CREMAD_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
+_CREMAD_LEVELS = ("LO", "MD", "HI")
+
+# Real VGGSound labels (one with a comma, as the real CSV quotes some).
+_VGGSOUND_LABELS = (
+    "dog barking", "playing acoustic guitar", "male speech, man speaking", "rain on surface",
+    "helicopter", "church bell ringing", "cat meowing", "playing violin, fiddle",
+    "ambulance siren", "baby crying", "chainsaw", "playing drum kit", "train horning",
+    "lions roaring", "playing piano", "skateboarding", "typing on computer keyboard",
+    "wind noise", "waterfall burbling", "people clapping",
+)
+# The 28 AVE categories (AudioSet names, commas included).
+_AVE_CATEGORIES = (
+    "Church bell", "Male speech, man speaking", "Bark", "Fixed-wing aircraft, airplane",
+    "Race car, auto racing", "Female speech, woman speaking", "Helicopter", "Violin, fiddle",
+    "Flute", "Ukulele", "Frying (food)", "Truck", "Shofar", "Motorcycle", "Acoustic guitar",
+    "Train horn", "Clock", "Banjo", "Goat", "Baby cry, infant crying", "Bus", "Chainsaw", "Cat",
+    "Horse", "Toilet flush", "Rodents, rats, mice", "Accordion", "Mandolin",
+)
+_FOLDER_CLASSES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+_YT_ALPHABET = string.ascii_letters + string.digits + "-_"
+
+
+def _manifest_classes(name: str) -> list[str]:
+    path = Path(__file__).resolve().parent.parent / "manifests" / f"{name}.json"
+    return list(json.loads(path.read_text())["classes"])
+
+
+@dataclass
+class _Plan:
+    """One clip to synthesize: where, which class (index into ``classes``), how long."""
+
+    video: Path
+    label_index: int
+    duration: float
+    audio_path: Path | None = None
+
+
+def _youtube_id(rng: np.random.Generator) -> str:
+    return "".join(_YT_ALPHABET[i] for i in rng.integers(0, len(_YT_ALPHABET), 11))
+
+
+def _split_of(rng: np.random.Generator, splits=("train", "val", "test"), p=(0.8, 0.1, 0.1)) -> str:
+    return str(splits[int(rng.choice(len(splits), p=p))])
+
+
+def _labels(clips: int, k: int, rng: np.random.Generator) -> list[int]:
+    """Balanced labels (round robin), shuffled."""
+    labels = [i % k for i in range(clips)]
+    rng.shuffle(labels)
+    return labels
+
+
+def _plan_cremad(out: Path, clips: int, k: int, rng, duration) -> tuple[list[str], list[_Plan]]:
+    classes = _manifest_classes("cremad")[:k]
+    plans, seen = [], set()
+    for label in _labels(clips, k, rng):
+        while True:
+            actor = int(rng.integers(1001, 1092))
+            sentence = str(rng.choice(_CREMAD_SENTENCES))
+            emo = classes[label]
+            level = "XX" if sentence != "IEO" or emo == "NEU" else str(rng.choice(_CREMAD_LEVELS))
+            name = f"{actor}_{sentence}_{emo}_{level}"
+            if name not in seen:
+                break
+        seen.add(name)
+        d = duration if duration is not None else round(float(rng.uniform(2.0, 4.0)), 1)
+        plans.append(_Plan(out / "VideoFlash" / f"{name}.flv", label, d,
+                           out / "AudioWAV" / f"{name}.wav"))
+    return classes, plans
+
+
+def _plan_kinetics(out: Path, clips: int, k: int, rng, duration) -> tuple[list[str], list[_Plan]]:
+    classes = _manifest_classes("kinetics-sounds")[:k]
+    plans = []
+    for label in _labels(clips, k, rng):
+        start = int(rng.integers(0, 290))
+        name = f"{_youtube_id(rng)}_{start:06d}_{start + 10:06d}.mp4"
+        plans.append(_Plan(out / _split_of(rng) / classes[label] / name, label,
+                           10.0 if duration is None else duration))
+    return classes, plans
+
+
+def _plan_vggsound(out: Path, clips: int, k: int, rng, duration, missing: int):
+    classes = sorted(_VGGSOUND_LABELS[:k])
+    plans, rows = [], []
+    for n, label in enumerate(_labels(clips + missing, k, rng)):
+        ytid, start = _youtube_id(rng), int(rng.integers(0, 290))
+        split = _split_of(rng, ("train", "test"), (0.8, 0.2))
+        rows.append((ytid, start, classes[label], split))
+        if n < clips:   # the rest are listed but have no video, as in the real dataset
+            sub = ytid[0].lower() if ytid[0].isalnum() else "other"
+            plans.append(_Plan(out / "video" / sub / f"{ytid}_{start:06d}.mp4", label,
+                               10.0 if duration is None else duration))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "vggsound.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    return classes, plans
+
+
+def _plan_ave(out: Path, clips: int, k: int, rng, duration):
+    classes = sorted(_AVE_CATEGORIES[:k])
+    header = "Category&VideoID&Quality&StartTime&EndTime"
+    plans, lines = [], {"train": [], "val": [], "test": []}
+    for label in _labels(clips, k, rng):
+        vid = _youtube_id(rng)
+        start = int(rng.integers(0, 9))
+        end = int(rng.integers(start + 1, 11))
+        line = f"{classes[label]}&{vid}&good&{start}&{end}"
+        lines[_split_of(rng)].append(line)
+        plans.append(_Plan(out / "AVE" / f"{vid}.mp4", label, 10.0 if duration is None else duration))
+    out.mkdir(parents=True, exist_ok=True)
+    everything = [ln for split in ("train", "val", "test") for ln in lines[split]]
+    (out / "Annotations.txt").write_text("\n".join([header, *sorted(everything)]) + "\n")
+    for split, fname in (("train", "trainSet.txt"), ("val", "valSet.txt"), ("test", "testSet.txt")):
+        (out / fname).write_text("\n".join([header, *lines[split]]) + "\n")
+    return classes, plans
+
+
+def _plan_folder(out: Path, clips: int, k: int, rng, duration, split_folders: bool):
+    classes = list(_FOLDER_CLASSES[:k]) if k <= len(_FOLDER_CLASSES) else [f"class{c:03d}" for c in range(k)]
+    plans = []
+    for n, label in enumerate(_labels(clips, k, rng)):
+        suffix = (".mp4", ".mkv", ".avi")[n % 3]     # any container PyAV opens
+        rel = Path(classes[label]) / f"clip{n:05d}{suffix}"
+        if split_folders:
+            rel = Path(_split_of(rng)) / rel
+        plans.append(_Plan(out / rel, label, 10.0 if duration is None else duration))
+    return classes, plans
+
+
+_DEFAULT_CLASSES = {"cremad": 6, "kinetics-sounds": 31, "vggsound": 10, "ave": 28, "folder": 5}
+_MAX_CLASSES = {"cremad": 6, "kinetics-sounds": 31, "vggsound": len(_VGGSOUND_LABELS),
+                "ave": 28, "folder": 1000}
+
+
+def check_options(name: str, clips: int, num_classes: int | None = None) -> int:
+    """Raise ConfigError for options ``make_dataset`` cannot honour; returns the class count used."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if clips < 1:
+        raise ConfigError("clips must be >= 1")
+    k = num_classes or _DEFAULT_CLASSES[name]
+    if not 1 <= k <= _MAX_CLASSES[name]:
+        raise ConfigError(f"{name}: number of classes must be in 1..{_MAX_CLASSES[name]}, not {k}")
+    return min(k, clips)     # every class gets a clip, so derived class lists match ours
+
+
+def make_dataset(name: str, out, clips: int, *, seed: int = 0, audio_snr: float = 20.0,
+                 visual_snr: float = 20.0, num_classes: int | None = None,
+                 duration: float | None = None, fps: int = 10, size: tuple[int, int] = (96, 72),
+                 missing: int = 0, split_folders: bool = False,
+                 on_progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a raw dataset ``name`` (SPEC §2 layout) of ``clips`` clips under ``out``; returns ``out``.
+
+    Labels are balanced over the first ``num_classes`` classes of the dataset's class list
+    (default: all of CREMA-D / KS / AVE, 10 VGGSound labels, 5 folder classes); the cue of a
+    clip is that of its label's index in the class order the adapter derives (so cue and
+    label agree). Durations are as in the real data (CREMA-D 2-4 s, others 10 s) unless
+    ``duration`` is given. ``missing`` adds VGGSound CSV rows without a video;
+    ``split_folders`` makes the folder layout ``<split>/<class>/<file>``. Small frames
+    (96x72) at 10 fps by default: 200 CREMA-D clips take seconds, not minutes.
+    ``on_progress(done, total)`` is called after each clip. Same arguments, same bytes.
+    """
+    k = check_options(name, clips, num_classes)
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    if name == "cremad":
+        classes, plans = _plan_cremad(out, clips, k, rng, duration)
+    elif name == "kinetics-sounds":
+        classes, plans = _plan_kinetics(out, clips, k, rng, duration)
+    elif name == "vggsound":
+        classes, plans = _plan_vggsound(out, clips, k, rng, duration, missing)
+    elif name == "ave":
+        classes, plans = _plan_ave(out, clips, k, rng, duration)
+    else:
+        classes, plans = _plan_folder(out, clips, k, rng, duration, split_folders)
+    for n, plan in enumerate(plans):
+        write_clip(plan.video, duration=plan.duration, label_index=plan.label_index,
+                   num_classes=len(classes), audio_snr=audio_snr, visual_snr=visual_snr,
+                   fps=fps, size=size, seed=seed * 1_000_003 + n, audio_path=plan.audio_path)
+        if on_progress is not None:
+            on_progress(n + 1, len(plans))
+    return out

@@ -1,0 +1,232 @@
+"""Extraction speed, measured side by side in one run on the same synthetic clips (CPU).
+
+    python -m bench.extract [--dataset cremad|kinetics-sounds] [--clips N] [--reps R] [--json]
+
+Variants, each timed over every clip of the dataset (real encoded media from avprep.synth,
+by default at the real datasets' frame sizes and rates):
+
+- ``floor``: PyAV decoding only what extraction must decode (video packets up to the last
+  kept frame, the whole audio stream) and nothing else: no conversion, resize, JPEG, resampling,
+  STFT or writing. No extractor can beat it with the same decoder.
+- ``avprep-1``, ``avprep-2``: ``avprep.extract`` with 1 and 2 workers (the whole call:
+  discovery, pool of fresh workers, shards, manifests) on ~10 shards. One-time costs of a
+  command (importing torch, starting the forkserver that workers fork from) are paid in a
+  warm-up and reported apart (``one_time_seconds``): they do not grow with the dataset.
+- ``reference``: the published OGM-GE preprocessing style, one clip after another: OpenCV
+  reads every frame and writes the 1-fps ones as JPEGs into a folder per clip (resized to the
+  same short side, so both produce the same content), ``librosa.load`` + tile +
+  ``librosa.stft`` + ``np.save`` per clip. For MP4 sources the audio is first written to a
+  WAV (the ``ffmpeg -i clip.mp4 clip.wav`` step of those scripts, here with PyAV), because
+  librosa cannot read MP4 without an ffmpeg binary.
+
+Each rep runs every variant once in a rotating order (load drift on a shared machine hits all
+alike); the fastest rep of each variant is reported (the least disturbed one). Ratios:
+``extract_over_floor`` = avprep-1 time / floor time (target <= 1.25), ``reference_over_extract``
+= reference time / avprep-1 time, both single-process (target >= 3), ``speedup_2_workers`` =
+avprep-1 time / avprep-2 time (target >= 1.7 on >= 2 free cores). FFmpeg may use a second
+thread inside one decode in every variant alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+from avprep import synth
+from avprep.config import ExtractConfig, spec_preset
+from avprep.datasets import get as get_adapter
+
+DEFAULTS = {  # clips, (w, h), source fps: CREMA-D is 480x360 at 30 fps, Kinetics clips 10 s
+    "cremad": (40, (480, 360), 30),
+    "kinetics-sounds": (16, (340, 256), 25),
+}
+
+
+def make_data(dataset: str, clips: int, size: tuple[int, int], fps: int, root: Path) -> Path:
+    """The synthetic raw dataset, cached across runs (same arguments, same bytes)."""
+    src = root / f"{dataset}-{clips}-{size[0]}x{size[1]}-{fps}"
+    if not (src / ".complete").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        synth.make_dataset(dataset, src, clips, seed=0, size=size, fps=fps,
+                           duration=None if dataset == "cremad" else 10.0)
+        (src / ".complete").touch()
+    return src
+
+
+# ---------------------------------------------------------------- floor
+
+def floor_clip(video: Path, audio: Path | None, fps: int) -> None:
+    """Decode what extraction needs and drop it."""
+    with av.open(str(video)) as c:
+        vs = c.streams.video[0]
+        vs.thread_type = "AUTO"
+        duration = float(vs.duration * vs.time_base) if vs.duration else float(c.duration / av.time_base)
+        last = (max(1, math.floor(duration * fps)) - 0.5) / fps
+        streams = [vs] if audio else [vs, c.streams.audio[0]]
+        video_done = False
+        for packet in c.demux(*streams):
+            if packet.stream is vs and video_done:
+                continue
+            for frame in packet.decode():
+                if packet.stream is vs and frame.time is not None and frame.time >= last:
+                    video_done = True
+    if audio:
+        with av.open(str(audio)) as c:
+            for _ in c.decode(audio=0):
+                pass
+
+
+# ---------------------------------------------------------------- reference (OGM-GE style)
+
+def reference_clip(video: Path, audio: Path | None, key: str, out: Path, cfg: ExtractConfig) -> None:
+    import cv2
+    import librosa
+
+    folder = out / key
+    folder.mkdir(parents=True, exist_ok=True)
+    cap = cv2.VideoCapture(str(video))
+    rate = cap.get(cv2.CAP_PROP_FPS)
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    n_out = max(1, math.floor(count / rate * cfg.fps))
+    wanted = {int((i + 0.5) * rate / cfg.fps): i for i in range(n_out)}
+    i = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if i in wanted:
+            h, w = frame.shape[:2]
+            s = cfg.frame_size / min(h, w)
+            frame = cv2.resize(frame, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+            cv2.imwrite(str(folder / f"frame_{wanted[i]:05d}.jpg"), frame,
+                        [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
+        i += 1
+    cap.release()
+    if audio is None:       # the scripts' ffmpeg step: the clip's audio as a WAV first
+        audio = out / f"{key}.wav"
+        _to_wav(video, audio)
+    spec = cfg.spec
+    samples, _ = librosa.load(str(audio), sr=spec.sample_rate)
+    samples = np.tile(samples, math.ceil(spec.num_samples / len(samples)))[:spec.num_samples]
+    samples = np.clip(samples, -1, 1)
+    stft = librosa.stft(samples, n_fft=spec.n_fft, hop_length=spec.hop_length,
+                        win_length=spec.win_length, center=spec.center)
+    np.save(out / f"{key}.npy", np.log(np.abs(stft) + 1e-7))
+
+
+def _to_wav(video: Path, wav: Path) -> None:
+    with av.open(str(video)) as src, av.open(str(wav), "w") as dst:
+        ins = src.streams.audio[0]
+        outs = dst.add_stream("pcm_s16le", rate=ins.rate, layout=ins.layout.name)
+        for frame in src.decode(ins):
+            frame.pts = None
+            for packet in outs.encode(frame):
+                dst.mux(packet)
+        for packet in outs.encode(None):
+            dst.mux(packet)
+
+
+# ---------------------------------------------------------------- driver
+
+def warm_up(clip, cfg: ExtractConfig, work: Path) -> dict[str, float]:
+    """One-time costs, paid once per command and not per clip, timed apart: importing the
+    extractor (torch), starting the forkserver that pool workers fork from, first calls."""
+    import concurrent.futures as cf
+
+    t0 = time.perf_counter()
+    import avprep.sample  # noqa: F401
+    t1 = time.perf_counter()
+    from avprep.extract import _mp_context
+    with cf.ProcessPoolExecutor(2, mp_context=_mp_context()) as pool:
+        list(pool.map(os.getpid, []))
+        pool.submit(os.getpid).result()
+    t2 = time.perf_counter()
+    floor_clip(clip.video, clip.audio, cfg.fps)
+    reference_clip(clip.video, clip.audio, clip.key, work / "warm", cfg)
+    return {"import_extractor": round(t1 - t0, 3), "start_forkserver": round(t2 - t1, 3)}
+
+
+def measure(dataset: str, src: Path, cfg: ExtractConfig, reps: int, work: Path, log):
+    """(fastest seconds per variant, one-time costs)."""
+    from avprep.extract import extract
+
+    clips = get_adapter(dataset).discover(src).clips
+    variants = {
+        "floor": lambda: [floor_clip(c.video, c.audio, cfg.fps) for c in clips],
+        "avprep-1": lambda: extract(dataset, src, work / "a1", cfg, workers=1, overwrite=True),
+        "avprep-2": lambda: extract(dataset, src, work / "a2", cfg, workers=2, overwrite=True),
+        "reference": lambda: [reference_clip(c.video, c.audio, c.key, work / "ref", cfg) for c in clips],
+    }
+    startup = warm_up(clips[0], cfg, work)
+    for c in clips:     # page cache
+        c.video.read_bytes()
+    best = {name: math.inf for name in variants}
+    names = list(variants)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            shutil.rmtree(work / "ref", ignore_errors=True)
+            t0 = time.perf_counter()
+            variants[name]()
+            best[name] = min(best[name], time.perf_counter() - t0)
+            log(f"rep {rep + 1}/{reps} {name}: {time.perf_counter() - t0:.2f} s")
+    return best, startup
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=sorted(DEFAULTS), default="cremad")
+    ap.add_argument("--clips", type=int, help="number of clips [40 CREMA-D, 16 KS]")
+    ap.add_argument("--size", help="source frame size WxH [480x360 CREMA-D, 340x256 KS]")
+    ap.add_argument("--src-fps", type=int, help="source frame rate [30 CREMA-D, 25 KS]")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "avprep-bench",
+                    help="cache folder for the synthetic clips")
+    ap.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    args = ap.parse_args(argv)
+    clips, size, fps = DEFAULTS[args.dataset]
+    clips = args.clips or clips
+    size = tuple(map(int, args.size.lower().split("x"))) if args.size else size
+    fps = args.src_fps or fps
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+
+    log(f"synthetic {args.dataset}: {clips} clips {size[0]}x{size[1]} at {fps} fps in {args.data}")
+    src = make_data(args.dataset, clips, size, fps, args.data)
+    # ~10 shards, so two workers can share the work (real datasets have hundreds)
+    cfg = ExtractConfig(spec=spec_preset("paper", args.dataset), shard_size=max(1, clips // 10))
+    with tempfile.TemporaryDirectory(prefix="avprep-bench-") as work:
+        t, startup = measure(args.dataset, src, cfg, args.reps, Path(work), log)
+    result = {
+        "dataset": args.dataset, "clips": clips, "source": f"{size[0]}x{size[1]} @ {fps} fps",
+        "options": f"paper preset, 1 fps, frame size 256, JPEG 90, float16, shard size {cfg.shard_size}",
+        "reps": args.reps, "one_time_seconds": startup,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "seconds": {k: round(v, 3) for k, v in t.items()},
+        "clips_per_s": {k: round(clips / v, 2) for k, v in t.items()},
+        "clips_per_s_per_worker": {"avprep-1": round(clips / t["avprep-1"], 2),
+                                   "avprep-2": round(clips / t["avprep-2"] / 2, 2)},
+        "ratios": {"extract_over_floor": round(t["avprep-1"] / t["floor"], 3),
+                   "reference_over_extract": round(t["reference"] / t["avprep-1"], 3),
+                   "speedup_2_workers": round(t["avprep-1"] / t["avprep-2"], 3)},
+        "targets": {"extract_over_floor": "<= 1.25", "reference_over_extract": ">= 3",
+                    "speedup_2_workers": ">= 1.7"},
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for k in ("seconds", "clips_per_s", "clips_per_s_per_worker", "ratios"):
+            print(f"{k}: " + ", ".join(f"{n}={v}" for n, v in result[k].items()))
+        print("targets: " + ", ".join(f"{n} {v}" for n, v in result["targets"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Cost of OGM-GE per training step, measured side by side in one run (CPU).
+
+    python -m bench.ogm_overhead [--json] [--reps N] [--arch small resnet18]
+
+Same model, batch and optimizer for every variant; each rep runs one step of every variant in a
+rotating order (so load drift on a shared machine hits all alike), and the median is reported:
+
+- ``plain``: forward, loss, backward, SGD step (no ``after_backward`` at all);
+- ``none``: plain + the ``none`` method (measures rho only);
+- ``ogm-ge``: plain + this package's vectorised OGM-GE;
+- ``reference-loop``: plain + OGM-GE as the reference code writes it: a Python loop over the
+  batch for the scores (re-running the softmax on the whole batch for every sample), then a
+  loop over ``named_parameters`` matching names, with ``.item()`` per tensor for the noise std.
+
+Overheads are relative to ``plain``'s median step. Two figures: the difference of step medians
+(what a run feels, noisy on a loaded machine) and the median time of the ``after_backward`` call
+itself over the plain step (the direct cost, robust to noise).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ogmge_train import modulation
+from ogmge_train.models import build_model
+
+ALPHA = 0.8
+# (batch, audio (F, T), frames, image side): the CREMA-D shapes of the released code, scaled down
+SHAPES = {"small": (32, (257, 188), 1, 112), "resnet18": (8, (257, 188), 1, 112)}
+
+
+def reference_after_backward(model, out, labels, *, alpha=ALPHA, generator=None):
+    """OGM-GE written the way the reference implementation does it (concat fusion)."""
+    softmax = torch.nn.Softmax(dim=1)
+    w, b = model.head.fc.weight, model.head.fc.bias
+    half = w.size(1) // 2
+    out_v = torch.mm(out.feat_v, torch.transpose(w[:, half:], 0, 1)) + b / 2
+    out_a = torch.mm(out.feat_a, torch.transpose(w[:, :half], 0, 1)) + b / 2
+    score_v = sum([softmax(out_v)[i][labels[i]] for i in range(out_v.size(0))])
+    score_a = sum([softmax(out_a)[i][labels[i]] for i in range(out_a.size(0))])
+    ratio_v = score_v / score_a
+    ratio_a = 1 / ratio_v
+    if ratio_v > 1:
+        coeff_v, coeff_a = 1 - torch.tanh(alpha * F.relu(ratio_v)), 1
+    else:
+        coeff_a, coeff_v = 1 - torch.tanh(alpha * F.relu(ratio_a)), 1
+    for name, parms in model.named_parameters():
+        layer = name.split(".")[0]
+        if parms.grad is None or len(parms.grad.size()) != 4:
+            continue
+        coeff = coeff_a if "audio" in layer else coeff_v if "visual" in layer else None
+        if coeff is not None:
+            noise = torch.zeros_like(parms.grad).normal_(0, parms.grad.std().item() + 1e-8, generator=generator)
+            parms.grad = parms.grad * coeff + noise
+
+
+def _inputs(arch: str, num_classes: int, seed: int = 0):
+    batch, (f, t), frames, side = SHAPES[arch]
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 1, f, t, generator=g), torch.randn(batch, frames, 3, side, side, generator=g),
+            torch.randint(0, num_classes, (batch,), generator=g))
+
+
+def measure(arch: str, reps: int = 7, warmup: int = 2, num_classes: int = 6) -> dict:
+    """Median step seconds per variant and overhead percentages vs ``plain`` for one arch."""
+    torch.manual_seed(0)
+    model = build_model(arch, "concat", num_classes).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    audio, visual, labels = _inputs(arch, num_classes)
+    gen = torch.Generator().manual_seed(0)
+    none, ogmge = (modulation.build(n, alpha=ALPHA, start_epoch=0, end_epoch=100) for n in ("none", "ogm-ge"))
+    hooks = {
+        "plain": None,
+        "none": lambda out: none.after_backward(model, out, labels, epoch=0, generator=gen),
+        "ogm-ge": lambda out: ogmge.after_backward(model, out, labels, epoch=0, generator=gen),
+        "reference-loop": lambda out: reference_after_backward(model, out, labels, generator=gen),
+    }
+
+    def step(hook):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = model(audio, visual)
+        F.cross_entropy(out.logits, labels).backward()
+        t1 = time.perf_counter()
+        if hook is not None:
+            hook(out)
+        t2 = time.perf_counter()
+        opt.step()
+        return time.perf_counter() - t0, t2 - t1
+
+    names = list(hooks)
+    times = {n: [] for n in names}
+    hook_times = {n: [] for n in names}
+    for rep in range(warmup + reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for n in order:
+            dt, dh = step(hooks[n])
+            if rep >= warmup:
+                times[n].append(dt)
+                hook_times[n].append(dh)
+    median = {n: statistics.median(v) for n, v in times.items()}
+    hook = {n: statistics.median(v) for n, v in hook_times.items()}
+    base = median["plain"]
+    batch, (f, t), frames, side = SHAPES[arch]
+    return {
+        "arch": arch, "batch": batch, "audio": [1, f, t], "visual": [frames, 3, side, side], "reps": reps,
+        "threads": torch.get_num_threads(),
+        "median_s": median,
+        "hook_median_s": hook,
+        # the step-time difference is at the mercy of machine noise; the hook's own time is not
+        "overhead_pct": {n: 100 * (m - base) / base for n, m in median.items() if n != "plain"},
+        "hook_overhead_pct": {n: 100 * h / base for n, h in hook.items() if n != "plain"},
+        "modulated_params": sum(p.numel() for m in ("audio", "visual") for _, p in model.modulated_parameters(m)),
+    }
+
+
+def _table(results: list[dict]) -> str:
+    lines = ["| arch | batch | variant | median step (ms) | step vs plain | median hook (ms) | hook / plain step |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for n, m in r["median_s"].items():
+            if n == "plain":
+                lines.append(f"| {r['arch']} | {r['batch']} | plain | {1000 * m:.1f} | — | — | — |")
+                continue
+            lines.append(f"| {r['arch']} | {r['batch']} | {n} | {1000 * m:.1f} | {r['overhead_pct'][n]:+.1f}% | "
+                         f"{1000 * r['hook_median_s'][n]:.2f} | {r['hook_overhead_pct'][n]:.2f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ogm_overhead", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", nargs="+", default=["small", "resnet18"], choices=list(SHAPES))
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = [measure(a, reps=args.reps, warmup=args.warmup) for a in args.arch]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(_table(results))
+    return 0 if all(math.isfinite(v) for r in results for v in r["median_s"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Run every benchmark and write BENCHMARKS.md: ``python -m bench.run_all --out BENCHMARKS.md``.
+
+Each benchmark runs as its own process (``python -m bench.<name> --json``), so one that fails
+does not stop the others and none shares warm caches or imported state with another; its
+JSON document (stdout) is rendered as a table, its failure as the error it printed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCHES = (
+    ("extract", "Extraction: avprep vs the published preprocessing"),
+    ("ogm_overhead", "OGM-GE overhead per training step"),
+    ("loader", "Training-batch loading: shards vs per-clip files"),
+)
+
+
+def machine() -> dict:
+    """CPU model, core count, OS and versions: what the figures depend on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def run_bench(name: str, args: list[str], timeout: float) -> dict:
+    """``{"ok", "result"|"error", "seconds", "command"}`` of one ``python -m bench.<name> --json``."""
+    cmd = [sys.executable, "-m", f"bench.{name}", "--json", *args]
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "seconds": timeout,
+                "command": " ".join(cmd[1:])}
+    out = {"seconds": time.monotonic() - t0, "command": "python " + " ".join(cmd[1:])}
+    if p.returncode == 0:
+        try:
+            return {**out, "ok": True, "result": json.loads(p.stdout)}
+        except ValueError:
+            pass
+    tail = (p.stderr.strip().splitlines() or p.stdout.strip().splitlines() or ["no output"])[-1]
+    return {**out, "ok": False, "error": f"exit {p.returncode}: {tail}"}
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, (dict, list)):
+        return "`" + json.dumps(v, sort_keys=True) + "`"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and len(json.dumps(v)) > 80:
+            rows.extend(_flatten(v, key + "."))
+        else:
+            rows.append((key, v))
+    return rows
+
+
+def render(results: dict[str, dict], info: dict, command: str, when: str) -> str:
+    """BENCHMARKS.md: one section per benchmark, every figure its JSON reported."""
+    lines = ["# Benchmarks", "",
+             f"Measured {when} on {info['cpu']} ({info['cores']} cores, {info['usable_cores']} usable), "
+             f"{info['os']}, Python {info['python']}, torch {info['torch']}.", "",
+             f"Command: `{command}`", "",
+             "Every ratio below is measured side by side in one process run on the same input, "
+             "so it is comparable across machines even where absolute rates are not.", ""]
+    for name, title in BENCHES:
+        r = results[name]
+        lines += [f"## {title} (`bench/{name}.py`)", "", f"`{r['command']}` ({r['seconds']:.0f} s)", ""]
+        if not r["ok"]:
+            lines += [f"**Failed:** {r['error']}", ""]
+            continue
+        lines += ["| figure | value |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in _flatten(r["result"])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark")
+    ap.add_argument("--only", action="append", choices=[n for n, _ in BENCHES],
+                    help="run only this benchmark (repeatable)")
+    args = ap.parse_args(argv)
+    names = args.only or [n for n, _ in BENCHES]
+    results = {}
+    for name, _title in BENCHES:
+        if name not in names:
+            results[name] = {"ok": False, "error": "not run (--only)", "seconds": 0,
+                             "command": f"python -m bench.{name} --json"}
+            continue
+        print(f"bench.{name} ...", file=sys.stderr, flush=True)
+        results[name] = run_bench(name, [], args.timeout)
+        status = "ok" if results[name]["ok"] else results[name]["error"]
+        print(f"bench.{name}: {status} ({results[name]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    command = "python -m bench.run_all " + " ".join(argv if argv is not None else sys.argv[1:])
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    Path(args.out).write_text(render(results, machine(), command.strip(), when))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0 if all(r["ok"] for n, r in results.items() if n in names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""`avprep extract | datasets | info | upload`: argument parsing, progress and tables only."""
+from __future__ import annotations
+
+import click
+
+from avprep.config import PRESET_NAMES, ExtractConfig, spec_preset
+from avprep.errors import AvprepError, ConfigError
+
+from . import _ui
+
+
+def _parse_bytes(ctx, param, value):
+    """``--shard-max-bytes 500M`` style sizes (K/M/G = 10^3/10^6/10^9)."""
+    if value is None:
+        return None
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    text = value.strip().upper().removesuffix("B")
+    try:
+        n = int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{value!r} is not a size like 500000000 or 500M") from None
+    if n < 1:
+        raise click.BadParameter("must be positive")
+    return n
+
+
+@click.command("extract")
+@click.option("--dataset", "dataset", required=True, help="Dataset adapter (see `avprep datasets`).")
+@click.option("--src", required=True, type=click.Path(exists=True, file_okay=False), help="Raw dataset folder.")
+@click.option("--out", required=True, help="Output folder, or s3://bucket/prefix.")
+@click.option("--spec", "spec", type=click.Choice(PRESET_NAMES), default="paper", show_default=True,
+              help="Spectrogram preset (SPEC §3).")
+@click.option("--sample-rate", type=int, help="Override the preset's sample rate.")
+@click.option("--n-fft", type=int, help="Override the preset's FFT size.")
+@click.option("--hop-length", type=int, help="Override the preset's hop.")
+@click.option("--win-length", type=int, help="Override the preset's window length.")
+@click.option("--center/--no-center", default=None, help="Override the preset's STFT centring.")
+@click.option("--duration", type=float, help="Override the preset's audio duration (seconds).")
+@click.option("--fps", type=click.IntRange(min=1), default=1, show_default=True, help="Frames per second kept.")
+@click.option("--frame-size", type=int, default=256, show_default=True, help="Short side in pixels (0 keeps).")
+@click.option("--jpeg-quality", type=int, default=90, show_default=True)
+@click.option("--spec-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard (at most).")
+@click.option("--shard-max-bytes", callback=_parse_bytes, help="Also cap shards by estimated size, e.g. 1G.")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes [default: all cores].")
+@click.option("--split-file", "split_files", multiple=True,
+              help="Published split file, PATH or SPLIT=PATH (repeatable).")
+@click.option("--split-by", help="Group for disjoint splits, e.g. speaker (CREMA-D).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of hash splits.")
+@click.option("--max-failures", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Exit 1 when more than this fraction of clips fails.")
+@click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint for s3:// outputs.")
+@click.option("--staging", type=click.Path(file_okay=False),
+              help="Local folder for an s3:// output [default: one per URL in the temp folder].")
+@_ui.handle_errors
+def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_length, center, duration,
+                fps, frame_size, jpeg_quality, spec_dtype, shard_size, shard_max_bytes, workers,
+                split_files, split_by, seed, max_failures, overwrite, s3_endpoint, staging):
+    """Extract a raw dataset into WebDataset shards with manifests (resumable)."""
+    from avprep.datasets import get
+    from avprep.extract import extract
+
+    dataset = get(dataset).NAME
+    spec_cfg = spec_preset(spec, dataset, sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length,
+                           win_length=win_length, center=center, duration=duration)
+    cfg = ExtractConfig(spec=spec_cfg, fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality,
+                        spec_dtype=spec_dtype, shard_size=shard_size, shard_max_bytes=shard_max_bytes)
+    with _ui.make_progress("clips", extra="failures") as progress:
+        on_event = _ExtractProgress(progress)
+        result = extract(dataset, src, out, cfg, workers=workers, split_files=split_files,
+                         split_by=split_by, seed=seed, overwrite=overwrite,
+                         max_failures=max_failures, on_event=on_event, s3_endpoint=s3_endpoint,
+                         staging=staging)
+    _print_summary(result)
+    if not result.ok:
+        _ui.error(f"{result.failed_fraction:.1%} of clips failed (more than --max-failures "
+                  f"{max_failures:.1%}); see {result.out}/failures.jsonl")
+        raise click.exceptions.Exit(_ui.EXIT_PROBLEMS)
+
+
+class _ExtractProgress:
+    """ExtractEvent → rich progress; resumed shards shrink the bar instead of inflating clips/s."""
+
+    def __init__(self, progress):
+        self.progress, self.task, self.resumed = progress, None, 0
+
+    def __call__(self, e) -> None:
+        if e.kind == "start":
+            self.task = self.progress.add_task("extract", total=e.total, failures="")
+            return
+        if e.kind == "resumed":
+            self.resumed = e.done
+        failures = f"[red]{e.failed} failed" if e.failed else ""
+        self.progress.update(self.task, total=e.total - self.resumed, completed=e.done - self.resumed,
+                             failures=failures)
+
+
+def _print_summary(result) -> None:
+    splits = list(result.samples)
+    rows = [[c] + [result.samples[s].get(c, 0) for s in splits]
+            + [sum(result.samples[s].get(c, 0) for s in splits)] for c in result.classes]
+    totals = ["total"] + [sum(result.samples[s].values()) for s in splits] + [result.num_samples]
+    numeric = set(range(1, len(splits) + 2))
+    if len(rows) <= 40:
+        _ui.console.print(_ui.table("samples per class", ["class", *splits, "all"], rows + [totals], numeric=numeric))
+    else:
+        _ui.console.print(_ui.table(f"samples ({len(rows)} classes)", ["", *splits, "all"], [totals], numeric=numeric))
+    if result.failures_by_stage:
+        _ui.console.print(_ui.table("failures by stage", ["stage", "clips"],
+                                    result.failures_by_stage.items(), numeric={1}))
+    for note in result.notes:
+        _ui.console.print(f"note: {note}")
+    for reason, n in result.skipped.items():
+        _ui.console.print(f"skipped {n} clip(s): {reason}")
+    rate = result.num_clips / result.wall_time if result.wall_time else 0.0
+    resumed = f", {result.resumed_shards} resumed" if result.resumed_shards else ""
+    _ui.console.print(f"{result.num_samples} samples in {result.num_shards} shard(s){resumed} "
+                      f"→ {result.out}  ({result.wall_time:.1f} s, {rate:.1f} clips/s)")
+    first = [f for f in result.failures if f["stage"] != "missing"][:5] or result.failures[:5]
+    if first:
+        _ui.console.print(_ui.table(f"first failures (of {len(result.failures)}, all in failures.jsonl)",
+                                    ["key", "stage", "error"], [(f["key"], f["stage"], f["error"]) for f in first]))
+
+
+@click.command("datasets")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def datasets_cmd(as_json):
+    """List the supported datasets, their raw layouts and class counts."""
+    from avprep.datasets import ADAPTERS
+
+    rows = [{"name": name, "layout": mod.LAYOUT, "classes": mod.NUM_CLASSES}
+            for name, mod in sorted(ADAPTERS.items())]
+    if as_json:
+        _ui.print_json(rows)
+        return
+    _ui.console.print(_ui.table("supported datasets", ["dataset", "raw layout", "classes"],
+                                [(r["name"], r["layout"], "from data" if r["classes"] is None else r["classes"])
+                                 for r in rows], numeric={2}))
+
+
+def _read_output(location: str):
+    """dataset.json and the split manifests of a local folder or URL."""
+    from avprep.storage import open_location
+
+    loc = open_location(location)
+    try:
+        dataset = loc.read_json("dataset.json")
+    except (FileNotFoundError, AvprepError) as e:
+        raise ConfigError(f"{location}: no readable dataset.json ({e})") from None
+    from avprep.shards import split_order
+    manifests = {s: loc.read_json(f"{s}.manifest.json") for s in split_order(dataset.get("splits", {}))}
+    return dataset, manifests
+
+
+@click.command("info")
+@click.argument("out")
+@click.option("--json", "as_json", is_flag=True, help="Print dataset.json and the manifests as one JSON document.")
+@_ui.handle_errors
+def info_cmd(out, as_json):
+    """Show an extracted dataset: options, splits, shards and class counts."""
+    dataset, manifests = _read_output(out)
+    if as_json:
+        _ui.print_json({"dataset": dataset, "manifests": manifests})
+        return
+    cfg = dataset.get("config", {})
+    spec = cfg.get("spec", {})
+    shown = {"dataset": dataset.get("name"), "tool version": dataset.get("tool_version"),
+             "classes": len(dataset.get("classes", [])), "spec preset": spec.get("preset"),
+             "spec shape": _spec_shape(spec), "spec dtype": cfg.get("spec_dtype"),
+             "sample rate": spec.get("sample_rate"), "audio duration": spec.get("duration"),
+             "fps": cfg.get("fps"), "frame size": cfg.get("frame_size"), "jpeg quality": cfg.get("jpeg_quality"),
+             "failures": dataset.get("num_failures")}
+    for k, v in sorted(cfg.get("extra", {}).items()):
+        if v not in (None, [], {}):
+            shown[k.replace("_", " ")] = ", ".join(f["name"] for f in v) if k == "split_files" else v
+    _ui.console.print(_ui.table(str(out), ["", ""], shown.items(), show_header=False))
+    rows = [(s, m["num_samples"], len(m["shards"]), _ui.human_bytes(sum(x["bytes"] for x in m["shards"])))
+            for s, m in manifests.items()]
+    _ui.console.print(_ui.table("splits", ["split", "samples", "shards", "size"], rows, numeric={1, 2, 3}))
+    classes = dataset.get("classes", [])
+    if len(classes) <= 40:
+        rows = [[i, c] + [m["class_counts"].get(c, 0) for m in manifests.values()] for i, c in enumerate(classes)]
+        _ui.console.print(_ui.table("class counts", ["index", "class", *manifests], rows,
+                                    numeric=set(range(2, 2 + len(manifests))) | {0}))
+
+
+def _spec_shape(spec: dict) -> str:
+    from avprep.config import SpecConfig
+    try:
+        return "×".join(map(str, SpecConfig(**spec).shape))
+    except TypeError:
+        return "?"
+
+
+@click.command("upload")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("url")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint.")
+@_ui.handle_errors
+def upload_cmd(out, url, s3_endpoint):
+    """Upload an extracted folder to s3://bucket/prefix (shards first, manifests last)."""
+    from pathlib import Path
+
+    from avprep.storage import upload_folder
+
+    if not (Path(out) / "dataset.json").exists():
+        raise ConfigError(f"{out}: no dataset.json; is the extraction finished?")
+    with _ui.make_progress("bytes") as progress:
+        task = progress.add_task("upload", total=None)
+        names = upload_folder(out, url, s3_endpoint=s3_endpoint,
+                              on_progress=lambda done, total, name: progress.update(task, completed=done, total=total))
+    _ui.console.print(f"uploaded {len(names)} file(s) → {url}")

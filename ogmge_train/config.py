@@ -1,0 +1,151 @@
+"""Training settings (SPEC §5): one frozen ``TrainConfig`` and the ``--preset`` values.
+
+Precedence, lowest first: field defaults < preset < explicit settings. Two defaults depend on
+the dataset (``alpha`` and ``frames``); they stay ``None`` until ``with_dataset`` fills them from
+dataset.json's ``name``, so an explicit value always wins and config.json records what ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from avprep.errors import ConfigError
+
+CHOICES = {
+    "fusion": ("concat", "sum", "film", "gated"),
+    "modulation": ("none", "ogm", "ge", "ogm-ge", "modality-drop"),
+    "modulation_scope": ("conv", "all"),
+    "modality": ("both", "audio", "visual"),
+    "optimizer": ("sgd", "adam", "adamw"),
+    "arch": ("resnet18", "small"),
+    "device": ("auto", "cpu", "cuda"),
+    "amp": ("none", "bf16"),
+}
+
+# alpha per dataset (SPEC §5: the OGM-GE reference values; 0.3 elsewhere).
+_ALPHA = {"cremad": 0.8, "vggsound": 0.1}
+_ALPHA_OTHER = 0.3
+# Frames per clip (the paper: 1 for CREMA-D, 3 for the others).
+_FRAMES = {"cremad": 1}
+_FRAMES_OTHER = 3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. Epochs are counted from 0 (as in the reference code)."""
+
+    shards: str = ""
+    out: str = ""
+    fusion: str = "concat"
+    modulation: str = "ogm-ge"
+    alpha: float | None = None            # None: per dataset
+    modulation_start: int = 0             # first modulated epoch (inclusive)
+    modulation_end: int = 50              # last modulated epoch (inclusive; reference code's default)
+    modulation_scope: str = "conv"
+    drop_p: float = 0.5                   # modality-drop probability
+    modality: str = "both"
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "sgd"
+    weight_decay: float = 1e-4
+    lr_step: int = 70
+    lr_gamma: float = 0.1
+    frames: int | None = None             # None: per dataset
+    image_size: int = 224
+    arch: str = "resnet18"
+    workers: int = 2
+    device: str = "auto"
+    amp: str = "none"
+    seed: int = 0
+    s3_endpoint: str | None = None
+    eval_splits: tuple[str, ...] = ("val", "test")
+    dataset: str = ""                     # dataset.json's name, filled by with_dataset
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"--{_flag(name)} must be one of {', '.join(allowed)}, not {value!r}")
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.lr_step >= 1, "lr_step", "must be >= 1")
+        _check(self.workers >= 0, "workers", "must be >= 0")
+        _check(self.image_size >= 16, "image_size", "must be >= 16")
+        _check(0.0 <= self.drop_p < 1.0, "drop_p", "must be in [0, 1)")
+        _check(self.frames is None or self.frames >= 1, "frames", "must be >= 1")
+        _check(self.alpha is None or self.alpha >= 0, "alpha", "must be >= 0")
+        _check(self.modulation_end >= self.modulation_start, "modulation_end", "must be >= --modulation-start")
+        if not isinstance(self.eval_splits, tuple):
+            object.__setattr__(self, "eval_splits", tuple(self.eval_splits))
+
+    def with_dataset(self, name: str) -> "TrainConfig":
+        """Fill the dataset-dependent defaults (alpha, frames) that were not given explicitly."""
+        return dataclasses.replace(
+            self,
+            dataset=name,
+            alpha=_ALPHA.get(name, _ALPHA_OTHER) if self.alpha is None else self.alpha,
+            frames=_FRAMES.get(name, _FRAMES_OTHER) if self.frames is None else self.frames,
+        )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eval_splits"] = list(self.eval_splits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of ``to_dict``; unknown keys are an error (a config.json from another version)."""
+        unknown = set(d) - FIELDS
+        if unknown:
+            raise ConfigError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "eval_splits" in d:
+            d["eval_splits"] = tuple(d["eval_splits"])
+        return cls(**d)
+
+
+FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+_PAPER = dict(arch="resnet18", epochs=100, batch_size=64, lr=1e-3, optimizer="sgd",
+              lr_step=70, lr_gamma=0.1, image_size=224)
+PRESETS: dict[str, dict] = {
+    "paper-cremad": dict(_PAPER, alpha=0.8, frames=1),
+    "paper-ks": dict(_PAPER, alpha=0.3, frames=3),
+    "paper-vggsound": dict(_PAPER, alpha=0.1, frames=3),
+    "paper-ave": dict(_PAPER, alpha=0.3, frames=3),
+    # Minutes on a laptop CPU: small CNN encoders on small images, a few epochs.
+    "demo": dict(arch="small", image_size=64, epochs=8, batch_size=16, lr=1e-3,
+                 optimizer="adam", lr_step=100, workers=0, modulation_end=100),
+}
+
+
+def resolve(preset: str | None = None, *, base: dict | None = None, **explicit) -> TrainConfig:
+    """Build a config from ``base`` (e.g. a stored config.json), then ``preset``, then ``explicit``.
+
+    ``None`` values in ``explicit`` mean "not given" (how click passes unset flags), so a flag
+    can never be set to None on purpose; the dataset-dependent fields use None as "per dataset".
+    """
+    values = dict(base or {})
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    given = {k: v for k, v in explicit.items() if v is not None}
+    unknown = set(given) - FIELDS
+    if unknown:
+        raise ConfigError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+    values.update(given)
+    if "eval_splits" in values:
+        values["eval_splits"] = tuple(values["eval_splits"])
+    return TrainConfig(**values)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{_flag(name)} {message}")

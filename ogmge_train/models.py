@@ -1,0 +1,307 @@
+"""Audio and visual encoders, fusion heads and the two-stream model (SPEC §5).
+
+Encoders return pooled feature vectors: ResNet-18 (512-d) or a small CNN for CPU demos (128-d).
+The audio encoder reads (B, 1, F, T) spectrograms; the visual encoder runs on each of the n frames
+of (B, n, 3, H, W) and mean-pools over time and space.
+
+Every head returns fused logits and an estimate of each modality's own logits (what OGM-GE's
+discrepancy ratio and the unimodal metrics use):
+
+- concat ``W[a; v] + b``: ``W_a a + b/2`` and ``W_v v + b/2`` (the reference code; they sum to the
+  fused logits).
+- sum ``(W_a a + b_a) + (W_v v + b_v)``: each branch on its own.
+- film and gated (not additive, so no exact split exists): the head evaluated on the modality's
+  own features with the *other* modality replaced by its running mean feature (an exponential
+  moving average over training batches, kept in buffers like BatchNorm's running stats). This is
+  the prediction when the other input carries no sample-specific information. Unlike zeroing, it
+  keeps the other input in distribution: pooled ReLU features are positive with a large mean, so a
+  zero vector is far from anything the head was trained on. It is deterministic at evaluation
+  (does not depend on batch composition); the cost is two extra head evaluations per batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from avprep.errors import ConfigError
+
+ARCHS = ("resnet18", "small")
+FUSIONS = ("concat", "sum", "film", "gated")
+MODALITIES = ("both", "audio", "visual")
+
+FeatureHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ModelOutput(NamedTuple):
+    """Fused logits (B, C), unimodal logits (None for a missing modality) and pooled features."""
+
+    logits: torch.Tensor
+    logits_a: torch.Tensor | None
+    logits_v: torch.Tensor | None
+    feat_a: torch.Tensor | None
+    feat_v: torch.Tensor | None
+
+
+# ---------------------------------------------------------------- encoders
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet18Trunk(nn.Module):
+    """ResNet-18 without the classifier: (N, C, H, W) -> (N, 512, h, w) feature maps."""
+
+    out_dim = 512
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        layers, cin = [], 64
+        for i, cout in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class SmallTrunk(nn.Module):
+    """Four stride-2 conv-BN-ReLU blocks (32-64-128-128 channels): fast on CPU, 128-d features."""
+
+    out_dim = 128
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (32, 64, 128, 128)):
+        super().__init__()
+        blocks, cin = [], in_channels
+        for w in widths:
+            blocks += [nn.Conv2d(cin, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            cin = w
+        self.body = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _trunk(arch: str, in_channels: int) -> nn.Module:
+    return ResNet18Trunk(in_channels) if arch == "resnet18" else SmallTrunk(in_channels)
+
+
+class AudioEncoder(nn.Module):
+    """(B, 1, F, T) spectrogram -> (B, D), global average pooling."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        self.trunk = _trunk(arch, 1)
+        self.out_dim = self.trunk.out_dim
+
+    def forward(self, audio):
+        return self.trunk(audio).mean(dim=(2, 3))
+
+
+class VisualEncoder(nn.Module):
+    """(B, n, 3, H, W) frames -> (B, D): the trunk on every frame, mean over frames and space."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        self.trunk = _trunk(arch, 3)
+        self.out_dim = self.trunk.out_dim
+
+    def forward(self, visual):
+        b, n = visual.shape[:2]
+        maps = self.trunk(visual.flatten(0, 1))          # (B*n, D, h, w)
+        return maps.unflatten(0, (b, n)).mean(dim=(1, 3, 4))
+
+
+# ---------------------------------------------------------------- fusion heads
+
+class ConcatHead(nn.Module):
+    """``W[a; v] + b``; unimodal ``W_u u + b/2``."""
+
+    def __init__(self, da: int, dv: int, num_classes: int):
+        super().__init__()
+        self.da = da
+        self.fc = nn.Linear(da + dv, num_classes)
+
+    def forward(self, a, v):
+        w_a, w_v = self.fc.weight[:, : self.da], self.fc.weight[:, self.da :]
+        half_b = self.fc.bias / 2
+        logits = self.fc(torch.cat([a, v], dim=1))
+        return logits, a @ w_a.t() + half_b, v @ w_v.t() + half_b
+
+
+class SumHead(nn.Module):
+    """``(W_a a + b_a) + (W_v v + b_v)``; unimodal: each branch."""
+
+    def __init__(self, da: int, dv: int, num_classes: int):
+        super().__init__()
+        self.fc_a = nn.Linear(da, num_classes)
+        self.fc_v = nn.Linear(dv, num_classes)
+
+    def forward(self, a, v):
+        la, lv = self.fc_a(a), self.fc_v(v)
+        return la + lv, la, lv
+
+
+class _MeanSubstitutionHead(nn.Module):
+    """A non-additive head ``f(a, v)`` whose unimodal logits are ``f(a, mean_v)`` and ``f(mean_a, v)``.
+
+    The means are running averages of the features the head sees in training mode: the plain
+    average of the first 10 batches, then an EMA with momentum 0.1. They are updated before use,
+    so the very first batch already substitutes a real mean rather than zeros (a head that never
+    saw a training batch substitutes zeros).
+    """
+
+    momentum = 0.1
+
+    def __init__(self, da: int, dv: int):
+        super().__init__()
+        self.register_buffer("mean_a", torch.zeros(da))
+        self.register_buffer("mean_v", torch.zeros(dv))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+
+    def fuse(self, a, v):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _update_means(self, a, v):
+        n = self.num_batches_tracked
+        # 1/(n+1) while larger than the momentum: an exact running average early on; no host sync
+        m = torch.clamp(1.0 / (n + 1).to(self.mean_a.dtype), min=self.momentum)
+        self.mean_a.lerp_(a.detach().mean(0).to(self.mean_a.dtype), m)
+        self.mean_v.lerp_(v.detach().mean(0).to(self.mean_v.dtype), m)
+        n += 1
+
+    def forward(self, a, v):
+        if self.training:
+            self._update_means(a, v)
+        mean_a = self.mean_a.to(a.dtype).expand_as(a)
+        mean_v = self.mean_v.to(v.dtype).expand_as(v)
+        return self.fuse(a, v), self.fuse(a, mean_v), self.fuse(mean_a, v)
+
+
+class FiLMHead(_MeanSubstitutionHead):
+    """Audio conditions visual: ``gamma, beta = split(Linear(a))``; ``Linear(gamma * v + beta)``."""
+
+    def __init__(self, da: int, dv: int, num_classes: int):
+        super().__init__(da, dv)
+        self.film = nn.Linear(da, 2 * dv)
+        self.fc_out = nn.Linear(dv, num_classes)
+
+    def fuse(self, a, v):
+        gamma, beta = self.film(a).chunk(2, dim=1)
+        return self.fc_out(gamma * v + beta)
+
+
+class GatedHead(_MeanSubstitutionHead):
+    """Audio gates visual: ``Linear(sigmoid(Linear(a)) * Linear(v))`` (hidden width = dv)."""
+
+    def __init__(self, da: int, dv: int, num_classes: int):
+        super().__init__(da, dv)
+        self.fc_a = nn.Linear(da, dv)
+        self.fc_v = nn.Linear(dv, dv)
+        self.fc_out = nn.Linear(dv, num_classes)
+
+    def fuse(self, a, v):
+        return self.fc_out(torch.sigmoid(self.fc_a(a)) * self.fc_v(v))
+
+
+HEADS = {"concat": ConcatHead, "sum": SumHead, "film": FiLMHead, "gated": GatedHead}
+
+
+# ---------------------------------------------------------------- the model
+
+class AVModel(nn.Module):
+    """Audio encoder + visual encoder + fusion head, or one encoder + linear head (unimodal).
+
+    ``forward(audio, visual, feature_hook=None)``: ``feature_hook(feat_a, feat_v)`` may replace
+    the pooled features before the head (modality-drop); the output's features are the hooked ones.
+    A unimodal model ignores the other input (it may be None).
+    """
+
+    def __init__(self, arch: str, fusion: str, num_classes: int, modality: str = "both"):
+        super().__init__()
+        self.arch, self.fusion, self.modality, self.num_classes = arch, fusion, modality, num_classes
+        self.audio_encoder = AudioEncoder(arch) if modality in ("both", "audio") else None
+        self.visual_encoder = VisualEncoder(arch) if modality in ("both", "visual") else None
+        if modality == "both":
+            self.head = HEADS[fusion](self.audio_encoder.out_dim, self.visual_encoder.out_dim, num_classes)
+        else:
+            enc = self.audio_encoder or self.visual_encoder
+            self.head = nn.Linear(enc.out_dim, num_classes)
+
+    def forward(self, audio, visual, feature_hook: FeatureHook | None = None) -> ModelOutput:
+        if self.modality == "audio":
+            feat = self.audio_encoder(audio)
+            logits = self.head(feat)
+            return ModelOutput(logits, logits, None, feat, None)
+        if self.modality == "visual":
+            feat = self.visual_encoder(visual)
+            logits = self.head(feat)
+            return ModelOutput(logits, None, logits, None, feat)
+        feat_a, feat_v = self.audio_encoder(audio), self.visual_encoder(visual)
+        if feature_hook is not None:
+            feat_a, feat_v = feature_hook(feat_a, feat_v)
+        logits, logits_a, logits_v = self.head(feat_a, feat_v)
+        return ModelOutput(logits, logits_a, logits_v, feat_a, feat_v)
+
+    def encoder(self, modality: str) -> nn.Module | None:
+        """The encoder of ``modality`` ("audio" or "visual"); None when the model lacks it."""
+        if modality not in ("audio", "visual"):
+            raise ValueError(f"modality must be 'audio' or 'visual', not {modality!r}")
+        return self.audio_encoder if modality == "audio" else self.visual_encoder
+
+    def modulated_parameters(self, modality: str, scope: str = "conv") -> list[tuple[str, nn.Parameter]]:
+        """Parameters whose gradients OGM-GE modulates for ``modality``, in a fixed order.
+
+        ``conv``: the encoder's conv weights (the 4-D tensors the reference code selects);
+        ``all``: every encoder parameter (BatchNorm affine parameters too). Empty when the
+        model has no such encoder.
+        """
+        if scope not in ("conv", "all"):
+            raise ValueError(f"scope must be 'conv' or 'all', not {scope!r}")
+        enc = self.encoder(modality)
+        if enc is None:
+            return []
+        prefix = f"{modality}_encoder."
+        if scope == "all":
+            return [(prefix + n, p) for n, p in enc.named_parameters()]
+        return [(f"{prefix}{n}.weight", m.weight) for n, m in enc.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both") -> AVModel:
+    """The model of SPEC §5, randomly initialised (no pretrained weights).
+
+    ``fusion`` is ignored for unimodal models (``modality`` "audio" or "visual"): they are one
+    encoder and a linear classifier, the paper's audio-only / visual-only baselines.
+    """
+    for what, value, allowed in (("arch", arch, ARCHS), ("fusion", fusion, FUSIONS), ("modality", modality, MODALITIES)):
+        if value not in allowed:
+            raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be >= 2, not {num_classes}")
+    return AVModel(arch, fusion, num_classes, modality)

@@ -1,0 +1,8 @@
+"""``ogm-ge`` (the default): scale the dominant modality's gradients by k_u, then add GE noise."""
+from .base import Method
+
+
+class OGMGE(Method):
+    name = "ogm-ge"
+    scales = True
+    noise = True

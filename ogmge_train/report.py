@@ -1,0 +1,394 @@
+"""Compare training runs: a markdown table and PNG plots, read from run folders only.
+
+A run folder is what ``ogmge-train --out RUN`` writes (ARCHITECTURE.md "Run folder"):
+``config.json``, ``metrics.jsonl``, ``steps.jsonl``, ``summary.json`` and, after
+``ogmge-train probe``, ``probe_<modality>.json``. A sweep folder holds ``seed-<k>`` run folders.
+
+Runs whose configurations differ only in ``seed`` (and the output path) form one group; the
+table shows each group's mean ± sample standard deviation (ddof = 1) over its seeds, and the
+plots draw the per-epoch / per-step mean over seeds. Nothing here trains or loads a model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["RunRecord", "Group", "Report", "COLUMNS", "read_run", "expand_runs", "group_runs",
+           "mean_std", "format_cell", "run_values", "group_table", "markdown_table", "plot_accuracy",
+           "plot_rho", "plot_loss", "write_report"]
+
+# Config keys that do not change the experiment (so runs that differ only there are seeds).
+_NOT_EXPERIMENT = {"seed", "out", "resume", "shards", "s3_endpoint", "workers", "device",
+                   "eval_splits"}
+_SEED_DIR = re.compile(r"^seed-(\d+)$")
+
+# (column title, key in run_values) — the table's columns after the "run" column.
+COLUMNS = (
+    ("seeds", "n"),
+    ("fused acc", "acc"),
+    ("fused mAP", "map"),
+    ("audio acc", "acc_a"),
+    ("visual acc", "acc_v"),
+    ("audio probe acc", "probe_a"),
+    ("visual probe acc", "probe_v"),
+    ("selected epoch", "epoch"),
+)
+
+
+class ReportError(ValueError):
+    """A run folder is missing or unreadable (the message names the file)."""
+
+
+@dataclass
+class RunRecord:
+    """Everything a report needs from one run folder."""
+
+    path: Path
+    config: dict
+    metrics: list[dict]
+    steps: list[dict]
+    summary: dict | None
+    probes: dict[str, dict] = field(default_factory=dict)   # "audio"/"visual" -> probe json
+
+    @property
+    def name(self) -> str:
+        """``sweep/seed-1`` -> ``sweep``; a plain run -> its folder name."""
+        if _SEED_DIR.match(self.path.name):
+            return self.path.parent.name
+        return self.path.name
+
+
+@dataclass
+class Group:
+    """Runs of one configuration (different seeds)."""
+
+    label: str
+    runs: list[RunRecord]
+
+
+@dataclass
+class Report:
+    markdown: Path
+    plots: dict[str, Path]          # "accuracy", "rho", "loss" -> PNG
+    table: list[dict]               # one dict per group: label, n and (mean, std) per column key
+    groups: list[Group]
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: missing") from None
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path}: unreadable JSON ({e})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if n == len(lines):     # a run killed mid-write leaves a torn last line
+                break
+            raise ReportError(f"{path}:{n}: not JSON ({e})") from None
+    return rows
+
+
+def read_run(path) -> RunRecord:
+    """Read one run folder; ``summary.json`` may be absent (run still going)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ReportError(f"{path}: not a run folder (no config.json)")
+    summary = _read_json(path / "summary.json") if (path / "summary.json").exists() else None
+    probes = {}
+    for modality in ("audio", "visual"):
+        p = path / f"probe_{modality}.json"
+        if p.exists():
+            probes[modality] = _read_json(p)
+    return RunRecord(path, _read_json(path / "config.json"), _read_jsonl(path / "metrics.jsonl"),
+                     _read_jsonl(path / "steps.jsonl"), summary, probes)
+
+
+def expand_runs(paths) -> list[Path]:
+    """Run folders named by ``paths``: a run folder itself, or a sweep folder's ``seed-<k>``."""
+    out = []
+    for p in map(Path, paths):
+        if (p / "config.json").is_file():
+            out.append(p)
+            continue
+        seeds = sorted((d for d in p.glob("seed-*") if _SEED_DIR.match(d.name)
+                        and (d / "config.json").is_file()),
+                       key=lambda d: int(_SEED_DIR.match(d.name).group(1)))
+        if not seeds:
+            raise ReportError(f"{p}: neither a run folder (config.json) nor a sweep (seed-<k>/)")
+        out.extend(seeds)
+    return out
+
+
+def _experiment_key(config: dict) -> str:
+    return json.dumps({k: v for k, v in config.items() if k not in _NOT_EXPERIMENT},
+                      sort_keys=True, default=str)
+
+
+def group_runs(runs: list[RunRecord]) -> list[Group]:
+    """Group runs by configuration minus seed/output, in first-seen order."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        key = _experiment_key(run.config)
+        if key in groups:
+            groups[key].runs.append(run)
+        else:
+            groups[key] = Group(run.name, [run])
+    # two different configurations may share a folder name: keep labels unique
+    seen: dict[str, int] = {}
+    for g in groups.values():
+        seen[g.label] = seen.get(g.label, 0) + 1
+        if seen[g.label] > 1:
+            g.label = f"{g.label} ({seen[g.label]})"
+    return list(groups.values())
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def _selected(run: RunRecord) -> tuple[int | None, dict, dict]:
+    """(selected epoch, val metrics, test metrics): summary.json, else best val acc so far."""
+    if run.summary:
+        return run.summary.get("selected_epoch"), run.summary.get("val") or {}, run.summary.get("test") or {}
+    rows = [m for m in run.metrics if (m.get("val") or {}).get("acc") is not None]
+    if not rows:
+        return None, {}, {}
+    best = max(rows, key=lambda m: m["val"]["acc"])     # first maximum, as selection does
+    return best.get("epoch"), best.get("val") or {}, best.get("test") or {}
+
+
+def _probe_acc(run: RunRecord, modality: str):
+    probe = run.probes.get(modality)
+    return None if probe is None else (probe.get("test") or {}).get("acc")
+
+
+def run_values(run: RunRecord) -> dict:
+    """The table's numbers for one run (None where the run has no such output)."""
+    epoch, _val, test = _selected(run)
+    return {"acc": test.get("acc"), "map": test.get("map"), "acc_a": test.get("acc_a"),
+            "acc_v": test.get("acc_v"), "probe_a": _probe_acc(run, "audio"),
+            "probe_v": _probe_acc(run, "visual"), "epoch": epoch}
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof=1; 0.0 for one value) of the non-None values; (None, None) if none."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None
+    if len(xs) == 1:
+        return xs[0], 0.0
+    return float(np.mean(xs)), float(np.std(xs, ddof=1))
+
+
+def group_table(groups: list[Group]) -> list[dict]:
+    """One row per group: ``label``, ``n`` and ``(mean, std)`` for each column key."""
+    rows = []
+    for g in groups:
+        per_run = [run_values(r) for r in g.runs]
+        row = {"label": g.label, "n": len(g.runs)}
+        for _title, key in COLUMNS[1:]:
+            row[key] = mean_std(v[key] for v in per_run)
+        rows.append(row)
+    return rows
+
+
+def format_cell(key: str, ms) -> str:
+    """``(mean, std)`` of column ``key`` as table text: percent for metrics, "—" for none."""
+    mean, std = ms
+    if mean is None:
+        return "—"
+    if key == "epoch":
+        return f"{mean:.0f}" if std == 0 else f"{mean:.1f} ± {std:.1f}"
+    # metrics are fractions in [0, 1]; the table shows percent
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A GitHub markdown table of ``group_table`` rows (accuracies in percent, mean ± std)."""
+    head = ["run", *(t for t, _ in COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["label"].replace("|", "\\|"), str(row["n"])]
+        cells += [format_cell(key, row[key]) for _t, key in COLUMNS[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _figure(ncols: int, title: str, width: float = 4.2):
+    # Figure + Agg canvas, not pyplot: no global state, no display needed
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    fig.suptitle(title)
+    return fig, axes
+
+
+def _epoch_curve(runs: list[RunRecord], get) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(epochs, mean, std) over runs of ``get(metrics_row)``, on the epochs every run has."""
+    series = []
+    for r in runs:
+        pts = {m["epoch"]: get(m) for m in r.metrics if "epoch" in m}
+        series.append({e: v for e, v in pts.items() if v is not None})
+    common = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    if not common:
+        return None
+    ys = np.array([[s[e] for e in common] for s in series], dtype=float)
+    std = ys.std(axis=0, ddof=1) if len(series) > 1 else np.zeros(len(common))
+    return np.array(common, dtype=float), ys.mean(axis=0), std
+
+
+def _draw(ax, curve, label, scale=1.0):
+    x, mean, std = curve
+    line, = ax.plot(x, scale * mean, label=label, marker="." if len(x) < 30 else None)
+    if np.any(std > 0):
+        ax.fill_between(x, scale * (mean - std), scale * (mean + std), alpha=0.2,
+                        color=line.get_color(), linewidth=0)
+
+
+def _split_of(groups: list[Group], split: str) -> str:
+    has = any((m.get(split) or {}).get("acc") is not None for g in groups for r in g.runs for m in r.metrics)
+    return split if has else "val"
+
+
+def plot_accuracy(groups: list[Group], path, split: str = "test") -> Path:
+    """Paper Figure 1 style: fused, audio and visual accuracy per epoch, one line per group."""
+    split = _split_of(groups, split)
+    fig, axes = _figure(3, f"{split} accuracy per epoch (mean ± std over seeds)")
+    for ax, (key, title) in zip(axes, (("acc", "fused"), ("acc_a", "audio"), ("acc_v", "visual"))):
+        for g in groups:
+            curve = _epoch_curve(g.runs, lambda m, k=key: (m.get(split) or {}).get(k))
+            if curve is not None:
+                _draw(ax, curve, g.label, 100)
+        ax.set(title=title, xlabel="epoch", ylabel="accuracy (%)")
+        ax.grid(alpha=0.3)
+    _legend(axes)
+    return _save(fig, path)
+
+
+def _step_curve(runs: list[RunRecord], key: str, smooth: int):
+    """(x in epochs, mean, std) of a per-step value over runs, moving-averaged over ``smooth`` steps."""
+    series = []
+    for r in runs:
+        rows = [s for s in r.steps if s.get(key) is not None]
+        if not rows:
+            continue
+        # x = fractional epoch, so runs with different steps per epoch line up
+        per_epoch: dict[int, int] = {}
+        for s in rows:
+            per_epoch[s["epoch"]] = per_epoch.get(s["epoch"], 0) + 1
+        seen: dict[int, int] = {}
+        x = []
+        for s in rows:
+            i = seen.get(s["epoch"], 0)
+            seen[s["epoch"]] = i + 1
+            x.append(s["epoch"] + i / per_epoch[s["epoch"]])
+        y = np.array([s[key] for s in rows], dtype=float)
+        if smooth > 1 and len(y) >= smooth:
+            y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+            x = x[smooth - 1:]
+        series.append((np.array(x), y))
+    if not series:
+        return None
+    n = min(len(y) for _x, y in series)
+    ys = np.stack([y[:n] for _x, y in series])
+    std = ys.std(axis=0, ddof=1) if len(series) > 1 else np.zeros(n)
+    return series[0][0][:n], ys.mean(axis=0), std
+
+
+def plot_rho(groups: list[Group], path, smooth: int = 5) -> Path:
+    """Paper Figure 3 style: the discrepancy ratio rho_a over training steps, one line per group."""
+    fig, axes = _figure(1, "rho_a = s_a / s_v per step (moving average, mean over seeds)", 7.0)
+    ax = axes[0]
+    for g in groups:
+        curve = _step_curve(g.runs, "rho_a", smooth)
+        if curve is None:
+            curve = _epoch_curve(g.runs, lambda m: m.get("rho_a"))
+        if curve is not None:
+            _draw(ax, curve, g.label)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set(xlabel="epoch", ylabel="rho_a")
+    ax.grid(alpha=0.3)
+    _legend(axes)
+    return _save(fig, path)
+
+
+def plot_loss(groups: list[Group], path) -> Path:
+    """Train and validation loss per epoch, one line per group."""
+    fig, axes = _figure(2, "loss per epoch (mean ± std over seeds)")
+    for ax, split in zip(axes, ("train", "val")):
+        for g in groups:
+            curve = _epoch_curve(g.runs, lambda m, s=split: (m.get(s) or {}).get("loss"))
+            if curve is not None:
+                _draw(ax, curve, g.label)
+        ax.set(title=split, xlabel="epoch", ylabel="cross-entropy")
+        ax.grid(alpha=0.3)
+    _legend(axes)
+    return _save(fig, path)
+
+
+def _legend(axes):
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    return path
+
+
+# ----------------------------------------------------------------------------- the report
+
+def write_report(paths, out, *, title: str = "Training runs", split: str = "test",
+                 preamble: str = "", conclusion: str = "") -> Report:
+    """Read the runs (run or sweep folders), write ``out/report.md`` and three PNGs.
+
+    ``preamble`` and ``conclusion`` are markdown put before and after the table (the demo
+    passes its setup and a sentence generated from the numbers). Returns the paths, the
+    table rows and the groups, so callers can print or test them.
+    """
+    out = Path(out)
+    runs = [read_run(p) for p in expand_runs(paths)]
+    groups = group_runs(runs)
+    rows = group_table(groups)
+    plots = {"accuracy": plot_accuracy(groups, out / "accuracy.png", split),
+             "rho": plot_rho(groups, out / "rho.png"),
+             "loss": plot_loss(groups, out / "loss.png")}
+    parts = [f"# {title}\n"]
+    if preamble:
+        parts.append(preamble.rstrip() + "\n")
+    parts.append("Test metrics at the epoch selected by validation accuracy, in percent, "
+                 "mean ± sample std over seeds. Unimodal accuracies come from each modality's "
+                 "own logits; probe accuracies from a linear classifier fitted on the frozen "
+                 "encoder's features.\n")
+    parts.append(markdown_table(rows))
+    if conclusion:
+        parts.append(conclusion.rstrip() + "\n")
+    parts.append("\n".join(f"![{name}]({p.name})" for name, p in plots.items()) + "\n")
+    md = out / "report.md"
+    md.write_text("\n".join(parts))
+    return Report(md, plots, rows, groups)

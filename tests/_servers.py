@@ -1,0 +1,349 @@
+"""Test servers on 127.0.0.1: a moto S3 server, a static HTTP server with Range support, and a
+TCP proxy that can drop connections mid-stream and refuse new ones for a while (a server that
+goes down and comes back on the same port).
+
+Use the fixtures from a test module with ``from tests._servers import s3_server, http_server``
+(plus ``aws_env`` if you build clients yourself). Both servers are session-wide; tests use
+their own bucket / sub-folder.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- moto ----------------------------------------------------------------------------------------
+class MotoS3:
+    """A moto S3 server that can be stopped and restarted on the same port (state survives:
+    moto keeps it in-process)."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self._server = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self):
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def new_bucket(self) -> str:
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def aws_env():
+    old = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    yield AWS_ENV
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_env):
+    server = MotoS3()
+    server.start()
+    yield server
+    server.stop()
+
+
+# -- static HTTP with Range ----------------------------------------------------------------------
+class _RangeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_HTTPServer"
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_HEAD(self):
+        self._serve(body=False)
+
+    def do_GET(self):
+        self._serve(body=True)
+
+    def _serve(self, body: bool):
+        rel = unquote(urlparse(self.path).path).lstrip("/")
+        path = (self.server.root / rel).resolve()
+        self.server.log.append((self.command, rel, self.headers.get("Range")))
+        if self.server.faults:
+            return self._status(self.server.faults.pop(0))
+        if self.server.root.resolve() not in path.parents or not path.is_file():
+            return self._status(404)
+        st = path.stat()
+        size, etag = st.st_size, f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+        start, end, status = 0, size - 1, 200
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if m:
+            if self.headers.get("If-Match") not in (None, etag):
+                return self._status(412)
+            start, end, status = int(m[1]), min(int(m[2] or size - 1), size - 1), 206
+            if start >= size:
+                return self._status(416)
+        self.send_response(status)
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if body:
+            with open(path, "rb") as f:
+                f.seek(start)
+                left = end - start + 1
+                while left > 0:
+                    chunk = f.read(min(65536, left))
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+
+    def _status(self, code: int):
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class FileServer:
+    """Serves ``root`` over HTTP/1.1 with Range and ETag; ``log`` records (method, path, range).
+    Status codes appended to ``faults`` are answered (one per request) before serving again."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.port = free_port()
+        self.log: list = []
+        self.faults: list[int] = []
+        self._server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        self._server = _HTTPServer(("127.0.0.1", self.port), _RangeHandler)
+        self._server.root, self._server.log, self._server.faults = self.root, self.log, self.faults
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory):
+    server = FileServer(tmp_path_factory.mktemp("http-root"))
+    server.start()
+    yield server
+    server.stop()
+
+
+# -- a proxy that can go down --------------------------------------------------------------------
+class FlakyProxy:
+    """TCP proxy to ``target_port``. ``fail(after_bytes, down_for)`` arms one fault: the next
+    connection is cut (RST) once it has forwarded ``after_bytes`` response bytes, and the proxy
+    then refuses connections for ``down_for`` seconds before listening again on the same port."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.port = free_port()
+        self.cuts = 0
+        self._armed: tuple[int, float] | None = None
+        self._closed = False
+        self._listener = None
+        self._conns: set = set()
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(16)
+        self._listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def stop(self):
+        """Stop listening and reset every open connection."""
+        if self._listener is not None:
+            _reset(self._listener)  # shutdown() wakes the thread blocked in accept()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            _reset(c)
+
+    def fail(self, after_bytes: int, down_for: float):
+        self._armed = (after_bytes, down_for)
+
+    def close(self):
+        """Stop for good (a pending restart is cancelled)."""
+        self._closed = True
+        self.stop()
+
+    def _restart(self):
+        if not self._closed:
+            self.start()
+
+    def _take_fault(self):
+        with self._lock:
+            armed, self._armed = self._armed, None
+            return armed
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._conns.update((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src, dst, downstream: bool):
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                armed = self._armed if downstream else None
+                if armed and sent + len(data) >= armed[0] and self._take_fault():
+                    dst.sendall(data[: max(0, armed[0] - sent)])
+                    time.sleep(0.05)  # let the partial bytes arrive before the reset
+                    self.cuts += 1
+                    self.stop()
+                    threading.Timer(armed[1], self._restart).start()
+                    return
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            _reset(src)
+            _reset(dst)
+
+
+def _reset(sock):
+    """Abort a socket even while another thread is blocked on it (close() alone would not)."""
+    for step in (lambda: sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)),
+                 lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+        try:
+            step()
+        except OSError:
+            pass
+
+
+# -- a small shard folder in the SPEC §4 layout --------------------------------------------------
+def write_shard_folder(out: Path, shards: dict[str, list[int]], *, classes=("a", "b", "c"), n_frames=4,
+                       spec_shape=(8, 12), frame_wh=(40, 30), seed=0) -> dict[str, list[str]]:
+    """Writes ``<split>-NNNNNN.tar`` shards with ``shards[split][i]`` samples each, plus
+    ``<split>.manifest.json``, ``<split>.samples.jsonl`` and ``dataset.json``.
+
+    Frame j of every clip is a flat grey image of value ``20 * j + 10`` (so a test can tell
+    which frames a loader picked); the spectrogram is seeded float16 noise. Returns the keys
+    per split in order.
+    """
+    import hashlib
+    import io
+    import json
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    jpgs = []
+    for j in range(n_frames):
+        buf = io.BytesIO()
+        Image.new("RGB", frame_wh, (20 * j + 10,) * 3).save(buf, format="JPEG", quality=95)
+        jpgs.append(buf.getvalue())
+    keys: dict[str, list[str]] = {}
+    for split, counts in shards.items():
+        entries, lines, class_counts, n = [], [], {c: 0 for c in classes}, 0
+        keys[split] = []
+        for s, count in enumerate(counts):
+            name = f"{split}-{s:06d}.tar"
+            with open(out / name, "wb") as f:
+                writer = wds.TarWriter(f)
+                for _ in range(count):
+                    key, label = f"{split}_{n:05d}", n % len(classes)
+                    spec = rng.standard_normal(spec_shape).astype(np.float16)
+                    npy = io.BytesIO()
+                    np.save(npy, spec)
+                    meta = {"key": key, "label": classes[label], "label_index": label, "split": split,
+                            "n_frames": n_frames, "spec_shape": list(spec_shape)}
+                    sample = {"__key__": key, "cls": str(label).encode(), "json": json.dumps(meta).encode(),
+                              "spec.npy": npy.getvalue()}
+                    sample.update({f"f{j:03d}.jpg": jpgs[j] for j in range(n_frames)})
+                    writer.write(sample)
+                    lines.append(json.dumps({"key": key, "label": classes[label], "label_index": label,
+                                             "shard": name, "source": f"{key}.mp4", "duration": float(n_frames)}))
+                    class_counts[classes[label]] += 1
+                    keys[split].append(key)
+                    n += 1
+                writer.close()
+            data = (out / name).read_bytes()
+            entries.append({"name": name, "num_samples": count, "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})
+        manifest = {"split": split, "num_samples": n, "class_counts": class_counts, "shards": entries}
+        (out / f"{split}.manifest.json").write_text(json.dumps(manifest, indent=1))
+        (out / f"{split}.samples.jsonl").write_text("".join(line + "\n" for line in lines))
+    dataset = {"name": "synthetic", "classes": list(classes), "splits": {s: sum(c) for s, c in shards.items()},
+               "config": {"fps": 1, "frame_size": min(frame_wh), "spec_dtype": "float16"}, "version": "test"}
+    (out / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    return keys

@@ -1,0 +1,130 @@
+"""`avprep extract | datasets | info | upload`: exit codes, summaries, resume, s3 output."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.avprep_cli import main
+from tests._servers import aws_env, s3_server  # noqa: F401  (fixtures)
+
+FAST = ["--frame-size", "32", "--shard-size", "4", "--workers", "1"]
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def raw(raw_dataset):
+    return raw_dataset("cremad", clips=8, seed=5)
+
+
+@pytest.fixture(scope="module")
+def extracted(raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "out"
+    code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", out, *FAST)
+    assert code == 0, output
+    return out, output
+
+
+def test_extract_prints_summary_and_info_reads_it(extracted):
+    out, output = extracted
+    assert "samples per class" in output and "8 samples in" in output
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert sum(dataset["splits"].values()) == 8 and dataset["config"]["frame_size"] == 32
+    code, text = run("info", out, "--json")
+    assert code == 0
+    info = json.loads(text)
+    assert info["dataset"] == dataset
+    assert set(info["manifests"]) == set(dataset["splits"])
+    assert info["manifests"]["train"] == json.loads((out / "train.manifest.json").read_text())
+    code, text = run("info", out)
+    assert code == 0 and "paper" in text and "257×299" in text and "NEU" in text
+
+
+def test_rerun_resumes_everything_and_keeps_bytes(raw, extracted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(extracted[0], out)
+    code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", out, *FAST)
+    assert code == 0 and "resumed" in output
+    assert _files(out) == _files(extracted[0])
+
+
+@pytest.fixture(scope="module")
+def bad_raw(raw, tmp_path_factory):
+    src = tmp_path_factory.mktemp("bad") / "cremad"
+    shutil.copytree(raw, src)
+    (src / "VideoFlash" / "1001_DFA_ANG_XX.flv").write_bytes(b"")
+    (src / "VideoFlash" / "1001_DFA_HAP_XX.mp4").write_bytes(np.random.default_rng(1).bytes(3000))
+    return src
+
+
+def test_failures_above_threshold_exit_1_else_0(bad_raw, tmp_path):
+    args = ["extract", "--dataset", "cremad", "--src", bad_raw, "--out", tmp_path, *FAST]
+    code, output = run(*args)
+    assert code == 1, output
+    assert "failures by stage" in output and "failures.jsonl" in output and "1001_DFA_HAP_XX" in output
+    assert len((tmp_path / "failures.jsonl").read_text().splitlines()) == 2
+    # 2 of 10 failed: fine under a 25% threshold (a resumed run: nothing is decoded again)
+    code, output = run(*args, "--max-failures", "0.25")
+    assert code == 0, output
+
+
+def test_usage_and_config_errors_exit_2(raw, extracted, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(extracted[0], out)
+    code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", out, *FAST, "--jpeg-quality", "80")
+    assert code == 2 and "other options" in output and "--overwrite" in output
+    assert _files(out) == _files(extracted[0])
+    for args, message in [
+        (["--dataset", "nope"], "unknown dataset"),
+        (["--dataset", "cremad", "--spec", "mel"], "Invalid value"),
+        (["--dataset", "cremad", "--split-by", "colour"], "split-by"),
+        (["--dataset", "cremad", "--hop-length", "0"], "invalid STFT"),
+        (["--dataset", "kinetics-sounds"], "kinetics"),          # CREMA-D tree is not a KS tree
+    ]:
+        code, output = run("extract", "--src", raw, "--out", tmp_path / "o", *FAST, *args)
+        assert code == 2, (args, output)
+        assert message.lower() in output.lower(), (args, output)
+        assert not (tmp_path / "o").exists(), "a refused run must leave nothing behind"
+    code, output = run("info", tmp_path / "empty-nothing")
+    assert code == 2
+
+
+def test_datasets_lists_every_adapter():
+    code, text = run("datasets", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(text)}
+    assert set(rows) == {"cremad", "kinetics-sounds", "vggsound", "ave", "folder"}
+    assert rows["cremad"]["classes"] == 6 and rows["kinetics-sounds"]["classes"] == 31
+    assert "VideoFlash" in rows["cremad"]["layout"]
+    code, text = run("datasets")
+    assert code == 0 and "kinetics-sounds" in text
+
+
+def test_extract_to_s3_and_upload(raw, extracted, s3_server, tmp_path):
+    bucket = s3_server.new_bucket()
+    endpoint = ["--s3-endpoint", s3_server.endpoint]
+    code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", f"s3://{bucket}/ds/v1",
+                       *FAST, *endpoint, "--staging", tmp_path / "stage")
+    assert code == 0, output
+    client = s3_server.client()
+
+    def objects(prefix):
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+        return {o["Key"][len(prefix):]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                for o in listing}
+
+    assert objects("ds/v1/") == _files(extracted[0])          # no resume state uploaded
+    code, output = run("upload", extracted[0], f"s3://{bucket}/copy", *endpoint)
+    assert code == 0, output
+    assert objects("copy/") == _files(extracted[0])

@@ -1,0 +1,201 @@
+"""avprep.media: which frames, what size, what audio, and how failures are reported."""
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from avprep import media, synth
+from avprep.errors import ClipError
+
+
+def _rgb(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+
+def _times(frames, scale=1.0) -> list[float]:
+    return [sum(synth.read_marker(_rgb(f), scale)) for f in frames]
+
+
+# ----------------------------------------------------------------------------- frame timing
+
+@pytest.mark.parametrize("fps,expected", [
+    (10, [0.5, 1.5, 2.5]),                 # a frame exactly at t = i + 0.5 is the one shown
+    (15, [7 / 15, 22 / 15, 37 / 15]),      # otherwise the last one before it (not the nearest)
+])
+def test_one_frame_per_second_at_half_seconds(make_clip, fps, expected):
+    path = make_clip(duration=3.0, fps=fps, audio=False)
+    frames, duration = media.decode_frames(path, frame_size=0)
+    assert duration == pytest.approx(3.0, abs=1e-6)
+    assert _times(frames) == pytest.approx(expected, abs=0.01)
+
+
+def test_flv_with_shifted_start_and_audio(make_clip):
+    # the MP3 priming delay shifts FLV video timestamps by ~50 ms: times count from the stream start
+    path = make_clip("clip.flv", duration=2.5)
+    frames, duration = media.decode_frames(path, frame_size=0)
+    assert len(frames) == 2 and duration == pytest.approx(2.5, abs=0.1)
+    assert _times(frames) == pytest.approx([0.5, 1.5], abs=0.01)
+
+
+def test_short_clip_gives_its_middle_frame(make_clip):
+    path = make_clip(duration=0.6, fps=10, audio=False)    # frames at 0.0 .. 0.5
+    frames, duration = media.decode_frames(path, frame_size=0)
+    assert duration == pytest.approx(0.6, abs=1e-6)
+    assert _times(frames) == pytest.approx([0.3], abs=0.01)
+
+
+def test_decoding_stops_at_the_declared_duration(make_clip):
+    path = make_clip(duration=2.9, fps=10, audio=False)
+    frames, _ = media.decode_frames(path, frame_size=0)
+    assert _times(frames) == pytest.approx([0.5, 1.5], abs=0.01)   # floor(2.9) = 2 frames
+
+
+# ----------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("size,frame_size,expected", [
+    ((321, 181), 64, (114, 64)),       # 321 * 64 / 181 = 113.50 -> 114
+    ((181, 321), 64, (64, 114)),
+    ((321, 181), 0, (321, 181)),       # 0 keeps the source size
+    ((96, 72), 256, (341, 256)),       # upscaling keeps the aspect too
+])
+def test_short_side_resize(make_clip, size, frame_size, expected):
+    path = make_clip(duration=1.0, size=size, audio=False)
+    frames, _ = media.decode_frames(path, frame_size=frame_size)
+    assert Image.open(io.BytesIO(frames[0])).size == expected
+    clip = media.decode_clip(path, frame_size=frame_size)
+    assert clip.frame_size == expected
+
+
+def test_jpeg_quality_is_applied(make_clip):
+    path = make_clip(duration=1.0, audio=False)
+    small = media.decode_frames(path, frame_size=0, jpeg_quality=20)[0][0]
+    large = media.decode_frames(path, frame_size=0, jpeg_quality=95)[0][0]
+    assert len(small) < len(large) / 2
+
+
+def test_rotation_metadata_is_applied(make_clip):
+    import cv2   # an independent decoder that applies the display matrix itself
+
+    path = make_clip(duration=1.0, rotation=90, audio=False)      # 96x72 coded
+    frames, _ = media.decode_frames(path, frame_size=0)
+    ours = _rgb(frames[0]).astype(np.float64)
+    assert ours.shape == (96, 72, 3)
+    cap = cv2.VideoCapture(str(path))
+    for _ in range(6):                      # frame 5 is the one shown at 0.5 s
+        ok, bgr = cap.read()
+    assert ok and bgr.shape == ours.shape
+    theirs = bgr[..., ::-1].astype(np.float64)
+    b = synth.MARKER_BLOCK
+    # the dark "second 0" marker block (top-left when coded) is where OpenCV shows it
+    assert theirs[-b + 2:-2, 2:b - 2].mean() < 40
+    assert ours[-b + 2:-2, 2:b - 2].mean() < 40
+    assert np.abs(ours - theirs).mean() < 6
+
+
+# ----------------------------------------------------------------------------- audio
+
+@pytest.mark.parametrize("rate,layout", [(48000, "5.1"), (8000, "mono"), (44100, "stereo")])
+def test_audio_any_layout_and_rate_to_16k_mono(tmp_path, rate, layout):
+    n = int(2.5 * rate)
+    t = np.arange(n) / rate
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+    channels = {"mono": 1, "stereo": 2, "5.1": 6}[layout]
+    planes = np.repeat(tone[None], channels, axis=0)
+    if channels == 6:
+        planes[3] = 0.0               # silent LFE: FFmpeg's default downmix drops it anyway
+    path = synth.write_wav(tmp_path / "a.wav", planes, rate, layout)
+    wave = media.decode_audio(path, 16000)
+    assert wave.dtype == np.float32 and wave.ndim == 1
+    assert abs(wave.size - 40000) <= 2
+    freqs = np.fft.rfftfreq(wave.size, 1 / 16000)
+    assert freqs[np.abs(np.fft.rfft(wave)).argmax()] == pytest.approx(440, abs=1)
+    assert 0.2 < np.abs(wave[1000:-1000]).max() <= 1.0
+
+
+def test_encoded_audio_length(make_clip):
+    path = make_clip(duration=2.0, fps=10, sample_rate=48000, audio_layout="5.1")
+    wave = media.decode_audio(path, 16000)
+    assert 32000 <= wave.size <= 32000 + 1024     # AAC pads its last frame
+
+
+def test_decode_clip_single_pass_matches_separate_calls(make_clip):
+    path = make_clip(duration=3.0)
+    clip = media.decode_clip(path, sample_rate=16000, frame_size=48, jpeg_quality=80)
+    frames, duration = media.decode_frames(path, frame_size=48, jpeg_quality=80)
+    assert clip.frames == frames and clip.duration == duration
+    assert clip.frame_times == [0.5, 1.5, 2.5]
+    np.testing.assert_array_equal(clip.wave, media.decode_audio(path, 16000))
+
+
+def test_decode_clip_reads_a_separate_audio_file(make_clip, tmp_path):
+    path = make_clip("v.mp4", duration=2.0, audio=False, audio_path=tmp_path / "a.wav")
+    clip = media.decode_clip(path, tmp_path / "a.wav", sample_rate=16000)
+    assert len(clip.frames) == 2 and clip.wave.size == 32000
+
+
+# ----------------------------------------------------------------------------- fit_duration
+
+def test_fit_duration_tiles_cuts_and_clips():
+    wave = np.array([0.5, -2.0, 0.25], np.float32)
+    out = media.fit_duration(wave, 7)
+    np.testing.assert_array_equal(out, np.clip(np.tile(wave, 3)[:7], -1, 1))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(media.fit_duration(np.arange(10, dtype=np.float32) / 10, 4),
+                                  np.arange(4, dtype=np.float32) / 10)
+    np.testing.assert_array_equal(media.fit_duration(np.zeros(0, np.float32), 3), np.zeros(3))
+
+
+# ----------------------------------------------------------------------------- errors
+
+def _stage(fn, *args, **kwargs):
+    with pytest.raises(ClipError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return info.value.stage, msg
+
+
+def test_unopenable_files_fail_at_open(tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(np.random.default_rng(0).bytes(20000))
+    for path in (empty, noise, tmp_path / "missing.mp4"):
+        for fn, args in ((media.decode_frames, ()), (media.decode_audio, (16000,))):
+            stage, msg = _stage(fn, path, *args)
+            assert stage == "open" and str(path) in msg
+
+
+def test_missing_streams(make_clip, tmp_path):
+    silent = make_clip("silent.mp4", duration=1.0, audio=False)
+    stage, msg = _stage(media.decode_audio, silent, 16000)
+    assert stage == "audio" and "no audio stream" in msg and "silent.mp4" in msg
+    assert _stage(media.decode_clip, silent, sample_rate=16000)[0] == "audio"
+    wav = synth.write_wav(tmp_path / "only.wav", np.zeros(1600), 16000)
+    stage, msg = _stage(media.decode_frames, wav)
+    assert stage == "video" and "no video stream" in msg
+
+
+def test_truncated_video_fails_at_video(make_clip, tmp_path):
+    # Matroska keeps its duration in the header, so a cut file still opens
+    path = make_clip("clip.mkv", duration=4.0, audio=False)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) // 3])
+    stage, msg = _stage(media.decode_frames, cut)
+    assert stage == "video" and "truncated" in msg
+
+
+def test_corrupt_packets_are_skipped_like_ffmpeg_does(make_clip, tmp_path):
+    path = make_clip(duration=4.0)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 3000] = np.random.default_rng(1).bytes(3000)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    clip = media.decode_clip(damaged, sample_rate=16000, frame_size=0)
+    assert len(clip.frames) == 4 and clip.wave.size >= 4 * 16000 - 2048

@@ -1,0 +1,304 @@
+"""OGM-GE and its ablations against a naive per-sample reference (paper eqs. 8-10, 16)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from avprep.errors import ConfigError
+from ogmge_train import modulation
+from ogmge_train.models import FUSIONS, build_model
+from ogmge_train.modulation import base
+
+B, C, ALPHA = 8, 5, 0.6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: OpenMP threads only spin against each other on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _step(fusion="concat", arch="small", seed=0):
+    """A model after one forward/backward on a random batch: (model, out, labels)."""
+    torch.manual_seed(seed)
+    model = build_model(arch, fusion, C)
+    audio, visual = torch.randn(B, 1, 32, 48), torch.randn(B, 1, 3, 32, 32)
+    labels = torch.randint(0, C, (B,))
+    out = model(audio, visual)
+    F.cross_entropy(out.logits, labels).backward()
+    return model, out, labels
+
+
+def _copy(model):
+    """A deep copy with the gradients (deepcopy drops them)."""
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    return twin
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _reference_coefficients(model, out, labels, alpha):
+    """Per-sample Python loop, float64, unimodal logits rebuilt from the head's parameters."""
+    head = model.head.double()
+    fa, fv = out.feat_a.detach().double(), out.feat_v.detach().double()
+
+    def unimodal(a, v):
+        if model.fusion == "concat":
+            w, b = head.fc.weight, head.fc.bias
+            return w[:, : a.numel()] @ a + b / 2, w[:, a.numel() :] @ v + b / 2
+        if model.fusion == "sum":
+            return head.fc_a.weight @ a + head.fc_a.bias, head.fc_v.weight @ v + head.fc_v.bias
+        # film / gated: the head with the other modality replaced by its running mean
+        return head.fuse(a[None], head.mean_v[None])[0], head.fuse(head.mean_a[None], v[None])[0]
+
+    s_a = s_v = 0.0
+    with torch.no_grad():
+        for i in range(len(labels)):
+            la, lv = unimodal(fa[i], fv[i])
+            s_a += torch.softmax(la, 0)[labels[i]].item()
+            s_v += torch.softmax(lv, 0)[labels[i]].item()
+    model.head.float()
+    rho_v = s_v / s_a
+    rho_a = 1 / rho_v
+    k = lambda rho: 1 - math.tanh(alpha * rho) if rho > 1 else 1.0  # noqa: E731
+    return {"rho_a": rho_a, "rho_v": rho_v, "k_a": k(rho_a), "k_v": k(rho_v)}
+
+
+def _build(name, **kw):
+    kw = {"alpha": ALPHA, "start_epoch": 0, "end_epoch": 10, **kw}
+    return modulation.build(name, **kw)
+
+
+def _modulated(model, scope="conv"):
+    return {m: dict(model.modulated_parameters(m, scope)) for m in ("audio", "visual")}
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_coefficients_match_per_sample_reference(fusion):
+    model, out, labels = _step(fusion)
+    expected = _reference_coefficients(model, out, labels, ALPHA)
+    stats = _build("ogm").after_backward(model, out, labels, epoch=0)
+    assert set(stats) == set(base.STAT_KEYS)
+    for key in base.STAT_KEYS:
+        assert stats[key] == pytest.approx(expected[key], abs=1e-6), key
+    assert min(stats["k_a"], stats["k_v"]) < 1.0 == max(stats["k_a"], stats["k_v"])
+
+
+def test_coefficients_on_known_scores():
+    rho, k = base.coefficients(torch.tensor([1.0, 3.0], dtype=torch.float64), 0.5)
+    assert rho.tolist() == pytest.approx([1 / 3, 3.0])
+    assert k.tolist() == pytest.approx([1.0, 1 - math.tanh(1.5)])
+    rho, k = base.coefficients(torch.tensor([2.0, 1.0], dtype=torch.float64), 0.5)
+    assert k.tolist() == pytest.approx([1 - math.tanh(1.0), 1.0])
+
+
+def test_scores_are_detached():
+    model, out, labels = _step()
+    assert out.logits_a.requires_grad
+    assert not base.unimodal_scores(out.logits_a, out.logits_v, labels).requires_grad
+
+
+def test_ogm_scales_exactly_the_modulated_gradients():
+    model, out, labels = _step()
+    before = _grads(model)
+    stats = _build("ogm").after_backward(model, out, labels, epoch=3)
+    mods = _modulated(model)
+    for name, p in model.named_parameters():
+        if name in mods["audio"]:
+            assert torch.equal(p.grad, before[name] * stats["k_a"]), name
+        elif name in mods["visual"]:
+            assert torch.equal(p.grad, before[name] * stats["k_v"]), name
+        else:  # head, BatchNorm affine parameters
+            assert torch.equal(p.grad, before[name]), name
+    assert any(not n.startswith("head") for n in before if n not in mods["audio"] and n not in mods["visual"])
+
+
+@pytest.mark.parametrize("name", ["ogm-ge", "ge"])
+def test_ge_noise_replays_from_the_generator(name):
+    """g <- k g + std(g) z; z: one draw from the generator, in parameter order (audio, then visual)."""
+    model, out, labels = _step()
+    before = _grads(model)
+    stats = _build(name).after_backward(model, out, labels, epoch=0, generator=torch.Generator().manual_seed(7))
+    if name == "ge":
+        assert stats["k_a"] == stats["k_v"] == 1.0
+    mods = _modulated(model)
+    order = [(m, n) for m in ("audio", "visual") for n in mods[m]]
+    z = torch.randn(sum(before[n].numel() for _, n in order), generator=torch.Generator().manual_seed(7))
+    offset = 0
+    for modality, pname in order:
+        k = stats["k_a"] if modality == "audio" else stats["k_v"]
+        g = before[pname]
+        expected = g * k + g.std() * z[offset : offset + g.numel()].view_as(g)
+        offset += g.numel()
+        torch.testing.assert_close(mods[modality][pname].grad, expected, rtol=1e-5, atol=1e-6 * g.abs().max().item())
+    for pname, p in model.named_parameters():
+        if pname not in mods["audio"] and pname not in mods["visual"]:
+            assert torch.equal(p.grad, before[pname]), pname
+
+
+@pytest.mark.parametrize("name", ["ogm-ge", "ge"])
+def test_ge_noise_has_the_gradient_std(name):
+    model, out, labels = _step()
+    before = _grads(model)
+    stats = _build(name).after_backward(model, out, labels, epoch=0)
+    mods = _modulated(model)
+    big = [(m, n) for m in mods for n, p in mods[m].items() if p.numel() >= 100_000]
+    assert len(big) == 2  # the last 128x128x3x3 conv of each small encoder
+    for modality, pname in big:
+        k = stats["k_a"] if modality == "audio" else stats["k_v"]
+        noise = mods[modality][pname].grad - k * before[pname]
+        assert noise.std().item() == pytest.approx(before[pname].std().item(), rel=0.05)
+        assert abs(noise.mean().item()) < 0.05 * before[pname].std().item()
+
+
+def test_modulation_only_in_active_epochs():
+    for epoch, active in ((1, False), (2, True), (4, True), (5, False)):
+        model, out, labels = _step()
+        before = _grads(model)
+        stats = _build("ogm-ge", start_epoch=2, end_epoch=4).after_backward(model, out, labels, epoch=epoch)
+        changed = any(not torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+        assert changed == active, epoch
+        assert (min(stats["k_a"], stats["k_v"]) < 1) == active
+        assert stats["rho_v"] * stats["rho_a"] == pytest.approx(1.0)  # rho is measured regardless
+
+
+def test_none_reports_rho_and_leaves_gradients():
+    model, out, labels = _step()
+    before = _grads(model)
+    stats = _build("none").after_backward(model, out, labels, epoch=0)
+    expected = _reference_coefficients(model, out, labels, ALPHA)
+    assert stats["rho_v"] == pytest.approx(expected["rho_v"], abs=1e-6)
+    assert stats["k_a"] == stats["k_v"] == 1.0
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+
+
+def test_scope_all_modulates_every_encoder_parameter():
+    model, out, labels = _step()
+    before = _grads(model)
+    stats = _build("ogm", scope="all").after_backward(model, out, labels, epoch=0)
+    for name, p in model.named_parameters():
+        if name.startswith("audio_encoder."):
+            assert torch.equal(p.grad, before[name] * stats["k_a"]), name
+        elif name.startswith("visual_encoder."):
+            assert torch.equal(p.grad, before[name] * stats["k_v"]), name
+        else:
+            assert torch.equal(p.grad, before[name]), name
+    assert any(p.dim() == 1 for _, p in model.modulated_parameters("audio", "all"))
+
+
+def test_all_reduce_sums_scores_before_rho():
+    model, out, labels = _step()
+    own = base.unimodal_scores(out.logits_a, out.logits_v, labels)
+    other_rank = torch.tensor([5.0, 1.0], dtype=torch.float64)
+    seen = []
+
+    def all_reduce(t):
+        seen.append(t.clone())
+        t.add_(other_rank)
+
+    stats = _build("ogm").after_backward(model, out, labels, epoch=0, all_reduce=all_reduce)
+    assert len(seen) == 1 and seen[0].shape == (2,)
+    total = own + other_rank
+    rho_a = (total[0] / total[1]).item()
+    assert rho_a > 1
+    assert stats["rho_a"] == pytest.approx(rho_a, rel=1e-12)
+    assert stats["k_a"] == pytest.approx(1 - math.tanh(ALPHA * rho_a), rel=1e-12)
+    assert stats["k_v"] == 1.0
+
+
+def test_identical_generators_give_identical_updates():
+    model, out, labels = _step()
+    twin = _copy(model)
+    method = _build("ogm-ge")
+    method.after_backward(model, out, labels, epoch=0, generator=torch.Generator().manual_seed(3))
+    method.after_backward(twin, out, labels, epoch=0, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters()))
+    third, out3, labels3 = _step()
+    method.after_backward(third, out3, labels3, epoch=0, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(third.audio_encoder.trunk.body[0].weight.grad, model.audio_encoder.trunk.body[0].weight.grad)
+
+
+def test_unwraps_ddp_like_wrappers():
+    model, out, labels = _step()
+    twin = _copy(model)
+    wrapper = torch.nn.Module()
+    wrapper.module = twin
+    a = _build("ogm").after_backward(model, out, labels, epoch=0)
+    b = _build("ogm").after_backward(wrapper, out, labels, epoch=0)
+    assert a == b
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("fusion", ["film", "gated"])
+def test_nonadditive_fusions_train_with_ogm_ge(fusion):
+    torch.manual_seed(1)
+    model = build_model("small", fusion, C)
+    start = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    method = _build("ogm-ge")
+    gen = torch.Generator().manual_seed(0)
+    audio, visual = torch.randn(B, 1, 32, 48), torch.randn(B, 1, 3, 32, 32)
+    labels = torch.randint(0, C, (B,))
+    for _ in range(4):
+        opt.zero_grad()
+        out = model(audio, visual)
+        loss = F.cross_entropy(out.logits, labels)
+        loss.backward()
+        stats = method.after_backward(model, out, labels, epoch=0, generator=gen)
+        opt.step()
+        assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in stats.values())
+    changed = [n for n, v in model.state_dict().items() if not torch.equal(v, start[n])]
+    assert any(n.startswith("audio_encoder.") for n in changed)
+    assert any(n.startswith("visual_encoder.") for n in changed)
+    assert any(n.startswith("head.fc_out") for n in changed)
+
+
+def test_unimodal_model_is_left_alone():
+    torch.manual_seed(0)
+    model = build_model("small", "concat", C, modality="audio")
+    labels = torch.randint(0, C, (B,))
+    out = model(torch.randn(B, 1, 32, 48), None)
+    F.cross_entropy(out.logits, labels).backward()
+    before = _grads(model)
+    stats = _build("ogm-ge").after_backward(model, out, labels, epoch=0)
+    assert stats == {"rho_a": 1.0, "rho_v": 1.0, "k_a": 1.0, "k_v": 1.0}
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+
+
+def test_modality_drop():
+    method = _build("modality-drop", drop_p=0.4)
+    assert method.feature_hook(training=True) is not None
+    assert _build("ogm-ge").feature_hook(training=True) is None
+    torch.manual_seed(0)
+    a, v = torch.rand(4000, 16) + 0.1, torch.rand(4000, 16) + 0.1
+    da, dv = method.transform_features(a, v, training=True)
+    gone_a, gone_v = (da == 0).all(1), (dv == 0).all(1)
+    assert not (gone_a & gone_v).any()                       # never both
+    assert torch.equal(da[~gone_a], a[~gone_a]) and torch.equal(dv[~gone_v], v[~gone_v])  # no rescaling
+    assert (gone_a | gone_v).float().mean().item() == pytest.approx(0.4, abs=0.03)
+    assert gone_a.float().mean().item() == pytest.approx(0.2, abs=0.03)
+    ea, ev = method.transform_features(a, v, training=False)
+    assert ea is a and ev is v
+    # through the model: the hook acts before fusion, gradients are not modulated
+    model, out, labels = _step()
+    before = _grads(model)
+    assert method.after_backward(model, out, labels, epoch=0)["k_a"] == 1.0
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+
+
+def test_registry():
+    assert modulation.NAMES == ("none", "ogm", "ge", "ogm-ge", "modality-drop")
+    assert all(_build(n).name == n for n in modulation.NAMES)
+    with pytest.raises(ConfigError, match="modulation"):
+        _build("gradient-blending")
+    with pytest.raises(ConfigError, match="scope"):
+        _build("ogm", scope="bn")

@@ -1,0 +1,198 @@
+"""Reports over run folders (fabricated, fast), sweeps' mean ± std, and the linear probe."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ogmge_train import report
+
+
+def _write_run(path, *, seed, modulation="ogm-ge", test_acc=0.5, epochs=3, probe_v=None,
+               summary=True, steps_per_epoch=4):
+    """A run folder as ARCHITECTURE.md describes it, with chosen numbers."""
+    path.mkdir(parents=True)
+    cfg = {"seed": seed, "out": str(path), "modulation": modulation, "fusion": "concat", "lr": 1e-3}
+    (path / "config.json").write_text(json.dumps(cfg))
+    metrics, steps = [], []
+    for e in range(epochs):
+        split = lambda acc: {"loss": 2.0 - 0.1 * e, "acc": acc, "map": acc / 2, "acc_a": acc + 0.1,
+                             "map_a": 0.3, "acc_v": acc - 0.1, "map_v": 0.2}
+        # val peaks at epoch 1: selection must pick it, not the last epoch
+        val_acc = 0.6 if e == 1 else 0.4
+        metrics.append({"epoch": e, "lr": 1e-3, "train": {"loss": 1.5 - 0.2 * e, "acc": 0.5,
+                                                          "acc_a": 0.6, "acc_v": 0.3},
+                        "val": split(val_acc), "test": split(test_acc if e == 1 else 0.1),
+                        "rho_a": 2.0, "rho_v": 0.5, "k_a": 0.3, "k_v": 1.0,
+                        "samples_per_s": 100.0, "time_s": 1.0})
+        for s in range(steps_per_epoch):
+            steps.append({"epoch": e, "step": e * steps_per_epoch + s, "loss": 1.0,
+                          "rho_a": 3.0 - 0.1 * s, "rho_v": 1 / (3.0 - 0.1 * s), "k_a": 0.2, "k_v": 1.0})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    if summary:
+        (path / "summary.json").write_text(json.dumps(
+            {"selected_epoch": 1, "val": metrics[1]["val"], "test": metrics[1]["test"]}))
+    if probe_v is not None:
+        (path / "probe_visual.json").write_text(json.dumps({"modality": "visual", "test": {"acc": probe_v}}))
+    return path
+
+
+def _parse_table(md: str) -> tuple[list[str], list[list[str]]]:
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    assert set(lines[1]) <= set("|-"), "second table line must be the separator"
+    return cells[0], cells[2:]
+
+
+def test_report_writes_pngs_and_a_table_with_one_row_per_run(tmp_path):
+    a = _write_run(tmp_path / "runs" / "base", seed=0, modulation="none", test_acc=0.5)
+    b = _write_run(tmp_path / "runs" / "ogm", seed=0, test_acc=0.7, probe_v=0.45)
+    rep = report.write_report([a, b], tmp_path / "out")
+
+    head, rows = _parse_table(rep.markdown.read_text())
+    assert head == ["run", "seeds", "fused acc", "fused mAP", "audio acc", "visual acc",
+                    "audio probe acc", "visual probe acc", "selected epoch"]
+    assert [r[0] for r in rows] == ["base", "ogm"]
+    # the selected epoch's test numbers (epoch 1), not the last epoch's
+    assert rows[0][2:7] == ["50.0 ± 0.0", "25.0 ± 0.0", "60.0 ± 0.0", "40.0 ± 0.0", "—"]
+    assert rows[1][7] == "45.0 ± 0.0" and rows[0][7] == "—"
+    assert rows[1][8] == "1"
+    for name in ("accuracy", "rho", "loss"):
+        png = rep.plots[name]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as im:
+            assert im.width > 300 and im.height > 200
+            # not a blank canvas: lines were drawn
+            assert len(np.unique(np.asarray(im.convert("L")))) > 10
+        assert f"]({png.name})" in rep.markdown.read_text()
+
+
+def test_seeds_mean_and_sample_std(tmp_path):
+    accs = [0.5, 0.62, 0.71]
+    probes = [0.3, 0.35, 0.5]
+    for k, (acc, pv) in enumerate(zip(accs, probes)):
+        _write_run(tmp_path / "sweep" / f"seed-{k}", seed=k, test_acc=acc, probe_v=pv)
+    rep = report.write_report([tmp_path / "sweep"], tmp_path / "out")
+
+    assert len(rep.groups) == 1 and rep.table[0]["n"] == 3
+    row = rep.table[0]
+    assert row["acc"][0] == pytest.approx(statistics.mean(accs))
+    assert row["acc"][1] == pytest.approx(statistics.stdev(accs))
+    assert row["probe_v"][0] == pytest.approx(statistics.mean(probes))
+    assert row["probe_v"][1] == pytest.approx(statistics.stdev(probes))
+    _head, rows = _parse_table(rep.markdown.read_text())
+    assert rows == [["sweep", "3", f"{100 * statistics.mean(accs):.1f} ± {100 * statistics.stdev(accs):.1f}",
+                     *rows[0][3:]]]
+
+
+def test_grouping_by_config_ignores_seed_and_output(tmp_path):
+    runs = [_write_run(tmp_path / f"a{k}", seed=k) for k in range(2)]
+    runs.append(_write_run(tmp_path / "b0", seed=0, modulation="none"))
+    groups = report.group_runs([report.read_run(r) for r in runs])
+    assert [len(g.runs) for g in groups] == [2, 1]
+
+
+def test_selection_falls_back_to_best_val_epoch_without_summary(tmp_path):
+    run = report.read_run(_write_run(tmp_path / "r", seed=0, test_acc=0.8, summary=False))
+    vals = report.run_values(run)
+    assert vals["epoch"] == 1 and vals["acc"] == pytest.approx(0.8)
+
+
+def test_bad_folders_name_the_file(tmp_path):
+    with pytest.raises(report.ReportError, match="not a run folder|neither"):
+        report.write_report([tmp_path], tmp_path / "out")
+    run = _write_run(tmp_path / "r", seed=0)
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\nnot json\n{"epoch": 2}\n')
+    with pytest.raises(report.ReportError, match=r"metrics.jsonl:2"):
+        report.read_run(run)
+    # a torn last line (run killed mid-write) is dropped, not an error
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n{"epo')
+    assert len(report.read_run(run).metrics) == 1
+
+
+def test_mean_std_edge_cases():
+    assert report.mean_std([]) == (None, None)
+    assert report.mean_std([None, 0.4]) == (0.4, 0.0)
+
+
+# ----------------------------------------------------------------------------- the linear probe
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real (tiny) run: synthetic CREMA-D with a clean visual cue, extracted, trained 1 epoch."""
+    from avprep.config import ExtractConfig, spec_preset
+    from avprep.extract import extract
+    from avprep.synth import make_dataset
+    from ogmge_train.config import resolve
+    from ogmge_train.train import train
+
+    root = tmp_path_factory.mktemp("probe")
+    make_dataset("cremad", root / "raw", 36, num_classes=3, duration=1.0, fps=2, size=(32, 24),
+                 audio_snr=-30.0, visual_snr=10.0)
+    spec = spec_preset("paper", "cremad", n_fft=64, win_length=64, hop_length=400, duration=1.0)
+    extract("cremad", root / "raw", root / "shards", ExtractConfig(spec, frame_size=24), workers=1)
+    cfg = resolve("demo", shards=str(root / "shards"), out=str(root / "run"), epochs=1, batch_size=8,
+                  image_size=24, modulation="none")
+    train(cfg)
+    return root / "run"
+
+
+def test_probe_returns_accuracies_and_writes_json(tiny_run):
+    from ogmge_train.probe import probe
+
+    stages = []
+    res = probe(tiny_run, "visual", steps=50, on_progress=lambda s, d, t: stages.append((s, d, t)))
+    on_disk = json.loads((tiny_run / "probe_visual.json").read_text())
+    assert on_disk == json.loads(json.dumps(res.results))
+    n_test = json.loads((tiny_run.parent / "shards" / "test.manifest.json").read_text())["num_samples"]
+    assert on_disk["test"]["n"] == n_test and 0.0 <= on_disk["test"]["acc"] <= 1.0
+    assert on_disk["feature_dim"] == 128 and on_disk["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    # the visual cue is clean: even a barely trained encoder's features separate 3 classes
+    assert on_disk["train"]["acc"] > 0.9
+    assert ("features:train", on_disk["train"]["n"], on_disk["train"]["n"]) in stages
+    # the fit is convex from a zero start: a rerun gives the same numbers
+    again = probe(tiny_run, "visual", steps=50).results
+    assert again == res.results
+    # the report picks the probe up
+    assert report.run_values(report.read_run(tiny_run))["probe_v"] == pytest.approx(on_disk["test"]["acc"])
+
+
+def test_fit_linear_matches_an_independent_logistic_regression():
+    """L-BFGS on standardised features reaches the optimum of the same convex objective that
+    scipy's L-BFGS-B finds (independent implementation)."""
+    import torch
+    from scipy.optimize import minimize
+    from scipy.special import logsumexp
+
+    from ogmge_train.probe import fit_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 5, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0]) + 1.0
+    y = (x[:, 0] + x[:, 1] > 2).long() + (x[:, 3] > 2).long()
+    l2 = 1e-2
+    model = fit_linear(x, y, 3, l2=l2, steps=200)
+
+    xs = ((x - x.mean(0)) / x.std(0, unbiased=False)).double().numpy()
+    yn = y.numpy()
+
+    def objective(theta):
+        w, b = theta[:15].reshape(3, 5), theta[15:]
+        z = xs @ w.T + b
+        return np.mean(logsumexp(z, axis=1) - z[np.arange(len(yn)), yn]) + 0.5 * l2 * np.sum(w ** 2)
+
+    ref = minimize(objective, np.zeros(18), method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-10})
+    ours = np.concatenate([model.fc.weight.detach().double().numpy().ravel(), model.fc.bias.detach().double().numpy()])
+    assert objective(ours) == pytest.approx(ref.fun, abs=1e-6)
+    # softmax is invariant to a shared bias shift: compare weights, and logits up to that shift
+    np.testing.assert_allclose(ours[:15], ref.x[:15], atol=1e-3)
+
+
+def test_probe_refuses_a_missing_encoder(tiny_run, tmp_path):
+    from ogmge_train.probe import probe
+
+    with pytest.raises(ValueError, match="modality"):
+        probe(tiny_run, "smell")

@@ -1,0 +1,97 @@
+"""avprep.spectrogram: preset shapes and parity with independent references."""
+from __future__ import annotations
+
+import dataclasses
+
+import librosa
+import numpy as np
+import pytest
+
+from avprep import spectrogram
+from avprep.config import spec_preset
+
+
+def _noisy_tone(n: int, sr: int, f: float = 1000.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / sr
+    return (0.3 * np.sin(2 * np.pi * f * t) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("preset,dataset,shape", [
+    ("paper", "cremad", (257, 299)),
+    ("paper", "kinetics-sounds", (257, 1004)),
+    ("ogmge-code", "cremad", (257, 188)),
+    ("fbank", "kinetics-sounds", (1024, 128)),
+])
+def test_preset_shapes(preset, dataset, shape):
+    spec = spec_preset(preset, dataset)
+    out = spectrogram.compute(_noisy_tone(spec.num_samples, spec.sample_rate), spec)
+    assert out.shape == shape == spec.shape
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("preset,dataset,overrides", [
+    ("paper", "cremad", {}),
+    ("paper", "vggsound", {}),
+    ("ogmge-code", "cremad", {}),                          # centred, reflect padding
+    ("ogmge-code", "cremad", {"pad_mode": "constant"}),    # librosa >= 0.10's default
+    ("paper", "cremad", {"win_length": 400}),              # window shorter than n_fft
+])
+def test_stft_matches_librosa(preset, dataset, overrides):
+    spec = spec_preset(preset, dataset, **overrides)
+    wave = _noisy_tone(spec.num_samples, spec.sample_rate, seed=len(overrides))
+    ours = spectrogram.compute(wave, spec)
+    ref = librosa.stft(wave, n_fft=spec.n_fft, hop_length=spec.hop_length, win_length=spec.win_length,
+                       window="hann", center=spec.center, pad_mode=spec.pad_mode)
+    ref = np.log(np.abs(ref) + 1e-7).astype(np.float32)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= 1e-3
+
+
+def test_stft_peak_is_the_tone_and_silence_is_the_floor():
+    spec = spec_preset("paper", "cremad")
+    out = spectrogram.compute(_noisy_tone(spec.num_samples, 16000, f=2000.0), spec)
+    assert np.bincount(out.argmax(axis=0)).argmax() == round(2000 / (16000 / 512))
+    silent = spectrogram.compute(np.zeros(spec.num_samples, np.float32), spec)
+    np.testing.assert_allclose(silent, np.log(1e-7), rtol=1e-6)
+
+
+def test_fbank_matches_kaldi_native_fbank():
+    # kaldi-native-fbank refuses 128 bins on a 512-point FFT (an empty filter), so compare at 80
+    import kaldi_native_fbank as knf
+
+    spec = dataclasses.replace(spec_preset("fbank", "kinetics-sounds", duration=3.0), num_mel_bins=80)
+    wave = _noisy_tone(spec.num_samples, 16000)
+    ours = spectrogram.compute(wave, spec)
+    opts = knf.FbankOptions()
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.window_type = "hanning"
+    opts.mel_opts.num_bins = 80
+    opts.mel_opts.high_freq = 0.0
+    opts.use_energy = False
+    fb = knf.OnlineFbank(opts)
+    fb.accept_waveform(16000.0, (wave - wave.mean()).tolist())
+    fb.input_finished()
+    ref = np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])
+    assert ref.shape == (298, 80)
+    assert np.abs(ours[:298] - ref).max() <= 1e-3
+    assert (ours[298:] == 0).all()                      # zero-padded to num_frames
+
+
+def test_fbank_tone_lands_in_its_mel_bin():
+    spec = spec_preset("fbank", "kinetics-sounds")
+    f = 1500.0
+    out = spectrogram.compute(_noisy_tone(spec.num_samples, 16000, f=f), spec)
+    assert out.shape == (1024, 128) and np.isfinite(out).all()
+    assert (out[998:] == 0).all() and (out[:998] != 0).all()   # 998 real frames for 10 s
+    mel = lambda x: 1127 * np.log(1 + x / 700)  # noqa: E731
+    lo, hi = mel(20.0), mel(8000.0)
+    centres = lo + (hi - lo) / 129 * np.arange(1, 129)
+    expected = int(np.abs(centres - mel(f)).argmin())
+    assert abs(int(np.bincount(out[:998].argmax(axis=1)).argmax()) - expected) <= 1
+
+
+def test_wrong_length_is_refused():
+    spec = spec_preset("paper", "cremad")
+    with pytest.raises(ValueError, match="48000"):
+        spectrogram.compute(np.zeros(47999, np.float32), spec)

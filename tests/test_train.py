@@ -1,0 +1,289 @@
+"""Training loop, run folder, selection, resume, evaluate, presets and the train CLI.
+
+Shards come from the real pipeline: avprep.synth writes a small CREMA-D in its raw layout (real
+encoded media with class cues), avprep.extract turns it into shards. Runs use the small CNN on
+32-pixel frames and 1 s spectrograms so an epoch takes about a second on one core.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from avprep import synth
+from avprep.config import ExtractConfig, spec_preset
+from avprep.errors import ConfigError
+from avprep.extract import extract
+from ogmge_train import train as train_mod
+from ogmge_train.config import PRESETS, TrainConfig, resolve
+
+WALL_TIME = {"time_s", "samples_per_s"}
+EVAL_KEYS = {"loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v"}
+RECORD_KEYS = {"epoch", "lr", "train", "val", "test", "rho_a", "rho_v", "k_a", "k_v", "samples_per_s", "time_s"}
+
+
+def make_shards(root, clips: int = 64, seed: int = 0, shard_size: int = 8):
+    raw = synth.make_dataset("cremad", root / "raw", clips, seed=seed, duration=1.0, size=(64, 48), fps=4)
+    spec = spec_preset("paper", "cremad", duration=1.0, n_fft=256, win_length=256, hop_length=128)  # 129x124
+    cfg = ExtractConfig(spec=spec, frame_size=32, shard_size=shard_size)
+    extract("cremad", raw, root / "shards", cfg, workers=1)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions on a shared machine: one intra-op thread is faster than several."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """64 synthetic CREMA-D clips of 1 s (train/val/test by hash), 32-pixel frames, 8 per shard,
+    129x124 spectrograms (a smaller STFT than the paper's, for speed)."""
+    return make_shards(tmp_path_factory.mktemp("train-shards"))
+
+
+def tiny_config(shards, out, **kw) -> TrainConfig:
+    kw = {"epochs": 2, "batch_size": 8, "image_size": 32, "workers": 0, "device": "cpu", **kw}
+    return resolve("demo", shards=str(shards), out=str(out), **kw)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def strip_wall_time(lines):
+    return [{k: v for k, v in r.items() if k not in WALL_TIME} for r in lines]
+
+
+def ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- the run folder
+
+@pytest.fixture(scope="module")
+def demo_run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    events = []
+    summary = train_mod.train(tiny_config(shards, out, epochs=3), on_event=events.append)
+    return out, summary, events
+
+
+def test_run_folder_files_and_schema(demo_run, shards):
+    out, summary, events = demo_run
+    info = json.loads((shards / "dataset.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    # dataset-dependent defaults resolved from dataset.json's name
+    assert config["dataset"] == "cremad" and config["alpha"] == 0.8 and config["frames"] == 1
+    assert TrainConfig.from_dict(config) == tiny_config(shards, out, epochs=3).with_dataset("cremad")
+
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert set(r) == RECORD_KEYS
+        assert set(r["train"]) == {"loss", "acc", "acc_a", "acc_v"}
+        assert set(r["val"]) == EVAL_KEYS and set(r["test"]) == EVAL_KEYS
+        assert 0.0 <= r["test"]["acc"] <= 1.0 and math.isfinite(r["train"]["loss"])
+    steps_per_epoch = info["splits"]["train"] // 8     # full batches only
+    steps = read_jsonl(out / "steps.jsonl")
+    assert [s["step"] for s in steps] == list(range(1, 3 * steps_per_epoch + 1))
+    assert [s["epoch"] for s in steps] == [e for e in range(3) for _ in range(steps_per_epoch)]
+    assert set(steps[0]) == {"epoch", "step", "loss", "rho_a", "rho_v", "k_a", "k_v"}
+    assert all(s["rho_a"] * s["rho_v"] == pytest.approx(1.0) for s in steps)
+    # OGM-GE at alpha 0.8 slows whichever modality dominates in each step
+    assert all(min(s["k_a"], s["k_v"]) < 1.0 and max(s["k_a"], s["k_v"]) == 1.0 for s in steps)
+
+    assert {e["event"] for e in events} == set(train_mod.EVENT_TYPES)
+    assert sum(e["event"] == "step" for e in events) == 3 * steps_per_epoch
+
+
+def test_checkpoints_load_with_weights_only_and_summary_matches_selection(demo_run):
+    out, summary, _ = demo_run
+    last, best = ckpt(out / "last.pt"), ckpt(out / "best.pt")
+    assert set(last) >= {"model", "optimizer", "scheduler", "epoch", "config", "rng", "best"}
+    assert last["epoch"] == 2
+    records = read_jsonl(out / "metrics.jsonl")
+    val_accs = [r["val"]["acc"] for r in records]
+    selected = val_accs.index(max(val_accs))        # first epoch reaching the best val accuracy
+    assert summary["selected_epoch"] == selected == best["epoch"]
+    assert summary["selection"] == "val_acc"
+    assert summary["val"] == records[selected]["val"] and summary["test"] == records[selected]["test"]
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_evaluate_reproduces_recorded_metrics(demo_run):
+    out, summary, _ = demo_run
+    for which, record in (("best", summary), ("last", read_jsonl(out / "metrics.jsonl")[-1])):
+        for split in ("val", "test"):
+            got = train_mod.evaluate(out, split=split, which=which, device="cpu")
+            assert set(got) == EVAL_KEYS
+            assert got == pytest.approx(record[split], abs=1e-6)
+
+
+def test_load_run_gives_the_checkpoint_model(demo_run):
+    out, _, _ = demo_run
+    model, cfg, c = train_mod.load_run(out, "last")
+    assert not model.training and cfg.arch == "small" and model.num_classes == 6
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, c["model"][k])
+
+
+# ---------------------------------------------------------------- selection
+
+def test_best_is_selected_on_val_never_on_test(shards, tmp_path, monkeypatch):
+    # Scripted evaluation: val peaks at epoch 1, test keeps rising (a test-selected run would pick 2).
+    val = iter([0.2, 0.6, 0.4])
+    test = iter([0.1, 0.3, 0.9])
+
+    def scripted(model, cfg, split, device, info, source=None):
+        acc = next(val if split == "val" else test)
+        return {k: acc for k in EVAL_KEYS}
+
+    monkeypatch.setattr(train_mod, "_evaluate_split", scripted)
+    saved = {}
+    out = tmp_path / "run"
+
+    def on_event(e):
+        if e["event"] == "epoch_end":
+            saved[e["epoch"]] = ckpt(out / "last.pt")["model"]
+
+    summary = train_mod.train(tiny_config(shards, out, epochs=3), on_event=on_event)
+    assert summary["selected_epoch"] == 1
+    assert summary["val"]["acc"] == 0.6 and summary["test"]["acc"] == 0.3
+    best = ckpt(out / "best.pt")
+    assert best["epoch"] == 1
+    assert all(torch.equal(best["model"][k], saved[1][k]) for k in saved[1])
+    assert not all(torch.equal(best["model"][k], saved[2][k]) for k in saved[2])
+
+
+def test_without_val_the_last_epoch_is_selected(shards, tmp_path):
+    out = tmp_path / "run"
+    summary = train_mod.train(tiny_config(shards, out, epochs=2, eval_splits=("test",)))
+    assert summary["selection"] == "last_epoch" and summary["selected_epoch"] == 1
+    assert summary["val"] == {} and summary["test"] == read_jsonl(out / "metrics.jsonl")[-1]["test"]
+
+
+# ---------------------------------------------------------------- resume
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fusion,modulation", [("concat", "ogm-ge"), ("film", "modality-drop")])
+def test_resume_is_bit_exact(shards, tmp_path, fusion, modulation):
+    kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05)
+    full = tmp_path / "full"
+    train_mod.train(tiny_config(shards, full, **kw))
+
+    part = tmp_path / "part"
+
+    def crash_in_epoch_2(e):
+        if e["event"] == "step" and e["epoch"] == 2 and e["step"] == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_mod.train(tiny_config(shards, part, **kw), on_event=crash_in_epoch_2)
+    assert ckpt(part / "last.pt")["epoch"] == 1
+    with pytest.raises(ConfigError, match="--resume"):       # never silently overwritten
+        train_mod.train(tiny_config(shards, part, **kw))
+    with pytest.raises(ConfigError, match="lr"):             # resuming with other settings
+        train_mod.train(tiny_config(shards, part, **{**kw, "lr": 0.1}), resume=True)
+    train_mod.train(tiny_config(shards, part, **kw), resume=True)
+
+    assert strip_wall_time(read_jsonl(part / "metrics.jsonl")) == strip_wall_time(read_jsonl(full / "metrics.jsonl"))
+    assert (part / "steps.jsonl").read_bytes() == (full / "steps.jsonl").read_bytes()
+    a, b = ckpt(part / "last.pt"), ckpt(full / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert json.loads((part / "summary.json").read_text()) == json.loads((full / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------- config and presets
+
+def test_explicit_settings_override_preset_and_dataset_defaults():
+    cfg = resolve("paper-cremad", shards="s", out="o", lr=0.01, alpha=0.5)
+    assert (cfg.lr, cfg.alpha, cfg.frames, cfg.epochs, cfg.arch) == (0.01, 0.5, 1, 100, "resnet18")
+    assert cfg.with_dataset("vggsound").alpha == 0.5        # explicit beats the per-dataset value
+    demo = resolve("demo", arch="resnet18", epochs=None)     # None = flag not given
+    assert (demo.arch, demo.epochs, demo.image_size) == ("resnet18", PRESETS["demo"]["epochs"], 64)
+    plain = resolve()
+    assert (plain.modulation, plain.epochs, plain.batch_size, plain.lr, plain.lr_step) == ("ogm-ge", 100, 64, 1e-3, 70)
+    for name, alpha, frames in (("cremad", 0.8, 1), ("vggsound", 0.1, 3), ("kinetics-sounds", 0.3, 3), ("ave", 0.3, 3)):
+        got = plain.with_dataset(name)
+        assert (got.alpha, got.frames, got.dataset) == (alpha, frames, name)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"fusion": "mul"}, "--fusion"), ({"epochs": 0}, "--epochs"), ({"drop_p": 1.0}, "--drop-p"),
+    ({"modulation_start": 5, "modulation_end": 2}, "--modulation-end"), ({"bogus": 1}, "bogus"),
+])
+def test_bad_settings_raise_config_error(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve(**kw)
+    with pytest.raises(ConfigError, match="preset"):
+        resolve("paper-imagenet")
+
+
+# ---------------------------------------------------------------- CLI
+
+def cli(*args):
+    from cli.train_cli import main
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_trains_without_subcommand_with_flags_over_preset(shards, tmp_path):
+    out = tmp_path / "run"
+    r = cli("--preset", "demo", "--shards", shards, "--out", out, "--epochs", 1, "--lr", 0.02,
+            "--batch-size", 16, "--image-size", 32, "--device", "cpu", "--fusion", "sum", "--json")
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["epochs"], config["lr"], config["fusion"], config["arch"]) == (1, 0.02, "sum", "small")
+    assert json.loads(r.stdout)["selected_epoch"] == 0
+
+    # --resume takes the stored config as its base: only --epochs is needed to extend the run
+    r = cli("train", "--out", out, "--resume", "--epochs", 2, "--json")
+    assert r.exit_code == 0, r.output
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+
+    r = cli("evaluate", out, "--split", "test", "--which", "last", "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == pytest.approx(read_jsonl(out / "metrics.jsonl")[-1]["test"], abs=1e-6)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--alpha", "-1"], "--alpha"),
+    (["--modulation-start", "3", "--modulation-end", "1"], "--modulation-end"),
+    (["--shards", "{missing}"], "no dataset.json"),
+])
+def test_cli_config_errors_exit_2_with_one_line(shards, tmp_path, args, match):
+    args = [a.format(missing=tmp_path / "missing") for a in args]
+    if "--shards" not in args:
+        args = ["--shards", str(shards), *args]
+    r = cli(*args, "--out", tmp_path / "run", "--device", "cpu")
+    assert r.exit_code == 2
+    # one message (rich may soft-wrap it to the terminal width), no traceback
+    assert r.output.startswith("error: ") and r.output.count("error:") == 1 and "Traceback" not in r.output
+    assert match in " ".join(r.output.split()), r.output
+
+
+def test_cli_refuses_existing_run_without_resume(demo_run, shards):
+    out, _, _ = demo_run
+    r = cli("--shards", shards, "--out", out, "--preset", "demo", "--device", "cpu")
+    assert r.exit_code == 2 and "--resume" in r.output
+
+
+# ---------------------------------------------------------------- learning
+
+def test_converges_on_synthetic_cremad(shards, tmp_path):
+    """Class cues in both modalities: a few demo epochs take accuracy far above chance (1/6)."""
+    summary = train_mod.train(tiny_config(shards, tmp_path / "run", epochs=6, batch_size=8, lr=3e-3))
+    last = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert last["train"]["acc"] > 0.6
+    assert summary["test"]["acc"] > 0.5
