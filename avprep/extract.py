@@ -7,7 +7,11 @@ task in a process pool → each worker writes its shard atomically and then a sm
 Resume: ``OUT/.avprep-state/options.json`` records the options at the start of a run, and
 ``OUT/.avprep-state/<shard>.json`` each finished shard (sha256, samples, failures). A re-run
 keeps the shards whose bytes still match their state file and redoes the rest, so a run that
-was killed at any moment ends byte-identical to one that was not.
+was killed at any moment ends byte-identical to one that was not. ``.avprep-state/lock``
+keeps a second extraction out of the same folder.
+
+Workers are forkserver processes (spawn where there is none): scripts that call ``extract``
+with more than one worker need the usual ``if __name__ == "__main__":`` guard.
 """
 from __future__ import annotations
 
@@ -18,17 +22,16 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 from . import shards as shardlib
 from .config import ExtractConfig
-from .datasets._base import Clip, Discovery
+from .datasets._base import Discovery
 from .errors import AvprepError, ClipError, ConfigError, DatasetLayoutError
 
 STATE_DIR = ".avprep-state"
@@ -142,8 +145,10 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
     return result
 
 
-def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: ExtractConfig, options: dict,
-                  workers: int | None, emit: OnEvent, max_failures: float) -> ExtractResult:
+def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: ExtractConfig,
+                  options: dict, workers: int | None, emit: OnEvent,
+                  max_failures: float) -> ExtractResult:
+    """Plan, keep the intact shards, extract the rest, then write the indexes (``out`` locked)."""
     plans = shardlib.plan_shards(disc.clips, cfg)
     done_states = {p.name: s for p in plans if (s := _finished_state(out, p)) is not None}
     todo = [p for p in plans if p.name not in done_states]
@@ -201,14 +206,14 @@ def _nothing_found(src: Path, adapter, disc: Discovery) -> str:
 def _split_file_records(split_files: list) -> list[dict]:
     """Split files by name and content hash (not path: the output must not depend on where
     the raw data lives)."""
-    from .datasets.splitfiles import normalize
+    from .datasets.splitfiles import infer_split, normalize
     records = []
     for split, path in normalize(split_files):
         try:
             digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read split file: {e.strerror or e}") from None
-        records.append({"split": split, "name": Path(path).name, "sha256": digest})
+        records.append({"split": split or infer_split(path), "name": Path(path).name, "sha256": digest})
     return records
 
 
@@ -368,34 +373,51 @@ def _limit_threads() -> None:
 def _run_shard(task, report=None) -> dict:
     """Extract every clip of one shard, write it, record its state. Never raises for a clip:
     per-clip errors come back as values."""
-    from .sample import extract_clip, relative_source
     plan, label_index, cfg, src, out, state = task
     report = report or (lambda *a: _EVENTS.put(a))
-    samples, records, failures = {}, [], []
-    for clip in plan.clips:
-        source = relative_source(clip.video, src)
-        failure = None
-        try:
-            members = extract_clip(clip, label_index[clip.label], plan.split, cfg, src)
-        except ClipError as e:
-            failure = {"key": clip.key, "source": source, "stage": e.stage, "error": str(e)}
-        except Exception as e:  # a bug or an exotic decoder error: the clip's, not the run's
-            failure = {"key": clip.key, "source": source, "stage": "internal",
-                       "error": f"{source}: {type(e).__name__}: {e}"}
-        if failure:
-            failures.append(failure)
-        else:
-            samples[clip.key] = members
-            records.append({"key": clip.key, "label": clip.label,
-                            "label_index": label_index[clip.label], "shard": plan.name,
-                            "source": source, "duration": json.loads(members["json"])["duration"]})
-        report(plan.name, clip.key, failure and failure["stage"], failure and failure["error"])
-    written = shardlib.write_shard(out / plan.name, samples) if samples else None
+    try:
+        return _write_shard_of(plan, label_index, cfg, src, out, state, report)
+    except OSError as e:        # disk full, permissions: the run's problem, said plainly
+        raise AvprepError(f"{out / plan.name}: cannot write: {e.strerror or e}") from None
+
+
+def _write_shard_of(plan, label_index, cfg, src, out, state, report) -> dict:
+    from .sample import extract_clip, relative_source
+    records, failures = [], []
+    with shardlib.ShardWriter(out / plan.name) as writer:
+        for clip in plan.clips:
+            source = relative_source(clip.video, src)
+            try:
+                members = extract_clip(clip, label_index[clip.label], plan.split, cfg, src)
+            except ClipError as e:
+                failures.append(_failure(clip.key, source, e.stage, str(e)))
+            except Exception as e:  # a bug or an exotic decoder error: the clip's, not the run's
+                failures.append(_failure(clip.key, source, "internal", f"{source}: {type(e).__name__}: {e}"))
+            else:
+                writer.add(clip.key, members)
+                records.append({"key": clip.key, "label": clip.label,
+                                "label_index": label_index[clip.label], "shard": plan.name,
+                                "source": source, "duration": json.loads(members["json"])["duration"]})
+            failed = failures[-1] if failures and failures[-1]["key"] == clip.key else {}
+            report(plan.name, clip.key, failed.get("stage"), failed.get("error"))
+        written = writer.commit() if records else None    # no file for a shard of failures only
     st = {"name": plan.name, "split": plan.split, "keys": [c.key for c in plan.clips],
           "sha256": written and written.sha256, "bytes": written and written.bytes,
-          "num_samples": len(samples), "samples": records, "failures": failures}
+          "num_samples": len(records), "samples": records, "failures": failures}
     shardlib.atomic_write_bytes(state / f"{plan.name}.json", _json_bytes(st))
     return st
+
+
+def _failure(key: str, source: str, stage: str, error: str) -> dict:
+    return {"key": key, "source": source, "stage": stage, "error": error}
+
+
+def _cores() -> int:
+    """Cores this process may use (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _mp_context():
@@ -412,7 +434,7 @@ def _run_tasks(tasks: list, workers: int | None, progress: _Progress):
     """Yield each task's shard state as it completes (completion order)."""
     if not tasks:
         return
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    workers = max(1, min(workers or _cores(), len(tasks)))
     if workers == 1:
         with _single_thread():
             for task in tasks:
@@ -422,7 +444,8 @@ def _run_tasks(tasks: list, workers: int | None, progress: _Progress):
     events = ctx.Queue()
     pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(events,))
     try:
-        pending = {pool.submit(_run_shard, t) for t in tasks}
+        names = {pool.submit(_run_shard, t): t[0].name for t in tasks}
+        pending = set(names)
         while pending:
             finished, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
             _drain(events, progress)
@@ -432,6 +455,10 @@ def _run_tasks(tasks: list, workers: int | None, progress: _Progress):
                 except cf.process.BrokenProcessPool:
                     raise AvprepError("a worker process died (out of memory?); finished shards are "
                                       "kept, re-run the same command to resume") from None
+                except AvprepError:
+                    raise
+                except Exception as e:      # not a clip's fault: the run cannot go on
+                    raise AvprepError(f"{names[fut]}: {type(e).__name__}: {e}") from e
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     _drain(events, progress)

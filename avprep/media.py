@@ -23,7 +23,7 @@ from PIL import Image
 
 from .errors import ClipError
 
-__all__ = ["decode_frames", "decode_audio", "decode_clip", "fit_duration", "DecodedClip", "probe_duration"]
+__all__ = ["decode_frames", "decode_audio", "decode_clip", "fit_duration", "DecodedClip"]
 
 # frame.rotation (counter-clockwise degrees) -> the PIL transpose that displays it
 _ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
@@ -61,11 +61,12 @@ def _open(path) -> av.container.InputContainer:
         raise ClipError("open", f"{path}: cannot open as media: {_one_line(e)}") from None
 
 
-def _video_stream(container, path):
+def _video_stream(container, path, threads: int = 0):
     if not container.streams.video:
         raise ClipError("video", f"{path}: no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    stream.thread_type = "AUTO"          # frame + slice threads
+    stream.codec_context.thread_count = threads
     return stream
 
 
@@ -95,21 +96,6 @@ def _declared_duration(container, stream) -> float | None:
     return None
 
 
-def probe_duration(path) -> float:
-    """The video duration in seconds from the headers (decodes the stream when they are silent)."""
-    container = _open(path)
-    with container:
-        stream = _video_stream(container, path)
-        d = _declared_duration(container, stream)
-        if d is None:
-            picker = _FramePicker(path, fps=1, frame_size=0, jpeg_quality=90, duration=None,
-                                  start=stream.start_time, time_base=stream.time_base,
-                                  rate=stream.guessed_rate, convert=False)
-            _read(container, path, stream, picker)
-            d = picker.finish() and picker.end_time
-        return d
-
-
 # ----------------------------------------------------------------------------- frames
 
 def _target_size(w: int, h: int, frame_size: int, sar) -> tuple[int, int]:
@@ -133,9 +119,9 @@ class _FramePicker:
     """
 
     def __init__(self, path, *, fps, frame_size, jpeg_quality, duration, start, time_base, rate,
-                 sar=None, convert=True):
+                 sar=None):
         self.path, self.fps = path, Fraction(fps)
-        self.frame_size, self.jpeg_quality, self.convert = frame_size, jpeg_quality, convert
+        self.frame_size, self.jpeg_quality = frame_size, jpeg_quality
         self.duration = duration
         self.n_targets = None if duration is None else self._count(duration)
         self.rate = Fraction(rate) if rate else None
@@ -182,7 +168,7 @@ class _FramePicker:
 
     def _emit(self, frame) -> None:
         if self.prev_jpeg is None:
-            self.prev_jpeg = self._jpeg(frame) if self.convert else b""
+            self.prev_jpeg = self._jpeg(frame)
         self.frames.append(self.prev_jpeg)
 
     def feed(self, frame) -> None:
@@ -325,16 +311,18 @@ def fit_duration(wave: np.ndarray, num_samples: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- clip
 
 def decode_clip(video, audio=None, *, sample_rate: int | None = None, fps: float = 1,
-                frame_size: int = 256, jpeg_quality: int = 90) -> DecodedClip:
+                frame_size: int = 256, jpeg_quality: int = 90, threads: int = 0) -> DecodedClip:
     """Frames of ``video`` and, when ``sample_rate`` is given, the audio of ``audio`` (or of
     ``video`` itself when ``audio`` is None), reading a shared file in one demux pass.
 
     Video is handled first: a clip with no video fails at stage "video" even if its audio is
     fine. After the last needed frame, video packets are skipped without decoding.
+    ``threads`` is the video decoder's thread count: 0 lets FFmpeg use one per core, 1 suits
+    one worker process per core. Frame selection is as in ``decode_frames``.
     """
     container = _open(video)
     with container:
-        vstream = _video_stream(container, video)
+        vstream = _video_stream(container, video, threads)
         astream = None
         if sample_rate is not None and audio is None:
             astream = _audio_stream(container, video)
@@ -384,8 +372,8 @@ def _read(container, path, vstream, picker, astream=None, collector=None) -> Non
             raise ClipError(stage, f"{path}: {stage} decode error: {_one_line(errors[stage])}")
 
 
-def decode_frames(path, *, fps: float = 1, frame_size: int = 256,
-                  jpeg_quality: int = 90) -> tuple[list[bytes], float]:
+def decode_frames(path, *, fps: float = 1, frame_size: int = 256, jpeg_quality: int = 90,
+                  threads: int = 0) -> tuple[list[bytes], float]:
     """JPEG frames shown at t = (i + 0.5) / fps, i = 0..floor(duration * fps) - 1, and the duration.
 
     "Shown at t" is the last frame whose timestamp (relative to the stream start) is <= t;
@@ -395,5 +383,5 @@ def decode_frames(path, *, fps: float = 1, frame_size: int = 256,
     (decoding to the end when they say nothing); a video that stops more than 1 s early is
     reported as truncated.
     """
-    clip = decode_clip(path, fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality)
+    clip = decode_clip(path, fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality, threads=threads)
     return clip.frames, clip.duration

@@ -147,27 +147,58 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+class ShardWriter:
+    """Streams samples into ``<path>.tmp-<pid>`` and renames it to ``path`` on ``commit``, so
+    a worker holds one sample in memory, not a shard, and the final name only ever shows a
+    complete, fsynced tar. Leaving the ``with`` block without ``commit`` removes the tmp file.
+    Samples must be added in key order (the planner's order)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = tmp_path(self.path)
+        self._file = open(self.tmp, "wb")
+        self._out = _HashingWriter(self._file)
+        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.PAX_FORMAT)
+        self._last_key: str | None = None
+        self.num_samples = 0
+
+    def add(self, key: str, members: Mapping[str, bytes]) -> None:
+        """One sample: its members contiguous, in the given order, with fixed headers."""
+        if self._last_key is not None and key <= self._last_key:
+            raise ValueError(f"sample keys must increase: {key!r} after {self._last_key!r}")
+        for ext, data in members.items():
+            self._tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self._last_key = key
+        self.num_samples += 1
+
+    def commit(self) -> WrittenShard:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return WrittenShard(self.path.name, self.num_samples, self._out.size, self._out.sha.hexdigest())
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._file.closed or self.tmp.exists():
+            self.abort()
+
+
 def write_shard(path: Path, samples: Mapping[str, Mapping[str, bytes]]) -> WrittenShard:
-    """Write ``{key: {ext: bytes}}`` as a tar at ``path``: samples sorted by key, each sample's
-    members contiguous and in the given order, fixed headers. Atomic: the file appears under
-    its final name only once complete and fsynced."""
-    path = Path(path)
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            out = _HashingWriter(f)
-            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for key in sorted(samples):
-                    for ext, data in samples[key].items():
-                        tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return WrittenShard(path.name, len(samples), out.size, out.sha.hexdigest())
+    """Write ``{key: {ext: bytes}}`` as a tar at ``path``, samples sorted by key (atomic)."""
+    with ShardWriter(path) as writer:
+        for key in sorted(samples):
+            writer.add(key, samples[key])
+        return writer.commit()
 
 
 def sha256_file(path: Path) -> str:

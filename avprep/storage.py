@@ -36,6 +36,7 @@ from .errors import ConfigError, StorageError
 _LAST_SUFFIXES = (".samples.jsonl", ".manifest.json")
 _LAST_NAME = "dataset.json"
 _CHUNK = 1 << 20
+_READ = 1 << 16
 _TMP_MARK = ".tmp-"
 
 
@@ -208,7 +209,8 @@ class _ResumingStream(io.RawIOBase):
 
 
 def _read_into(raw, buf) -> int:
-    data = raw.read(len(buf))
+    # small reads: the bytes of a read that breaks are lost, so this bounds what a resume re-fetches
+    data = raw.read(min(len(buf), _READ))
     buf[: len(data)] = data
     return len(data)
 

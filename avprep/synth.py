@@ -22,6 +22,7 @@ import json
 import math
 import string
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -92,20 +93,24 @@ def _audio_wave(n: int, sample_rate: int, label_index: int, num_classes: int, sn
     return (_AUDIO_RMS * (ws * tone + wn * noise)).astype(np.float32)
 
 
-def _frame_image(i: int, fps: float, w: int, h: int, colour: np.ndarray, snr_db: float,
-                 rng: np.random.Generator) -> np.ndarray:
-    """RGB uint8 frame i: class colour in the centre half, noise everywhere, time marker."""
-    signal = np.zeros((h, w, 3))
-    y0, y1, x0, x1 = h // 4, h - h // 4, w // 4, w - w // 4
+def _cue_image(w: int, h: int, colour: np.ndarray, snr_db: float) -> tuple[np.ndarray, float]:
+    """The noise-free part of every frame (class colour in the centre half) and the noise scale."""
+    signal = np.zeros((h, w, 3), np.float32)
     # unit power inside the cue region
-    signal[y0:y1, x0:x1] = colour / max(np.sqrt(np.mean(colour ** 2)), 1e-9)
+    signal[h // 4:h - h // 4, w // 4:w - w // 4] = colour / max(np.sqrt(np.mean(colour ** 2)), 1e-9)
     ws, wn = _mix_weights(snr_db)
-    img = 128.0 + _PIXEL_SCALE * (ws * signal + wn * rng.standard_normal((h, w, 3)))
+    return 128.0 + _PIXEL_SCALE * ws * signal, _PIXEL_SCALE * wn
+
+
+def _frame_image(i: int, fps: float, cue: np.ndarray, noise_scale: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """RGB uint8 frame i: the cue image plus fresh noise, and the time marker."""
+    img = cue + noise_scale * rng.standard_normal(cue.shape, dtype=np.float32)
     t = i / fps
-    sec, frac = int(math.floor(t + 1e-9)), t - math.floor(t + 1e-9)
+    sec = int(math.floor(t + 1e-9))
     b = MARKER_BLOCK
     img[:b, :b] = _SECOND_BASE + _SECOND_STEP * (sec % 12)
-    img[:b, b:2 * b] = round(250 * max(frac, 0.0))
+    img[:b, b:2 * b] = round(250 * max(t - sec, 0.0))
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -174,6 +179,9 @@ def _add_audio_stream(container, codec: str, sample_rate: int, layout: str):
     stream.codec_context.flags |= av.codec.context.Flags.bitexact.value
     if codec == "libmp3lame":
         stream.codec_context.format = "fltp"
+        stream.options = {"compression_level": "9"}     # fastest LAME mode: noise needs no finesse
+    elif codec == "aac":
+        stream.options = {"aac_coder": "fast"}
     return stream
 
 
@@ -227,7 +235,7 @@ def write_clip(path, *, duration: float, label_index: int, num_classes: int,
         audio_path.parent.mkdir(parents=True, exist_ok=True)
         write_wav(audio_path, wave, sample_rate)
 
-    colour = class_colour(label_index, num_classes)
+    cue, noise_scale = _cue_image(size[0], size[1], class_colour(label_index, num_classes), visual_snr)
     rng = np.random.default_rng([seed, label_index, 2])
     container = _open_output(path)
     try:
@@ -237,7 +245,7 @@ def write_clip(path, *, duration: float, label_index: int, num_classes: int,
         if audio:
             astream = _add_audio_stream(container, acodec, rate, audio_layout)
         for i in range(max(1, int(round(duration * fps)))):
-            img = _frame_image(i, fps, size[0], size[1], colour, visual_snr, rng)
+            img = _frame_image(i, fps, cue, noise_scale, rng)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts = i
             container.mux(vstream.encode(frame))
@@ -257,6 +265,7 @@ def write_clip(path, *, duration: float, label_index: int, num_classes: int,
 
 _CREMAD_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
 _CREMAD_LEVELS = ("LO", "MD", "HI")
+_CREMAD_NAMES_PER_CLASS = 91 * len(_CREMAD_SENTENCES)      # actors x sentences (one level each)
 
 # Real VGGSound labels (one with a comma, as the real CSV quotes some).
 _VGGSOUND_LABELS = (
@@ -279,8 +288,8 @@ _YT_ALPHABET = string.ascii_letters + string.digits + "-_"
 
 
 def _manifest_classes(name: str) -> list[str]:
-    path = Path(__file__).resolve().parent.parent / "manifests" / f"{name}.json"
-    return list(json.loads(path.read_text())["classes"])
+    text = resources.files("manifests").joinpath(f"{name}.json").read_text()
+    return list(json.loads(text)["classes"])
 
 
 @dataclass
@@ -400,6 +409,9 @@ def check_options(name: str, clips: int, num_classes: int | None = None) -> int:
     k = num_classes or _DEFAULT_CLASSES[name]
     if not 1 <= k <= _MAX_CLASSES[name]:
         raise ConfigError(f"{name}: number of classes must be in 1..{_MAX_CLASSES[name]}, not {k}")
+    if name == "cremad" and clips > _CREMAD_NAMES_PER_CLASS * k:
+        raise ConfigError(f"cremad: at most {_CREMAD_NAMES_PER_CLASS * k} distinct clip names "
+                          f"for {k} classes, not {clips}")
     return min(k, clips)     # every class gets a clip, so derived class lists match ours
 
 

@@ -7,6 +7,7 @@ rotating order (so load drift on a shared machine hits all alike), and the media
 
 - ``plain``: forward, loss, backward, SGD step (no ``after_backward`` at all);
 - ``none``: plain + the ``none`` method (measures rho only);
+- ``ogm``: plain + scaling only (no noise);
 - ``ogm-ge``: plain + this package's vectorised OGM-GE;
 - ``reference-loop``: plain + OGM-GE as the reference code writes it: a Python loop over the
   batch for the scores (re-running the softmax on the whole batch for every sample), then a
@@ -67,17 +68,19 @@ def _inputs(arch: str, num_classes: int, seed: int = 0):
             torch.randint(0, num_classes, (batch,), generator=g))
 
 
-def measure(arch: str, reps: int = 7, warmup: int = 2, num_classes: int = 6) -> dict:
+def measure(arch: str, reps: int = 5, warmup: int = 2, num_classes: int = 6) -> dict:
     """Median step seconds per variant and overhead percentages vs ``plain`` for one arch."""
     torch.manual_seed(0)
     model = build_model(arch, "concat", num_classes).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
     audio, visual, labels = _inputs(arch, num_classes)
     gen = torch.Generator().manual_seed(0)
-    none, ogmge = (modulation.build(n, alpha=ALPHA, start_epoch=0, end_epoch=100) for n in ("none", "ogm-ge"))
+    none, ogm, ogmge = (modulation.build(n, alpha=ALPHA, start_epoch=0, end_epoch=100)
+                        for n in ("none", "ogm", "ogm-ge"))
     hooks = {
         "plain": None,
         "none": lambda out: none.after_backward(model, out, labels, epoch=0, generator=gen),
+        "ogm": lambda out: ogm.after_backward(model, out, labels, epoch=0, generator=gen),
         "ogm-ge": lambda out: ogmge.after_backward(model, out, labels, epoch=0, generator=gen),
         "reference-loop": lambda out: reference_after_backward(model, out, labels, generator=gen),
     }
@@ -136,19 +139,19 @@ def _table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ogm_overhead", description=__doc__.splitlines()[0])
     p.add_argument("--arch", nargs="+", default=["small", "resnet18"], choices=list(SHAPES))
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [measure(a, reps=args.reps, warmup=args.warmup) for a in args.arch]
+    results = {a: measure(a, reps=args.reps, warmup=args.warmup) for a in args.arch}
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(_table(results))
-    return 0 if all(math.isfinite(v) for r in results for v in r["median_s"].values()) else 1
+        print(_table(list(results.values())))
+    return 0 if all(math.isfinite(v) for r in results.values() for v in r["median_s"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def machine() -> dict:
     import torch
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            # other work on the machine skews absolute rates (ratios less so)
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def run_bench(name: str, args: list[str], timeout: float) -> dict:
@@ -81,7 +83,8 @@ def render(results: dict[str, dict], info: dict, command: str, when: str) -> str
     """BENCHMARKS.md: one section per benchmark, every figure its JSON reported."""
     lines = ["# Benchmarks", "",
              f"Measured {when} on {info['cpu']} ({info['cores']} cores, {info['usable_cores']} usable), "
-             f"{info['os']}, Python {info['python']}, torch {info['torch']}.", "",
+             f"{info['os']}, Python {info['python']}, torch {info['torch']}; 1-minute load average "
+             f"{info['load_average_1min']} when the report was written.", "",
              f"Command: `{command}`", "",
              "Every ratio below is measured side by side in one process run on the same input, "
              "so it is comparable across machines even where absolute rates are not.", ""]

@@ -38,8 +38,9 @@ def _parse_bytes(ctx, param, value):
 @click.option("--duration", type=float, help="Override the preset's audio duration (seconds).")
 @click.option("--fps", type=click.IntRange(min=1), default=1, show_default=True, help="Frames per second kept.")
 @click.option("--frame-size", type=int, default=256, show_default=True, help="Short side in pixels (0 keeps).")
-@click.option("--jpeg-quality", type=int, default=90, show_default=True)
-@click.option("--spec-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--jpeg-quality", type=int, default=90, show_default=True, help="JPEG quality of the frames (1-100).")
+@click.option("--spec-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the spectrograms.")
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard (at most).")
 @click.option("--shard-max-bytes", callback=_parse_bytes, help="Also cap shards by estimated size, e.g. 1G.")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes [default: all cores].")
@@ -130,7 +131,7 @@ def datasets_cmd(as_json):
     from avprep.datasets import ADAPTERS
 
     rows = [{"name": name, "layout": mod.LAYOUT, "classes": mod.NUM_CLASSES}
-            for name, mod in sorted(ADAPTERS.items())]
+            for name, mod in ADAPTERS.items()]
     if as_json:
         _ui.print_json(rows)
         return
@@ -141,16 +142,19 @@ def datasets_cmd(as_json):
 
 def _read_output(location: str):
     """dataset.json and the split manifests of a local folder or URL."""
+    from avprep.shards import split_order
     from avprep.storage import open_location
 
     loc = open_location(location)
-    try:
-        dataset = loc.read_json("dataset.json")
-    except (FileNotFoundError, AvprepError) as e:
-        raise ConfigError(f"{location}: no readable dataset.json ({e})") from None
-    from avprep.shards import split_order
-    manifests = {s: loc.read_json(f"{s}.manifest.json") for s in split_order(dataset.get("splits", {}))}
-    return dataset, manifests
+
+    def read(name):
+        try:
+            return loc.read_json(name)
+        except (OSError, ValueError, AvprepError) as e:
+            raise ConfigError(f"{location}: cannot read {name} ({e}); is the extraction finished?") from None
+
+    dataset = read("dataset.json")
+    return dataset, {s: read(f"{s}.manifest.json") for s in split_order(dataset.get("splits", {}))}
 
 
 @click.command("info")

@@ -19,11 +19,33 @@ from ._ui import console, err_console, fail, handle_errors, make_progress, print
 from ogmge_train.config import CHOICES, PRESETS, resolve
 
 
+# Commands written in their own module (cli/_train_extra.py), loaded when first asked for: lazily,
+# so that module may import this one without a cycle, and `ogmge-train train` starts faster.
+_EXTRA = {"probe": "probe_cmd", "report": "report_cmd", "sweep": "sweep_cmd"}
+
+
+def _extra_command(name: str):
+    try:
+        from . import _train_extra
+    except ImportError as e:
+        if e.name != f"{__package__}._train_extra":
+            raise
+        return None
+    return getattr(_train_extra, _EXTRA[name], None)
+
+
 class _DefaultToTrain(click.Group):
     """A group whose first argument, when it is not a subcommand, starts ``train``."""
 
+    def list_commands(self, ctx):
+        return sorted({*self.commands, *(n for n in _EXTRA if _extra_command(n) is not None)})
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        return cmd if cmd is not None or name not in _EXTRA else _extra_command(name)
+
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+        if args and args[0] not in (*self.commands, *_EXTRA, "-h", "--help", "--version"):
             args = ["train", *args]
         return super().parse_args(ctx, args)
 
@@ -81,8 +103,12 @@ def train_cmd(preset, resume, as_json, **explicit):
         raise ConfigError("--shards is required (the folder or URL written by `avprep extract`)")
     with _TrainProgress() as progress:
         summary = train(cfg, resume=resume, on_event=progress)
-    if summary:  # rank 0
-        print_json(summary) if as_json else _print_summary(summary)
+    if not summary:  # ranks other than 0 stay quiet
+        return
+    if as_json:
+        print_json(summary)
+    else:
+        _print_summary(summary)
 
 
 def _stored_config(out: str) -> dict | None:
@@ -167,24 +193,11 @@ def evaluate_cmd(run, split, which, shards, device, workers, as_json):
     metrics = evaluate(run, split=split, which=which, shards=shards, device=device, workers=workers)
     if not metrics:
         fail(f"{run}: split {split!r} has no samples")
-    print_json(metrics) if as_json else console.print(_metrics_table(f"{run} ({which}.pt)", {split: metrics}))
+    if as_json:
+        print_json(metrics)
+    else:
+        console.print(_metrics_table(f"{run} ({which}.pt)", {split: metrics}))
 
-
-def _add_extra_commands() -> None:
-    """probe / report / sweep live in their own module (written separately); add them if present."""
-    try:
-        from . import _train_extra
-    except ImportError as e:
-        if e.name != f"{__package__}._train_extra":
-            raise
-        return
-    for name in ("probe_cmd", "report_cmd", "sweep_cmd"):
-        cmd = getattr(_train_extra, name, None)
-        if cmd is not None:
-            main.add_command(cmd)
-
-
-_add_extra_commands()
 
 if __name__ == "__main__":
     main()

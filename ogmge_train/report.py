@@ -11,7 +11,6 @@ plots draw the per-epoch / per-step mean over seeds. Nothing here trains or load
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,12 +258,24 @@ def _epoch_curve(runs: list[RunRecord], get) -> tuple[np.ndarray, np.ndarray, np
     return np.array(common, dtype=float), ys.mean(axis=0), std
 
 
-def _draw(ax, curve, label, scale=1.0):
+def _colour(i: int) -> str:
+    # one colour per group, the same in every panel and plot
+    return f"C{i % 10}"
+
+
+def _draw(ax, curve, label, colour, scale=1.0):
     x, mean, std = curve
-    line, = ax.plot(x, scale * mean, label=label, marker="." if len(x) < 30 else None)
+    ax.plot(x, scale * mean, label=label, color=colour, marker="." if len(x) < 30 else None)
     if np.any(std > 0):
-        ax.fill_between(x, scale * (mean - std), scale * (mean + std), alpha=0.2,
-                        color=line.get_color(), linewidth=0)
+        ax.fill_between(x, scale * (mean - std), scale * (mean + std), alpha=0.2, color=colour, linewidth=0)
+
+
+def _epoch_axis(ax, ylabel: str, title: str | None = None):
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
 
 
 def _split_of(groups: list[Group], split: str) -> str:
@@ -277,12 +288,11 @@ def plot_accuracy(groups: list[Group], path, split: str = "test") -> Path:
     split = _split_of(groups, split)
     fig, axes = _figure(3, f"{split} accuracy per epoch (mean ± std over seeds)")
     for ax, (key, title) in zip(axes, (("acc", "fused"), ("acc_a", "audio"), ("acc_v", "visual"))):
-        for g in groups:
+        for i, g in enumerate(groups):
             curve = _epoch_curve(g.runs, lambda m, k=key: (m.get(split) or {}).get(k))
             if curve is not None:
-                _draw(ax, curve, g.label, 100)
-        ax.set(title=title, xlabel="epoch", ylabel="accuracy (%)")
-        ax.grid(alpha=0.3)
+                _draw(ax, curve, g.label, _colour(i), 100)
+        _epoch_axis(ax, "accuracy (%)", title)
     _legend(axes)
     return _save(fig, path)
 
@@ -321,12 +331,14 @@ def plot_rho(groups: list[Group], path, smooth: int = 5) -> Path:
     """Paper Figure 3 style: the discrepancy ratio rho_a over training steps, one line per group."""
     fig, axes = _figure(1, "rho_a = s_a / s_v per step (moving average, mean over seeds)", 7.0)
     ax = axes[0]
-    for g in groups:
+    for i, g in enumerate(groups):
+        if any(r.config.get("modality", "both") != "both" for r in g.runs):
+            continue        # unimodal runs have no discrepancy ratio
         curve = _step_curve(g.runs, "rho_a", smooth)
         if curve is None:
             curve = _epoch_curve(g.runs, lambda m: m.get("rho_a"))
         if curve is not None:
-            _draw(ax, curve, g.label)
+            _draw(ax, curve, g.label, _colour(i))
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set(xlabel="epoch", ylabel="rho_a")
     ax.grid(alpha=0.3)
@@ -338,12 +350,11 @@ def plot_loss(groups: list[Group], path) -> Path:
     """Train and validation loss per epoch, one line per group."""
     fig, axes = _figure(2, "loss per epoch (mean ± std over seeds)")
     for ax, split in zip(axes, ("train", "val")):
-        for g in groups:
+        for i, g in enumerate(groups):
             curve = _epoch_curve(g.runs, lambda m, s=split: (m.get(s) or {}).get("loss"))
             if curve is not None:
-                _draw(ax, curve, g.label)
-        ax.set(title=split, xlabel="epoch", ylabel="cross-entropy")
-        ax.grid(alpha=0.3)
+                _draw(ax, curve, g.label, _colour(i))
+        _epoch_axis(ax, "cross-entropy", split)
     _legend(axes)
     return _save(fig, path)
 

@@ -6,9 +6,15 @@ generator seeded by (seed, global step), so parameters stay bitwise identical ac
 Evaluation gathers every rank's predictions, so metrics cover each sample exactly once.
 
 Reproducibility: a checkpoint holds model, optimizer, scheduler, the global RNG states and the
-step counter; the data order depends only on (seed, epoch). Resuming after epoch k therefore
-replays epochs k+1.. exactly (bit-exact on CPU; on CUDA up to non-deterministic kernels).
-Only rank 0 writes files; events go to ``on_event`` on rank 0 only.
+step counter; the data order depends only on (seed, epoch, workers, processes). Resuming after
+epoch k therefore replays epochs k+1.. exactly (bit-exact on CPU; on CUDA up to non-deterministic
+kernels). Loaders are rebuilt every epoch (workers restart) for that reason: persistent workers
+would consume the global RNG differently in a resumed run.
+Only rank 0 writes files; events go to ``on_event`` on rank 0 only. Ranks share one file
+system (single node, or a shared run folder).
+
+Test hook: with ``OGMGE_PARAM_HASH_DIR`` set, every rank appends the sha256 of its parameters
+after each epoch to ``<dir>/rank<r>.jsonl`` (the DDP test compares ranks bitwise).
 """
 from __future__ import annotations
 
@@ -31,13 +37,14 @@ from avprep.errors import ConfigError
 
 from . import data, dist, modulation
 from .config import TrainConfig
-from .metrics import accuracy, classification_metrics
+from .metrics import classification_metrics
 from .models import AVModel, build_model
 
 __all__ = ["train", "evaluate", "load_run", "load_checkpoint", "select_device", "EVENT_TYPES"]
 
 EVENT_TYPES = ("start", "epoch_start", "step", "eval", "epoch_end", "end")
-# Settings a resumed run may change (they do not change what is computed).
+# Settings a resumed run may change: where and how it runs, and for how long (workers and
+# device may change the numbers, but not what the experiment is).
 _RESUMABLE = {"epochs", "workers", "device", "out", "shards", "s3_endpoint"}
 # Test hook: a folder where every rank writes a hash of its parameters after each epoch.
 _PARAM_HASH_ENV = "OGMGE_PARAM_HASH_DIR"
@@ -242,7 +249,7 @@ class _Run:
             raise ConfigError("--out is required: the folder of the run")
         self.emit = on_event if (on_event is not None and self.info.is_main) else (lambda e: None)
         self.dataset = _read_dataset(cfg)
-        self.cfg = cfg if cfg.dataset else cfg.with_dataset(self.dataset.name)
+        self.cfg = cfg.with_dataset(self.dataset.name)
         self.resume = resume
         self._check_splits()
 
@@ -342,14 +349,14 @@ class _Run:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             stats = self.method.after_backward(self.model, out, labels, epoch=epoch, all_reduce=reduce,
-                                               generator=_step_generator(cfg.seed + self.info.rank, self.global_step, dev))
+                                               generator=_step_generator(cfg.seed, self.global_step, dev))
             self.opt.step()
             self.global_step += 1
             n = len(labels)
-            step_loss = loss.item()
-            totals += torch.tensor([step_loss * n, _correct(out.logits, labels), _correct(out.logits_a, labels),
-                                    _correct(out.logits_v, labels), n,
-                                    stats["rho_a"], stats["rho_v"], stats["k_a"], stats["k_v"]], dtype=torch.float64)
+            # one host sync for the step's numbers
+            step_loss, *correct = torch.stack([loss.detach(), *(_correct(lg, labels) for lg in out[:3])]).tolist()
+            totals += torch.tensor([step_loss * n, *correct, n, *(stats[k] for k in modulation.STAT_KEYS)],
+                                   dtype=torch.float64)
             steps_log.append({"epoch": epoch, "step": self.global_step, "loss": step_loss, **stats})
             elapsed = time.perf_counter() - t0
             self.emit({"event": "step", "epoch": epoch, "step": i + 1, "steps": self.steps, "loss": step_loss,
@@ -357,7 +364,8 @@ class _Run:
                        "samples_per_s": float(totals[4]) * self.info.world_size / max(elapsed, 1e-9)})
         seconds = time.perf_counter() - t0
         local_steps = len(steps_log)
-        dist.all_reduce(totals)  # rho/k sums: identical on every rank, so divide by world too
+        # on the training device: NCCL reduces CUDA tensors only; rho/k sums are the same on every rank
+        totals = dist.all_reduce(totals.to(dev)).cpu()
         n, w = float(totals[4]), self.info.world_size
         train = {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n}
         if self.model.modality != "visual":
@@ -368,7 +376,7 @@ class _Run:
         if self.info.is_main:
             with open(self.out / "steps.jsonl", "a") as f:
                 f.writelines(_json_line(s) for s in steps_log)
-        return {"train": train, **means, "samples_per_s": n / max(seconds, 1e-9), "time_s": seconds}
+        return {"train": train, **means, "samples_per_s": n / max(seconds, 1e-9)}
 
     def _evaluate(self, epoch: int) -> dict:
         _sync_buffers(self.model)
@@ -388,7 +396,8 @@ class _Run:
             return improved
         ckpt = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "epoch": epoch, "step": self.global_step,
-                "config": self.cfg.to_dict(), "rng": _rng_state(), "best": dict(self.best)}
+                "config": self.cfg.to_dict(), "classes": list(self.dataset.classes), "rng": _rng_state(),
+                "best": dict(self.best)}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(_json_line(record))
         _atomic_save(ckpt, self.out / "last.pt")
@@ -434,11 +443,11 @@ class _Run:
         summary = None
         for epoch in range(self.start_epoch, cfg.epochs):
             self.emit({"event": "epoch_start", "epoch": epoch, "epochs": cfg.epochs, "steps": self.steps})
-            lr = self.opt.param_groups[0]["lr"]
+            t0, lr = time.perf_counter(), self.opt.param_groups[0]["lr"]
             trained = self._train_epoch(epoch)
             self.sched.step()
             evaluated = self._evaluate(epoch)
-            record = {"epoch": epoch, "lr": lr, **trained, **evaluated}
+            record = {"epoch": epoch, "lr": lr, **trained, **evaluated, "time_s": time.perf_counter() - t0}
             best = self._checkpoint(epoch, record)
             self._dump_hash(epoch)
             if self.info.is_main:
@@ -452,8 +461,11 @@ class _Run:
         return summary
 
 
-def _correct(logits, labels) -> float:
-    return 0.0 if logits is None else float((logits.detach().argmax(1) == labels).sum())
+def _correct(logits, labels) -> torch.Tensor:
+    """Number of right arg-max predictions, as a float tensor on the device (0 for a missing modality)."""
+    if logits is None:
+        return torch.zeros((), device=labels.device)
+    return (logits.detach().argmax(1) == labels).sum().float()
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = None) -> dict:
@@ -463,7 +475,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     epochs/workers/device/locations); without it an existing run folder is an error, so a typo
     never overwrites results. Under torchrun this joins the process group (and leaves it at the
     end); the caller sees the same summary on rank 0 and an empty dict elsewhere.
-    ``on_event(dict)`` gets ``{"event": one of EVENT_TYPES, ...}`` on rank 0 (see ``EVENT_TYPES``).
+    ``on_event(dict)`` is called on rank 0 with ``{"event": kind, ...}``:
+    ``start`` (epochs, start_epoch, steps, world_size, device, config), ``epoch_start`` (epoch,
+    epochs, steps), ``step`` (epoch, step in epoch, steps, loss, acc so far, rho_a, rho_v, k_a,
+    k_v, samples_per_s over all ranks), ``eval`` (epoch, split), ``epoch_end`` (epoch, record:
+    the metrics.jsonl line, best: whether best.pt was updated), ``end`` (summary). An exception
+    raised by ``on_event`` stops training; the last checkpoint stays resumable.
     """
     owns_group = not dist.is_distributed()
     try:
@@ -482,17 +499,9 @@ def load_run(run_dir, which: str = "best", device: str = "cpu") -> tuple[AVModel
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / f"{which}.pt")
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg.arch, cfg.fusion, _num_classes(ckpt["model"], cfg), cfg.modality)
+    model = build_model(cfg.arch, cfg.fusion, len(ckpt["classes"]), cfg.modality)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg, ckpt
-
-
-def _num_classes(state: dict, cfg: TrainConfig) -> int:
-    # the classifier's bias is the last 1-D parameter of the head with one entry per class
-    for key in ("head.fc.bias", "head.fc_out.bias", "head.fc_a.bias", "head.bias"):
-        if key in state:
-            return int(state[key].shape[0])
-    raise ConfigError(f"cannot tell the number of classes from the checkpoint of {cfg.out}")
 
 
 def evaluate(run_dir, split: str = "test", which: str = "best", *, shards: str | None = None,

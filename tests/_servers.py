@@ -188,8 +188,9 @@ def http_server(tmp_path_factory):
 # -- a proxy that can go down --------------------------------------------------------------------
 class FlakyProxy:
     """TCP proxy to ``target_port``. ``fail(after_bytes, down_for)`` arms one fault: the next
-    connection is cut (RST) once it has forwarded ``after_bytes`` response bytes, and the proxy
-    then refuses connections for ``down_for`` seconds before listening again on the same port."""
+    connection that has forwarded ``after_bytes`` response bytes is ended there (the client sees
+    a response shorter than announced), every other connection is reset, and the proxy refuses
+    connections for ``down_for`` seconds before listening again on the same port."""
 
     def __init__(self, target_port: int):
         self.target = ("127.0.0.1", target_port)
@@ -253,7 +254,7 @@ class FlakyProxy:
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
     def _pump(self, src, dst, downstream: bool):
-        sent = 0
+        sent, cut = 0, False
         try:
             while True:
                 data = src.recv(65536)
@@ -261,19 +262,26 @@ class FlakyProxy:
                     break
                 armed = self._armed if downstream else None
                 if armed and sent + len(data) >= armed[0] and self._take_fault():
+                    # end the response early with a clean FIN (nothing the client got is lost),
+                    # then go down: refuse connections until the restart
+                    with self._lock:
+                        self._conns.difference_update((src, dst))
                     dst.sendall(data[: max(0, armed[0] - sent)])
-                    time.sleep(0.05)  # let the partial bytes arrive before the reset
+                    dst.shutdown(socket.SHUT_WR)
                     self.cuts += 1
                     self.stop()
                     threading.Timer(armed[1], self._restart).start()
+                    src.close()
+                    cut = True
                     return
                 dst.sendall(data)
                 sent += len(data)
         except OSError:
             pass
         finally:
-            _reset(src)
-            _reset(dst)
+            if not cut:
+                _reset(src)
+                _reset(dst)
 
 
 def _reset(sock):

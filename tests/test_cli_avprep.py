@@ -128,3 +128,27 @@ def test_extract_to_s3_and_upload(raw, extracted, s3_server, tmp_path):
     code, output = run("upload", extracted[0], f"s3://{bucket}/copy", *endpoint)
     assert code == 0, output
     assert objects("copy/") == _files(extracted[0])
+
+
+def test_split_files_decide_splits_and_are_recorded(raw, tmp_path):
+    import hashlib
+
+    names = sorted(p.stem for p in (raw / "VideoFlash").iterdir())
+    train, test = tmp_path / "my_train.csv", tmp_path / "held_out.csv"
+    train.write_text("".join(f"{n},{n.split('_')[2]}\n" for n in names[:6]))
+    test.write_text("".join(f"{n},{n.split('_')[2]}\n" for n in names[6:]))
+    out = tmp_path / "out"
+    code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", out, *FAST,
+                       "--split-file", train, "--split-file", f"test={test}")
+    assert code == 0, output
+    extra = json.loads((out / "dataset.json").read_text())["config"]["extra"]
+    assert extra["split_files"] == [
+        {"split": "train", "name": "my_train.csv", "sha256": hashlib.sha256(train.read_bytes()).hexdigest()},
+        {"split": "test", "name": "held_out.csv", "sha256": hashlib.sha256(test.read_bytes()).hexdigest()}]
+    test_keys = [json.loads(l)["key"] for l in (out / "test.samples.jsonl").read_text().splitlines()]
+    assert test_keys == names[6:]
+    # the same run with another split file content is refused (exit 2)
+    test.write_text(f"{names[7]},{names[7].split('_')[2]}\n")
+    code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", out, *FAST,
+                       "--split-file", train, "--split-file", f"test={test}")
+    assert code == 2 and "split_files" in output

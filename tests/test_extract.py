@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from avprep.datasets import get as get_adapter
 from avprep.datasets._base import Clip
 from avprep.errors import ConfigError
 from avprep.extract import STATE_DIR, extract
-from avprep.shards import estimate_sample_bytes, plan_shards, write_shard
+from avprep.shards import ShardWriter, estimate_sample_bytes, plan_shards, write_shard
 
 N_CLIPS = 8
 FRAME = 48
@@ -286,3 +285,41 @@ def test_write_shard_is_deterministic_and_atomic(tmp_path):
         assert tar.getnames() == ["a.cls", "a.json", "a.f000.jpg", "b.cls", "b.json"]
     w2 = write_shard(tmp_path / "u-000000.tar", dict(reversed(samples.items())))
     assert w2.sha256 == w.sha256
+    # a writer that fails half-way leaves neither a final nor a temporary file
+    with pytest.raises(ValueError, match="keys must increase"):
+        with ShardWriter(tmp_path / "v-000000.tar") as writer:
+            writer.add("b", {"cls": b"1"})
+            writer.add("a", {"cls": b"0"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t-000000.tar", "u-000000.tar"]
+
+
+def test_one_extraction_per_folder(raw, out1, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    shutil.copytree(out1, out)
+    with open(out / STATE_DIR / "lock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another extraction"):
+            extract("cremad", raw, out, _cfg(), workers=1)
+    assert extract("cremad", raw, out, _cfg(), workers=1).resumed_shards > 0
+
+
+def test_a_tree_without_clips_is_a_layout_error(raw, tmp_path):
+    from avprep.errors import DatasetLayoutError
+
+    with pytest.raises(DatasetLayoutError, match=r"no clips to extract for kinetics-sounds .*class not in"):
+        extract("kinetics-sounds", raw, tmp_path / "out", _cfg(), workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_whose_clips_all_failed_leave_no_file_and_resume(bad_raw, tmp_path):
+    first = extract("cremad", bad_raw, tmp_path, _cfg(shard_size=1), workers=1, max_failures=1.0)
+    assert first.num_shards == 6 and first.num_samples == 3       # 3 good, 3 failing clips
+    listed = {e["name"] for s in first.samples
+              for e in json.loads((tmp_path / f"{s}.manifest.json").read_text())["shards"]}
+    assert listed == {p.name for p in tmp_path.glob("*.tar")} and len(listed) == 3
+    before = _public_files(tmp_path)
+    again = extract("cremad", bad_raw, tmp_path, _cfg(shard_size=1), workers=1, max_failures=1.0)
+    assert again.resumed_shards == 6 and again.failures == first.failures
+    assert _public_files(tmp_path) == before

@@ -22,7 +22,7 @@ Observed behaviour (avprep as of this test; the lead reports it):
 | 8 kHz mono audio | narrow.mp4 | sample | - | upsampled: spectrum peak at the class tone |
 | odd frame size 321x181 (H.264 4:4:4) | odd.mp4 | sample | - | frames 114x64 (short side 64, aspect kept) |
 | variable frame rate | vfr.mp4 | sample | - | the frames shown at 0.5 s and 1.5 s (pts 0.3 s and 1.5 s) |
-| rotation metadata (display matrix, written by PyAV) | rotated.mp4 | sample | - | frames rotated to portrait: 64x85 from an 80x60 coded picture |
+| rotation 90 (display matrix side data, PyAV ``set_display_rotation``) | rotated.mp4 | sample | - | frames rotated to portrait: 64x85 from an 80x60 coded picture |
 | spaces + non-ASCII name | "ñandú clip 1.mp4" | sample | - | ASCII key, source path kept exactly |
 | same clip name in two splits | train+test dup.mp4 | train copy kept | duplicate | "duplicate key in test (also in train); kept train/alpha/dup.mp4" |
 | label not in class list (KS) | train/juggling/x.mp4 | skipped | - | counted in ``skipped``, not a failure (SPEC §2) |
@@ -49,6 +49,7 @@ from avprep import synth
 from avprep.config import ExtractConfig, spec_preset
 from avprep.extract import extract
 from avprep.verify import verify
+from tests.test_verify import read_tar, small_config, write_ks_clip
 
 CLASSES = ("alpha", "bravo")
 CFG = ExtractConfig(spec=spec_preset("paper", "folder", duration=2.0), frame_size=64, shard_size=2)
@@ -123,16 +124,12 @@ def _cut_mid(p: Path):
 
 
 def frames_of(out: Path, rec: dict) -> list[np.ndarray]:
-    from tests.test_verify import read_tar
-
     members = dict(read_tar(out / rec["shard"]))
     n = json.loads(members[f"{rec['key']}.json"])["n_frames"]
     return [np.asarray(Image.open(io.BytesIO(members[f"{rec['key']}.f{i:03d}.jpg"]))) for i in range(n)]
 
 
 def peak_hz(out: Path, rec: dict) -> float:
-    from tests.test_verify import read_tar
-
     spec = np.load(io.BytesIO(dict(read_tar(out / rec["shard"]))[f"{rec['key']}.spec.npy"]))
     return float(np.argmax(np.exp(spec.astype(np.float64)).mean(axis=1))) * BIN_HZ
 
@@ -268,8 +265,6 @@ def test_run_is_whole_and_verifies(hostile):
 
 
 def test_label_not_in_kinetics_sounds_is_skipped(tmp_path):
-    from tests.test_verify import small_config, write_ks_clip
-
     raw = tmp_path / "raw"
     write_ks_clip(raw, "train", "bowling", 1)
     write_ks_clip(raw, "train", "juggling_balls", 2)            # a Kinetics class outside KS-31

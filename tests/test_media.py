@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 import pytest
 from PIL import Image

@@ -302,3 +302,44 @@ def test_registry():
         _build("gradient-blending")
     with pytest.raises(ConfigError, match="scope"):
         _build("ogm", scope="bn")
+
+
+def _ddp_worker(rank, world, port, result_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)                       # same initial weights on both ranks
+    model = DDP(build_model("small", "concat", C))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = _build("ogm-ge")
+    gen = torch.Generator().manual_seed(11)    # same GE noise on both ranks
+    data = torch.Generator().manual_seed(100 + rank)  # different samples per rank
+    stats = []
+    for _ in range(3):
+        audio, visual = torch.randn(4, 1, 32, 48, generator=data), torch.randn(4, 1, 3, 32, 32, generator=data)
+        labels = torch.randint(0, C, (4,), generator=data)
+        opt.zero_grad()
+        out = model(audio, visual)
+        F.cross_entropy(out.logits, labels).backward()
+        stats.append(method.after_backward(model, out, labels, epoch=0, all_reduce=dist.all_reduce, generator=gen))
+        opt.step()
+    torch.save({"params": [p.detach() for p in model.module.parameters()], "stats": stats}, f"{result_path}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stay_identical(tmp_path):
+    """Two gloo ranks on different data: same k (all-reduced scores), same noise, same weights."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "r")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"r.{i}", weights_only=True) for i in range(2))
+    assert r0["stats"] == r1["stats"]
+    assert all(torch.equal(p, q) for p, q in zip(r0["params"], r1["params"]))

@@ -1,6 +1,7 @@
 """Reports over run folders (fabricated, fast), sweeps' mean ± std, and the linear probe."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 
@@ -134,7 +135,8 @@ def tiny_run(tmp_path_factory):
     make_dataset("cremad", root / "raw", 36, num_classes=3, duration=1.0, fps=2, size=(32, 24),
                  audio_snr=-30.0, visual_snr=10.0)
     spec = spec_preset("paper", "cremad", n_fft=64, win_length=64, hop_length=400, duration=1.0)
-    extract("cremad", root / "raw", root / "shards", ExtractConfig(spec, frame_size=24), workers=1)
+    # hash-split seed 3 puts 6 of these clips in test and 2 in val
+    extract("cremad", root / "raw", root / "shards", ExtractConfig(spec, frame_size=24), workers=1, seed=3)
     cfg = resolve("demo", shards=str(root / "shards"), out=str(root / "run"), epochs=1, batch_size=8,
                   image_size=24, modulation="none")
     train(cfg)
@@ -142,6 +144,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_probe_returns_accuracies_and_writes_json(tiny_run):
+    from ogmge_train import probe as probe_mod
     from ogmge_train.probe import probe
 
     stages = []
@@ -150,7 +153,7 @@ def test_probe_returns_accuracies_and_writes_json(tiny_run):
     assert on_disk == json.loads(json.dumps(res.results))
     n_test = json.loads((tiny_run.parent / "shards" / "test.manifest.json").read_text())["num_samples"]
     assert on_disk["test"]["n"] == n_test and 0.0 <= on_disk["test"]["acc"] <= 1.0
-    assert on_disk["feature_dim"] == 128 and on_disk["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    assert on_disk["feature_dim"] == 128 and on_disk["l2"] in probe_mod.L2_GRID
     # the visual cue is clean: even a barely trained encoder's features separate 3 classes
     assert on_disk["train"]["acc"] > 0.9
     assert ("features:train", on_disk["train"]["n"], on_disk["train"]["n"]) in stages
@@ -196,3 +199,23 @@ def test_probe_refuses_a_missing_encoder(tiny_run, tmp_path):
 
     with pytest.raises(ValueError, match="modality"):
         probe(tiny_run, "smell")
+
+
+def test_sweep_runs_each_seed_once_and_aggregates(tiny_run, tmp_path):
+    from ogmge_train.config import TrainConfig
+    from ogmge_train.sweep import aggregate, parse_seeds, sweep
+
+    cfg = TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text()))
+    cfg = dataclasses.replace(cfg, out=str(tmp_path / "sw"))
+    seen = []
+    summaries = sweep(cfg, parse_seeds("0-1"), on_run=lambda i, n, s, folder: seen.append((i, n, s, folder.name)))
+    assert seen == [(0, 2, 0, "seed-0"), (1, 2, 1, "seed-1")]
+    assert [json.loads((tmp_path / "sw" / f"seed-{k}" / "config.json").read_text())["seed"] for k in (0, 1)] == [0, 1]
+    row = aggregate(tmp_path / "sw")
+    accs = [s["test"]["acc"] for s in summaries]
+    assert row["n"] == 2 and row["acc"][0] == pytest.approx(statistics.mean(accs))
+    assert row["acc"][1] == pytest.approx(statistics.stdev(accs))
+    # a finished seed is not trained again
+    stamp = (tmp_path / "sw" / "seed-0" / "last.pt").stat().st_mtime_ns
+    assert sweep(cfg, [0, 1]) == summaries
+    assert (tmp_path / "sw" / "seed-0" / "last.pt").stat().st_mtime_ns == stamp

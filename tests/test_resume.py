@@ -9,7 +9,6 @@ folder (``.avprep-state``) is ignored.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
