@@ -10,6 +10,13 @@ keeps the shards whose bytes still match their state file and redoes the rest, s
 was killed at any moment ends byte-identical to one that was not. ``.avprep-state/lock``
 keeps a second extraction out of the same folder.
 
+Durability costs one fsync per shard (its data, before the rename) plus a few per run: a
+state file is only a claim checked against the shard's sha256, so it needs none, and one
+directory fsync before dataset.json makes every rename of the run durable at once.
+
+Failure records name files relative to ``src`` (also inside error messages), so the output
+does not depend on where the raw data lives.
+
 Workers are forkserver processes (spawn where there is none): scripts that call ``extract``
 with more than one worker need the usual ``if __name__ == "__main__":`` guard.
 """
@@ -21,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import re
 import shutil
 import tempfile
 import time
@@ -170,7 +178,7 @@ def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: Extr
         progress.event("shard", shard=st["name"])
 
     _remove_strays(out, {p.name for p in plans})
-    failures = _failures(disc, [states[p.name] for p in plans])
+    failures = _failures(disc, [states[p.name] for p in plans], src)
     samples = _write_outputs(out, disc, plans, states, failures, options)
     return ExtractResult(
         out=str(out), name=dataset, classes=list(disc.classes), samples=samples,
@@ -390,9 +398,10 @@ def _write_shard_of(plan, label_index, cfg, src, out, state, report) -> dict:
             try:
                 members = extract_clip(clip, label_index[clip.label], plan.split, cfg, src)
             except ClipError as e:
-                failures.append(_failure(clip.key, source, e.stage, str(e)))
+                failures.append(_failure(clip.key, source, e.stage, str(e), src))
             except Exception as e:  # a bug or an exotic decoder error: the clip's, not the run's
-                failures.append(_failure(clip.key, source, "internal", f"{source}: {type(e).__name__}: {e}"))
+                failures.append(_failure(clip.key, source, "internal",
+                                         f"{source}: {type(e).__name__}: {e}", src))
             else:
                 writer.add(clip.key, members)
                 records.append({"key": clip.key, "label": clip.label,
@@ -400,16 +409,28 @@ def _write_shard_of(plan, label_index, cfg, src, out, state, report) -> dict:
                                 "source": source, "duration": json.loads(members["json"])["duration"]})
             failed = failures[-1] if failures and failures[-1]["key"] == clip.key else {}
             report(plan.name, clip.key, failed.get("stage"), failed.get("error"))
-        written = writer.commit() if records else None    # no file for a shard of failures only
+        # no file for a shard of failures only; the parent fsyncs the folder once for all renames
+        written = writer.commit(sync_dir=False) if records else None
     st = {"name": plan.name, "split": plan.split, "keys": [c.key for c in plan.clips],
           "sha256": written and written.sha256, "bytes": written and written.bytes,
           "num_samples": len(records), "samples": records, "failures": failures}
-    shardlib.atomic_write_bytes(state / f"{plan.name}.json", _json_bytes(st))
+    # no fsync: after a crash a lost or torn state file only means the shard is redone
+    shardlib.atomic_write_bytes(state / f"{plan.name}.json", _json_bytes(st), durable=False)
     return st
 
 
-def _failure(key: str, source: str, stage: str, error: str) -> dict:
-    return {"key": key, "source": source, "stage": stage, "error": error}
+def _failure(key: str, source: str, stage: str, error: str, src: Path) -> dict:
+    """A failures.jsonl line; ``source`` is already relative to ``src``, ``error`` is made so."""
+    return {"key": key, "source": source, "stage": stage, "error": _relative_text(error, src)}
+
+
+def _relative_text(text: str, src) -> str:
+    """``text`` with the raw folder ``src`` taken out of the paths it mentions: ``SRC/a/b.mp4``
+    becomes ``a/b.mp4`` and ``SRC`` alone ``<src>``. Only whole path components match (``src``
+    "raw" leaves "data/raw/x" alone), so the message stays true wherever the raw data lives."""
+    root = re.escape(str(src))
+    text = re.sub(rf"(?<![\w./-]){root}/+", "", text)
+    return re.sub(rf"(?<![\w./-]){root}(?![\w/-]|\.\w)", "<src>", text)
 
 
 def _cores() -> int:
@@ -497,30 +518,37 @@ def _count(items: Iterable[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _failures(disc: Discovery, states: list[dict]) -> list[dict]:
-    rows = [{"key": p.key, "source": p.source, "stage": p.stage, "error": p.error} for p in disc.problems]
-    rows += [f for st in states for f in st["failures"]]
+def _failures(disc: Discovery, states: list[dict], src: Path) -> list[dict]:
+    rows = [_failure(p.key, p.source, p.stage, p.error, src) for p in disc.problems]
+    rows += [f for st in states for f in st["failures"]]          # made relative by the worker
     return sorted(rows, key=lambda r: (r["key"], r["stage"], r["source"], r["error"]))
 
 
 def _write_outputs(out: Path, disc: Discovery, plans, states, failures, options) -> dict:
-    """failures.jsonl, then per split the sample index and manifest, dataset.json last."""
-    shardlib.atomic_write_bytes(out / "failures.jsonl", b"".join(_json_bytes(f) for f in failures))
+    """failures.jsonl, then per split the sample index and manifest, dataset.json last.
+
+    Each file is fsynced before its rename; one directory fsync before dataset.json makes the
+    renames of the whole run (shards included) durable, so dataset.json never outlives them."""
+    def write(path: Path, data: bytes) -> None:
+        shardlib.atomic_write_bytes(path, data, sync_dir=False)
+
+    write(out / "failures.jsonl", b"".join(_json_bytes(f) for f in failures))
     samples: dict[str, dict[str, int]] = {}
     for split in shardlib.split_order({p.split for p in plans}):
         sts = [states[p.name] for p in plans if p.split == split]
         records = [r for st in sts for r in st["samples"]]
-        shardlib.atomic_write_bytes(out / f"{split}.samples.jsonl", b"".join(map(_json_bytes, records)))
+        write(out / f"{split}.samples.jsonl", b"".join(map(_json_bytes, records)))
         counts = _count(r["label"] for r in records)
         samples[split] = {c: counts[c] for c in disc.classes if c in counts}
         manifest = {"split": split, "num_samples": len(records), "class_counts": samples[split],
                     "shards": [{"name": st["name"], "num_samples": st["num_samples"],
                                 "bytes": st["bytes"], "sha256": st["sha256"]}
                                for st in sts if st["sha256"] is not None]}
-        shardlib.atomic_write_bytes(out / f"{split}.manifest.json", _json_bytes(manifest, indent=1))
+        write(out / f"{split}.manifest.json", _json_bytes(manifest, indent=1))
     info = {**options, "classes": list(disc.classes),
             "splits": {s: sum(c.values()) for s, c in samples.items()},
             "num_failures": len(failures)}
+    shardlib.fsync_dir(out)
     shardlib.atomic_write_bytes(out / "dataset.json", _json_bytes(info, indent=1))
     return samples
 

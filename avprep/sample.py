@@ -42,11 +42,12 @@ def extract_clip(clip: Clip, label_index: int, split: str, cfg: ExtractConfig,
 
     Raises ``ClipError(stage, message)``: stages ``open``/``video``/``audio`` from decoding,
     ``spectrogram`` when the audio cannot be turned into the preset's array. Video and audio
-    of one file are read in a single demux pass (``media.decode_clip``).
+    of one file are read in a single demux pass (``media.decode_clip``), with a single-threaded
+    decoder: extraction runs one process per core, where decoder threads only add overhead.
     """
     audio_path = clip.audio or clip.video
     decoded = media.decode_clip(clip.video, clip.audio, sample_rate=cfg.spec.sample_rate, fps=cfg.fps,
-                                frame_size=cfg.frame_size, jpeg_quality=cfg.jpeg_quality)
+                                frame_size=cfg.frame_size, jpeg_quality=cfg.jpeg_quality, threads=1)
     frames, wave = decoded.frames, decoded.wave
     if not frames:
         raise ClipError("video", f"{clip.video}: no video frames decoded")

@@ -136,15 +136,22 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    ``durable``: fsync the data before the rename, so that even after a power loss the name
+    never shows a partial file (skip it only for files whose readers check them anyway).
+    ``sync_dir``: fsync the folder after the rename, making the rename itself survive a power
+    loss; a caller writing many files can do that once with ``fsync_dir``."""
     tmp = tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if sync_dir and durable:
+        fsync_dir(path.parent)
 
 
 class ShardWriter:
@@ -171,13 +178,17 @@ class ShardWriter:
         self._last_key = key
         self.num_samples += 1
 
-    def commit(self) -> WrittenShard:
+    def commit(self, sync_dir: bool = True) -> WrittenShard:
+        """Close, fsync and rename to the final name. ``sync_dir=False`` leaves the folder's
+        fsync (which makes the rename survive a power loss) to the caller, to do once for
+        many shards; the name never shows a partial file either way."""
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        if sync_dir:
+            fsync_dir(self.path.parent)
         return WrittenShard(self.path.name, self.num_samples, self._out.size, self._out.sha.hexdigest())
 
     def abort(self) -> None:

@@ -6,25 +6,34 @@ Variants, each timed over every clip of the dataset (real encoded media from avp
 by default at the real datasets' frame sizes and rates):
 
 - ``floor``: PyAV decoding only what extraction must decode (video packets up to the last
-  kept frame, the whole audio stream) and nothing else: no conversion, resize, JPEG, resampling,
-  STFT or writing. No extractor can beat it with the same decoder.
+  kept frame, the whole audio stream), opening the same files the same way
+  (``media.open_media``) with the same single-threaded decoder, and nothing else: no
+  conversion, resize, JPEG, resampling, STFT or writing. No extractor can beat it with the
+  same decoder.
 - ``avprep-1``, ``avprep-2``: ``avprep.extract`` with 1 and 2 workers (the whole call:
-  discovery, pool of fresh workers, shards, manifests) on ~10 shards. One-time costs of a
-  command (importing torch, starting the forkserver that workers fork from) are paid in a
-  warm-up and reported apart (``one_time_seconds``): they do not grow with the dataset.
-- ``reference``: the published OGM-GE preprocessing style, one clip after another: OpenCV
-  reads every frame and writes the 1-fps ones as JPEGs into a folder per clip (resized to the
-  same short side, so both produce the same content), ``librosa.load`` + tile +
-  ``librosa.stft`` + ``np.save`` per clip. For MP4 sources the audio is first written to a
-  WAV (the ``ffmpeg -i clip.mp4 clip.wav`` step of those scripts, here with PyAV), because
+  discovery, pool of fresh workers, shards, manifests) on ~10 shards, into an empty folder.
+  One-time costs of a command (importing torch, starting the forkserver that workers fork
+  from) are paid in a warm-up and reported apart (``one_time_seconds``): they do not grow with
+  the dataset.
+- ``reference``: the published OGM-GE CREMA-D preprocessing, one clip after another:
+  ``cv2.VideoCapture``, ``success, image = vid.read()`` for every frame, every ``fps``-th
+  frame (``count % fps == 0``) written with ``cv2.imencode('.jpg', image)[1].tofile(path)``
+  at the original resolution and OpenCV's default quality 95 (avprep resizes to a 256 short
+  side: the reference encodes bigger JPEGs but skips the resize), then
+  ``librosa.load(wav, sr=...)``, tile to the duration, clip, ``librosa.stft``,
+  ``log(|S| + 1e-7)`` and ``np.save``. For MP4 sources the audio is first written to a WAV
+  (the ``ffmpeg -i clip.mp4 clip.wav`` step of those scripts, here with PyAV), because
   librosa cannot read MP4 without an ffmpeg binary.
 
-Each rep runs every variant once in a rotating order (load drift on a shared machine hits all
-alike); the fastest rep of each variant is reported (the least disturbed one). Ratios:
-``extract_over_floor`` = avprep-1 time / floor time (target <= 1.25), ``reference_over_extract``
-= reference time / avprep-1 time, both single-process (target >= 3), ``speedup_2_workers`` =
-avprep-1 time / avprep-2 time (target >= 1.7 on >= 2 free cores). FFmpeg may use a second
-thread inside one decode in every variant alike.
+Every variant runs on one core: avprep's decoders are single-threaded (one process per core)
+and so are the floor's; OpenCV's decoder gets ``CAP_PROP_N_THREADS=1`` (the script leaves the
+count to OpenCV; one thread makes the ratio per core); torch and OpenCV are held to one
+thread. Each rep runs every variant once in a rotating order (load drift on a shared machine
+hits all alike); the fastest rep of each variant is reported (the least disturbed one); the
+load average before and after is in the output. Ratios: ``extract_over_floor`` = avprep-1
+time / floor time (target <= 1.25), ``reference_over_extract`` = reference time / avprep-1
+time, both single-process (target >= 3), ``speedup_2_workers`` = avprep-1 time / avprep-2
+time (target >= 1.7 on >= 2 free cores).
 """
 from __future__ import annotations
 
@@ -41,7 +50,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from avprep import synth
+from avprep import media, synth
 from avprep.config import ExtractConfig, spec_preset
 from avprep.datasets import get as get_adapter
 
@@ -66,9 +75,8 @@ def make_data(dataset: str, clips: int, size: tuple[int, int], fps: int, root: P
 
 def floor_clip(video: Path, audio: Path | None, fps: int) -> None:
     """Decode what extraction needs and drop it."""
-    with av.open(str(video)) as c:
-        vs = c.streams.video[0]
-        vs.thread_type = "AUTO"
+    with media.open_media(video) as c:
+        vs = media.video_stream(c, video, threads=1)
         duration = float(vs.duration * vs.time_base) if vs.duration else float(c.duration / av.time_base)
         last = (max(1, math.floor(duration * fps)) - 0.5) / fps
         streams = [vs] if audio else [vs, c.streams.audio[0]]
@@ -80,7 +88,7 @@ def floor_clip(video: Path, audio: Path | None, fps: int) -> None:
                 if packet.stream is vs and frame.time is not None and frame.time >= last:
                     video_done = True
     if audio:
-        with av.open(str(audio)) as c:
+        with media.open_media(audio) as c:
             for _ in c.decode(audio=0):
                 pass
 
@@ -88,36 +96,30 @@ def floor_clip(video: Path, audio: Path | None, fps: int) -> None:
 # ---------------------------------------------------------------- reference (OGM-GE style)
 
 def reference_clip(video: Path, audio: Path | None, key: str, out: Path, cfg: ExtractConfig) -> None:
+    """OGM-GE's ``video_preprocessing.py`` (videoReader.video2frame) and its audio step."""
     import cv2
     import librosa
 
     folder = out / key
     folder.mkdir(parents=True, exist_ok=True)
-    cap = cv2.VideoCapture(str(video))
-    rate = cap.get(cv2.CAP_PROP_FPS)
-    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    n_out = max(1, math.floor(count / rate * cfg.fps))
-    wanted = {int((i + 0.5) * rate / cfg.fps): i for i in range(n_out)}
-    i = 0
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        if i in wanted:
-            h, w = frame.shape[:2]
-            s = cfg.frame_size / min(h, w)
-            frame = cv2.resize(frame, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
-            cv2.imwrite(str(folder / f"frame_{wanted[i]:05d}.jpg"), frame,
-                        [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
-        i += 1
-    cap.release()
+    vid = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    fps = int(vid.get(cv2.CAP_PROP_FPS))
+    success, image = vid.read()
+    count = 0
+    while success:
+        count += 1
+        if count % fps == 0:
+            cv2.imencode(".jpg", image)[1].tofile(str(folder / f"{count:05d}.jpg"))
+        success, image = vid.read()
+    vid.release()
     if audio is None:       # the scripts' ffmpeg step: the clip's audio as a WAV first
         audio = out / f"{key}.wav"
         _to_wav(video, audio)
     spec = cfg.spec
     samples, _ = librosa.load(str(audio), sr=spec.sample_rate)
     samples = np.tile(samples, math.ceil(spec.num_samples / len(samples)))[:spec.num_samples]
-    samples = np.clip(samples, -1, 1)
+    samples[samples > 1.0] = 1.0
+    samples[samples < -1.0] = -1.0
     stft = librosa.stft(samples, n_fft=spec.n_fft, hop_length=spec.hop_length,
                         win_length=spec.win_length, center=spec.center)
     np.save(out / f"{key}.npy", np.log(np.abs(stft) + 1e-7))
@@ -145,6 +147,11 @@ def warm_up(clip, cfg: ExtractConfig, work: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     import avprep.sample  # noqa: F401
     t1 = time.perf_counter()
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)            # one core per variant (see the module docstring)
+    torch.set_num_threads(1)
     from avprep.extract import _mp_context
     with cf.ProcessPoolExecutor(2, mp_context=_mp_context()) as pool:
         list(pool.map(os.getpid, []))
@@ -173,12 +180,20 @@ def measure(dataset: str, src: Path, cfg: ExtractConfig, reps: int, work: Path, 
     names = list(variants)
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
-            shutil.rmtree(work / "ref", ignore_errors=True)
+            for folder in ("ref", "a1", "a2"):      # every variant writes into an empty folder
+                shutil.rmtree(work / folder, ignore_errors=True)
             t0 = time.perf_counter()
             variants[name]()
             best[name] = min(best[name], time.perf_counter() - t0)
             log(f"rep {rep + 1}/{reps} {name}: {time.perf_counter() - t0:.2f} s")
     return best, startup
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def main(argv=None) -> int:
@@ -202,6 +217,7 @@ def main(argv=None) -> int:
     src = make_data(args.dataset, clips, size, fps, args.data)
     # ~10 shards, so two workers can share the work (real datasets have hundreds)
     cfg = ExtractConfig(spec=spec_preset("paper", args.dataset), shard_size=max(1, clips // 10))
+    load_before = _load()
     with tempfile.TemporaryDirectory(prefix="avprep-bench-") as work:
         t, startup = measure(args.dataset, src, cfg, args.reps, Path(work), log)
     result = {
@@ -209,6 +225,7 @@ def main(argv=None) -> int:
         "options": f"paper preset, 1 fps, frame size 256, JPEG 90, float16, shard size {cfg.shard_size}",
         "reps": args.reps, "one_time_seconds": startup,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average_1min": {"before": load_before, "after": _load()},
         "seconds": {k: round(v, 3) for k, v in t.items()},
         "clips_per_s": {k: round(clips / v, 2) for k, v in t.items()},
         "clips_per_s_per_worker": {"avprep-1": round(clips / t["avprep-1"], 2),

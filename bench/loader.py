@@ -162,17 +162,20 @@ def run(work: Path, *, clips: int, workers: int, batch_size: int, batches: int, 
 
     kw = dict(batch_size=batch_size, frames=frames, image_size=image_size, workers=workers)
     rates = {(who, cache): [] for who in ("shards", "reference") for cache in ("warm", "cold")}
+    loaders = {
+        "shards": lambda r: make_loader(str(shards), "train", train=True, seed=r, steps_per_epoch=batches,
+                                        shuffle_buffer=batch_size * 4, **kw),
+        "reference": lambda r: reference_loader(ref, "train", batches=batches, seed=r, **kw),
+    }
+    files = {"shards": shard_files, "reference": ref_files}
     for r in range(rounds):
         log(f"round {r + 1}/{rounds}")
+        order = ("shards", "reference") if r % 2 == 0 else ("reference", "shards")   # who goes first alternates
         for cache in ("warm", "cold"):
-            if cache == "cold":
-                _evict(shard_files)
-            rates["shards", cache].append(_rate(make_loader(
-                str(shards), "train", train=True, seed=r, steps_per_epoch=batches,
-                shuffle_buffer=batch_size * 4, **kw)))
-            if cache == "cold":
-                _evict(ref_files)
-            rates["reference", cache].append(_rate(reference_loader(ref, "train", batches=batches, seed=r, **kw)))
+            for who in order:
+                if cache == "cold":
+                    _evict(files[who])
+                rates[who, cache].append(_rate(loaders[who](r)))
     med = {k: statistics.median(v) for k, v in rates.items()}
     ours_rate, ref_rate = med["shards", "warm"], med["reference", "warm"]
     return {
@@ -199,8 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clips", type=int, default=96)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=8, help="timed batches per round (+1 warm-up)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=16, help="timed batches per round (+1 warm-up)")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--frames", type=int, default=1, help="frames per clip (CREMA-D: 1)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--keep", type=Path, help="build the data here and keep it (default: a temp folder)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from ogmge_train.demo import DEMO, conclusion
+from ogmge_train.demo import DEMO, conclusion, modulation_end
 from ogmge_train.report import expand_runs, read_run, write_report
 
 from ._ui import console, err_console, fail, handle_errors
@@ -40,8 +40,9 @@ def _run(step: str, prog: str, args: list[str]) -> None:
 
 
 def _preamble(cfg, seconds: dict[str, float]) -> str:
-    arms = "\n".join(f"- `{a.name}`: `ogmge-train sweep --preset {cfg.preset} --epochs {cfg.epochs} "
-                     f"{shlex.join(a.options + cfg.train_args)}`" for a in cfg.arms)
+    common = f"--preset {cfg.preset} --epochs {cfg.epochs} --modulation-end {modulation_end(cfg)}"
+    arms = "\n".join(f"- `{a.name}`: `ogmge-train sweep {common} {shlex.join(a.options + cfg.train_args)}`"
+                     for a in cfg.arms)
     times = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
     return (f"Synthetic CREMA-D layout ({cfg.clips} clips, 6 classes): audio cue at {cfg.audio_snr:g} dB SNR "
             f"(a class tone), visual cue at {cfg.visual_snr:g} dB (a class colour under pixel noise). "
@@ -87,7 +88,8 @@ def main(out, clips, epochs, seeds):
     for i, arm in enumerate(cfg.arms):
         _run(f"4/6 train {arm.name} ({i + 1}/{len(cfg.arms)}), seeds {seed_list}", "ogmge-train", [
             "sweep", "--seeds", seed_list, "--shards", str(shards), "--out", str(runs / arm.name),
-            "--preset", cfg.preset, "--epochs", str(cfg.epochs), *arm.options, *cfg.train_args])
+            "--preset", cfg.preset, "--epochs", str(cfg.epochs), "--modulation-end", str(modulation_end(cfg)),
+            *arm.options, *cfg.train_args])
     lap("train")
     for i, arm in enumerate(cfg.arms):
         _run(f"5/6 linear probes of {arm.name} ({i + 1}/{len(cfg.arms)})", "ogmge-train", [

@@ -53,8 +53,8 @@ def test_demo_defaults_live_in_one_place():
     assert {a.name for a in DEMO.arms} >= {DEMO.baseline, DEMO.treated}
 
 
-@pytest.mark.slow
 def test_tiny_demo_end_to_end(tmp_path):
+    """~25 s of CPU: every step of the real demo, on 60 clips, 1 epoch, 2 seeds."""
     from click.testing import CliRunner
 
     from cli.demo import main

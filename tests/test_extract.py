@@ -200,6 +200,35 @@ def test_bad_inputs_are_listed_and_good_clips_kept(bad_raw, tmp_path):
     assert result.ok
 
 
+def test_output_does_not_depend_on_where_the_raw_data_lives(bad_raw, tmp_path):
+    # decode errors, a missing listed clip and the label problem all name files relative to src
+    split = tmp_path / "train.csv"
+    listed = sorted(p.stem for p in (bad_raw / "VideoFlash").iterdir())[:-1] + ["1009_IEO_NEU_XX"]
+    split.write_text("".join(f"{clip},{clip.split('_')[2]}\n" for clip in listed))
+    for split_files in ((), (split,)):
+        outs = []
+        for where in ("a", "b/deeper"):
+            src = tmp_path / where / f"raw{len(split_files)}"
+            shutil.copytree(bad_raw, src)
+            outs.append(tmp_path / f"out-{where[0]}{len(split_files)}")
+            extract("cremad", src, outs[-1], _cfg(), workers=1, split_files=split_files, max_failures=1.0)
+            assert str(tmp_path) not in (outs[-1] / "failures.jsonl").read_text()
+        assert _public_files(outs[0]) == _public_files(outs[1])
+        errors = {f["key"]: f["error"] for f in
+                  map(json.loads, (outs[0] / "failures.jsonl").read_text().splitlines())}
+        assert errors["1001_DFA_ANG_XX"] == "VideoFlash/1001_DFA_ANG_XX.flv: empty file (0 bytes)"
+        assert errors["1001_DFA_SAD_XX"] == "VideoFlash/1001_DFA_SAD_XX.flv: no audio stream"
+    assert errors["1009_IEO_NEU_XX"] == f"listed in train.csv:{len(listed)} but not in VideoFlash"
+
+
+def test_relative_text_takes_out_whole_path_components_only():
+    from avprep.extract import _relative_text
+
+    assert _relative_text("raw/x.flv: bad; also data/raw/y and rawer/z", Path("raw")) == \
+        "x.flv: bad; also data/raw/y and rawer/z"
+    assert _relative_text("no video a.mp4 under /d/raw.", Path("/d/raw")) == "no video a.mp4 under <src>."
+
+
 def test_resume_after_interruption_is_byte_identical(raw, out1, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(out1, out)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -69,6 +70,47 @@ def test_short_side_resize(make_clip, size, frame_size, expected):
     assert clip.frame_size == expected
 
 
+def test_resized_frames_keep_their_colours(tmp_path):
+    # planes come out of swscale as G, B, R: a swap or a chroma error shows against PIL's resize
+    yy, xx = np.mgrid[0:360, 0:480]
+    img = np.stack([128 + 90 * np.sin(xx / 9), 128 + 90 * np.cos(yy / 8 + xx / 13),
+                    128 + 90 * np.sin((xx - yy) / 10)], -1).astype(np.uint8)
+    path = tmp_path / "smooth.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=10, options={"qp": "0"})   # lossless in YUV
+        stream.width, stream.height, stream.pix_fmt = 480, 360, "yuv420p"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    ours = _rgb(media.decode_frames(path, frame_size=192, jpeg_quality=95)[0][0]).astype(np.float64)
+    theirs = np.asarray(Image.fromarray(img).resize((256, 192), Image.BICUBIC), np.float64)
+    assert ours.shape == theirs.shape == (192, 256, 3)
+    assert np.abs(ours - theirs).mean() < 4                    # 4:2:0 chroma + JPEG
+    np.testing.assert_allclose(ours.mean(axis=(0, 1)), theirs.mean(axis=(0, 1)), atol=2)
+
+
+@pytest.mark.parametrize("frame_size", [0, 75])        # unscaled, scaled to an odd width
+def test_frames_are_exact_to_the_last_column(make_clip, frame_size):
+    # swscale's unscaled YUV -> planar RGB path fills the last columns of a width that is not a
+    # multiple of 8 with garbage that changes between calls; these frames must not use it
+    import cv2
+
+    path = make_clip(duration=1.0, size=(100, 72), audio=False)
+    runs = [media.decode_frames(path, frame_size=frame_size, jpeg_quality=95)[0][0] for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+    ours = _rgb(runs[0]).astype(np.float64)
+    cap = cv2.VideoCapture(str(path))
+    for _ in range(6):                      # frame 5 is the one shown at 0.5 s
+        ok, bgr = cap.read()
+    theirs = bgr[..., ::-1]
+    if frame_size:
+        theirs = np.asarray(Image.fromarray(theirs).resize(ours.shape[1::-1], Image.BICUBIC))
+    edge = np.abs(ours[:, -4:] - theirs[:, -4:].astype(np.float64))
+    assert ours.shape == theirs.shape and edge.mean() < 6
+
+
 def test_jpeg_quality_is_applied(make_clip):
     path = make_clip(duration=1.0, audio=False)
     small = media.decode_frames(path, frame_size=0, jpeg_quality=20)[0][0]
@@ -113,6 +155,28 @@ def test_audio_any_layout_and_rate_to_16k_mono(tmp_path, rate, layout):
     freqs = np.fft.rfftfreq(wave.size, 1 / 16000)
     assert freqs[np.abs(np.fft.rfft(wave)).argmax()] == pytest.approx(440, abs=1)
     assert 0.2 < np.abs(wave[1000:-1000]).max() <= 1.0
+
+
+@pytest.mark.parametrize("width", [2, 3])     # 16-bit; 24-bit (decoded as s32)
+def test_mono_pcm_at_the_target_rate_is_exact(tmp_path, width):
+    # the CREMA-D case (16 kHz mono WAV) skips the resampler: the values must be FFmpeg's own
+    import wave
+
+    bits = 8 * width
+    pcm = np.random.default_rng(width).integers(-(1 << bits - 1), 1 << bits - 1, 16000 + 123)
+    path = tmp_path / "a.wav"
+    with wave.open(str(path), "wb") as w:              # written without FFmpeg
+        w.setnchannels(1)
+        w.setsampwidth(width)
+        w.setframerate(16000)
+        w.writeframes(b"".join(int(v).to_bytes(width, "little", signed=True) for v in pcm))
+    wave_ = media.decode_audio(path, 16000)
+    np.testing.assert_array_equal(wave_, (pcm / (1 << bits - 1)).astype(np.float32))
+    with av.open(str(path)) as c:                      # swresample's s16/s32 -> float conversion
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
+        ffmpeg = np.concatenate([f.to_ndarray().reshape(-1) for frame in c.decode(audio=0)
+                                 for f in resampler.resample(frame)])
+    np.testing.assert_array_equal(wave_, ffmpeg)
 
 
 def test_encoded_audio_length(make_clip):
