@@ -11,6 +11,7 @@ from ogmge_train import report as report_lib
 from ogmge_train.probe import MODALITIES
 
 from ._ui import console, err_console, handle_errors, make_progress, print_json, table
+from . import train_cli
 from .train_cli import _TrainProgress, train_cmd
 
 _NUMERIC = set(range(1, len(report_lib.COLUMNS) + 1))
@@ -135,3 +136,9 @@ def sweep_cmd(seeds, as_json, preset, **explicit):
 
 # every train option except those a sweep sets itself
 sweep_cmd.params.extend(p for p in train_cmd.params if p.name not in _NOT_SWEPT)
+
+# Imported before cli.train_cli, this module made train_cli register its commands while it was
+# still half-initialised (so it found none): register them now.
+for _cmd in (probe_cmd, report_cmd, sweep_cmd):
+    if _cmd.name not in train_cli.main.commands:
+        train_cli.main.add_command(_cmd)

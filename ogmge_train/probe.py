@@ -21,6 +21,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from avprep.errors import ConfigError
+
 from .metrics import accuracy, mean_average_precision
 
 __all__ = ["ProbeResult", "extract_features", "fit_linear", "evaluate_linear", "probe", "MODALITIES",
@@ -148,7 +150,8 @@ def probe(run_dir, modality: str, *, split: str = "test", which: str = "best", s
 
     Features come from the run's own shards (config.json ``shards``) with the evaluation
     transforms for every split, the probe is fitted on ``train``, its L2 strength picked on
-    ``val`` and it is scored on ``split``. Raises ValueError when the run has no such encoder.
+    ``val`` and it is scored on ``split``. Raises ConfigError when the run has no such encoder
+    or its shards no train split.
     """
     from .data import make_loader, read_dataset
     from .train import load_run     # the training loop is heavy; import it only when probing
@@ -159,7 +162,7 @@ def probe(run_dir, modality: str, *, split: str = "test", which: str = "best", s
     model, cfg, ckpt = load_run(run_dir, which, device=device)
     encoder = model.encoder(modality)
     if encoder is None:
-        raise ValueError(f"{run_dir}: the run was trained with modality={cfg.modality!r}; "
+        raise ConfigError(f"{run_dir}: the run was trained with modality={cfg.modality!r}; "
                          f"it has no {modality} encoder to probe")
     emit = on_progress or (lambda stage, done, total: None)
     info = read_dataset(cfg.shards, s3_endpoint=cfg.s3_endpoint)
@@ -180,7 +183,7 @@ def probe(run_dir, modality: str, *, split: str = "test", which: str = "best", s
 
         feats[s] = extract_features(encoder, loader, modality, device=device, on_batch=on_batch)
     if "train" not in feats:
-        raise ValueError(f"{cfg.shards}: no train samples to fit a probe on")
+        raise ConfigError(f"{cfg.shards}: no train samples to fit a probe on")
 
     num_classes = model.num_classes
     lin, l2, grid_scores = select_and_fit(feats["train"], feats.get("val"), num_classes, steps=steps,

@@ -195,10 +195,19 @@ def test_fit_linear_matches_an_independent_logistic_regression():
 
 
 def test_probe_refuses_a_missing_encoder(tiny_run, tmp_path):
+    from avprep.errors import ConfigError
+    from ogmge_train.config import TrainConfig
     from ogmge_train.probe import probe
+    from ogmge_train.train import train
 
     with pytest.raises(ValueError, match="modality"):
         probe(tiny_run, "smell")
+    cfg = TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text()))
+    audio_only = tmp_path / "audio-only"
+    train(dataclasses.replace(cfg, out=str(audio_only), modality="audio"))
+    with pytest.raises(ConfigError, match="no visual encoder"):
+        probe(audio_only, "visual")
+    assert not (audio_only / "probe_visual.json").exists()
 
 
 def test_sweep_runs_each_seed_once_and_aggregates(tiny_run, tmp_path):
