@@ -116,8 +116,9 @@ def _print_summary(result) -> None:
         _ui.console.print(f"skipped {n} clip(s): {reason}")
     rate = result.num_clips / result.wall_time if result.wall_time else 0.0
     resumed = f", {result.resumed_shards} resumed" if result.resumed_shards else ""
-    _ui.console.print(f"{result.num_samples} samples in {result.num_shards} shard(s){resumed} "
-                      f"→ {result.out}  ({result.wall_time:.1f} s, {rate:.1f} clips/s)")
+    failed = sum(n for stage, n in result.failures_by_stage.items() if stage != "missing")
+    _ui.console.print(f"{result.num_samples} samples in {result.num_shards} shard(s){resumed}, "
+                      f"{failed} failed → {result.out}  ({result.wall_time:.1f} s, {rate:.1f} clips/s)")
     first = [f for f in result.failures if f["stage"] != "missing"][:5] or result.failures[:5]
     if first:
         _ui.console.print(_ui.table(f"first failures (of {len(result.failures)}, all in failures.jsonl)",
