@@ -49,3 +49,14 @@ def raw_dataset(tmp_path_factory):
 def tiny_clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny.mp4"
     return synth.write_clip(path, duration=2.0, label_index=1, num_classes=4, fps=10, size=(64, 48))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: OpenMP threads only spin against each other on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,8 +28,8 @@ Observed behaviour (avprep as of this test; the lead reports it):
 | label not in class list (KS) | train/juggling/x.mp4 | skipped | - | counted in ``skipped``, not a failure (SPEC §2) |
 | label not in class list (CREMA-D) | 1002_DFA_XYZ_XX.flv | failure | label | "emotion 'XYZ' of '1002_DFA_XYZ_XX' is not one of NEU, ..." |
 
-Decode failures name the file by its absolute path, so failures.jsonl depends on where the raw
-data lives (reruns from the same place are still byte-identical).
+Decode failures name the file by its path relative to ``--src``, so failures.jsonl does not
+depend on where the raw data lives.
 """
 from __future__ import annotations
 

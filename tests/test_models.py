@@ -9,13 +9,7 @@ from ogmge_train.models import FUSIONS, HEADS, ModelOutput, build_model
 B, C = 3, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: OpenMP threads only spin against each other on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(frames=2, size=32):

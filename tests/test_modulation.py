@@ -14,13 +14,7 @@ from ogmge_train.modulation import base
 B, C, ALPHA = 8, 5, 0.6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: OpenMP threads only spin against each other on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _step(fusion="concat", arch="small", seed=0):
