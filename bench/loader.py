@@ -168,6 +168,7 @@ def run(work: Path, *, clips: int, workers: int, batch_size: int, batches: int, 
         "reference": lambda r: reference_loader(ref, "train", batches=batches, seed=r, **kw),
     }
     files = {"shards": shard_files, "reference": ref_files}
+    load_before = os.getloadavg()[0]    # context for the figures on a shared machine
     for r in range(rounds):
         log(f"round {r + 1}/{rounds}")
         order = ("shards", "reference") if r % 2 == 0 else ("reference", "shards")   # who goes first alternates
@@ -192,6 +193,7 @@ def run(work: Path, *, clips: int, workers: int, batch_size: int, batches: int, 
         "cold_cache_reference_samples_per_s": med["reference", "cold"],
         "cold_cache_throughput_ratio": med["shards", "cold"] / med["reference", "cold"],
         "rounds_samples_per_s": {f"{who}_{cache}": v for (who, cache), v in rates.items()},
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "targets": {"throughput_ratio": ">= 1.5", "bytes_ratio": "<= 0.6"},
     }
 
@@ -224,6 +226,8 @@ def main(argv=None) -> int:
               f"{res['reference_samples_per_s']:8.1f}   ratio {res['throughput_ratio']:.2f}x (target >= 1.5x)")
         print(f"cold cache      shards {res['cold_cache_shards_samples_per_s']:8.1f}   reference "
               f"{res['cold_cache_reference_samples_per_s']:8.1f}   ratio {res['cold_cache_throughput_ratio']:.2f}x")
+        print(f"load average    {res['load_average_1min']['before']:.2f} before, "
+              f"{res['load_average_1min']['after']:.2f} after (other processes skew both loaders)")
         print(f"bytes/sample    shards {res['shards_bytes_per_sample']:8.0f}   reference "
               f"{res['reference_bytes_per_sample']:8.0f}   ratio {res['bytes_ratio']:.2f}x (target <= 0.6x)")
     return 0

@@ -8,6 +8,11 @@ One crop and one flip decision are drawn per clip and applied to all of its fram
 frames stay spatially aligned (as video augmentations do). The OGM-GE reference code draws a new
 crop per frame; for CREMA-D (1 frame) the two are the same. ``per_frame=True`` reproduces the
 reference behaviour.
+
+Speed: the resize is PIL's (the values torchvision would give); everything after it works on
+uint8 until one conversion into a float32 destination (``out=``, e.g. a slot of a batch tensor
+in shared memory), normalised in place with the same float32 operations as
+``(x / 255 - mean) / std``, so results are bit-identical to the straightforward version.
 """
 from __future__ import annotations
 
@@ -63,33 +68,60 @@ def crop_params(width: int, height: int, rng, scale=SCALE, ratio=RATIO) -> tuple
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """HWC uint8 RGB -> CHW float32, ImageNet-normalised."""
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - _MEAN) / _STD
+def _rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")   # convert() copies even when a no-op
 
 
-def eval_transform(img: Image.Image, image_size: int = 224) -> torch.Tensor:
-    return to_tensor(img.convert("RGB").resize((image_size, image_size), Image.BILINEAR))
-
-
-def train_transform(img: Image.Image, image_size: int, params: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
-    top, left, h, w = params
-    # crop, then resize (what torchvision's resized_crop does; a resize box would blend in outside pixels)
-    img = img.convert("RGB").crop((left, top, left + w, top + h)).resize((image_size, image_size), Image.BILINEAR)
+def _chw_uint8(img: Image.Image, flip: bool = False) -> torch.Tensor:
+    """(3, H, W) uint8; the flip and the HWC -> CHW move share one uint8 copy."""
+    a = np.asarray(_rgb(img))
     if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return to_tensor(img)
+        a = a[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+def _normalize_(x: torch.Tensor) -> torch.Tensor:
+    """In place on (..., 3, H, W) float32: (x / 255 - mean) / std, in that order (exact parity)."""
+    return x.div_(255.0).sub_(_MEAN).div_(_STD)
+
+
+def to_tensor(img: Image.Image, out: torch.Tensor | None = None) -> torch.Tensor:
+    """HWC uint8 RGB -> CHW float32, ImageNet-normalised (into ``out`` when given)."""
+    chw = _chw_uint8(img)
+    out = torch.empty(chw.shape) if out is None else out
+    return _normalize_(out.copy_(chw))
+
+
+def _resized(img: Image.Image, image_size: int, params: tuple[int, int, int, int] | None) -> Image.Image:
+    img = _rgb(img)
+    if params is not None:
+        top, left, h, w = params
+        # crop, then resize (what torchvision's resized_crop does; a resize box would blend in outside pixels)
+        img = img.crop((left, top, left + w, top + h))
+    return img.resize((image_size, image_size), Image.BILINEAR)
+
+
+def eval_transform(img: Image.Image, image_size: int = 224, out: torch.Tensor | None = None) -> torch.Tensor:
+    return to_tensor(_resized(img, image_size, None), out)
+
+
+def train_transform(img: Image.Image, image_size: int, params: tuple[int, int, int, int], flip: bool,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    chw = _chw_uint8(_resized(img, image_size, params), flip)
+    out = torch.empty(chw.shape) if out is None else out
+    return _normalize_(out.copy_(chw))
 
 
 def transform_clip(images: list[Image.Image], *, train: bool, image_size: int = 224, rng=None,
-                   per_frame: bool = False) -> torch.Tensor:
-    """The frames of one clip -> float32 (n, 3, image_size, image_size)."""
-    if not train:
-        return torch.stack([eval_transform(im, image_size) for im in images])
-    out, params, flip = [], None, False
-    for im in images:
-        if params is None or per_frame:
+                   per_frame: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The frames of one clip -> float32 (n, 3, image_size, image_size), written into ``out``
+    when given (a loader passes a slot of its batch tensor, so nothing is copied afterwards)."""
+    out = torch.empty(len(images), 3, image_size, image_size) if out is None else out
+    if out.shape != (len(images), 3, image_size, image_size):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(len(images), 3, image_size, image_size)}")
+    params, flip = None, False
+    for i, im in enumerate(images):
+        if train and (params is None or per_frame):
             params, flip = crop_params(*im.size, rng), rng.random() < 0.5
-        out.append(train_transform(im, image_size, params, flip))
-    return torch.stack(out)
+        out[i].copy_(_chw_uint8(_resized(im, image_size, params), flip))
+    return _normalize_(out)     # once for the whole clip

@@ -347,3 +347,193 @@ def test_loader_reads_what_extract_wrote(raw_dataset, tmp_path):
             assert b["audio"].shape[1:] == (1, *cfg.spec.shape)
             assert b["label"].tolist() == [index[k]["label_index"] for k in b["key"]]
             assert b["visual"].shape[1:] == (1, 3, 32, 32)
+
+
+# -- the streaming tar reader and batch decoding -------------------------------------------------
+def _jpg(value: int, wh=(20, 12)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", wh, (value,) * 3).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _sample_members(key: str, n_frames: int = 3, label: int = 1) -> list[tuple[str, bytes]]:
+    spec = np.arange(12, dtype=np.float16).reshape(3, 4)
+    return ([(f"{key}.cls", str(label).encode()), (f"{key}.json", b'{"k": 1}'), (f"{key}.spec.npy", _npy(spec))]
+            + [(f"{key}.f{j:03d}.jpg", _jpg(20 * j + 10)) for j in range(n_frames)])
+
+
+class _Unseekable(io.RawIOBase):
+    """A network-like stream: reads only, no seek (the reader must read-and-discard)."""
+
+    def __init__(self, data: bytes):
+        self._f = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        return self._f.readinto(b)
+
+
+def _read_all(data: bytes, seekable: bool, **kw):
+    from ogmge_train.data import read_samples
+
+    stream = io.BufferedReader(io.BytesIO(data) if seekable else _Unseekable(data))
+    return list(read_samples(stream, "mem.tar", **{"frames": 1, "train": False, **kw}))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("seekable", [True, False])
+def test_tar_reader_matches_tarfile(fmt, seekable):
+    """Long names (ustar prefix, GNU longname, pax path), non-ASCII keys and skipped members:
+    every kept member's bytes equal what tarfile extracts."""
+    long_dir = "d" * 60 + "/" + "e" * 60   # > 100 characters with the file name
+    keys = [f"{long_dir}/clip_{i}" for i in range(3)] + (["clïp_ü"] if fmt != tarfile.USTAR_FORMAT else [])
+    members = [m for k in keys for m in _sample_members(k)] + [("README", b"no extension: not a sample")]
+    data = _tar_bytes(members, fmt)
+    samples = _read_all(data, seekable, keep_json=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        ref = {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}
+    assert [s.key for s in samples] == keys
+    for s in samples:
+        for ext in ("cls", "json", "spec.npy"):
+            assert bytes(s.members[ext]) == ref[f"{s.key}.{ext}"]
+        assert [(e, bytes(b)) for e, b in s.frames] == [("f001.jpg", ref[f"{s.key}.f001.jpg"])]  # middle of 3
+    # json is skipped unread unless asked for
+    assert all("json" not in s.members for s in _read_all(data, seekable))
+
+
+def test_tar_reader_keeps_only_selected_frames_in_time_order():
+    members = _sample_members("k", n_frames=5)
+    members = members[:3] + members[3:][::-1]    # frames stored out of order
+    (s,) = _read_all(_tar_bytes(members), True, frames=3)
+    assert [e for e, _ in s.frames] == ["f000.jpg", "f002.jpg", "f004.jpg"]
+    (s,) = _read_all(_tar_bytes(members), True, frames=2, train=True, rng=random.Random(0))
+    assert [e for e, _ in s.frames][0] in ("f000.jpg", "f001.jpg", "f002.jpg")
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+@pytest.mark.parametrize("cut", ["member", "boundary", "empty"])
+def test_truncated_shard_is_an_error(seekable, cut):
+    """A shard cut anywhere (also exactly between two members, where tarfile would stop quietly)
+    raises instead of silently dropping samples from an evaluation."""
+    data = _tar_bytes(_sample_members("a") + _sample_members("b"))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        one = tar.getmember("b.cls").offset   # the boundary between the two samples' members
+    data = {"member": data[:one + 700], "boundary": data[:one], "empty": b""}[cut]
+    with pytest.raises(ShardDataError, match=r"mem\.tar: not a readable tar shard \((truncated|empty)"):
+        _read_all(data, seekable)
+
+
+def test_corrupt_and_compressed_shards_are_errors():
+    data = bytearray(_tar_bytes(_sample_members("a")))
+    data[1024 + 50] ^= 0xFF   # inside the second header (the 1-byte .cls payload fills 512..1024)
+    with pytest.raises(ShardDataError, match=r"mem\.tar: not a readable tar shard \(bad header at byte 1024\)"):
+        _read_all(bytes(data), True)
+    huge = tarfile.TarInfo("a.spec.npy")
+    huge.size = 1 << 33     # a hostile header: refused before anything is allocated
+    with pytest.raises(ShardDataError, match=r"a member of 8589934592 bytes at byte 512; the limit is 1024 MiB"):
+        _read_all(huge.tobuf(tarfile.GNU_FORMAT), True)
+    import gzip
+    with pytest.raises(ShardDataError, match="gzip-compressed"):
+        _read_all(gzip.compress(_tar_bytes(_sample_members("a"))), True)
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_pickle_member_refused_by_name_before_reading(seekable):
+    members = _sample_members("a") + [("a.pkl", b"\x80\x04 never read")] + _sample_members("b")
+    with pytest.raises(ShardDataError, match=r"mem\.tar: sample a: member a\.pkl is a pickle"):
+        _read_all(_tar_bytes(members), seekable)
+    with pytest.raises(ShardDataError, match=r"sample a: member a\.cls appears twice"):
+        _read_all(_tar_bytes(_sample_members("a") + [("a.cls", b"2")]), seekable)
+
+
+def _decode(members, **kw):
+    from ogmge_train.data import decode_batch
+
+    samples = _read_all(_tar_bytes(members), True)
+    return decode_batch(samples, **{"train": False, "image_size": 8, **kw})
+
+
+@pytest.mark.parametrize("arr", [np.arange(12, dtype=">f4").reshape(3, 4),               # big-endian
+                                 np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+                                 np.arange(12, dtype=np.float16).reshape(3, 4)])
+def test_spec_layouts_decode_exactly(arr):
+    members = [(n, _npy(arr) if n.endswith("spec.npy") else b) for n, b in _sample_members("a")]
+    batch = _decode(members)
+    assert batch["audio"].shape == (1, 1, 3, 4) and batch["audio"].dtype == torch.float32
+    assert torch.equal(batch["audio"][0, 0], torch.from_numpy(arr.astype(np.float32)))
+
+
+def test_bad_spec_members_are_errors():
+    def with_spec(data):
+        return [(n, data if n.endswith("spec.npy") else b) for n, b in _sample_members("a")]
+
+    whole = _npy(np.zeros((3, 4), np.float32))
+    for data, problem in [(whole[:-4], "holds 44 data bytes, not the 48"), (b"garbage", "not a plain array"),
+                          (_npy(np.zeros(5, np.float32)), "expected a 2-D float array"),
+                          (_npy(np.zeros((2, 2), np.int32)), "expected a 2-D float array")]:
+        with pytest.raises(ShardDataError, match=rf"mem\.tar: sample a: a\.spec\.npy .*{problem}"):
+            _decode(with_spec(data))
+    other = [(n.replace("b.", "b."), _npy(np.zeros((4, 4), np.float16)) if n.endswith("spec.npy") else d)
+             for n, d in _sample_members("b")]
+    with pytest.raises(ShardDataError, match=r"sample b: spectrogram shape \(4, 4\) differs from \(3, 4\)"):
+        _decode(_sample_members("a") + other)
+
+
+def test_decoded_frames_equal_the_straightforward_transform():
+    """The batch path (uint8 until one conversion into the batch slot) is bit-identical to
+    decode -> resize -> (x / 255 - mean) / std computed directly."""
+    buf = io.BytesIO()
+    _noise_image(48, 36).save(buf, format="JPEG", quality=90)
+    members = [(n, buf.getvalue() if n.endswith(".jpg") else b) for n, b in _sample_members("a", n_frames=1)]
+    batch = _decode(members, image_size=24)
+    img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").resize((24, 24), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(T.IMAGENET_STD).view(3, 1, 1)
+    assert torch.equal(batch["visual"][0, 0], (x - mean) / std)
+    # the train path likewise, flip included
+    rng_a, rng_b = random.Random(4), random.Random(4)
+    got = T.transform_clip([Image.open(io.BytesIO(buf.getvalue()))] * 2, train=True, image_size=16, rng=rng_a)
+    top, left, h, w = T.crop_params(48, 36, rng_b)
+    flip = rng_b.random() < 0.5
+    ref = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").crop((left, top, left + w, top + h))
+    ref = ref.resize((16, 16), Image.BILINEAR)
+    ref = ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref
+    x = torch.from_numpy(np.asarray(ref, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    assert torch.equal(got[0], (x - mean) / std) and torch.equal(got[1], got[0])
+
+
+class _SharedProbe(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        from ogmge_train.data import _empty
+
+        t = _empty(2, 3)
+        t.fill_(7.0)
+        yield t.is_shared(), t
+
+
+def test_worker_batches_are_built_in_shared_memory():
+    """Inside a DataLoader worker the batch tensors are born in shared memory, so sending them
+    to the main process copies nothing (in the main process they are ordinary tensors)."""
+    from ogmge_train.data import _empty
+
+    ((shared, t),) = list(torch.utils.data.DataLoader(_SharedProbe(), batch_size=None, num_workers=1))
+    assert shared and torch.equal(t, torch.full((2, 3), 7.0))
+    assert not _empty(2, 3).is_shared()
