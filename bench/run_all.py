@@ -16,10 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+# (section key, module under bench/, its arguments, title)
 BENCHES = (
-    ("extract", "Extraction: avprep vs the published preprocessing"),
-    ("ogm_overhead", "OGM-GE overhead per training step"),
-    ("loader", "Training-batch loading: shards vs per-clip files"),
+    ("extract-cremad", "extract", ["--dataset", "cremad"],
+     "Extraction, CREMA-D clips: avprep vs the published preprocessing"),
+    ("extract-ks", "extract", ["--dataset", "kinetics-sounds"],
+     "Extraction, 10 s Kinetics-Sounds clips: avprep vs the published preprocessing"),
+    ("ogm_overhead", "ogm_overhead", [], "OGM-GE overhead per training step"),
+    ("loader", "loader", [], "Training-batch loading: shards vs per-clip files"),
 )
 
 
@@ -79,6 +83,19 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
+def _summary(results: dict[str, dict]) -> list[str]:
+    """Every figure that has a target, beside it (a bench's JSON names targets under "targets")."""
+    rows = []
+    for key, *_ in BENCHES:
+        r = results[key].get("result") or {}
+        for figure, target in (r.get("targets") or {}).items():
+            value = r.get(figure, (r.get("ratios") or {}).get(figure))
+            rows.append(f"| {key} | {figure} | {_cell(value)} | {target} |")
+    if not rows:
+        return []
+    return ["## Summary", "", "| bench | figure | measured | target |", "|---|---|---|---|", *rows, ""]
+
+
 def render(results: dict[str, dict], info: dict, command: str, when: str) -> str:
     """BENCHMARKS.md: one section per benchmark, every figure its JSON reported."""
     lines = ["# Benchmarks", "",
@@ -88,9 +105,10 @@ def render(results: dict[str, dict], info: dict, command: str, when: str) -> str
              f"Command: `{command}`", "",
              "Every ratio below is measured side by side in one process run on the same input, "
              "so it is comparable across machines even where absolute rates are not.", ""]
-    for name, title in BENCHES:
-        r = results[name]
-        lines += [f"## {title} (`bench/{name}.py`)", "", f"`{r['command']}` ({r['seconds']:.0f} s)", ""]
+    lines += _summary(results)
+    for key, module, _args, title in BENCHES:
+        r = results[key]
+        lines += [f"## {title} (`bench/{module}.py`)", "", f"`{r['command']}` ({r['seconds']:.0f} s)", ""]
         if not r["ok"]:
             lines += [f"**Failed:** {r['error']}", ""]
             continue
@@ -104,20 +122,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark")
-    ap.add_argument("--only", action="append", choices=[n for n, _ in BENCHES],
+    ap.add_argument("--only", action="append", choices=[b[0] for b in BENCHES],
                     help="run only this benchmark (repeatable)")
     args = ap.parse_args(argv)
-    names = args.only or [n for n, _ in BENCHES]
+    names = args.only or [b[0] for b in BENCHES]
     results = {}
-    for name, _title in BENCHES:
-        if name not in names:
-            results[name] = {"ok": False, "error": "not run (--only)", "seconds": 0,
-                             "command": f"python -m bench.{name} --json"}
+    for key, module, bench_args, _title in BENCHES:
+        if key not in names:
+            results[key] = {"ok": False, "error": "not run (--only)", "seconds": 0,
+                            "command": f"python -m bench.{module} --json"}
             continue
-        print(f"bench.{name} ...", file=sys.stderr, flush=True)
-        results[name] = run_bench(name, [], args.timeout)
-        status = "ok" if results[name]["ok"] else results[name]["error"]
-        print(f"bench.{name}: {status} ({results[name]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        print(f"{key} ...", file=sys.stderr, flush=True)
+        results[key] = run_bench(module, bench_args, args.timeout)
+        status = "ok" if results[key]["ok"] else results[key]["error"]
+        print(f"{key}: {status} ({results[key]['seconds']:.0f} s)", file=sys.stderr, flush=True)
     command = "python -m bench.run_all " + " ".join(argv if argv is not None else sys.argv[1:])
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     Path(args.out).write_text(render(results, machine(), command.strip(), when))
