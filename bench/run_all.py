@@ -83,13 +83,24 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
+def _lookup(d: dict, dotted: str):
+    """``d["a"]["b"]`` for "a.b" (keys may contain dashes, not dots); None when absent."""
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
 def _summary(results: dict[str, dict]) -> list[str]:
     """Every figure that has a target, beside it (a bench's JSON names targets under "targets")."""
     rows = []
     for key, *_ in BENCHES:
         r = results[key].get("result") or {}
         for figure, target in (r.get("targets") or {}).items():
-            value = r.get(figure, (r.get("ratios") or {}).get(figure))
+            value = _lookup(r, figure)
+            if value is None:
+                value = _lookup(r.get("ratios") or {}, figure)
             rows.append(f"| {key} | {figure} | {_cell(value)} | {target} |")
     if not rows:
         return []
