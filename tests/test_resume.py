@@ -44,10 +44,10 @@ if mode.startswith("replace:"):
     os.replace = replace
 elif mode == "manifest":
     real_write = shards.atomic_write_bytes
-    def write(path, data):
+    def write(path, data, **kwargs):
         if str(path).endswith(".manifest.json"):
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_write(path, data)
+        return real_write(path, data, **kwargs)
     shards.atomic_write_bytes = write
 from cli.avprep_cli import main
 sys.argv[0] = "avprep"

@@ -371,18 +371,26 @@ def test_not_a_tar_is_one_problem(out):
     assert [(p.shard, p.check) for p in report.problems] == [(TRAIN0, "tar")]
 
 
+def _add_sample(out, split, index, members, *, first):
+    """Put one more sample's ``members`` into shard ``index`` of ``split`` (before or after the
+    others) and update the manifest's counts and hash, so only the sample itself is wrong."""
+    shard = manifest(out, split)["shards"][index]["name"]
+    existing = read_tar(out / shard)
+    write_tar(out / shard, members + existing if first else existing + members)
+    m = manifest(out, split)
+    m["shards"][index]["num_samples"] += 1
+    m["num_samples"] += 1
+    (out / f"{split}.manifest.json").write_text(json.dumps(m))
+    rehash(out, shard)
+    return shard
+
+
 def test_key_leakage_across_splits(out):
-    test_shard = manifest(out, "test")["shards"][0]["name"]
     train = read_tar(out / TRAIN0)
     key = _first_key(train)
     leaked = [(n, _json_edit(split="test")(d) if n.endswith(".json") else d)
               for n, d in train if n.startswith(key + ".")]
-    write_tar(out / test_shard, read_tar(out / test_shard) + leaked)
-    m = manifest(out, "test")
-    m["shards"][0]["num_samples"] += 1
-    m["num_samples"] += 1
-    (out / "test.manifest.json").write_text(json.dumps(m))
-    rehash(out, test_shard)
+    test_shard = _add_sample(out, "test", 0, leaked, first=False)
 
     report = verify(out)
     assert [(p.shard, p.key, p.check) for p in report.problems] == [(test_shard, key, "leakage")]
@@ -390,15 +398,9 @@ def test_key_leakage_across_splits(out):
 
 
 def test_duplicate_key_within_split(out):
-    second = manifest(out, "train")["shards"][1]["name"]
     first = read_tar(out / TRAIN0)
     key = _first_key(first)
-    write_tar(out / second, [m for m in first if m[0].startswith(key + ".")] + read_tar(out / second))
-    m = manifest(out, "train")
-    m["shards"][1]["num_samples"] += 1
-    m["num_samples"] += 1
-    (out / "train.manifest.json").write_text(json.dumps(m))
-    rehash(out, second)
+    second = _add_sample(out, "train", 1, [m for m in first if m[0].startswith(key + ".")], first=True)
     report = verify(out)
     assert [(p.shard, p.key, p.check) for p in report.problems] == [(second, key, "duplicate")]
 
