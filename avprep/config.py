@@ -76,6 +76,9 @@ def spec_preset(name: str, dataset: str = "", **overrides) -> SpecConfig:
         raise ConfigError(f"invalid STFT settings: n_fft={cfg.n_fft} win_length={cfg.win_length} hop={cfg.hop_length}")
     if cfg.sample_rate <= 0 or cfg.duration <= 0:
         raise ConfigError("sample rate and duration must be positive")
+    if min(cfg.shape) < 1:       # e.g. a non-centred STFT of fewer than n_fft samples
+        raise ConfigError(f"spectrogram settings give an empty array (shape {cfg.shape[0]}x{cfg.shape[1]}): "
+                          f"duration {cfg.duration} s at {cfg.sample_rate} Hz is too short, or a size is 0")
     return cfg
 
 
@@ -97,6 +100,8 @@ class ExtractConfig:
             raise ConfigError(f"--spec-dtype must be float16 or float32, not {self.spec_dtype!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError("--jpeg-quality must be in 1..100")
+        if self.fps < 1:
+            raise ConfigError("--fps must be >= 1")
         if self.frame_size < 0:
             raise ConfigError("--frame-size must be >= 0")
         if self.shard_size < 1:

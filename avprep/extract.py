@@ -183,7 +183,7 @@ def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: Extr
     return ExtractResult(
         out=str(out), name=dataset, classes=list(disc.classes), samples=samples,
         failures=failures, failures_by_stage=_count(f["stage"] for f in failures),
-        skipped=dict(disc.skipped), notes=list(getattr(disc, "notes", [])),
+        skipped=dict(disc.skipped), notes=list(disc.notes),
         num_clips=len(disc.clips), num_shards=len(plans), resumed_shards=len(done_states),
         wall_time=0.0, max_failures=max_failures)
 

@@ -10,21 +10,13 @@ import numpy as np
 from . import media, spectrogram
 from .config import ExtractConfig
 from .datasets._base import Clip
+from .datasets._base import rel as relative_source
 from .errors import ClipError
 
 # Keys the extractor owns; a clip's meta cannot override them.
 _CORE_KEYS = ("key", "label", "label_index", "split", "source", "audio_source", "duration",
               "sample_rate", "fps", "n_frames", "frame_times", "frame_size", "spec_shape",
               "spec_preset")
-
-
-def relative_source(path: Path, src_root: Path) -> str:
-    """``path`` relative to the raw dataset folder, POSIX style (absolute if outside it)."""
-    path = Path(path)
-    try:
-        return path.relative_to(src_root).as_posix()
-    except ValueError:
-        return path.as_posix()
 
 
 def npy_bytes(array: np.ndarray, dtype: str) -> bytes:

@@ -296,7 +296,9 @@ class HttpLocation(Location):
         if r.status_code == 412:
             r.close()
             raise StorageError(f"{self.url(name)}: object changed while it was being read")
-        r.raise_for_status()
+        if r.status_code >= 400:
+            r.close()       # a streamed response holds its connection until closed
+            r.raise_for_status()
         if offset and r.status_code != 206:
             r.close()
             raise StorageError(f"{self.url(name)}: server ignored the Range request; cannot resume")

@@ -190,11 +190,13 @@ def write_wav(path, wave: np.ndarray, sample_rate: int, layout: str = "mono") ->
     path = Path(path)
     wave = np.atleast_2d(np.asarray(wave, np.float32))
     container = _open_output(path)
-    stream = _add_audio_stream(container, "pcm_s16le", sample_rate, layout)
-    for frame in _audio_frames(wave, stream, sample_rate, layout):
-        container.mux(stream.encode(frame))
-    container.mux(stream.encode(None))
-    container.close()
+    try:
+        stream = _add_audio_stream(container, "pcm_s16le", sample_rate, layout)
+        for frame in _audio_frames(wave, stream, sample_rate, layout):
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    finally:
+        container.close()
     return path
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 from collections import Counter
@@ -454,14 +455,15 @@ def _check_json(data, key, split, label_index, schema, bad) -> dict:
 
 
 def _npy_header(data: bytes):
-    """(shape, dtype) from the .npy header, parsed without evaluating or unpickling anything."""
+    """(shape, dtype, header length) from the .npy header, parsed without evaluating or
+    unpickling anything."""
     f = io.BytesIO(data)
     version = np.lib.format.read_magic(f)
     read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     if version not in read:
         raise ValueError(f"unsupported .npy version {version}")
     shape, _fortran, dtype = read[version](f)
-    return shape, dtype
+    return shape, dtype, f.tell()
 
 
 def _check_spec(data: bytes, schema, bad):
@@ -471,12 +473,18 @@ def _check_spec(data: bytes, schema, bad):
         bad("security" if kind == "a pickle" else "spec", f"spec.npy is {kind} (never loaded)")
         return
     try:
-        shape, dtype = _npy_header(data)
+        shape, dtype, offset = _npy_header(data)
     except Exception as e:  # noqa: BLE001 - a hostile header can raise anything numpy parses it with
         bad("spec", f"bad .npy header: {e}")
         return
     if dtype.hasobject:
         bad("security", f"spec.npy holds Python objects ({dtype}); loading it would unpickle")
+        return
+    # np.load allocates what the header claims before reading: check the bytes are there
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > len(data) - offset:
+        bad("spec", f"does not load: header claims {shape} {dtype} ({claimed} bytes), "
+                    f"the member holds {len(data) - offset}")
         return
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)

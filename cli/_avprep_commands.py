@@ -141,12 +141,12 @@ def datasets_cmd(as_json):
                                  for r in rows], numeric={2}))
 
 
-def _read_output(location: str):
+def _read_output(location: str, s3_endpoint: str | None = None):
     """dataset.json and the split manifests of a local folder or URL."""
     from avprep.shards import split_order
     from avprep.storage import open_location
 
-    loc = open_location(location)
+    loc = open_location(location, s3_endpoint=s3_endpoint)
 
     def read(name):
         try:
@@ -161,10 +161,12 @@ def _read_output(location: str):
 @click.command("info")
 @click.argument("out")
 @click.option("--json", "as_json", is_flag=True, help="Print dataset.json and the manifests as one JSON document.")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint for s3:// locations.")
 @_ui.handle_errors
-def info_cmd(out, as_json):
-    """Show an extracted dataset: options, splits, shards and class counts."""
-    dataset, manifests = _read_output(out)
+def info_cmd(out, as_json, s3_endpoint):
+    """Show an extracted dataset (a folder, http(s):// or s3:// prefix): options, splits, shards
+    and class counts."""
+    dataset, manifests = _read_output(out, s3_endpoint)
     if as_json:
         _ui.print_json({"dataset": dataset, "manifests": manifests})
         return

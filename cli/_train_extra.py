@@ -1,6 +1,6 @@
 """`ogmge-train probe | report | sweep`: front-ends of ogmge_train.probe / report / sweep.
 
-Registered by ``cli.train_cli`` (``_add_extra_commands``). ``sweep`` takes every option of
+Loaded lazily by ``cli.train_cli`` (``_DefaultToTrain.get_command``). ``sweep`` takes every option of
 ``train`` (the same click options, reused) plus ``--seeds``.
 """
 from __future__ import annotations

@@ -242,11 +242,13 @@ class _Tar:
         try:
             while i < len(data) and data[i:i + 1] != b"\0":
                 length = int(data[i:data.index(b" ", i)])
+                if length <= 0:     # a record must move forward, or this loop never ends
+                    raise ValueError("bad record length")
                 key, _, value = data[data.index(b" ", i) + 1:i + length - 1].partition(b"=")
                 records[key.decode()] = value.decode("utf-8", "surrogateescape")
                 i += length
-            if "size" in records:
-                int(records["size"])
+            if "size" in records and int(records["size"]) < 0:
+                raise ValueError("negative size")
         except ValueError:
             self._fail(f"bad pax header before byte {self.pos}")
         return records
@@ -261,7 +263,10 @@ def _number(field: bytes) -> int:
         if field[0] == 0xFF:
             raise ValueError("negative size")
         return int.from_bytes(field[1:], "big")
-    return int(_cstr(field).strip() or "0", 8)
+    n = int(_cstr(field).strip() or "0", 8)
+    if n < 0:     # int(.., 8) accepts a sign; a negative size would seek backwards forever
+        raise ValueError("negative size")
+    return n
 
 
 def _header_name(header: bytes) -> str:

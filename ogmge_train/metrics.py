@@ -56,6 +56,20 @@ def classification_metrics(logits, labels, prefix: str = "") -> dict[str, float]
     return {f"{prefix}acc": accuracy(logits, labels), f"{prefix}map": mean_average_precision(probs, labels)}
 
 
+OUTPUT_KEYS = (("logits", ""), ("logits_a", "_a"), ("logits_v", "_v"))
+
+
+def output_metrics(pred: dict) -> dict[str, float]:
+    """``acc, map`` of ``pred["logits"]`` and ``acc_a, map_a, acc_v, map_v`` of the unimodal
+    logits, each only when ``pred`` has that key, against ``pred["labels"]``."""
+    result = {}
+    for key, suffix in OUTPUT_KEYS:
+        if key in pred:
+            m = classification_metrics(pred[key], pred["labels"])
+            result[f"acc{suffix}"], result[f"map{suffix}"] = m["acc"], m["map"]
+    return result
+
+
 class OutputAccumulator:
     """Collects an epoch's logits (fused and unimodal), labels and loss, then computes metrics.
 
@@ -65,7 +79,7 @@ class OutputAccumulator:
     distributed loop can gather them before computing.
     """
 
-    KEYS = (("logits", ""), ("logits_a", "_a"), ("logits_v", "_v"))
+    KEYS = OUTPUT_KEYS
 
     def __init__(self):
         self.parts: dict[str, list[torch.Tensor]] = {k: [] for k, _ in self.KEYS}
@@ -91,10 +105,5 @@ class OutputAccumulator:
         return out
 
     def compute(self) -> dict[str, float]:
-        t = self.tensors()
         result = {"loss": self.loss_sum / self.count} if self.has_loss else {}
-        for key, suffix in self.KEYS:
-            if key in t:
-                m = classification_metrics(t[key], t["labels"])
-                result[f"acc{suffix}"], result[f"map{suffix}"] = m["acc"], m["map"]
-        return result
+        return {**result, **output_metrics(self.tensors())}

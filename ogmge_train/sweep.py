@@ -1,7 +1,7 @@
 """One configuration over several seeds: ``OUT/seed-<k>`` run folders, then mean ± std.
 
 Each seed is an ordinary run (``train.train``) in its own folder, so a sweep can be resumed
-(finished seeds, those with a ``summary.json`` and a ``last.pt`` at the final epoch, are
+(finished seeds, those whose ``summary.json`` counts at least the configured epochs, are
 skipped; an interrupted one continues from its ``last.pt``), probed and reported like any run.
 Seeds run one after the other: on one machine parallel runs only compete for the same cores.
 """

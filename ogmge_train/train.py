@@ -37,7 +37,7 @@ from avprep.errors import ConfigError
 
 from . import data, dist, modulation
 from .config import TrainConfig
-from .metrics import classification_metrics
+from .metrics import output_metrics
 from .models import AVModel, build_model
 
 __all__ = ["train", "evaluate", "load_run", "load_checkpoint", "select_device", "EVENT_TYPES"]
@@ -123,11 +123,21 @@ def _json_line(obj) -> str:
 
 
 def _keep_lines(path: Path, last_epoch: int) -> None:
-    """Drop the lines of epochs after ``last_epoch`` (written after the checkpoint we resume from)."""
+    """Drop the lines of epochs after ``last_epoch`` (written after the checkpoint we resume from).
+
+    A line a kill tore mid-write is dropped too: every line of a checkpointed epoch was complete
+    before that checkpoint was saved, so a torn one always belongs to an epoch that is replayed.
+    """
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines(keepends=True)
-            if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if epoch <= last_epoch:
+            kept.append(line + "\n")
     _atomic_write_text(path, "".join(kept))
 
 
@@ -215,12 +225,7 @@ def _metrics(pred: dict) -> dict:
     labels = pred.get("labels")
     if labels is None or len(labels) == 0:
         return {}
-    m = {"loss": F.cross_entropy(pred["logits"], labels).item(), **classification_metrics(pred["logits"], labels)}
-    for key, suffix in (("logits_a", "_a"), ("logits_v", "_v")):
-        if key in pred:
-            u = classification_metrics(pred[key], labels)
-            m[f"acc{suffix}"], m[f"map{suffix}"] = u["acc"], u["map"]
-    return m
+    return {"loss": F.cross_entropy(pred["logits"], labels).item(), **output_metrics(pred)}
 
 
 def _evaluate_split(model: AVModel, cfg: TrainConfig, split: str, device, info: dist.DistInfo,

@@ -455,6 +455,32 @@ def test_corrupt_and_compressed_shards_are_errors():
         _read_all(gzip.compress(_tar_bytes(_sample_members("a"))), True)
 
 
+def _raw_header(name: str, size_field: bytes, kind: bytes = b"0") -> bytes:
+    """One ustar header with any size field and a valid checksum (what tarfile refuses to write)."""
+    h = bytearray(512)
+    h[:len(name)], h[100:108], h[124:136], h[156:157] = name.encode(), b"0000644\0", size_field, kind
+    h[257:263], h[148:156] = b"ustar\0", b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_hostile_sizes_are_errors_not_endless_loops(seekable):
+    """A negative size (``int(.., 8)`` accepts a sign) would seek backwards onto the same header
+    forever; a pax record of length 0 would never advance. Both are bad headers."""
+    negative = _raw_header("a.xyz", b"-0000001000\0") + bytes(1024)
+    with pytest.raises(ShardDataError, match=r"bad header at byte 0"):
+        _read_all(negative, seekable)
+    record = b"0 path=x\n"
+    pax = _raw_header("p", b"%011o\0" % len(record), b"x") + record.ljust(512, b"\0") + bytes(1024)
+    with pytest.raises(ShardDataError, match=r"bad pax header"):
+        _read_all(pax, seekable)
+    negative_pax = b"13 size=-512\n"
+    pax = _raw_header("p", b"%011o\0" % len(negative_pax), b"x") + negative_pax.ljust(512, b"\0") + bytes(1024)
+    with pytest.raises(ShardDataError, match=r"bad pax header"):
+        _read_all(pax, seekable)
+
+
 @pytest.mark.parametrize("seekable", [True, False])
 def test_pickle_member_refused_by_name_before_reading(seekable):
     members = _sample_members("a") + [("a.pkl", b"\x80\x04 never read")] + _sample_members("b")

@@ -352,3 +352,8 @@ def test_shards_whose_clips_all_failed_leave_no_file_and_resume(bad_raw, tmp_pat
     again = extract("cremad", bad_raw, tmp_path, _cfg(shard_size=1), workers=1, max_failures=1.0)
     assert again.resumed_shards == 6 and again.failures == first.failures
     assert _public_files(tmp_path) == before
+
+
+def test_extract_config_rejects_fps_below_one():
+    with pytest.raises(ConfigError, match="--fps"):
+        ExtractConfig(spec=spec_preset("paper", "cremad"), fps=0)

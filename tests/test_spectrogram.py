@@ -9,6 +9,7 @@ import pytest
 
 from avprep import spectrogram
 from avprep.config import spec_preset
+from avprep.errors import ConfigError
 
 
 def _noisy_tone(n: int, sr: int, f: float = 1000.0, seed: int = 0) -> np.ndarray:
@@ -28,6 +29,15 @@ def test_preset_shapes(preset, dataset, shape):
     out = spectrogram.compute(_noisy_tone(spec.num_samples, spec.sample_rate), spec)
     assert out.shape == shape == spec.shape
     assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("paper", {"duration": 0.01}),       # fewer samples than one non-centred n_fft window
+    ("fbank", {"num_frames": 0}),
+])
+def test_settings_that_give_an_empty_array_are_a_config_error(preset, overrides):
+    with pytest.raises(ConfigError, match="too short, or a size is 0"):
+        spec_preset(preset, "cremad", **overrides)
 
 
 @pytest.mark.parametrize("preset,dataset,overrides", [

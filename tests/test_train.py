@@ -304,3 +304,13 @@ def test_converges_on_synthetic_cremad(shards, tmp_path):
     assert losses == sorted(losses, reverse=True)
     assert records[-1]["train"]["acc"] > 0.9
     assert summary["test"]["acc"] > 0.6 and summary["val"]["acc"] > 0.6
+
+
+def test_resume_drops_lines_after_the_checkpoint_and_torn_lines(tmp_path):
+    """A kill while steps.jsonl or metrics.jsonl is being appended leaves a torn last line; it
+    belongs to an epoch after the checkpoint, so resume drops it instead of failing on it."""
+    path = tmp_path / "steps.jsonl"
+    lines = [json.dumps({"epoch": e, "step": e}) for e in (0, 1, 2)]
+    path.write_text("\n".join(lines) + "\n\n" + '{"epoch": 3, "st')
+    train_mod._keep_lines(path, 1)
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"

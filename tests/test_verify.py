@@ -258,6 +258,14 @@ def _json_edit(**changes):
     return make
 
 
+def _huge_npy(old):
+    """A .npy header claiming ~2 TB of float16 over a few real bytes (np.load would allocate it)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f2", "fortran_order": False,
+                                               "shape": (10**12,)})
+    return buf.getvalue() + b"\0" * 64
+
+
 def _with_nan(a):
     a = a.copy()
     a[3, 5] = np.nan
@@ -296,6 +304,7 @@ HOSTILE = {
     "spec-shape": (_replace("spec.npy", _spec(lambda a: a[:, :-1])), "spec"),
     "spec-nan": (_replace("spec.npy", _spec(_with_nan)), "spec"),
     "spec-dtype": (_replace("spec.npy", _spec(lambda a: a.astype(np.float64))), "spec"),
+    "spec-huge-header": (_replace("spec.npy", _huge_npy), "spec"),
     "cls-out-of-range": (_replace("cls", lambda old: b"99"), "cls"),
     "cls-not-int": (_replace("cls", lambda old: b"one"), "cls"),
     "json-broken": (_replace("json", lambda old: old[:-3]), "json"),

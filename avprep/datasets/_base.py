@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,13 @@ def is_media_name(name: str) -> bool:
     """A plausible media file name: not hidden, has an extension, not an obvious non-media one."""
     suffix = Path(name).suffix.lower()
     return not name.startswith(".") and bool(suffix) and suffix not in NOT_MEDIA
+
+
+def subdirs(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` sorted by name, without hidden (``.x``) and ``__x`` ones."""
+    with os.scandir(folder) as entries:
+        return sorted((Path(e.path) for e in entries
+                       if e.is_dir() and not e.name.startswith((".", "__"))), key=lambda p: p.name)
 
 
 def rel(path: Path, src: Path) -> str:

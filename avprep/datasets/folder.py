@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DatasetLayoutError
 from ._base import (SPLITS, Clip, Discovery, dedupe, derived_val_note, finish, hash_fraction,
-                    hash_split, is_media_name, make_key, split_alias, VAL_FRACTION)
+                    hash_split, is_media_name, make_key, split_alias, subdirs, VAL_FRACTION)
 
 NAME = "folder"
 LAYOUT = "RAW/<class>/<file> or RAW/<split>/<class>/<file> (any container PyAV opens)"
@@ -83,7 +83,7 @@ def _scan(src: Path) -> tuple[list[tuple[str | None, str, Path]], dict[str, int]
     """(split, class, path) of the media files in priority order, and what was skipped."""
     if not src.is_dir():
         raise DatasetLayoutError(f"{src}: no such folder; expected {LAYOUT}")
-    top = _subdirs(src)
+    top = subdirs(src)
     splits = [split_alias(d.name) in SPLITS for d in top]
     if any(splits) and not all(splits):
         raise DatasetLayoutError(
@@ -91,7 +91,7 @@ def _scan(src: Path) -> tuple[list[tuple[str | None, str, Path]], dict[str, int]
             f"other folders ({', '.join(d.name for d, s in zip(top, splits) if not s)}); expected {LAYOUT}")
     if top and all(splits):
         order = sorted(top, key=lambda d: (SPLITS.index(split_alias(d.name)), d.name))
-        class_dirs = [(split_alias(d.name), c) for d in order for c in _subdirs(d)]
+        class_dirs = [(split_alias(d.name), c) for d in order for c in subdirs(d)]
     else:
         class_dirs = [(None, d) for d in top]
     if not class_dirs:
@@ -111,8 +111,3 @@ def _scan(src: Path) -> tuple[list[tuple[str | None, str, Path]], dict[str, int]
         skipped["file outside a class folder"] += sum(
             1 for e in os.scandir(d) if e.is_file() and not e.name.startswith(".") and is_media_name(e.name))
     return entries, skipped
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted((Path(e.path) for e in os.scandir(folder)
-                   if e.is_dir() and not e.name.startswith((".", "__"))), key=lambda p: p.name)

@@ -24,7 +24,7 @@ from manifests import load as _load_manifest
 from ..errors import ConfigError, DatasetLayoutError
 from . import splitfiles
 from ._base import (SPLITS, Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
-                    hash_split, is_media_name, make_key, rel, split_alias)
+                    hash_split, is_media_name, make_key, rel, split_alias, subdirs)
 
 NAME = "kinetics-sounds"
 LAYOUT = "RAW/<split>/<class_name>/<youtube_id>_<start:06d>_<end:06d>.mp4 (31 KS classes; others skipped)"
@@ -120,11 +120,11 @@ def _scan(src: Path) -> tuple[list[_File], dict[str, int]]:
     """Media files of the tree in priority order (split, class, name) and counts of what was skipped."""
     if not src.is_dir():
         raise DatasetLayoutError(f"{src}: no such folder; expected {LAYOUT}")
-    top = _subdirs(src)
+    top = subdirs(src)
     split_dirs = [(split_alias(d.name), d) for d in top if split_alias(d.name) in SPLITS]
     if split_dirs:
         split_dirs.sort(key=lambda sd: (SPLITS.index(sd[0]), sd[1].name))
-        class_dirs = [(split, c) for split, d in split_dirs for c in _subdirs(d)]
+        class_dirs = [(split, c) for split, d in split_dirs for c in subdirs(d)]
     else:
         class_dirs = [(None, c) for c in top]
     if not class_dirs:
@@ -142,8 +142,3 @@ def _scan(src: Path) -> tuple[list[_File], dict[str, int]]:
                 not_media += 1
     files.sort(key=lambda f: (SPLITS.index(f.split) if f.split else 0, f.cls, f.path.name))
     return files, {"not a media file": not_media}
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted((Path(e.path) for e in os.scandir(folder)
-                   if e.is_dir() and not e.name.startswith((".", "__"))), key=lambda p: p.name)
