@@ -98,6 +98,9 @@ def train_cmd(preset, resume, as_json, **explicit):
     from ogmge_train.train import train
 
     base = _stored_config(explicit["out"]) if resume else None
+    if explicit["shards"] and "://" not in explicit["shards"]:
+        # config.json records an absolute folder, so evaluate/probe work from any directory
+        explicit["shards"] = str(Path(explicit["shards"]).resolve())
     cfg = resolve(preset, base=base, **explicit)
     if not cfg.shards:
         raise ConfigError("--shards is required (the folder or URL written by `avprep extract`)")
