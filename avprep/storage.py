@@ -175,7 +175,7 @@ class _ResumingStream(io.RawIOBase):
     def readinto(self, buf) -> int:
         if self._total is not None and self._pos >= self._total:
             return 0
-        episode_start = None
+        episode_start, breaks = None, 0
         while True:
             try:
                 n = _read_into(self._raw, buf)
@@ -190,9 +190,12 @@ class _ResumingStream(io.RawIOBase):
                 if not transient:
                     raise StorageError(f"{self._url}: {_reason(e)}") from e
                 episode_start = episode_start or time.monotonic()
-                if time.monotonic() - episode_start > self._loc.retry.budget_s:
-                    raise StorageError(f"{self._url}: {_reason(e)} at byte {self._pos}") from e
-                time.sleep(self._loc.retry.delay(0))
+                breaks += 1
+                retry = self._loc.retry
+                if breaks >= retry.tries or time.monotonic() - episode_start > retry.budget_s:
+                    raise StorageError(f"{self._url}: {_reason(e)} at byte {self._pos} "
+                                       f"(gave up after {breaks} tries)") from e
+                time.sleep(retry.delay(breaks - 1))
                 self._reopen(episode_start)
 
     def _close_raw(self):
