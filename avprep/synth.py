@@ -130,6 +130,13 @@ def read_marker(rgb: np.ndarray, scale: float = 1.0) -> tuple[int, float]:
 
 # ----------------------------------------------------------------------------- encoding
 
+def _encode_audio(container, stream, wave: np.ndarray, sample_rate: int, layout: str) -> None:
+    """Encode ``wave`` (channels, n) into ``stream`` of ``container``, then flush the encoder."""
+    for frame in _audio_frames(wave, stream, sample_rate, layout):
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
 def _audio_frames(wave: np.ndarray, stream, sample_rate: int, layout: str):
     """Chunks of ``wave`` (channels, n) as frames of the encoder's frame size."""
     cc = stream.codec_context
@@ -192,9 +199,7 @@ def write_wav(path, wave: np.ndarray, sample_rate: int, layout: str = "mono") ->
     container = _open_output(path)
     try:
         stream = _add_audio_stream(container, "pcm_s16le", sample_rate, layout)
-        for frame in _audio_frames(wave, stream, sample_rate, layout):
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+        _encode_audio(container, stream, wave, sample_rate, layout)
     finally:
         container.close()
     return path
@@ -255,9 +260,7 @@ def write_clip(path, *, duration: float, label_index: int, num_classes: int,
         if astream is not None:
             stream_wave = wave if rate == sample_rate else audio_at(rate)
             chans = np.repeat(stream_wave[None], _LAYOUT_CHANNELS.get(audio_layout, 1), axis=0)
-            for frame in _audio_frames(chans, astream, rate, audio_layout):
-                container.mux(astream.encode(frame))
-            container.mux(astream.encode(None))
+            _encode_audio(container, astream, chans, rate, audio_layout)
     finally:
         container.close()
     return path

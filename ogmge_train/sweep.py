@@ -15,7 +15,7 @@ from typing import Callable
 from avprep.errors import ConfigError
 
 from .config import TrainConfig
-from .report import group_runs, group_table, read_run
+from .report import ReportError, expand_runs, group_runs, group_table, read_run
 
 __all__ = ["parse_seeds", "seed_dir", "sweep", "aggregate"]
 
@@ -76,9 +76,13 @@ def sweep(cfg: TrainConfig, seeds, *, on_event: Callable[[dict], None] | None = 
 
 def aggregate(out) -> dict:
     """The mean ± std row (``report.group_table``) of the seeds in sweep folder ``out``."""
-    runs = [read_run(p) for p in sorted(Path(out).glob("seed-*")) if (p / "config.json").is_file()]
-    if not runs:
+    try:   # numeric seed order, the same listing the report uses
+        seeds = [p for p in expand_runs([out]) if p != Path(out)]
+    except ReportError:
+        seeds = []
+    if not seeds:
         raise ConfigError(f"{out}: no seed-<k> run folders")
+    runs = [read_run(p) for p in seeds]
     rows = group_table(group_runs(runs))
     if len(rows) != 1:
         raise ConfigError(f"{out}: the seed folders hold {len(rows)} different configurations")
