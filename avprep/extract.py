@@ -369,13 +369,6 @@ _EVENTS = None     # worker side: queue of clip events to the parent
 def _worker_init(events) -> None:
     global _EVENTS
     _EVENTS = events
-    _limit_threads()
-
-
-def _limit_threads() -> None:
-    """One process = one core: keep torch's intra-op pool from oversubscribing the cores."""
-    import torch
-    torch.set_num_threads(1)
 
 
 def _run_shard(task, report=None) -> dict:
@@ -457,9 +450,8 @@ def _run_tasks(tasks: list, workers: int | None, progress: _Progress):
         return
     workers = max(1, min(workers or _cores(), len(tasks)))
     if workers == 1:
-        with _single_thread():
-            for task in tasks:
-                yield _run_shard(task, progress.clip)
+        for task in tasks:
+            yield _run_shard(task, progress.clip)
         return
     ctx = _mp_context()
     events = ctx.Queue()
@@ -491,17 +483,6 @@ def _drain(events, progress: _Progress) -> None:
             progress.clip(*events.get_nowait())
         except queue_mod.Empty:
             return
-
-
-@contextmanager
-def _single_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- outputs

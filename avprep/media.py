@@ -1,11 +1,11 @@
 """Decoding with PyAV (SPEC §3): 1-fps JPEG frames, mono resampled audio, duration fitting.
 
-Speed: video is decoded sequentially (seeking per frame costs a GOP each time), decoding
-stops after the last needed frame, and only the kept frames are converted: one swscale call
-per frame (YUV->RGB and the resize in one pass, into planar RGB when resizing, which swscale
-scales ~3x faster than packed RGB and more accurately) with one scaler context reused per
-thread (building one costs more than the conversion). ``decode_clip`` reads video and audio of one
-file in a single demux pass. Audio that is already mono at the target rate is converted to
+Speed: video is read sequentially (seeking per frame costs a GOP each time), but only what
+the kept frames need is decoded: GOPs that end before the next kept frame are skipped
+undecoded and decoding stops after the last kept frame. Only the kept frames are converted:
+one swscale call per frame (the resize, staying in Y'CbCr 4:2:0) with one scaler context
+reused per thread, then a JPEG encoded straight from those planes (``simplejpeg``), as the
+ffmpeg CLI does. ``decode_clip`` reads video and audio of one file in a single demux pass. Audio that is already mono at the target rate is converted to
 float32 with numpy (no filter graph); WAV files are opened without FFmpeg's stream probing
 (their header says everything, and probing decodes up to 5 MB of PCM).
 
@@ -14,7 +14,6 @@ Every failure is a ``ClipError`` whose stage is "open" (missing, empty or not a 
 """
 from __future__ import annotations
 
-import io
 import math
 import re
 import threading
@@ -24,17 +23,14 @@ from pathlib import Path
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
-from PIL import Image
+from av.video.reformatter import Interpolation, VideoReformatter
+import simplejpeg
 
 from .errors import ClipError
 
 __all__ = ["decode_frames", "decode_audio", "decode_clip", "fit_duration", "DecodedClip",
            "open_media", "video_stream"]
 
-# frame.rotation (counter-clockwise degrees) -> the PIL transpose that displays it
-_ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
-              270: Image.Transpose.ROTATE_270}
 # a video may end this much before its declared duration before we call it truncated
 _TRUNCATION_SLACK_S = 1.0
 
@@ -177,6 +173,17 @@ class _FramePicker:
         return math.floor(self.target(i) / self.time_base)
 
     @property
+    def limit(self) -> float:
+        """The last tick shown at the pending target (infinite once every target has its frame)."""
+        return self._limit
+
+    def ticks_of(self, pts) -> int | None:
+        """``pts`` in ticks since the stream start; None when it cannot be placed yet."""
+        if pts is None or self.start is None or self.time_base is None:
+            return None
+        return pts - self.start
+
+    @property
     def end_time(self) -> float:
         return float(self.end_ticks * self.time_base) if self.time_base else 0.0
 
@@ -228,41 +235,51 @@ class _FramePicker:
     def _jpeg(self, frame) -> bytes:
         w, h = _target_size(frame.width, frame.height, self.frame_size, self.sar)
         try:
-            img = _to_image(frame, w, h)
+            planes = _yuv_planes(frame, w, h)
         except (av.error.FFmpegError, ValueError) as e:
             raise ClipError("video", f"{self.path}: cannot convert frame: {_one_line(e)}") from None
-        transpose = _ROTATIONS.get(round(frame.rotation or 0) % 360)
-        if transpose is not None:
-            img = img.transpose(transpose)
-        self.size = img.size
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=self.jpeg_quality)
-        return buf.getvalue()
+        # frame.rotation is counter-clockwise degrees, as np.rot90 turns
+        turns = {90: 1, 180: 2, 270: 3}.get(round(frame.rotation or 0) % 360, 0)
+        if turns:
+            planes = [np.rot90(p, turns) for p in planes]
+        self.size = planes[0].shape[::-1]
+        return _encode_jpeg(planes, self.jpeg_quality)
 
 
 _local = threading.local()     # one scaler context per thread: an SwsContext is not thread-safe
 
+def _yuv_planes(frame, width: int, height: int) -> list[np.ndarray]:
+    """``frame`` as full-range (JFIF) 4:2:0 Y, Cb, Cr planes of ``width`` x ``height``, in one
+    swscale call (bicubic, accurate rounding).
 
-def _to_image(frame, width: int, height: int) -> Image.Image:
-    """``frame`` as an RGB image of ``width`` x ``height`` (bicubic), in one swscale call.
-
-    Resized frames go through planar RGB (gbrp): swscale scales into it ~3x faster than into
-    packed rgb24, with the same pixels where rgb24 is exact and better chroma where it is not
-    (its packed scaled path takes shortcuts at some sizes); PIL interleaves the planes.
-    Unresized frames take the plain rgb24 converter: swscale's unscaled YUV -> gbrp path
-    writes garbage, different on every call, into the last columns when the width is not a
-    multiple of 8. The context is reused: building one (~3 ms) costs more than a frame."""
+    The JPEG is encoded straight from these planes, as ``ffmpeg -i clip -vf scale out.jpg``
+    does: no RGB round trip and no chroma resampling by the encoder. That is ~3x faster than
+    converting to RGB and letting the encoder convert back; the pixels differ from that path
+    by about one level in 255 (bicubic on the chroma planes rather than on RGB). The context
+    is reused: building one (~3 ms) costs more than a frame."""
     reformatter = getattr(_local, "reformatter", None)
     if reformatter is None:
         reformatter = _local.reformatter = VideoReformatter()
-    if (width, height) == (frame.width, frame.height):
-        rgb = reformatter.reformat(frame, format="rgb24", threads=1)
-        return Image.fromarray(rgb.to_ndarray(), "RGB")
-    rgb = reformatter.reformat(frame, width=width, height=height, format="gbrp",
-                               interpolation="BICUBIC", threads=1)
-    g, b, r = (Image.frombuffer("L", (width, height), p, "raw", "L", p.line_size, 1)
-               for p in rgb.planes)
-    return Image.merge("RGB", (r, g, b))
+    yuv = reformatter.reformat(frame, width=width, height=height, format="yuv420p",
+                               dst_color_range="JPEG", threads=1,
+                               interpolation=Interpolation.BICUBIC | Interpolation.ACCURATE_RND)
+    return [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in yuv.planes]
+
+
+def _encode_jpeg(planes: list[np.ndarray], quality: int) -> bytes:
+    """JPEG (libjpeg-turbo) of full-range 4:2:0 planes. The encoder reads whole 16x16 blocks,
+    past the bottom and right edges of a plane whose size is not a multiple: each plane is
+    handed over inside a buffer that repeats its last row and column up to the block size,
+    so those reads are defined and every run gives the same bytes."""
+    views = []
+    for plane, block in zip(planes, (16, 8, 8)):
+        h, w = plane.shape
+        buf = np.empty((-(-h // block) * block, -(-w // block) * block), np.uint8)
+        buf[:h, :w] = plane
+        buf[h:, :w] = plane[-1]
+        buf[:, w:] = buf[:, w - 1:w]
+        views.append(buf[:h, :w])
+    return simplejpeg.encode_jpeg_yuv_planes(*views, quality=quality)
 
 
 # ----------------------------------------------------------------------------- audio
@@ -393,33 +410,91 @@ def decode_clip(video, audio=None, *, sample_rate: int | None = None, fps: float
     ``video`` itself when ``audio`` is None), reading a shared file in one demux pass.
 
     Video is handled first: a clip with no video fails at stage "video" even if its audio is
-    fine. After the last needed frame, video packets are skipped without decoding.
+    fine. Only what the kept frames need is decoded: a GOP that ends before the next kept
+    frame is skipped undecoded (at 1 fps from 30-fps video with a keyframe every 12 frames,
+    ~1/4 of the frames are decoded; a clip that is one GOP is decoded up to its last kept
+    frame). Streams with open GOPs, whose pictures may refer across a keyframe, are decoded
+    whole up to the last kept frame (found at the first such picture; that part is read twice).
     ``threads`` is the video decoder's thread count: 0 lets FFmpeg use one per core, 1 suits
     one worker process per core. Frame selection is as in ``decode_frames``.
     """
-    container = open_media(video)
-    with container:
-        vstream = video_stream(container, video, threads)
-        astream = None
-        if sample_rate is not None and audio is None:
-            astream = _audio_stream(container, video)
-        picker = _FramePicker(video, fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality,
-                              duration=_declared_duration(container, vstream),
-                              start=vstream.start_time, time_base=vstream.time_base,
-                              rate=vstream.guessed_rate,
-                              sar=vstream.codec_context.sample_aspect_ratio)
-        collector = _AudioCollector(sample_rate, video) if astream is not None else None
-        _read(container, video, vstream, picker, astream, collector)
-        frames = picker.finish()
-        wave = collector.finish() if collector is not None else None
+    picker_args = dict(fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality)
+    picker, wave = _decode(video, sample_rate if audio is None else None, threads, picker_args)
     if sample_rate is not None and audio is not None:
         wave = decode_audio(audio, sample_rate)
-    return DecodedClip(frames, [float(picker.target(i)) for i in range(len(frames))],
+    return DecodedClip(picker.frames, [float(picker.target(i)) for i in range(len(picker.frames))],
                        picker.size or (0, 0), float(picker.duration), wave)
 
 
-def _read(container, path, vstream, picker, astream=None, collector=None) -> None:
+def _decode(video, sample_rate, threads, picker_args, picker_class=None, collector_class=None):
+    """(finished picker, wave or None) of ``video``: one demux pass skipping GOPs, or, for a
+    stream with open GOPs, a second pass that does not."""
+    for skip_gops in (True, False):
+        container = open_media(video)
+        with container:
+            vstream = video_stream(container, video, threads)
+            astream = _audio_stream(container, video) if sample_rate is not None else None
+            picker = (picker_class or _FramePicker)(
+                video, duration=_declared_duration(container, vstream), start=vstream.start_time,
+                time_base=vstream.time_base, rate=vstream.guessed_rate,
+                sar=vstream.codec_context.sample_aspect_ratio, **picker_args)
+            collector = (collector_class or _AudioCollector)(sample_rate, video) if astream is not None else None
+            try:
+                _read(container, video, vstream, picker, astream, collector, skip_gops)
+            except _OpenGop:
+                continue
+            picker.finish()
+            return picker, collector.finish() if collector is not None else None
+    raise AssertionError("unreachable: the pass without skipping never raises _OpenGop")
+
+
+# Codecs where decoding can restart at any packet flagged as a keyframe: later pictures never
+# refer to pictures before it, except leading pictures of an open GOP, caught by their times.
+_KEYFRAME_RESTARTS = {"flv1", "h263", "mpeg4", "mpeg1video", "mpeg2video", "mjpeg", "vp8",
+                      "vp9", "av1", "hevc"}
+_ANNEX_B_NAL = re.compile(b"\x00\x00\x01(.)", re.S)
+
+
+def _restart_test(stream):
+    """A test telling the packets decoding can restart at, or None when the codec is not known
+    to have them. H.264 restarts only at IDR pictures: containers also flag its other I-frames
+    as keyframes, whose successors may still refer to pictures before them."""
+    name = stream.codec_context.codec.canonical_name     # the codec, whichever decoder
+    if name in _KEYFRAME_RESTARTS:
+        return lambda packet: packet.is_keyframe
+    if name != "h264":
+        return None
+    extra = stream.codec_context.extradata or b""
+    if extra[:1] == b"\x01":       # avcC: NAL units prefixed by their big-endian length
+        width = (extra[4] & 3) + 1 if len(extra) > 4 else 4
+
+        def idr(data: bytes) -> bool:
+            i = 0
+            while i + width < len(data):
+                if data[i + width] & 0x1F == 5:
+                    return True
+                i += width + int.from_bytes(data[i:i + width], "big")
+            return False
+    else:                           # Annex B: NAL units after 00 00 01 start codes
+        def idr(data: bytes) -> bool:
+            return any(m.group(1)[0] & 0x1F == 5 for m in _ANNEX_B_NAL.finditer(data))
+    return lambda packet: packet.is_keyframe and idr(bytes(packet))
+
+
+class _OpenGop(Exception):
+    """A picture after a keyframe (in decode order) is shown before it, so it may refer to
+    pictures before that keyframe: skipping GOPs in this stream is unsafe."""
+
+
+def _read(container, path, vstream, picker, astream=None, collector=None, skip_gops=False) -> None:
     """Demux once, feeding video frames to ``picker`` until it is done and audio to ``collector``.
+
+    With ``skip_gops``, video packets are held back, not decoded, while they are shown at or
+    before the pending target; when a keyframe arrives that is still at or before it, the
+    held packets are dropped undecoded (none of them can be the frame shown there, and
+    decoding restarts at the keyframe). A picture shown before the keyframe that precedes it
+    in decode order (an open GOP) raises ``_OpenGop`` once something was dropped, and stops
+    the skipping otherwise.
 
     Like the ffmpeg CLI, a packet that fails to decode is skipped (real datasets have a few);
     the consequences surface later: no frames, a truncated video, or no audio samples. Only a
@@ -428,22 +503,58 @@ def _read(container, path, vstream, picker, astream=None, collector=None) -> Non
     streams = [s for s in (vstream, astream) if s is not None]
     video_index = vstream.index if vstream is not None else -1
     errors = {"video": None, "audio": None}
+    held: list = []         # video packets not yet known to be needed, in decode order
+    dropped = False
+    restart = _restart_test(vstream) if skip_gops else None
+    skip_gops = restart is not None
+    restart_pts = None      # of the last restart point, in decode order
+
+    def decode(packet, stage: str) -> None:
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError as e:
+            errors[stage] = errors[stage] or e
+            return
+        for frame in frames:
+            (picker if stage == "video" else collector).feed(frame)
+
+    def decode_held() -> None:
+        for p in held:
+            decode(p, "video")
+        held.clear()
+
     try:
         for packet in container.demux(*streams):
-            stage = "video" if packet.stream.index == video_index else "audio"
-            if stage == "video" and picker.done:
+            if packet.stream.index != video_index:
+                decode(packet, "audio")
+                continue
+            ticks = picker.ticks_of(packet.pts) if skip_gops and packet.size else None
+            is_restart = ticks is not None and restart(packet)
+            if is_restart:
+                restart_pts = packet.pts
+            elif ticks is not None and restart_pts is not None and packet.pts < restart_pts:
+                if dropped:
+                    raise _OpenGop
+                skip_gops, ticks = False, None
+                decode_held()
+            if ticks is not None and ticks > picker.limit:
+                decode_held()       # the frame shown at the pending target is in there
+            if picker.done:
+                held.clear()
                 if astream is None:
                     break           # nothing left to read
                 continue            # skip video packets undecoded
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError as e:
-                errors[stage] = errors[stage] or e
+            if ticks is not None and ticks <= picker.limit:
+                if is_restart and held:
+                    held.clear()
+                    dropped = True
+                held.append(packet)
                 continue
-            for frame in frames:
-                (picker if stage == "video" else collector).feed(frame)
+            decode_held()
+            decode(packet, "video")
     except av.error.FFmpegError as e:     # a read error ends the file early: keep what we have
         errors = {k: v or e for k, v in errors.items()}
+    decode_held()
     for stage, consumer in (("video", picker), ("audio", collector)):
         if consumer is not None and not consumer.seen and errors[stage] is not None:
             raise ClipError(stage, f"{path}: {stage} decode error: {_one_line(errors[stage])}")

@@ -1,10 +1,10 @@
 """Audio -> 2-D array for each spectrogram preset (SPEC §3).
 
-STFT presets (``kind == "stft"``): ``torch.stft`` with a periodic Hann window of
-``win_length`` (zero-padded to ``n_fft`` in the middle, as librosa does), ``center`` padding
-with ``pad_mode``, magnitude, then ``log(|S| + 1e-7)``; shape (n_fft // 2 + 1, frames). It is
-computed in float64 and returned as float32, so it agrees with ``librosa.stft`` to float
-rounding.
+STFT presets (``kind == "stft"``): numpy's real FFT over frames with a periodic Hann window
+of ``win_length`` (zero-padded to ``n_fft`` in the middle, as librosa does), ``center``
+padding with ``pad_mode``, magnitude, then ``log(|S| + 1e-7)``; shape (n_fft // 2 + 1,
+frames). The FFT runs in float64 and the log in float32, so it agrees with ``librosa.stft``
+to float32 rounding. No torch: extraction workers never import it.
 
 fbank preset (``kind == "fbank"``): the AST / GeWu-lab front-end, i.e. what
 ``torchaudio.compliance.kaldi.fbank(w - w.mean(), htk_compat=True, use_energy=False,
@@ -23,7 +23,6 @@ normalisation by dataset statistics: that belongs to the loader.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .config import SpecConfig
 
@@ -49,13 +48,20 @@ def compute(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
 
 
 def _stft(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
-    x = torch.from_numpy(wave.astype(np.float64))
-    window = torch.hann_window(spec.win_length, periodic=True, dtype=torch.float64)
-    s = torch.stft(x, n_fft=spec.n_fft, hop_length=spec.hop_length, win_length=spec.win_length,
-                   window=window, center=spec.center, pad_mode=spec.pad_mode, normalized=False,
-                   onesided=True, return_complex=True)
-    # numpy's complex abs is ~6x faster than torch's here (1.1 ms -> 0.2 ms per 10 s clip)
-    return np.log(np.abs(s.numpy()) + LOG_EPS).astype(np.float32)
+    x = wave.astype(np.float64)
+    if spec.center:
+        x = np.pad(x, spec.n_fft // 2, mode=spec.pad_mode)
+    frames = np.lib.stride_tricks.sliding_window_view(x, spec.n_fft)[::spec.hop_length]
+    spectrum = np.fft.rfft(frames * _window(spec.win_length, spec.n_fft), axis=1).T
+    # the log in float32: |S| already holds float32's precision, and it is ~5x faster
+    return np.log(np.abs(spectrum).astype(np.float32) + np.float32(LOG_EPS))
+
+
+def _window(win_length: int, n_fft: int) -> np.ndarray:
+    """Periodic Hann window of ``win_length``, zero-padded in the middle of ``n_fft``."""
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win_length) / win_length)
+    left = (n_fft - win_length) // 2
+    return np.pad(hann, (left, n_fft - win_length - left))
 
 
 def _mel(f):

@@ -5,11 +5,11 @@
 Variants, each timed over every clip of the dataset (real encoded media from avprep.synth,
 by default at the real datasets' frame sizes and rates):
 
-- ``floor``: PyAV decoding only what extraction must decode (video packets up to the last
-  kept frame, the whole audio stream), opening the same files the same way
-  (``media.open_media``) with the same single-threaded decoder, and nothing else: no
-  conversion, resize, JPEG, resampling, STFT or writing. No extractor can beat it with the
-  same decoder.
+- ``floor``: PyAV decoding only what extraction must decode (the video packets the kept
+  frames need: GOPs that end before the next kept frame are skipped, decoding stops at the
+  last kept frame; the whole audio stream), with the same demux pass (``media._decode``), the
+  same single-threaded decoder and the same frame choice, and nothing else: no conversion,
+  resize, JPEG, resampling, STFT or writing. No extractor can beat it with the same decoder.
 - ``avprep-1``, ``avprep-2``: ``avprep.extract`` with 1 and 2 workers (the whole call:
   discovery, pool of fresh workers, shards, manifests) on ~10 shards, into an empty folder.
   One-time costs of a command (importing torch, starting the forkserver that workers fork
@@ -73,20 +73,31 @@ def make_data(dataset: str, clips: int, size: tuple[int, int], fps: int, root: P
 
 # ---------------------------------------------------------------- floor
 
-def floor_clip(video: Path, audio: Path | None, fps: int) -> None:
-    """Decode what extraction needs and drop it."""
-    with media.open_media(video) as c:
-        vs = media.video_stream(c, video, threads=1)
-        duration = float(vs.duration * vs.time_base) if vs.duration else float(c.duration / av.time_base)
-        last = (max(1, math.floor(duration * fps)) - 0.5) / fps
-        streams = [vs] if audio else [vs, c.streams.audio[0]]
-        video_done = False
-        for packet in c.demux(*streams):
-            if packet.stream is vs and video_done:
-                continue
-            for frame in packet.decode():
-                if packet.stream is vs and frame.time is not None and frame.time >= last:
-                    video_done = True
+class _DecodeOnly(media._FramePicker):
+    """Decides which frames are kept exactly as extraction does, and converts none."""
+
+    def _jpeg(self, frame) -> bytes:
+        return b""
+
+
+class _DropAudio:
+    """Takes the decoded audio frames and does nothing with them: no resampling."""
+
+    def __init__(self, sample_rate, path):
+        self.seen = 0
+
+    def feed(self, frame) -> None:
+        self.seen += 1
+
+    def finish(self) -> None:
+        return None
+
+
+def floor_clip(video: Path, audio: Path | None, fps: int, sample_rate: int = 16000) -> None:
+    """Decode what extraction needs and drop it: the same demux pass and GOP skipping
+    (``media._decode``), no conversion."""
+    media._decode(video, None if audio else sample_rate, 1, dict(fps=fps, frame_size=0, jpeg_quality=0),
+                  _DecodeOnly, _DropAudio)
     if audio:
         with media.open_media(audio) as c:
             for _ in c.decode(audio=0):
