@@ -525,14 +525,15 @@ def _read(container, path, vstream, picker, astream=None, collector=None, skip_g
 
     try:
         for packet in container.demux(*streams):
-            if packet.stream.index != video_index:
+            if packet.stream.index != video_index:   # (a flush packet has no stream_index)
                 decode(packet, "audio")
                 continue
-            ticks = picker.ticks_of(packet.pts) if skip_gops and packet.size else None
+            pts = packet.pts
+            ticks = picker.ticks_of(pts) if skip_gops and packet.size else None
             is_restart = ticks is not None and restart(packet)
             if is_restart:
-                restart_pts = packet.pts
-            elif ticks is not None and restart_pts is not None and packet.pts < restart_pts:
+                restart_pts = pts
+            elif ticks is not None and restart_pts is not None and pts < restart_pts:
                 if dropped:
                     raise _OpenGop
                 skip_gops, ticks = False, None

@@ -137,6 +137,89 @@ def test_rotation_metadata_is_applied(make_clip):
     assert np.abs(ours - theirs).mean() < 6
 
 
+# ----------------------------------------------------------------------------- GOP skipping
+
+def _encode(path, codec, options, frames=150, fps=25, size=(96, 72)):
+    """A video whose every frame differs (moving bars + noise), with explicit timestamps."""
+    from fractions import Fraction
+    rng = np.random.default_rng(0)
+    w, h = size
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = options
+        for i in range(frames):
+            img = rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
+            img[:, (i * 3) % w:, 0] += 150
+            img[(i * 2) % h:, :, 1] += 120
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def _shown_frames(path, fps, frame_size):
+    """Independent reference: decode every frame, keep the last one at or before each target."""
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        start = stream.start_time or 0
+        decoded = [(float((f.pts - start) * stream.time_base), f) for f in c.decode(stream)]
+        duration = float(stream.duration * stream.time_base) if stream.duration else \
+            float(c.duration / av.time_base)
+        jpegs = []
+        for i in range(int(duration * fps + 1e-6)):
+            shown = [f for t, f in decoded if t <= (i + 0.5) / fps + 1e-9][-1]
+            w, h = media._target_size(shown.width, shown.height, frame_size, None)
+            jpegs.append(media._encode_jpeg(media._yuv_planes(shown, w, h), 90))
+        return jpegs, len(decoded)
+
+
+@pytest.mark.parametrize("name,codec,options,expect", [
+    ("gop12.flv", "flv", {"g": "12"}, "skips"),
+    ("bframes.mp4", "libx264", {"preset": "medium", "g": "30", "bf": "3", "threads": "1"}, "skips"),
+    # x264's open GOPs: its I-frames are not IDR, so pictures after them may refer to pictures
+    # before them although containers flag them as keyframes; only IDR pictures are restarts
+    ("opengop.mp4", "libx264", {"preset": "medium", "threads": "1",
+                                "x264-params": "keyint=20:open-gop=1:bframes=3:scenecut=0"}, "idr only"),
+    # MPEG-4 part 2 and MPEG-2 B-frames shown before the next I-frame refer across it:
+    # found at the first one, then the clip is read again without skipping
+    ("mpeg4.avi", "mpeg4", {"g": "10", "bf": "2"}, "reread"),
+    ("mpeg2.ts", "mpeg2video", {"g": "12", "bf": "2"}, "reread"),
+])
+@pytest.mark.parametrize("fps", [1, 0.5])
+def test_skipping_gops_keeps_exactly_the_frames_a_full_decode_shows(tmp_path, monkeypatch, name,
+                                                                     codec, options, expect, fps):
+    path = _encode(tmp_path / name, codec, options)
+    fed, passes = [], []
+    feed, read = media._FramePicker.feed, media._read
+    monkeypatch.setattr(media._FramePicker, "feed", lambda self, f: (fed.append(f.pts), feed(self, f)))
+    monkeypatch.setattr(media, "_read", lambda *a: (passes.append(a[-1]), fed.clear(), read(*a)))
+
+    frames = media.decode_clip(path, fps=fps, frame_size=64, threads=1).frames
+    expected, total = _shown_frames(path, fps, 64)
+    assert frames == expected
+    with av.open(str(path)) as c:
+        packets = [p for p in c.demux(c.streams.video[0]) if p.size]
+        restarts = sum(bool(media._restart_test(c.streams.video[0])(p)) for p in packets)
+        keyframes = sum(p.is_keyframe for p in packets)
+    assert keyframes >= 5                       # several GOPs, so there is something to skip
+    if expect == "skips":
+        assert passes == [True] and restarts == keyframes and len(fed) < 0.7 * total
+    elif expect == "idr only":
+        assert passes == [True] and restarts < keyframes
+    else:
+        assert passes == [True, False] and len(fed) >= total * (len(frames) - 0.5) / fps / 6.2
+
+
+def test_packets_held_at_the_end_are_decoded_before_the_flush(make_clip):
+    # the frame shown at the last target is still held when the stream ends (FLV: its
+    # video stream is not stream 0, which a flush packet's stream_index would claim)
+    path = make_clip("clip.flv", duration=1.0, fps=2)
+    frames, _ = media.decode_frames(path, frame_size=0, threads=1)
+    assert _times(frames) == pytest.approx([0.5], abs=0.01)
+
+
 # ----------------------------------------------------------------------------- audio
 
 @pytest.mark.parametrize("rate,layout", [(48000, "5.1"), (8000, "mono"), (44100, "stereo")])
