@@ -5,9 +5,10 @@ the kept frames need is decoded: GOPs that end before the next kept frame are sk
 undecoded and decoding stops after the last kept frame. Only the kept frames are converted:
 one swscale call per frame (the resize, staying in Y'CbCr 4:2:0) with one scaler context
 reused per thread, then a JPEG encoded straight from those planes (``simplejpeg``), as the
-ffmpeg CLI does. ``decode_clip`` reads video and audio of one file in a single demux pass. Audio that is already mono at the target rate is converted to
-float32 with numpy (no filter graph); WAV files are opened without FFmpeg's stream probing
-(their header says everything, and probing decodes up to 5 MB of PCM).
+ffmpeg CLI does. ``decode_clip`` reads video and audio of one file in a single demux pass.
+Audio that is already mono at the target rate is converted to float32 with numpy (no filter
+graph); WAV files are opened without FFmpeg's stream probing (their header says everything,
+and probing decodes up to 5 MB of PCM).
 
 Every failure is a ``ClipError`` whose stage is "open" (missing, empty or not a media file),
 "video" or "audio", with a one-line message that names the file.
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import av
 import numpy as np
-from av.video.reformatter import Interpolation, VideoReformatter
 import simplejpeg
+from av.video.reformatter import Interpolation, VideoReformatter
 
 from .errors import ClipError
 
@@ -248,6 +249,7 @@ class _FramePicker:
 
 _local = threading.local()     # one scaler context per thread: an SwsContext is not thread-safe
 
+
 def _yuv_planes(frame, width: int, height: int) -> list[np.ndarray]:
     """``frame`` as full-range (JFIF) 4:2:0 Y, Cb, Cr planes of ``width`` x ``height``, in one
     swscale call (bicubic, accurate rounding).
@@ -438,7 +440,8 @@ def _decode(video, sample_rate, threads, picker_args, picker_class=None, collect
                 video, duration=_declared_duration(container, vstream), start=vstream.start_time,
                 time_base=vstream.time_base, rate=vstream.guessed_rate,
                 sar=vstream.codec_context.sample_aspect_ratio, **picker_args)
-            collector = (collector_class or _AudioCollector)(sample_rate, video) if astream is not None else None
+            collector = None if astream is None else \
+                (collector_class or _AudioCollector)(sample_rate, video)
             try:
                 _read(container, video, vstream, picker, astream, collector, skip_gops)
             except _OpenGop:
