@@ -6,7 +6,8 @@ Public API::
     cfg = ExtractConfig(spec=spec_preset("paper", "cremad"))
     result = extract("cremad", "RAW", "OUT", cfg, workers=4)
 
-Heavy decoders (PyAV, torch) are imported by the modules that need them, not here.
+Heavy decoders (PyAV) are imported by the modules that need them, not here; nothing
+in avprep imports torch.
 """
 from .config import ExtractConfig, SpecConfig, spec_preset, PRESET_NAMES
 from .errors import AvprepError, ClipError, ConfigError, DatasetLayoutError, StorageError

@@ -12,8 +12,8 @@ by default at the real datasets' frame sizes and rates):
   resize, JPEG, resampling, STFT or writing. No extractor can beat it with the same decoder.
 - ``avprep-1``, ``avprep-2``: ``avprep.extract`` with 1 and 2 workers (the whole call:
   discovery, pool of fresh workers, shards, manifests) on ~10 shards, into an empty folder.
-  One-time costs of a command (importing torch, starting the forkserver that workers fork
-  from) are paid in a warm-up and reported apart (``one_time_seconds``): they do not grow with
+  One-time costs of a command (importing the extractor, starting the forkserver that
+  workers fork from) are paid in a warm-up and reported apart (``one_time_seconds``): they do not grow with
   the dataset.
 - ``reference``: the published OGM-GE CREMA-D preprocessing, one clip after another:
   ``cv2.VideoCapture``, ``success, image = vid.read()`` for every frame, every ``fps``-th
@@ -27,8 +27,8 @@ by default at the real datasets' frame sizes and rates):
 
 Every variant runs on one core: avprep's decoders are single-threaded (one process per core)
 and so are the floor's; OpenCV's decoder gets ``CAP_PROP_N_THREADS=1`` (the script leaves the
-count to OpenCV; one thread makes the ratio per core); torch and OpenCV are held to one
-thread. Each rep runs every variant once in a rotating order (load drift on a shared machine
+count to OpenCV; one thread makes the ratio per core) and OpenCV is held to one thread
+(extraction does not use torch, so nothing else has a thread pool). Each rep runs every variant once in a rotating order (load drift on a shared machine
 hits all alike); the fastest rep of each variant is reported (the least disturbed one); the
 load average before and after is in the output. Ratios: ``extract_over_floor`` = avprep-1
 time / floor time (target <= 1.25), ``reference_over_extract`` = reference time / avprep-1
@@ -152,17 +152,15 @@ def _to_wav(video: Path, wav: Path) -> None:
 
 def warm_up(clip, cfg: ExtractConfig, work: Path) -> dict[str, float]:
     """One-time costs, paid once per command and not per clip, timed apart: importing the
-    extractor (torch), starting the forkserver that pool workers fork from, first calls."""
+    extractor, starting the forkserver that pool workers fork from, first calls."""
     import concurrent.futures as cf
 
     t0 = time.perf_counter()
     import avprep.sample  # noqa: F401
     t1 = time.perf_counter()
     import cv2
-    import torch
 
     cv2.setNumThreads(1)            # one core per variant (see the module docstring)
-    torch.set_num_threads(1)
     from avprep.extract import _mp_context
     with cf.ProcessPoolExecutor(2, mp_context=_mp_context()) as pool:
         list(pool.map(os.getpid, []))
