@@ -1,16 +1,26 @@
-"""Typed errors raised by the avprep library. The CLI maps them to exit codes."""
+"""Typed errors raised by the avprep library.
+
+Each class carries ``exit_code``, the CLI exit status it maps to (1: the job ran but found
+problems; 2: usage or configuration the user must fix), so the CLI needs no special cases.
+"""
 
 
 class AvprepError(Exception):
     """Base class of every error avprep raises on purpose."""
 
+    exit_code = 1
+
 
 class ConfigError(AvprepError):
     """Bad options or an output folder that does not match them (CLI exit 2)."""
 
+    exit_code = 2
+
 
 class DatasetLayoutError(AvprepError):
     """The raw dataset folder does not have the expected layout."""
+
+    exit_code = 2
 
 
 class ClipError(AvprepError):

@@ -1,0 +1,33 @@
+"""Typed errors raised by the ogmge_train library.
+
+Each class carries ``exit_code`` (1: the job ran but found problems; 2: usage or configuration
+the user must fix), which the CLI uses without special cases. Errors of the data layer
+(``avprep.errors``) pass through unchanged.
+"""
+
+
+class TrainError(Exception):
+    """Base class of every error ogmge_train raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(TrainError):
+    """Bad or contradictory options (CLI exit 2)."""
+
+    exit_code = 2
+
+
+class RunFolderError(TrainError):
+    """A path is not a run (or sweep) folder, or a run folder cannot be used as asked,
+    e.g. ``--resume`` without ``last.pt`` (CLI exit 2)."""
+
+    exit_code = 2
+
+
+class DataError(TrainError):
+    """Too many corrupt or unreadable samples (CLI exit 1)."""
+
+
+class NonFiniteError(TrainError):
+    """A non-finite loss or gradient stopped training; nothing non-finite was saved (exit 1)."""
