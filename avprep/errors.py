@@ -24,12 +24,18 @@ class DatasetLayoutError(AvprepError):
 
 
 class ClipError(AvprepError):
-    """One clip could not be extracted. ``stage`` says where it failed."""
+    """One clip could not be extracted. ``stage`` says where it failed; ``retryable``: the
+    file was missing, empty or unreadable, which a later run may find fixed."""
 
-    def __init__(self, stage: str, message: str):
+    def __init__(self, stage: str, message: str, retryable: bool = False):
         super().__init__(message)
         self.stage = stage
+        self.retryable = retryable
 
 
 class StorageError(AvprepError):
     """A shard location could not be read or written (after retries)."""
+
+
+class OutputError(AvprepError):
+    """The output folder cannot be written (disk full, read-only, permissions)."""

@@ -64,13 +64,15 @@ def open_media(path) -> av.container.InputContainer:
     path = Path(path)
     try:
         if path.stat().st_size == 0:
-            raise ClipError("open", f"{path}: empty file (0 bytes)")
+            raise ClipError("open", f"{path}: empty file (0 bytes)", retryable=True)
         options = {"probesize": "32"} if _is_wav(path) else {}
         return av.open(str(path), metadata_errors="ignore", options=options)
     except ClipError:
         raise
     except FileNotFoundError:
-        raise ClipError("open", f"{path}: no such file") from None
+        raise ClipError("open", f"{path}: no such file", retryable=True) from None
+    except PermissionError:
+        raise ClipError("open", f"{path}: permission denied", retryable=True) from None
     except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
         raise ClipError("open", f"{path}: cannot open as media: {_one_line(e)}") from None
 

@@ -43,7 +43,16 @@ def _parse_bytes(ctx, param, value):
               help="Storage type of the spectrograms.")
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard (at most).")
 @click.option("--shard-max-bytes", callback=_parse_bytes, help="Also cap shards by estimated size, e.g. 1G.")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes [default: all cores].")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Parallel workers [default: all cores; with --engine ray, the cluster's CPUs].")
+@click.option("--engine", type=click.Choice(["serial", "local", "ray"]),
+              help="Where clips are extracted: this process, local worker processes, or a Ray "
+                   "cluster [default: serial for --workers 1, else local; ray with --ray-address].")
+@click.option("--ray-address", help="Ray cluster to use (auto, host:6379, ray://host:10001) "
+                                    "[default: a local Ray for the run].")
+@click.option("--retry-failed", is_flag=True,
+              help="Extract again the clips that failed in an earlier run (clips that failed to open "
+                   "are always retried).")
 @click.option("--split-file", "split_files", multiple=True,
               help="Published split file, PATH or SPLIT=PATH (repeatable).")
 @click.option("--split-by", help="Group for disjoint splits, e.g. speaker (CREMA-D).")
@@ -57,7 +66,7 @@ def _parse_bytes(ctx, param, value):
 @_ui.handle_errors
 def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_length, center, duration,
                 fps, frame_size, jpeg_quality, spec_dtype, shard_size, shard_max_bytes, workers,
-                split_files, split_by, seed, max_failures, overwrite, s3_endpoint, staging):
+                engine, ray_address, retry_failed, split_files, split_by, seed, max_failures, overwrite, s3_endpoint, staging):
     """Extract a raw dataset into WebDataset shards with manifests (resumable)."""
     from avprep.datasets import get
     from avprep.extract import extract
@@ -69,7 +78,8 @@ def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_len
                         spec_dtype=spec_dtype, shard_size=shard_size, shard_max_bytes=shard_max_bytes)
     with _ui.make_progress("clips", extra="failures") as progress:
         on_event = _ExtractProgress(progress)
-        result = extract(dataset, src, out, cfg, workers=workers, split_files=split_files,
+        result = extract(dataset, src, out, cfg, workers=workers, engine=engine,
+                         ray_address=ray_address, retry_failed=retry_failed, split_files=split_files,
                          split_by=split_by, seed=seed, overwrite=overwrite,
                          max_failures=max_failures, on_event=on_event, s3_endpoint=s3_endpoint,
                          staging=staging)

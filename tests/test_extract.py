@@ -350,8 +350,27 @@ def test_shards_whose_clips_all_failed_leave_no_file_and_resume(bad_raw, tmp_pat
     assert listed == {p.name for p in tmp_path.glob("*.tar")} and len(listed) == 3
     before = _public_files(tmp_path)
     again = extract("cremad", bad_raw, tmp_path, _cfg(shard_size=1), workers=1, max_failures=1.0)
-    assert again.resumed_shards == 6 and again.failures == first.failures
+    # the empty file's shard is tried again (it may have been a download in progress), and says so
+    assert again.resumed_shards == 5 and again.failures == first.failures
+    assert any("1 finished shard(s)" in n and "empty or unreadable" in n for n in again.notes)
     assert _public_files(tmp_path) == before
+    forced = extract("cremad", bad_raw, tmp_path, _cfg(shard_size=1), workers=1, max_failures=1.0,
+                     retry_failed=True)
+    assert forced.resumed_shards == 3 and _public_files(tmp_path) == before
+
+
+def test_a_file_that_was_missing_is_extracted_on_a_plain_rerun(raw, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(raw, src)
+    wav = sorted((src / "AudioWAV").iterdir())[0]
+    saved = wav.read_bytes()
+    wav.write_bytes(b"")           # still downloading
+    first = extract("cremad", src, tmp_path / "out", _cfg(), workers=1, max_failures=1.0)
+    assert [f["stage"] for f in first.failures] == ["open"]
+    wav.write_bytes(saved)
+    again = extract("cremad", src, tmp_path / "out", _cfg(), workers=1)
+    assert again.failures == [] and again.num_samples == N_CLIPS
+    assert any("extracted again" in n for n in again.notes)
 
 
 def test_extract_config_rejects_fps_below_one():

@@ -155,3 +155,16 @@ def finish(name: str, classes: list[str], clips: list[Clip], problems: list[Prob
                      problems=sorted(problems, key=lambda p: (p.key, p.stage, p.source)),
                      skipped={k: v for k, v in sorted(skipped.items()) if v},
                      default_duration=duration, notes=list(notes))
+
+
+def safe_text(text: str) -> str:
+    """``text`` as valid UTF-8: a file name that is not UTF-8 on disk (Python holds its bad
+    bytes as lone surrogates) shows them as ``\\xNN``, so records and messages can be written."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -1,0 +1,262 @@
+"""The extraction output folder: options record, lock, resume state, strays and final writes.
+
+Resume: ``OUT/.avprep-state/options.json`` records the options at the start of a run, and
+``OUT/.avprep-state/<shard>.json`` each finished shard (a ``ShardState``). A re-run keeps the
+shards whose bytes still match their state file and redoes the rest, so a run that was killed
+at any moment ends byte-identical to one that was not. ``.avprep-state/lock`` keeps a second
+extraction out of the same folder.
+
+Durability costs one fsync per shard (its data, before the rename) plus a few per run: a
+state file is only a claim checked against the shard's sha256, so it needs none, and one
+directory fsync before dataset.json makes every rename of the run durable at once.
+
+``write_outputs`` is the one place that writes failures.jsonl, the sample indexes, the
+manifests and dataset.json.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from . import shards as shardlib
+from .errors import ConfigError, OutputError
+
+STATE_DIR = ".avprep-state"
+
+
+@dataclass
+class ShardState:
+    """What a finished shard holds (its state file): enough to resume and to write the indexes."""
+
+    name: str
+    split: str
+    keys: list[str]                                     # every planned clip, failed ones included
+    sha256: str | None                                  # None: every clip failed, no file
+    bytes: int | None
+    num_samples: int
+    samples: list[dict] = field(default_factory=list)   # sample index lines
+    failures: list[dict] = field(default_factory=list)  # failures.jsonl lines
+    retry: list[str] = field(default_factory=list)      # failed keys a rerun tries again
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardState":
+        return cls(**{k: d[k] for k in ("name", "split", "keys", "sha256", "bytes", "num_samples",
+                                        "samples", "failures")}, retry=d.get("retry", []))
+
+
+def json_bytes(obj, indent: int | None = None) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=indent, ensure_ascii=False,
+                       separators=(",", ": ") if indent else (",", ":")) + "\n").encode("utf-8")
+
+
+def tool_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("avprep-ogmge")
+    except Exception:  # not installed (running from a source tree)
+        return "0+unknown"
+
+
+def staging_dir(remote: str) -> Path:
+    """A stable local folder per remote prefix, so an interrupted upload run can resume."""
+    digest = hashlib.sha256(remote.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"avprep-staging-{digest}"
+
+
+# ---------------------------------------------------------------- options
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _stored_options(out: Path) -> dict | None:
+    for path in (out / STATE_DIR / "options.json", out / "dataset.json"):
+        if path.exists():
+            try:
+                d = json.loads(path.read_text(encoding="utf-8"))
+                return {k: d.get(k) for k in ("name", "config", "tool_version")}
+            except (OSError, ValueError, AttributeError) as e:
+                raise ConfigError(f"{path}: unreadable ({e}); use --overwrite to start over") from None
+    return None
+
+
+def _ours(path: Path) -> bool:
+    n = path.name
+    return (n in ("dataset.json", "failures.jsonl") or n.endswith(".tar")
+            or n.endswith(".manifest.json") or n.endswith(".samples.jsonl")
+            or shardlib.TMP_MARK in n)
+
+
+def check_options(out: Path, options: dict) -> None:
+    """Refuse to mix two sets of options (or unknown shards) in one folder; reads only."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    stored = _stored_options(out)
+    if stored is None and any(out.glob("*.tar")):
+        raise ConfigError(f"{out}: holds shards this tool did not record; use --overwrite to start over")
+    if stored is not None and stored != options:
+        old, new = _flatten(stored), _flatten(options)
+        diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                 if old.get(k) != new.get(k)]
+        raise ConfigError(f"{out}: was extracted with other options ({'; '.join(diffs[:5])}); "
+                          "use the same options to resume, or --overwrite to start over")
+
+
+# ---------------------------------------------------------------- lock, preparation
+
+def _write_error(path: Path, e: OSError) -> OutputError:
+    why = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+           errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(
+        e.errno, e.strerror or str(e))
+    return OutputError(f"{path}: cannot write: {why}; finished shards are kept, re-run the same "
+                       "command to resume")
+
+
+@contextmanager
+def writing(path: Path):
+    """Turn an OSError raised while writing ``path`` into a one-line ``OutputError``."""
+    try:
+        yield
+    except OSError as e:
+        raise _write_error(path, e) from None
+
+
+@contextmanager
+def exclusive(out: Path):
+    """One extraction per folder at a time (a second one would delete the first's temporary
+    files). An advisory lock: the kernel drops it when the holder dies, even by kill -9."""
+    with writing(out):
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        f = open(out / STATE_DIR / "lock", "a+b")
+    with f:
+        try:
+            import fcntl
+        except ImportError:      # not POSIX: no lock
+            yield
+            return
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"{out}: another extraction is writing into this folder") from None
+        yield
+
+
+def prepare(out: Path, options: dict, overwrite: bool) -> None:
+    """Empty ``out`` of our files with ``overwrite``, drop killed writers' leftovers, record
+    ``options`` for later resumes."""
+    state = out / STATE_DIR
+    with writing(out):
+        if overwrite:
+            for p in [*filter(_ours, out.iterdir()), *state.iterdir()]:
+                if p.name != "lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for folder in (out, state):
+            for p in folder.glob(f"*{shardlib.TMP_MARK}*"):
+                p.unlink(missing_ok=True)
+        if not (state / "options.json").exists():
+            shardlib.atomic_write_bytes(state / "options.json", json_bytes(options, indent=1))
+
+
+def finished_state(out: Path, plan: shardlib.ShardPlan) -> ShardState | None:
+    """The state of ``plan``'s shard when it is complete and intact, else None."""
+    path = out / STATE_DIR / f"{plan.name}.json"
+    try:
+        st = ShardState.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if st.keys != [c.key for c in plan.clips]:
+        return None
+    shard = out / plan.name
+    if st.sha256 is None:      # every clip failed: no file expected
+        return None if shard.exists() else st
+    try:
+        if shard.stat().st_size != st.bytes or shardlib.sha256_file(shard) != st.sha256:
+            return None
+    except OSError:
+        return None
+    return st
+
+
+def save_state(out: Path, st: ShardState) -> None:
+    # no fsync: after a crash a lost or torn state file only means the shard is redone
+    with writing(out / STATE_DIR):
+        shardlib.atomic_write_bytes(out / STATE_DIR / f"{st.name}.json", json_bytes(asdict(st)),
+                                    durable=False)
+
+
+def invalidate(out: Path) -> None:
+    """dataset.json marks a complete output: gone while shards are being redone."""
+    with writing(out):
+        (out / "dataset.json").unlink(missing_ok=True)
+
+
+def remove_strays(out: Path, planned: set[str]) -> None:
+    """Shards (and their state) from an earlier plan that the current one does not have."""
+    with writing(out):
+        for p in out.glob("*.tar"):
+            if p.name not in planned:
+                p.unlink()
+        for p in (out / STATE_DIR).glob("*.tar.json"):
+            if p.name[:-len(".json")] not in planned:
+                p.unlink()
+        splits = {name.rsplit("-", 1)[0] for name in planned}
+        for suffix in (".manifest.json", ".samples.jsonl"):
+            for p in out.glob(f"*{suffix}"):
+                if p.name[:-len(suffix)] not in splits:
+                    p.unlink()
+
+
+# ---------------------------------------------------------------- final writes
+
+def count(items: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for x in items:
+        counts[x] = counts.get(x, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan],
+                  states: dict[str, ShardState], failures: list[dict], options: dict) -> dict:
+    """failures.jsonl, then per split the sample index and manifest, dataset.json last.
+    Returns ``{split: {label: samples}}``.
+
+    Each file is fsynced before its rename; one directory fsync before dataset.json makes the
+    renames of the whole run (shards included) durable, so dataset.json never outlives them."""
+    def write(path: Path, data: bytes, **kw) -> None:
+        with writing(path):
+            shardlib.atomic_write_bytes(path, data, **kw)
+
+    write(out / "failures.jsonl", b"".join(json_bytes(f) for f in failures), sync_dir=False)
+    samples: dict[str, dict[str, int]] = {}
+    for split in shardlib.split_order({p.split for p in plans}):
+        sts = [states[p.name] for p in plans if p.split == split]
+        records = [r for st in sts for r in st.samples]
+        write(out / f"{split}.samples.jsonl", b"".join(map(json_bytes, records)), sync_dir=False)
+        counts = count(r["label"] for r in records)
+        samples[split] = {c: counts[c] for c in classes if c in counts}
+        manifest = {"split": split, "num_samples": len(records), "class_counts": samples[split],
+                    "shards": [{"name": st.name, "num_samples": st.num_samples,
+                                "bytes": st.bytes, "sha256": st.sha256}
+                               for st in sts if st.sha256 is not None]}
+        write(out / f"{split}.manifest.json", json_bytes(manifest, indent=1), sync_dir=False)
+    info = {**options, "classes": list(classes),
+            "splits": {s: sum(c.values()) for s, c in samples.items()},
+            "num_failures": len(failures)}
+    shardlib.fsync_dir(out)
+    write(out / "dataset.json", json_bytes(info, indent=1))
+    return samples
