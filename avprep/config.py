@@ -13,7 +13,11 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """How audio becomes a 2-D array. ``kind`` is "stft" (freq × time) or "fbank" (time × mel)."""
+    """How audio becomes a 2-D array. ``kind`` is "stft" (log-magnitude STFT, freq × time),
+    "scipy-psd" (the paper-time script: ``scipy.signal.spectrogram`` PSD with a Tukey(0.25)
+    window and constant detrend, ``log(S + 1e-7)``, per-clip z-score; freq × time) or "fbank"
+    (Kaldi fbank, time × mel). ``resampler``: "soxr" (librosa's default, soxr_hq) or "ffmpeg"
+    (swresample), used when the source rate differs."""
 
     preset: str
     kind: str
@@ -25,6 +29,7 @@ class SpecConfig:
     center: bool = False
     # librosa < 0.10 (what the OGM-GE code ran on) padded centred frames by reflection
     pad_mode: str = "reflect"
+    resampler: str = "soxr"
     # fbank only
     num_mel_bins: int = 128
     frame_length_ms: float = 25.0
@@ -40,6 +45,8 @@ class SpecConfig:
         """Shape of the array this config yields for every clip."""
         if self.kind == "fbank":
             return (self.num_frames, self.num_mel_bins)
+        if self.kind == "scipy-psd":       # scipy pads nothing: frames of n_fft every hop
+            return (self.n_fft // 2 + 1, 1 + (self.num_samples - self.n_fft) // self.hop_length)
         n = self.num_samples
         if self.center:
             frames = 1 + n // self.hop_length
@@ -48,23 +55,41 @@ class SpecConfig:
         return (self.n_fft // 2 + 1, frames)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields this kind uses (what dataset.json records)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in _FIELDS[self.kind]}
 
 
-PRESET_NAMES = ("paper", "ogmge-code", "fbank")
-# Datasets whose clips are 3 s in the paper (others are 10 s).
-_SHORT_DATASETS = {"cremad"}
+_COMMON = {"preset", "kind", "sample_rate", "duration", "resampler"}
+_FIELDS = {"stft": _COMMON | {"n_fft", "win_length", "hop_length", "center", "pad_mode"},
+           "scipy-psd": _COMMON | {"n_fft", "win_length", "hop_length"},
+           "fbank": _COMMON | {"num_mel_bins", "frame_length_ms", "frame_shift_ms", "num_frames"}}
+PRESET_NAMES = ("paper", "paper-scipy", "ogmge-code", "fbank")
+RESAMPLERS = ("soxr", "ffmpeg")
+FRAME_RULES = ("middle", "start")
+
+
+def _dataset_duration(dataset: str) -> float:
+    """The clip length of the paper's presets for ``dataset`` (its adapter says; 10 s when none)."""
+    if not dataset:
+        return 10.0
+    from .datasets import get
+    return get(dataset).DEFAULT_DURATION
 
 
 def spec_preset(name: str, dataset: str = "", **overrides) -> SpecConfig:
-    """The preset ``name`` for ``dataset``, with per-field ``overrides`` (None values ignored)."""
+    """The preset ``name`` for ``dataset``, with per-field ``overrides`` (None values ignored).
+
+    Each preset resamples as its reference pipeline did: librosa.load (soxr_hq) for the
+    paper-time script and the released OGM-GE loader, FFmpeg for the fbank (AST) front-end."""
     if name == "paper":
-        duration = 3.0 if dataset in _SHORT_DATASETS else 10.0
-        cfg = SpecConfig("paper", "stft", 16000, duration, 512, 512, 159, False)
+        cfg = SpecConfig("paper", "stft", 16000, _dataset_duration(dataset), 512, 512, 159, False)
+    elif name == "paper-scipy":
+        # scipy.signal.spectrogram(nperseg=512, noverlap=353): hop 159, no padding
+        cfg = SpecConfig("paper-scipy", "scipy-psd", 16000, _dataset_duration(dataset), 512, 512, 159)
     elif name == "ogmge-code":
         cfg = SpecConfig("ogmge-code", "stft", 22050, 3.0, 512, 512, 353, True)
     elif name == "fbank":
-        cfg = SpecConfig("fbank", "fbank", 16000, 10.0)
+        cfg = SpecConfig("fbank", "fbank", 16000, 10.0, resampler="ffmpeg")
     else:
         raise ConfigError(f"unknown spectrogram preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -72,7 +97,11 @@ def spec_preset(name: str, dataset: str = "", **overrides) -> SpecConfig:
     if unknown:
         raise ConfigError(f"unknown spectrogram setting(s): {', '.join(sorted(unknown))}")
     cfg = dataclasses.replace(cfg, **overrides)
-    if cfg.kind == "stft" and (cfg.win_length > cfg.n_fft or cfg.hop_length <= 0):
+    if cfg.resampler not in RESAMPLERS:
+        raise ConfigError(f"unknown resampler {cfg.resampler!r}; choose one of {', '.join(RESAMPLERS)}")
+    if cfg.kind == "scipy-psd" and cfg.win_length != cfg.n_fft:
+        raise ConfigError("paper-scipy: the window is n_fft long (scipy's nperseg); set --n-fft only")
+    if cfg.kind in ("stft", "scipy-psd") and (cfg.win_length > cfg.n_fft or cfg.hop_length <= 0):
         raise ConfigError(f"invalid STFT settings: n_fft={cfg.n_fft} win_length={cfg.win_length} hop={cfg.hop_length}")
     if cfg.sample_rate <= 0 or cfg.duration <= 0:
         raise ConfigError("sample rate and duration must be positive")
@@ -90,6 +119,9 @@ class ExtractConfig:
     fps: int = 1
     frame_size: int = 256          # short side in pixels; 0 keeps the original size
     jpeg_quality: int = 90
+    # "middle": the frame shown at t = (i + 0.5) / fps (SPEC §3); "start": at t = i / fps,
+    # partial last interval included (the released OGM-GE CREMA-D frame script)
+    frame_rule: str = "middle"
     spec_dtype: str = "float16"
     shard_size: int = 1000
     shard_max_bytes: int | None = None
@@ -100,6 +132,8 @@ class ExtractConfig:
             raise ConfigError(f"--spec-dtype must be float16 or float32, not {self.spec_dtype!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError("--jpeg-quality must be in 1..100")
+        if self.frame_rule not in FRAME_RULES:
+            raise ConfigError(f"--frame-rule must be one of {', '.join(FRAME_RULES)}, not {self.frame_rule!r}")
         if self.fps < 1:
             raise ConfigError("--fps must be >= 1")
         if self.frame_size < 0:

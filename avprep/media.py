@@ -130,7 +130,8 @@ def _target_size(w: int, h: int, frame_size: int, sar) -> tuple[int, int]:
 
 
 class _FramePicker:
-    """Consumes decoded frames in order; keeps the frame shown at each (i + 0.5) / fps.
+    """Consumes decoded frames in order; keeps the frame shown at each (i + 0.5) / fps (rule
+    "middle"), or at each i / fps with a partial last interval included (rule "start").
 
     Times are compared as integers in the stream's time base (ticks since the stream start), so
     a frame exactly at a target counts as shown there. With a known duration the targets are
@@ -139,8 +140,8 @@ class _FramePicker:
     """
 
     def __init__(self, path, *, fps, frame_size, jpeg_quality, duration, start, time_base, rate,
-                 sar=None):
-        self.path, self.fps = path, Fraction(fps)
+                 sar=None, rule="middle"):
+        self.path, self.fps, self.rule = path, Fraction(fps), rule
         self.frame_size, self.jpeg_quality = frame_size, jpeg_quality
         self.duration = duration
         self.n_targets = None if duration is None else self._count(duration)
@@ -159,10 +160,14 @@ class _FramePicker:
         self.done = False                  # every target has its frame
 
     def _count(self, duration: float) -> int:
+        if self.rule == "start":        # t = 0, 1/fps, ...: a partial last interval counts
+            return max(1, int(math.ceil(duration * self.fps - 1e-6)))
         return max(1, int(math.floor(duration * self.fps + 1e-6)))
 
     def target(self, i: int) -> Fraction:
         """Target time of frame i in seconds since the stream start."""
+        if self.rule == "start":
+            return Fraction(i) / self.fps
         if self.duration is not None and self.duration * self.fps < 1:
             return Fraction(self.duration).limit_denominator(1_000_000) / 2   # the middle frame
         return (2 * i + 1) / (2 * self.fps)
@@ -292,105 +297,138 @@ def _encode_jpeg(planes: list[np.ndarray], quality: int) -> bytes:
 _DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
-# mono sample formats that numpy turns into float32 exactly as swresample does (x / 2^15,
-# x / 2^31, a cast): (dtype, scale). No filter graph needed when the rate already matches.
-_DIRECT = {"s16": ("=i2", 1 / (1 << 15)), "s32": ("=i4", 1 / (1 << 31)), "flt": ("=f4", None),
-           "dbl": ("=f8", None)}
-_DIRECT.update({f"{k}p": v for k, v in _DIRECT.items()})     # planar mono: the same bytes
+# FFmpeg's sample formats as numpy sees them: (dtype, scale to [-1, 1), offset), converted
+# exactly as swresample (and libsndfile, under librosa.load) do: x / 2^(bits-1), u8 centred.
+_FORMATS = {"u8": ("u1", 1 / (1 << 7), 128), "s16": ("=i2", 1 / (1 << 15), 0),
+            "s32": ("=i4", 1 / (1 << 31), 0), "s64": ("=i8", 1 / (1 << 63), 0),
+            "flt": ("=f4", None, 0), "dbl": ("=f8", None, 0)}
 
 
-def _direct_float(data: bytes, sample_format: str) -> np.ndarray:
-    dtype, scale = _DIRECT[sample_format]
+def _to_float(data: bytes, sample_format: str) -> np.ndarray:
+    dtype, scale, offset = _FORMATS[sample_format.rstrip("p")]
     out = np.frombuffer(data, dtype).astype(np.float32)
+    if offset:
+        out -= np.float32(offset)
     if scale is not None:
-        out *= np.float32(scale)
+        out *= np.float32(scale)       # a power of two: exact
     return out
 
 
+def _graph(fmt: str, rate: int, layout: str, options: str) -> av.filter.Graph:
+    graph = av.filter.Graph()
+    graph.threads = 1       # aresample has no threads; FFmpeg's pool would cost ~3 ms a clip
+    src = graph.add_abuffer(format=fmt, sample_rate=rate, layout=layout, time_base=Fraction(1, rate))
+    node = graph.add("aresample", options)
+    sink = graph.add("abuffersink")
+    src.link_to(node)
+    node.link_to(sink)
+    graph.configure()
+    return graph
+
+
+def _through_graph(planes: np.ndarray, rate: int, layout: str, options: str) -> np.ndarray:
+    """float32 ``planes`` (channels x samples) through one ``aresample`` filter, mono float32 out."""
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes, np.float32), format="fltp", layout=layout)
+    frame.sample_rate, frame.pts = rate, 0
+    graph = _graph("fltp", rate, layout, options)
+    graph.push(frame)
+    graph.push(None)
+    out = []
+    while True:
+        try:
+            out.append(graph.pull().to_ndarray().reshape(-1))
+        except (av.BlockingIOError, av.EOFError):
+            break
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def downmix(planes: np.ndarray, layout: str) -> np.ndarray:
+    """Mono float32 of ``planes`` (channels x samples): the channel itself, the mean of two (as
+    librosa.load), and FFmpeg's matrix normalised not to clip for more (5.1: centre, fronts and
+    surrounds at -3 dB, no LFE, like ``ffmpeg -ac 1``; without the normalisation a 5.1 mix
+    peaks at 1.7x the input)."""
+    if planes.shape[0] == 1:
+        return planes[0]
+    if planes.shape[0] == 2:
+        return (planes[0] + planes[1]) * np.float32(0.5)
+    rate = 48000                # any: only the matrix is applied
+    return _through_graph(planes, rate, layout, "ochl=mono:osf=flt:rematrix_maxval=1.0")
+
+
+def resample(wave: np.ndarray, rate: int, target: int, resampler: str = "soxr") -> np.ndarray:
+    """Mono float32 ``wave`` from ``rate`` to ``target`` Hz, once for the whole clip.
+
+    "soxr": soxr's HQ mode, then cut or zero-padded to ceil(n * target / rate) samples, which
+    is what ``librosa.load(sr=target)`` (res_type soxr_hq) returns; "ffmpeg": swresample's
+    default filter, as the ffmpeg CLI."""
+    if rate == target:
+        return wave
+    if resampler == "soxr":
+        import soxr
+        out = soxr.resample(wave, rate, target, quality="HQ").astype(np.float32, copy=False)
+        n = math.ceil(wave.size * target / rate)
+        return out[:n] if out.size >= n else np.pad(out, (0, n - out.size))
+    if resampler == "ffmpeg":
+        return _through_graph(wave[None], rate, "mono", f"osr={target}:osf=flt")
+    raise ValueError(f"unknown resampler {resampler!r}")
+
+
 class _AudioCollector:
-    """Downmix + resample in one swresample pass (an ``aresample`` filter), float32 mono out;
-    mono audio already at the target rate skips the filter (numpy, same values, ~free).
+    """Collects decoded audio as raw plane bytes (one copy per frame, no per-frame conversion),
+    then per clip: one conversion to float32 planes, one downmix, one resampling.
 
-    ``rematrix_maxval=1`` normalises FFmpeg's downmix matrix so it cannot clip: stereo becomes
-    the channel mean (what librosa.load does), 5.1 FFmpeg's standard mix (centre + fronts,
-    surrounds -3 dB, no LFE) scaled like ``ffmpeg -ac 1`` to 16-bit WAV. av.AudioResampler
-    cannot take that option, and without it a 5.1 mix peaks at 1.7x the input.
-    """
+    A stream that changes format, rate or layout mid-way is handled in segments, each
+    converted on its own."""
 
-    def __init__(self, sample_rate: int, path):
-        self.sample_rate, self.path = sample_rate, path
-        self.graph, self.key, self.direct = None, None, False
-        self.chunks: list[np.ndarray] = []
-        self.raw: list[bytes] = []           # direct samples not yet converted
+    def __init__(self, sample_rate: int, path, resampler: str = "soxr"):
+        self.sample_rate, self.path, self.resampler = sample_rate, path, resampler
+        self.segments: list[tuple[tuple, list[list[bytes]]]] = []
+        self.key = None
         self.seen = 0
 
-    def _build(self, frame) -> None:
-        graph = av.filter.Graph()
-        graph.threads = 1       # aresample has no threads; FFmpeg's pool would cost ~3 ms a clip
-        layout = frame.layout.name
-        if layout.endswith(" channels"):     # unordered (e.g. WAV without a mask): FFmpeg's default
-            layout = _DEFAULT_LAYOUTS.get(len(frame.layout.channels), layout)
-        src = graph.add_abuffer(format=frame.format.name, sample_rate=frame.sample_rate,
-                                layout=layout, time_base=frame.time_base)
-        resample = graph.add("aresample", f"osr={self.sample_rate}:ochl=mono:osf=flt:rematrix_maxval=1.0")
-        sink = graph.add("abuffersink")
-        src.link_to(resample)
-        resample.link_to(sink)
-        graph.configure()
-        self.graph = graph
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                self.chunks.append(self.graph.pull().to_ndarray().reshape(-1))
-            except (av.BlockingIOError, av.EOFError):
-                return
-
     def feed(self, frame) -> None:
-        key = (frame.format.name, frame.sample_rate, frame.layout.name)
-        try:
-            if key != self.key:              # first frame, or the stream changed format mid-way
-                self._flush()
-                self.key = key
-                self.direct = (frame.sample_rate == self.sample_rate and frame.format.name in _DIRECT
-                               and len(frame.layout.channels) == 1)
-                if not self.direct:
-                    self._build(frame)
-            if self.direct:     # raw bytes now, one conversion at the end (~20 us a frame less)
-                self.raw.append(bytes(memoryview(frame.planes[0])[:frame.samples * frame.format.bytes]))
-            else:
-                self.graph.push(frame)
-                self._drain()
-        except (av.error.FFmpegError, ValueError) as e:
-            raise ClipError("audio", f"{self.path}: cannot resample {key}: {_one_line(e)}") from None
+        fmt = frame.format
+        channels = len(frame.layout.channels)
+        key = (fmt.name, frame.sample_rate, frame.layout.name, channels)
+        if fmt.name.rstrip("p") not in _FORMATS:
+            raise ClipError("audio", f"{self.path}: unsupported sample format {fmt.name}")
+        if key != self.key:              # first frame, or the stream changed format mid-way
+            self.key = key
+            self.segments.append((key, [[] for _ in range(channels if fmt.is_planar else 1)]))
+        planes = self.segments[-1][1]
+        size = frame.samples * fmt.bytes * (1 if fmt.is_planar else channels)
+        for store, plane in zip(planes, frame.planes):
+            store.append(bytes(memoryview(plane)[:size]))
         self.seen += 1
 
-    def _flush(self) -> None:
-        data, self.raw = b"".join(self.raw), []
-        if data:
-            self.chunks.append(_direct_float(data, self.key[0]))
-        if self.graph is not None:
-            self.graph.push(None)
-            self._drain()
-            self.graph = None
+    def _segment(self, key, planes: list[list[bytes]]) -> np.ndarray:
+        fmt, rate, layout, channels = key
+        if layout.endswith(" channels"):     # unordered (e.g. WAV without a mask): FFmpeg's default
+            layout = _DEFAULT_LAYOUTS.get(channels, layout)
+        data = [_to_float(b"".join(p), fmt) for p in planes]
+        arr = np.stack(data) if len(data) > 1 else data[0].reshape(-1, channels).T
+        try:
+            return resample(downmix(arr, layout), rate, self.sample_rate, self.resampler)
+        except (av.error.FFmpegError, ValueError) as e:
+            raise ClipError("audio", f"{self.path}: cannot resample {key}: {_one_line(e)}") from None
 
     def finish(self) -> np.ndarray:
-        self._flush()
-        if not self.chunks:
+        waves = [self._segment(k, p) for k, p in self.segments if any(p[0])]
+        if not waves or not sum(w.size for w in waves):
             raise ClipError("audio", f"{self.path}: audio stream has no decodable samples")
-        return np.concatenate(self.chunks).astype(np.float32, copy=False)
+        return np.concatenate(waves).astype(np.float32, copy=False)
 
 
-def decode_audio(path, sample_rate: int) -> np.ndarray:
+def decode_audio(path, sample_rate: int, resampler: str = "soxr") -> np.ndarray:
     """The first audio stream of ``path`` as float32 mono at ``sample_rate`` (any layout/rate).
 
-    Downmix: FFmpeg's matrix normalised not to clip (stereo: the mean; 5.1: centre, fronts and
-    surrounds at -3 dB, no LFE), see ``_AudioCollector``. Mono audio already at ``sample_rate``
-    is only converted to float (integer PCM divided by its full scale, as FFmpeg does).
+    Downmix: see ``downmix`` (stereo: the mean). Resampling (``resample``): ``resampler``
+    "soxr" (as librosa.load) or "ffmpeg". Mono audio already at ``sample_rate`` is only
+    converted to float (integer PCM divided by its full scale, as FFmpeg does).
     """
     container = open_media(path)
     with container:
-        collector = _AudioCollector(sample_rate, path)
+        collector = _AudioCollector(sample_rate, path, resampler)
         _read(container, path, None, None, _audio_stream(container, path), collector)
         return collector.finish()
 
@@ -409,7 +447,8 @@ def fit_duration(wave: np.ndarray, num_samples: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- clip
 
 def decode_clip(video, audio=None, *, sample_rate: int | None = None, fps: float = 1,
-                frame_size: int = 256, jpeg_quality: int = 90, threads: int = 0) -> DecodedClip:
+                frame_size: int = 256, jpeg_quality: int = 90, threads: int = 0,
+                resampler: str = "soxr", frame_rule: str = "middle") -> DecodedClip:
     """Frames of ``video`` and, when ``sample_rate`` is given, the audio of ``audio`` (or of
     ``video`` itself when ``audio`` is None), reading a shared file in one demux pass.
 
@@ -422,15 +461,17 @@ def decode_clip(video, audio=None, *, sample_rate: int | None = None, fps: float
     ``threads`` is the video decoder's thread count: 0 lets FFmpeg use one per core, 1 suits
     one worker process per core. Frame selection is as in ``decode_frames``.
     """
-    picker_args = dict(fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality)
-    picker, wave = _decode(video, sample_rate if audio is None else None, threads, picker_args)
+    picker_args = dict(fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality, rule=frame_rule)
+    picker, wave = _decode(video, sample_rate if audio is None else None, threads, picker_args,
+                           resampler=resampler)
     if sample_rate is not None and audio is not None:
-        wave = decode_audio(audio, sample_rate)
+        wave = decode_audio(audio, sample_rate, resampler)
     return DecodedClip(picker.frames, [float(picker.target(i)) for i in range(len(picker.frames))],
                        picker.size or (0, 0), float(picker.duration), wave)
 
 
-def _decode(video, sample_rate, threads, picker_args, picker_class=None, collector_class=None):
+def _decode(video, sample_rate, threads, picker_args, picker_class=None, collector_class=None,
+            resampler: str = "soxr"):
     """(finished picker, wave or None) of ``video``: one demux pass skipping GOPs, or, for a
     stream with open GOPs, a second pass that does not."""
     for skip_gops in (True, False):
@@ -443,7 +484,7 @@ def _decode(video, sample_rate, threads, picker_args, picker_class=None, collect
                 time_base=vstream.time_base, rate=vstream.guessed_rate,
                 sar=vstream.codec_context.sample_aspect_ratio, **picker_args)
             collector = None if astream is None else \
-                (collector_class or _AudioCollector)(sample_rate, video)
+                (collector_class or _AudioCollector)(sample_rate, video, resampler)
             try:
                 _read(container, video, vstream, picker, astream, collector, skip_gops)
             except _OpenGop:
@@ -567,7 +608,7 @@ def _read(container, path, vstream, picker, astream=None, collector=None, skip_g
 
 
 def decode_frames(path, *, fps: float = 1, frame_size: int = 256, jpeg_quality: int = 90,
-                  threads: int = 0) -> tuple[list[bytes], float]:
+                  threads: int = 0, frame_rule: str = "middle") -> tuple[list[bytes], float]:
     """JPEG frames shown at t = (i + 0.5) / fps, i = 0..floor(duration * fps) - 1, and the duration.
 
     "Shown at t" is the last frame whose timestamp (relative to the stream start) is <= t;
@@ -575,7 +616,9 @@ def decode_frames(path, *, fps: float = 1, frame_size: int = 256, jpeg_quality: 
     short side is ``frame_size`` (0 keeps it; non-square pixels are made square first) and
     the container's rotation is applied. The duration is the video stream's, from the headers
     (decoding to the end when they say nothing); a video that stops more than 1 s early is
-    reported as truncated.
+    reported as truncated. ``frame_rule="start"`` keeps the frames shown at t = i / fps for
+    i = 0..ceil(duration * fps) - 1 instead (the released OGM-GE CREMA-D script's choice).
     """
-    clip = decode_clip(path, fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality, threads=threads)
+    clip = decode_clip(path, fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality, threads=threads,
+                       frame_rule=frame_rule)
     return clip.frames, clip.duration

@@ -6,6 +6,13 @@ padding with ``pad_mode``, magnitude, then ``log(|S| + 1e-7)``; shape (n_fft // 
 frames). The FFT runs in float64 and the log in float32, so it agrees with ``librosa.stft``
 to float32 rounding. No torch: extraction workers never import it.
 
+paper-scipy (``kind == "scipy-psd"``): what the paper-time script computed with
+``scipy.signal.spectrogram(x, fs, nperseg=n_fft, noverlap=n_fft - hop)``: frames of ``n_fft``
+every ``hop`` (no padding), each with its mean removed (detrend "constant"), a periodic
+Tukey(0.25) window, one-sided power spectral density (|X|^2 / (fs * sum(w^2)), doubled except
+at DC and Nyquist); then ``log(S + 1e-7)`` and a z-score over the whole clip (mean 0, std 1,
+population std). Computed in float64.
+
 fbank preset (``kind == "fbank"``): the AST / GeWu-lab front-end, i.e. what
 ``torchaudio.compliance.kaldi.fbank(w - w.mean(), htk_compat=True, use_energy=False,
 window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)`` computes, ported to
@@ -39,6 +46,8 @@ def compute(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
                          f"{spec.sample_rate} Hz), got {wave.size}; call media.fit_duration first")
     if spec.kind == "stft":
         out = _stft(wave, spec)
+    elif spec.kind == "scipy-psd":
+        out = _scipy_psd(wave, spec)
     elif spec.kind == "fbank":
         out = _fbank(wave, spec)
     else:
@@ -62,6 +71,32 @@ def _window(win_length: int, n_fft: int) -> np.ndarray:
     hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win_length) / win_length)
     left = (n_fft - win_length) // 2
     return np.pad(hann, (left, n_fft - win_length - left))
+
+
+def tukey(n: int, alpha: float = 0.25) -> np.ndarray:
+    """Periodic Tukey window of ``n`` points: a cosine taper over ``alpha / 2`` of each end
+    (the symmetric window of n + 1 points without its last one, as for FFT frames)."""
+    m = n                       # the symmetric window has m + 1 points, 0..m
+    k = np.arange(n, dtype=np.float64)
+    edge = alpha * m / 2
+    w = np.ones(n)
+    rise = k < edge
+    w[rise] = 0.5 * (1 - np.cos(np.pi * k[rise] / edge))
+    fall = k > m - edge
+    w[fall] = 0.5 * (1 - np.cos(np.pi * (m - k[fall]) / edge))
+    return w
+
+
+def _scipy_psd(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
+    x = wave.astype(np.float64)
+    frames = np.lib.stride_tricks.sliding_window_view(x, spec.n_fft)[::spec.hop_length]
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    window = tukey(spec.n_fft, 0.25)
+    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2 / (spec.sample_rate * (window ** 2).sum())
+    power[:, 1:(-1 if spec.n_fft % 2 == 0 else None)] *= 2      # one-sided: the negative half
+    log = np.log(power.T + LOG_EPS)
+    std = log.std()
+    return ((log - log.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
 
 
 def _mel(f):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from avprep.config import PRESET_NAMES, ExtractConfig, spec_preset
+from avprep.config import FRAME_RULES, PRESET_NAMES, RESAMPLERS, ExtractConfig, spec_preset
 from avprep.errors import AvprepError, ConfigError
 
 from . import _ui
@@ -36,7 +36,13 @@ def _parse_bytes(ctx, param, value):
 @click.option("--win-length", type=int, help="Override the preset's window length.")
 @click.option("--center/--no-center", default=None, help="Override the preset's STFT centring.")
 @click.option("--duration", type=float, help="Override the preset's audio duration (seconds).")
+@click.option("--resampler", type=click.Choice(RESAMPLERS),
+              help="Audio resampler [default: the preset's reference pipeline: soxr (librosa.load) "
+                   "for paper, paper-scipy, ogmge-code; ffmpeg for fbank].")
 @click.option("--fps", type=click.IntRange(min=1), default=1, show_default=True, help="Frames per second kept.")
+@click.option("--frame-rule", type=click.Choice(FRAME_RULES), default="middle", show_default=True,
+              help="Frames at t = i + 0.5 s (middle) or at t = i s with a partial last second "
+                   "(start: the released OGM-GE CREMA-D script).")
 @click.option("--frame-size", type=int, default=256, show_default=True, help="Short side in pixels (0 keeps).")
 @click.option("--jpeg-quality", type=int, default=90, show_default=True, help="JPEG quality of the frames (1-100).")
 @click.option("--spec-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
@@ -65,7 +71,7 @@ def _parse_bytes(ctx, param, value):
               help="Local folder for an s3:// output [default: one per URL in the temp folder].")
 @_ui.handle_errors
 def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_length, center, duration,
-                fps, frame_size, jpeg_quality, spec_dtype, shard_size, shard_max_bytes, workers,
+                resampler, fps, frame_rule, frame_size, jpeg_quality, spec_dtype, shard_size, shard_max_bytes, workers,
                 engine, ray_address, retry_failed, split_files, split_by, seed, max_failures, overwrite, s3_endpoint, staging):
     """Extract a raw dataset into WebDataset shards with manifests (resumable)."""
     from avprep.datasets import get
@@ -73,8 +79,9 @@ def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_len
 
     dataset = get(dataset).NAME
     spec_cfg = spec_preset(spec, dataset, sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length,
-                           win_length=win_length, center=center, duration=duration)
-    cfg = ExtractConfig(spec=spec_cfg, fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality,
+                           win_length=win_length, center=center, duration=duration, resampler=resampler)
+    cfg = ExtractConfig(spec=spec_cfg, fps=fps, frame_rule=frame_rule, frame_size=frame_size,
+                        jpeg_quality=jpeg_quality,
                         spec_dtype=spec_dtype, shard_size=shard_size, shard_max_bytes=shard_max_bytes)
     with _ui.make_progress("clips", extra="failures") as progress:
         on_event = _ExtractProgress(progress)

@@ -376,3 +376,29 @@ def test_a_file_that_was_missing_is_extracted_on_a_plain_rerun(raw, tmp_path):
 def test_extract_config_rejects_fps_below_one():
     with pytest.raises(ConfigError, match="--fps"):
         ExtractConfig(spec=spec_preset("paper", "cremad"), fps=0)
+
+
+def test_frame_rule_and_preset_are_recorded_and_applied(raw, tmp_path):
+    import scipy.signal
+
+    cfg = ExtractConfig(spec=spec_preset("paper-scipy", "cremad"), frame_size=FRAME, frame_rule="start",
+                        spec_dtype="float32", shard_size=100)
+    extract("cremad", raw, tmp_path, cfg, workers=1)
+    config = json.loads((tmp_path / "dataset.json").read_text())["config"]
+    assert config["frame_rule"] == "start"
+    assert config["spec"] == {"preset": "paper-scipy", "kind": "scipy-psd", "sample_rate": 16000,
+                              "duration": 3.0, "n_fft": 512, "win_length": 512, "hop_length": 159,
+                              "resampler": "soxr"}
+    sample = _samples(tmp_path / "train-000000.tar")
+    key, members = next(iter(sample.items()))
+    members = dict(members)
+    meta = json.loads(members["json"])
+    n = math.ceil(meta["duration"] - 1e-6)
+    assert meta["frame_times"] == [float(i) for i in range(n)] and f"f{n - 1:03d}.jpg" in members
+    wav = next(raw.glob(f"AudioWAV/{key}.wav"))
+    from avprep import media
+    wave = media.fit_duration(media.decode_audio(wav, 16000), 48000)
+    _, _, power = scipy.signal.spectrogram(wave, 16000, nperseg=512, noverlap=353)
+    log = np.log(power + 1e-7)
+    spec = np.load(io.BytesIO(members["spec.npy"]))
+    assert np.abs(spec - (log - log.mean()) / log.std()).max() <= 1e-4

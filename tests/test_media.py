@@ -48,6 +48,19 @@ def test_short_clip_gives_its_middle_frame(make_clip):
     assert _times(frames) == pytest.approx([0.3], abs=0.01)
 
 
+@pytest.mark.parametrize("duration,expected", [
+    (3.0, [0.0, 1.0, 2.0]),          # the end (t = 3) is not a frame
+    (2.5, [0.0, 1.0, 2.0]),          # a partial last second has its frame
+    (0.6, [0.0]),
+])
+def test_start_rule_keeps_the_frames_at_whole_seconds(make_clip, duration, expected):
+    """The released OGM-GE CREMA-D script's frames: t = 0, 1, 2 ... s, partial last second included."""
+    path = make_clip(duration=duration, fps=10, audio=False)
+    clip = media.decode_clip(path, frame_size=0, frame_rule="start")
+    assert clip.frame_times == expected
+    assert _times(clip.frames) == pytest.approx(expected, abs=0.01)
+
+
 def test_decoding_stops_at_the_declared_duration(make_clip):
     path = make_clip(duration=2.9, fps=10, audio=False)
     frames, _ = media.decode_frames(path, frame_size=0)

@@ -23,6 +23,8 @@ def _noisy_tone(n: int, sr: int, f: float = 1000.0, seed: int = 0) -> np.ndarray
     ("paper", "kinetics-sounds", (257, 1004)),
     ("ogmge-code", "cremad", (257, 188)),
     ("fbank", "kinetics-sounds", (1024, 128)),
+    ("paper-scipy", "cremad", (257, 299)),
+    ("paper-scipy", "vggsound", (257, 1004)),
 ])
 def test_preset_shapes(preset, dataset, shape):
     spec = spec_preset(preset, dataset)
@@ -105,3 +107,64 @@ def test_wrong_length_is_refused():
     spec = spec_preset("paper", "cremad")
     with pytest.raises(ValueError, match="48000"):
         spectrogram.compute(np.zeros(47999, np.float32), spec)
+
+
+def test_presets_record_only_their_fields():
+    stft = spec_preset("ogmge-code", "cremad").to_dict()
+    assert stft["resampler"] == "soxr" and stft["hop_length"] == 353
+    assert not {"num_mel_bins", "num_frames", "frame_length_ms"} & set(stft)
+    fbank = spec_preset("fbank", "kinetics-sounds").to_dict()
+    assert fbank["resampler"] == "ffmpeg" and not {"n_fft", "hop_length", "center"} & set(fbank)
+    scipy_psd = spec_preset("paper-scipy", "cremad").to_dict()
+    assert not {"center", "pad_mode", "num_mel_bins"} & set(scipy_psd)
+    with pytest.raises(ConfigError, match="resampler"):
+        spec_preset("paper", "cremad", resampler="sinc")
+
+
+@pytest.mark.parametrize("dataset,duration", [("cremad", 3.0), ("ave", 10.0)])
+def test_paper_scipy_matches_scipy_spectrogram(dataset, duration):
+    """The paper-time script: scipy.signal.spectrogram(nperseg=512, noverlap=353) at 16 kHz
+    (Tukey(0.25), constant detrend, PSD), log(S + 1e-7), z-score over the clip."""
+    import scipy.signal
+
+    spec = spec_preset("paper-scipy", dataset)
+    assert spec.duration == duration and spec.sample_rate == 16000
+    wave = _noisy_tone(spec.num_samples, 16000, f=440.0)
+    wave[5000:9000] = 0.0                               # a silent stretch: the log floor
+    ours = spectrogram.compute(wave, spec)
+    _, _, power = scipy.signal.spectrogram(wave.astype(np.float64), 16000, nperseg=512, noverlap=353)
+    log = np.log(power + 1e-7)
+    ref = (log - log.mean()) / log.std()
+    assert ours.shape == ref.shape == spec.shape
+    assert np.abs(ours - ref).max() <= 1e-4
+    _, _, power32 = scipy.signal.spectrogram(wave, 16000, nperseg=512, noverlap=353)   # as librosa.load gives
+    log32 = np.log(power32 + 1e-7)
+    assert np.abs(ours - (log32 - log32.mean()) / log32.std()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("rate,layout", [(16000, "mono"), (44100, "mono"), (44100, "stereo")])
+def test_ogmge_code_matches_the_released_loader_on_wavs(tmp_path, rate, layout):
+    """Released OGM-GE CREMA-D loader: librosa.load(path, sr=22050) (soxr_hq, channel mean),
+    np.tile(x, 3)[:22050 * 3], clip to [-1, 1], librosa.stft(n_fft=512, hop_length=353) (librosa
+    < 0.10, so reflect padding), log(|S| + 1e-7). A 2.5 s clip, so the tiling matters."""
+    from avprep import media, synth
+
+    n = int(2.5 * rate)
+    tone = _noisy_tone(n, rate, f=3000.0, seed=1)
+    high = 0.2 * np.sin(2 * np.pi * 9000.0 * np.arange(n) / rate).astype(np.float32)   # above 7 kHz
+    wave = np.stack([tone, high + tone * 0.5]) if layout == "stereo" else tone + high
+    path = synth.write_wav(tmp_path / "clip.wav", wave, rate, layout)
+
+    spec = spec_preset("ogmge-code", "cremad")
+    ours = spectrogram.compute(media.fit_duration(media.decode_audio(path, 22050, spec.resampler),
+                                                  spec.num_samples), spec)
+    samples, sr = librosa.load(path, sr=22050)
+    assert sr == 22050
+    samples = np.clip(np.tile(samples, 3)[:22050 * 3], -1.0, 1.0)
+    ref = np.log(np.abs(librosa.stft(samples, n_fft=512, hop_length=353, pad_mode="reflect")) + 1e-7)
+    assert ours.shape == ref.shape == (257, 188)
+    assert np.abs(ours - ref).mean() <= 1e-3
+    if rate != 22050:       # FFmpeg's resampler misses that target (what this option is for)
+        ffmpeg = spectrogram.compute(media.fit_duration(media.decode_audio(path, 22050, "ffmpeg"),
+                                                        spec.num_samples), spec)
+        assert np.abs(ffmpeg - ref).mean() > 10 * np.abs(ours - ref).mean()
