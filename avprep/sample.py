@@ -11,6 +11,7 @@ from . import media, spectrogram
 from .config import ExtractConfig
 from .datasets._base import Clip
 from .datasets._base import rel as relative_source
+from .datasets._base import safe_text
 from .errors import ClipError
 
 # Keys the extractor owns; a clip's meta cannot override them.
@@ -60,8 +61,8 @@ def extract_clip(clip: Clip, label_index: int, split: str, cfg: ExtractConfig,
     meta = {k: v for k, v in clip.meta.items() if k not in _CORE_KEYS}
     meta.update(
         key=clip.key, label=clip.label, label_index=int(label_index), split=split,
-        source=relative_source(clip.video, src_root),
-        audio_source=relative_source(audio_path, src_root),
+        source=safe_text(relative_source(clip.video, src_root)),
+        audio_source=safe_text(relative_source(audio_path, src_root)),
         duration=round(decoded.duration, 6), sample_rate=cfg.spec.sample_rate, fps=cfg.fps,
         n_frames=len(frames), frame_times=[round(t, 6) for t in decoded.frame_times],
         frame_size=list(decoded.frame_size), spec_shape=list(cfg.spec.shape), spec_preset=cfg.spec.preset,

@@ -192,9 +192,13 @@ class ShardWriter:
         return WrittenShard(self.path.name, self.num_samples, self._out.size, self._out.sha.hexdigest())
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            if not self._file.closed:
+                self._file.close()
+        except OSError:         # e.g. the disk filled up: the temp file must still go
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self

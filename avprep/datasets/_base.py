@@ -69,7 +69,8 @@ def make_key(name: str) -> str:
 
 def hash_fraction(name: str, seed: int = 0) -> float:
     """A stable number in [0, 1) from a clip (or speaker) name: adding clips never moves others."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    # surrogateescape: a name that is not UTF-8 on disk hashes as its bytes (never a crash)
+    digest = hashlib.sha256(f"{seed}:{name}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

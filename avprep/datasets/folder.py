@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DatasetLayoutError
 from ._base import (SPLITS, Clip, Discovery, dedupe, derived_val_note, finish, hash_fraction,
-                    hash_split, is_media_name, make_key, split_alias, subdirs, VAL_FRACTION)
+                    hash_split, is_media_name, make_key, safe_text, split_alias, subdirs, VAL_FRACTION)
 
 NAME = "folder"
 LAYOUT = "RAW/<class>/<file> or RAW/<split>/<class>/<file> (any container PyAV opens)"
@@ -76,7 +76,43 @@ def _stem_key(stem: str) -> str:
 
 
 def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _walk(top: Path, inside: Path, seen: set, skipped: dict[str, int]):
+    """``top`` and its sub-folders (sorted, depth first, hidden and ``__x`` ones left out),
+    following folder links only to folders inside ``inside`` and never into one folder twice
+    (a link to a parent would loop; two links to one folder would list its clips twice)."""
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            real = folder.resolve()
+            ident = (lambda st: (st.st_dev, st.st_ino))(real.stat())
+        except (OSError, RuntimeError):       # a dangling link or a link loop
+            skipped["folder link leading outside --src"] += 1
+            continue
+        if real != inside and inside not in real.parents:
+            skipped["folder link leading outside --src"] += 1
+            continue
+        if ident in seen:
+            skipped["folder reached twice (link)"] += 1
+            continue
+        seen.add(ident)
+        yield folder
+        try:
+            with os.scandir(folder) as it:
+                subs = sorted(e.name for e in it if _is_dir(e) and not e.name.startswith((".", "__")))
+        except OSError:
+            continue
+        stack.extend(folder / n for n in reversed(subs))
 
 
 def _scan(src: Path) -> tuple[list[tuple[str | None, str, Path]], dict[str, int]]:
@@ -97,14 +133,16 @@ def _scan(src: Path) -> tuple[list[tuple[str | None, str, Path]], dict[str, int]
     if not class_dirs:
         raise DatasetLayoutError(f"{src}: no class folders; expected {LAYOUT}")
     entries, skipped = [], {"not a media file": 0, "file outside a class folder": 0}
+    inside, seen = src.resolve(), set()
+    skipped.update({"folder link leading outside --src": 0, "folder reached twice (link)": 0})
     for split, d in class_dirs:
-        for root, dirs, names in os.walk(d, followlinks=True):
-            dirs[:] = sorted(x for x in dirs if not x.startswith((".", "__")))
-            for name in sorted(names):
-                if name.startswith("."):
-                    continue
+        cls = safe_text(d.name)      # a class name that is not UTF-8 on disk shows its bytes as \xNN
+        for folder in _walk(d, inside, seen, skipped):
+            with os.scandir(folder) as it:
+                names = sorted(e.name for e in it if not e.name.startswith(".") and not _is_dir(e))
+            for name in names:
                 if is_media_name(name):
-                    entries.append((split, d.name, Path(root) / name))
+                    entries.append((split, cls, folder / name))
                 else:
                     skipped["not a media file"] += 1
     for d in [src, *(d for d in top if split_alias(d.name) in SPLITS)]:
