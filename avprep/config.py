@@ -73,7 +73,7 @@ def _dataset_duration(dataset: str) -> float:
     if not dataset:
         return 10.0
     from .datasets import get
-    return get(dataset).DEFAULT_DURATION
+    return get(dataset).default_duration
 
 
 def spec_preset(name: str, dataset: str = "", **overrides) -> SpecConfig:

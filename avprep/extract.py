@@ -127,7 +127,7 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
     cfg = replace(cfg, extra={**cfg.extra, "split_files": _split_file_records(split_files),
                               "split_by": split_by, "seed": seed})
     # the canonical dataset spelling goes into dataset.json
-    options = {"name": adapter.NAME, "config": cfg.to_dict(), "tool_version": tool_version()}
+    options = {"name": adapter.name, "config": cfg.to_dict(), "tool_version": tool_version()}
     if not overwrite:
         outdir.check_options(out, options)
     runner = engine if isinstance(engine, Engine) else make_engine(engine, workers, ray_address)
@@ -139,7 +139,7 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
         raise ConfigError(f"{out}: exists and is not a folder")
     with outdir.exclusive(out):
         outdir.prepare(out, options, overwrite)
-        result = _extract_into(src, out, adapter.NAME, disc, cfg, options, runner, emit,
+        result = _extract_into(src, out, adapter.name, disc, cfg, options, runner, emit,
                                max_failures, retry_failed)
     result.out = remote or str(out)
     if remote:
@@ -233,8 +233,8 @@ def _nothing_found(src: Path, adapter, disc: Discovery) -> str:
     seen = [f"{n} {why}" for why, n in disc.skipped.items() if n]
     seen += [f"{sum(1 for p in disc.problems if p.stage == st)} {st}"
              for st in sorted({p.stage for p in disc.problems})]
-    return (f"{src}: no clips to extract for {adapter.NAME} ({', '.join(seen) or 'nothing found'}); "
-            f"expected layout: {adapter.LAYOUT}")
+    return (f"{src}: no clips to extract for {adapter.name} ({', '.join(seen) or 'nothing found'}); "
+            f"expected layout: {adapter.layout}")
 
 
 def _split_file_records(split_files: list) -> list[dict]:

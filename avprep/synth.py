@@ -17,24 +17,20 @@ one encoder thread, so the same seed gives byte-identical files.
 from __future__ import annotations
 
 import colorsys
-import csv
-import json
 import math
-import string
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import av
 import numpy as np
 
+from .datasets import ADAPTERS
 from .errors import ConfigError
 
 __all__ = ["write_clip", "write_wav", "make_dataset", "read_marker", "tone_frequency", "class_colour",
            "check_options", "DATASETS", "MARKER_BLOCK"]
 
-DATASETS = ("cremad", "kinetics-sounds", "vggsound", "ave", "folder")
+DATASETS = tuple(ADAPTERS)
 
 MARKER_BLOCK = 8                 # marker block side in pixels (two blocks, top-left corner)
 _SECOND_STEP = 20                # grey levels per second in the left marker block
@@ -268,154 +264,18 @@ def write_clip(path, *, duration: float, label_index: int, num_classes: int,
 
 # ----------------------------------------------------------------------------- datasets
 
-_CREMAD_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
-_CREMAD_LEVELS = ("LO", "MD", "HI")
-_CREMAD_NAMES_PER_CLASS = 91 * len(_CREMAD_SENTENCES)      # actors x sentences (one level each)
-
-# Real VGGSound labels (one with a comma, as the real CSV quotes some).
-_VGGSOUND_LABELS = (
-    "dog barking", "playing acoustic guitar", "male speech, man speaking", "rain on surface",
-    "helicopter", "church bell ringing", "cat meowing", "playing violin, fiddle",
-    "ambulance siren", "baby crying", "chainsaw", "playing drum kit", "train horning",
-    "lions roaring", "playing piano", "skateboarding", "typing on computer keyboard",
-    "wind noise", "waterfall burbling", "people clapping",
-)
-# The 28 AVE categories (AudioSet names, commas included).
-_AVE_CATEGORIES = (
-    "Church bell", "Male speech, man speaking", "Bark", "Fixed-wing aircraft, airplane",
-    "Race car, auto racing", "Female speech, woman speaking", "Helicopter", "Violin, fiddle",
-    "Flute", "Ukulele", "Frying (food)", "Truck", "Shofar", "Motorcycle", "Acoustic guitar",
-    "Train horn", "Clock", "Banjo", "Goat", "Baby cry, infant crying", "Bus", "Chainsaw", "Cat",
-    "Horse", "Toilet flush", "Rodents, rats, mice", "Accordion", "Mandolin",
-)
-_FOLDER_CLASSES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
-_YT_ALPHABET = string.ascii_letters + string.digits + "-_"
-
-
-def _manifest_classes(name: str) -> list[str]:
-    text = resources.files("manifests").joinpath(f"{name}.json").read_text()
-    return list(json.loads(text)["classes"])
-
-
-@dataclass
-class _Plan:
-    """One clip to synthesize: where, which class (index into ``classes``), how long."""
-
-    video: Path
-    label_index: int
-    duration: float
-    audio_path: Path | None = None
-
-
-def _youtube_id(rng: np.random.Generator) -> str:
-    return "".join(_YT_ALPHABET[i] for i in rng.integers(0, len(_YT_ALPHABET), 11))
-
-
-def _split_of(rng: np.random.Generator, splits=("train", "val", "test"), p=(0.8, 0.1, 0.1)) -> str:
-    return str(splits[int(rng.choice(len(splits), p=p))])
-
-
-def _labels(clips: int, k: int, rng: np.random.Generator) -> list[int]:
-    """Balanced labels (round robin), shuffled."""
-    labels = [i % k for i in range(clips)]
-    rng.shuffle(labels)
-    return labels
-
-
-def _plan_cremad(out: Path, clips: int, k: int, rng, duration) -> tuple[list[str], list[_Plan]]:
-    classes = _manifest_classes("cremad")[:k]
-    plans, seen = [], set()
-    for label in _labels(clips, k, rng):
-        while True:
-            actor = int(rng.integers(1001, 1092))
-            sentence = str(rng.choice(_CREMAD_SENTENCES))
-            emo = classes[label]
-            level = "XX" if sentence != "IEO" or emo == "NEU" else str(rng.choice(_CREMAD_LEVELS))
-            name = f"{actor}_{sentence}_{emo}_{level}"
-            if name not in seen:
-                break
-        seen.add(name)
-        d = duration if duration is not None else round(float(rng.uniform(2.0, 4.0)), 1)
-        plans.append(_Plan(out / "VideoFlash" / f"{name}.flv", label, d,
-                           out / "AudioWAV" / f"{name}.wav"))
-    return classes, plans
-
-
-def _plan_kinetics(out: Path, clips: int, k: int, rng, duration) -> tuple[list[str], list[_Plan]]:
-    classes = _manifest_classes("kinetics-sounds")[:k]
-    plans = []
-    for label in _labels(clips, k, rng):
-        start = int(rng.integers(0, 290))
-        name = f"{_youtube_id(rng)}_{start:06d}_{start + 10:06d}.mp4"
-        plans.append(_Plan(out / _split_of(rng) / classes[label] / name, label,
-                           10.0 if duration is None else duration))
-    return classes, plans
-
-
-def _plan_vggsound(out: Path, clips: int, k: int, rng, duration, missing: int):
-    classes = sorted(_VGGSOUND_LABELS[:k])
-    plans, rows = [], []
-    for n, label in enumerate(_labels(clips + missing, k, rng)):
-        ytid, start = _youtube_id(rng), int(rng.integers(0, 290))
-        split = _split_of(rng, ("train", "test"), (0.8, 0.2))
-        rows.append((ytid, start, classes[label], split))
-        if n < clips:   # the rest are listed but have no video, as in the real dataset
-            sub = ytid[0].lower() if ytid[0].isalnum() else "other"
-            plans.append(_Plan(out / "video" / sub / f"{ytid}_{start:06d}.mp4", label,
-                               10.0 if duration is None else duration))
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "vggsound.csv", "w", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows(rows)
-    return classes, plans
-
-
-def _plan_ave(out: Path, clips: int, k: int, rng, duration):
-    classes = sorted(_AVE_CATEGORIES[:k])
-    header = "Category&VideoID&Quality&StartTime&EndTime"
-    plans, lines = [], {"train": [], "val": [], "test": []}
-    for label in _labels(clips, k, rng):
-        vid = _youtube_id(rng)
-        start = int(rng.integers(0, 9))
-        end = int(rng.integers(start + 1, 11))
-        line = f"{classes[label]}&{vid}&good&{start}&{end}"
-        lines[_split_of(rng)].append(line)
-        plans.append(_Plan(out / "AVE" / f"{vid}.mp4", label, 10.0 if duration is None else duration))
-    out.mkdir(parents=True, exist_ok=True)
-    everything = [ln for split in ("train", "val", "test") for ln in lines[split]]
-    (out / "Annotations.txt").write_text("\n".join([header, *sorted(everything)]) + "\n")
-    for split, fname in (("train", "trainSet.txt"), ("val", "valSet.txt"), ("test", "testSet.txt")):
-        (out / fname).write_text("\n".join([header, *lines[split]]) + "\n")
-    return classes, plans
-
-
-def _plan_folder(out: Path, clips: int, k: int, rng, duration, split_folders: bool):
-    classes = list(_FOLDER_CLASSES[:k]) if k <= len(_FOLDER_CLASSES) else [f"class{c:03d}" for c in range(k)]
-    plans = []
-    for n, label in enumerate(_labels(clips, k, rng)):
-        suffix = (".mp4", ".mkv", ".avi")[n % 3]     # any container PyAV opens
-        rel = Path(classes[label]) / f"clip{n:05d}{suffix}"
-        if split_folders:
-            rel = Path(_split_of(rng)) / rel
-        plans.append(_Plan(out / rel, label, 10.0 if duration is None else duration))
-    return classes, plans
-
-
-_DEFAULT_CLASSES = {"cremad": 6, "kinetics-sounds": 31, "vggsound": 10, "ave": 28, "folder": 5}
-_MAX_CLASSES = {"cremad": 6, "kinetics-sounds": 31, "vggsound": len(_VGGSOUND_LABELS),
-                "ave": 28, "folder": 1000}
-
-
 def check_options(name: str, clips: int, num_classes: int | None = None) -> int:
     """Raise ConfigError for options ``make_dataset`` cannot honour; returns the class count used."""
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if clips < 1:
         raise ConfigError("clips must be >= 1")
-    k = num_classes or _DEFAULT_CLASSES[name]
-    if not 1 <= k <= _MAX_CLASSES[name]:
-        raise ConfigError(f"{name}: number of classes must be in 1..{_MAX_CLASSES[name]}, not {k}")
-    if name == "cremad" and clips > _CREMAD_NAMES_PER_CLASS * k:
-        raise ConfigError(f"cremad: at most {_CREMAD_NAMES_PER_CLASS * k} distinct clip names "
+    layout = ADAPTERS[name].synth
+    k = num_classes or layout.default_classes
+    if not 1 <= k <= layout.max_classes:
+        raise ConfigError(f"{name}: number of classes must be in 1..{layout.max_classes}, not {k}")
+    if layout.max_clips_per_class is not None and clips > layout.max_clips_per_class * k:
+        raise ConfigError(f"{name}: at most {layout.max_clips_per_class * k} distinct clip names "
                           f"for {k} classes, not {clips}")
     return min(k, clips)     # every class gets a clip, so derived class lists match ours
 
@@ -439,16 +299,9 @@ def make_dataset(name: str, out, clips: int, *, seed: int = 0, audio_snr: float 
     k = check_options(name, clips, num_classes)
     out = Path(out)
     rng = np.random.default_rng(seed)
-    if name == "cremad":
-        classes, plans = _plan_cremad(out, clips, k, rng, duration)
-    elif name == "kinetics-sounds":
-        classes, plans = _plan_kinetics(out, clips, k, rng, duration)
-    elif name == "vggsound":
-        classes, plans = _plan_vggsound(out, clips, k, rng, duration, missing)
-    elif name == "ave":
-        classes, plans = _plan_ave(out, clips, k, rng, duration)
-    else:
-        classes, plans = _plan_folder(out, clips, k, rng, duration, split_folders)
+    # the layout (paths, text files, classes) is the dataset module's; the media is ours
+    classes, plans = ADAPTERS[name].synth.plan(out, clips, k, rng, duration, missing=missing,
+                                               split_folders=split_folders)
     for n, plan in enumerate(plans):
         write_clip(plan.video, duration=plan.duration, label_index=plan.label_index,
                    num_classes=len(classes), audio_snr=audio_snr, visual_snr=visual_snr,

@@ -77,7 +77,7 @@ def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_len
     from avprep.datasets import get
     from avprep.extract import extract
 
-    dataset = get(dataset).NAME
+    dataset = get(dataset).name
     spec_cfg = spec_preset(spec, dataset, sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length,
                            win_length=win_length, center=center, duration=duration, resampler=resampler)
     cfg = ExtractConfig(spec=spec_cfg, fps=fps, frame_rule=frame_rule, frame_size=frame_size,
@@ -148,8 +148,8 @@ def datasets_cmd(as_json):
     """List the supported datasets, their raw layouts and class counts."""
     from avprep.datasets import ADAPTERS
 
-    rows = [{"name": name, "layout": mod.LAYOUT, "classes": mod.NUM_CLASSES}
-            for name, mod in ADAPTERS.items()]
+    rows = [{"name": name, "layout": a.layout, "classes": a.num_classes}
+            for name, a in ADAPTERS.items()]
     if as_json:
         _ui.print_json(rows)
         return

@@ -10,6 +10,7 @@ import pytest
 from avprep import datasets
 from avprep.datasets import _base, ave, cremad, folder, kinetics_sounds, splitfiles, vggsound
 from avprep.datasets._base import Clip, Problem, derive_val, hash_split
+from avprep.config import spec_preset
 from avprep.errors import ConfigError, DatasetLayoutError
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference-splits"
@@ -37,15 +38,16 @@ def ref(name: str) -> Path:
 
 def test_registry_and_interface():
     assert list(datasets.ADAPTERS) == ["cremad", "kinetics-sounds", "vggsound", "ave", "folder"]
-    for name, mod in datasets.ADAPTERS.items():
-        assert mod.NAME == name and isinstance(mod.LAYOUT, str) and mod.LAYOUT
-        assert mod.DEFAULT_DURATION == (3.0 if name == "cremad" else 10.0)
-        assert callable(mod.discover)
-    assert cremad.NUM_CLASSES == 6 and kinetics_sounds.NUM_CLASSES == 31
-    assert vggsound.NUM_CLASSES is ave.NUM_CLASSES is folder.NUM_CLASSES is None
+    for name, adapter in datasets.ADAPTERS.items():
+        assert adapter.name == name and isinstance(adapter.layout, str) and adapter.layout
+        assert adapter.default_duration == (3.0 if name == "cremad" else 10.0)
+        assert spec_preset("paper", name).duration == adapter.default_duration   # feeds the presets
+        assert callable(adapter.discover) and callable(adapter.synth.plan)
+    assert cremad.ADAPTER.num_classes == 6 and kinetics_sounds.ADAPTER.num_classes == 31
+    assert vggsound.ADAPTER.num_classes is ave.ADAPTER.num_classes is folder.ADAPTER.num_classes is None
     assert cremad.CLASSES == ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
     assert KS[0] == "blowing_nose" and KS[-1] == "tickling" and KS == sorted(KS)
-    assert datasets.get("kinetics_sounds") is kinetics_sounds and datasets.get("CREMAD") is cremad
+    assert datasets.get("kinetics_sounds") is kinetics_sounds.ADAPTER and datasets.get("CREMAD") is cremad.ADAPTER
     with pytest.raises(ConfigError, match="cremad, kinetics-sounds, vggsound, ave, folder"):
         datasets.get("ucf101")
 

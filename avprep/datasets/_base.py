@@ -1,11 +1,10 @@
-"""What every dataset adapter returns, and helpers adapters share.
+"""What every dataset adapter is and returns, and helpers adapters share.
 
-An adapter is one module exposing::
+Each dataset module defines one ``Adapter`` (``ADAPTER``): its CLI name, a one-line raw
+layout, its fixed class count (None when derived from the data), the clip length of the
+paper's presets (which ``config.spec_preset`` uses), ``discover`` and ``synth``, the plan of a
+synthetic raw tree in that layout (``avprep.synth`` writes the media)::
 
-    NAME: str                      # CLI name, e.g. "cremad"
-    LAYOUT: str                    # one-line description of the raw layout (avprep datasets)
-    NUM_CLASSES: int | None        # fixed class count, None when derived from the data
-    DEFAULT_DURATION: float        # clip length of the paper's presets (3.0 CREMA-D, 10.0 others)
     def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery
 
 ``discover`` only looks at names and small text files: no media is opened. Unusable rows
@@ -19,8 +18,12 @@ import dataclasses
 import hashlib
 import os
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 SPLITS = ("train", "val", "test")
 
@@ -56,6 +59,38 @@ class Discovery:
     skipped: dict[str, int] = field(default_factory=dict)   # e.g. {"class not in KS-31": 412}
     default_duration: float | None = None
     notes: list[str] = field(default_factory=list)   # how splits were made, e.g. a derived val split
+
+
+@dataclass(frozen=True)
+class SynthClip:
+    """One clip of a synthetic raw tree: where, which class (index into the classes), how long."""
+
+    video: Path
+    label_index: int
+    duration: float
+    audio_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class SynthLayout:
+    """How a synthetic raw tree of a dataset is laid out. ``plan(out, clips, k, rng, duration,
+    **options)`` writes the tree's text files (CSV, annotations) and returns the classes and
+    the clips to encode; ``duration`` None means real lengths."""
+
+    plan: Callable[..., tuple[list[str], list[SynthClip]]]
+    default_classes: int
+    max_classes: int
+    max_clips_per_class: int | None = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str                       # CLI name, e.g. "cremad"
+    layout: str                     # one-line description of the raw layout (avprep datasets)
+    num_classes: int | None         # fixed class count, None when derived from the data
+    default_duration: float         # clip length of the paper's presets (3 s CREMA-D, 10 s others)
+    discover: Callable[..., "Discovery"]
+    synth: SynthLayout
 
 
 _KEY_BAD = re.compile(r"[.\s/\\]+")
@@ -169,3 +204,23 @@ def safe_text(text: str) -> str:
             return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         except UnicodeEncodeError:
             return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# ----------------------------------------------------------------------------- synthetic layouts
+
+YT_ALPHABET = string.ascii_letters + string.digits + "-_"
+
+
+def synth_youtube_id(rng: np.random.Generator) -> str:
+    return "".join(YT_ALPHABET[i] for i in rng.integers(0, len(YT_ALPHABET), 11))
+
+
+def synth_split(rng: np.random.Generator, splits=("train", "val", "test"), p=(0.8, 0.1, 0.1)) -> str:
+    return str(splits[int(rng.choice(len(splits), p=p))])
+
+
+def synth_labels(clips: int, k: int, rng: np.random.Generator) -> list[int]:
+    """Balanced labels (round robin), shuffled."""
+    labels = [i % k for i in range(clips)]
+    rng.shuffle(labels)
+    return labels

@@ -16,13 +16,27 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, DatasetLayoutError
-from ._base import (Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
-                    hash_split, make_key)
+from ._base import (
+    Adapter,
+    Clip,
+    Discovery,
+    Problem,
+    SynthClip,
+    SynthLayout,
+    dedupe,
+    derive_val,
+    derived_val_note,
+    finish,
+    hash_split,
+    make_key,
+    synth_labels,
+    synth_split,
+    synth_youtube_id,
+)
 
 NAME = "ave"
 LAYOUT = "RAW/Annotations.txt (Category&VideoID&Quality&StartTime&EndTime) + RAW/AVE/<VideoID>.mp4"
 NUM_CLASSES = None
-DEFAULT_DURATION = 10.0
 SPLIT_FILES = {"train": "trainset.txt", "val": "valset.txt", "test": "testset.txt"}
 
 
@@ -68,7 +82,7 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
             clips = derive_val(clips, seed)
             notes.append(derived_val_note("the split files", seed))
     clips, dups = dedupe(clips, src)
-    return finish(NAME, classes, clips, problems + dups, skipped, DEFAULT_DURATION, notes)
+    return finish(NAME, classes, clips, problems + dups, skipped, ADAPTER.default_duration, notes)
 
 
 def _read(path: Path) -> list[tuple[str, str, str, str, float, float]]:
@@ -94,3 +108,37 @@ def _read(path: Path) -> list[tuple[str, str, str, str, float, float]]:
                                      f"got {line!r}") from None
         rows.append((f"{path.name}:{n}", fields[0], fields[1], fields[2], start, end))
     return rows
+
+
+# ----------------------------------------------------------------------------- synthetic tree
+
+_SYNTH_CATEGORIES = (
+    "Church bell", "Male speech, man speaking", "Bark", "Fixed-wing aircraft, airplane",
+    "Race car, auto racing", "Female speech, woman speaking", "Helicopter", "Violin, fiddle",
+    "Flute", "Ukulele", "Frying (food)", "Truck", "Shofar", "Motorcycle", "Acoustic guitar",
+    "Train horn", "Clock", "Banjo", "Goat", "Baby cry, infant crying", "Bus", "Chainsaw", "Cat",
+    "Horse", "Toilet flush", "Rodents, rats, mice", "Accordion", "Mandolin",
+)
+
+
+def _synth(out: Path, clips: int, k: int, rng, duration, **_):
+    classes = sorted(_SYNTH_CATEGORIES[:k])
+    header = "Category&VideoID&Quality&StartTime&EndTime"
+    plans, lines = [], {"train": [], "val": [], "test": []}
+    for label in synth_labels(clips, k, rng):
+        vid = synth_youtube_id(rng)
+        start = int(rng.integers(0, 9))
+        end = int(rng.integers(start + 1, 11))
+        line = f"{classes[label]}&{vid}&good&{start}&{end}"
+        lines[synth_split(rng)].append(line)
+        plans.append(SynthClip(out / "AVE" / f"{vid}.mp4", label, 10.0 if duration is None else duration))
+    out.mkdir(parents=True, exist_ok=True)
+    everything = [ln for split in ("train", "val", "test") for ln in lines[split]]
+    (out / "Annotations.txt").write_text("\n".join([header, *sorted(everything)]) + "\n")
+    for split, fname in (("train", "trainSet.txt"), ("val", "valSet.txt"), ("test", "testSet.txt")):
+        (out / fname).write_text("\n".join([header, *lines[split]]) + "\n")
+    return classes, plans
+
+
+ADAPTER = Adapter(NAME, LAYOUT, NUM_CLASSES, 10.0, discover,
+                  SynthLayout(_synth, default_classes=28, max_classes=28))

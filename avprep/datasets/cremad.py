@@ -17,14 +17,27 @@ from manifests import load as _load_manifest
 
 from ..errors import ConfigError, DatasetLayoutError
 from . import splitfiles
-from ._base import (Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
-                    hash_split, is_media_name, make_key)
+from ._base import (
+    Adapter,
+    Clip,
+    Discovery,
+    Problem,
+    SynthClip,
+    SynthLayout,
+    dedupe,
+    derive_val,
+    derived_val_note,
+    finish,
+    hash_split,
+    is_media_name,
+    make_key,
+    synth_labels,
+)
 
 NAME = "cremad"
 LAYOUT = "RAW/VideoFlash/<actor>_<sentence>_<EMO>_<level>.flv (+ RAW/AudioWAV/<same>.wav)"
 CLASSES: list[str] = list(_load_manifest("cremad")["classes"])
 NUM_CLASSES = len(CLASSES)
-DEFAULT_DURATION = 3.0
 SPLIT_BY = ("clip", "speaker")
 
 
@@ -80,7 +93,7 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
     if missing_wav:
         notes.append(f"{missing_wav} clips have no WAV: their audio comes from the FLV")
     clips, dups = dedupe(clips, src)
-    return finish(NAME, CLASSES, clips, problems + dups, skipped, DEFAULT_DURATION, notes)
+    return finish(NAME, CLASSES, clips, problems + dups, skipped, ADAPTER.default_duration, notes)
 
 
 def _emotion(name: str) -> str:
@@ -100,3 +113,34 @@ def _index(folder: Path, *, required: bool) -> dict[str, Path]:
         if is_media_name(name) and (folder / name).is_file():
             out.setdefault(Path(name).stem, folder / name)
     return out
+
+
+# ----------------------------------------------------------------------------- synthetic tree
+
+_CREMAD_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
+_CREMAD_LEVELS = ("LO", "MD", "HI")
+_CREMAD_NAMES_PER_CLASS = 91 * len(_CREMAD_SENTENCES)      # actors x sentences (one level each)
+
+
+def _synth(out: Path, clips: int, k: int, rng, duration, **_) -> tuple[list[str], list[SynthClip]]:
+    classes = CLASSES[:k]
+    plans, seen = [], set()
+    for label in synth_labels(clips, k, rng):
+        while True:
+            actor = int(rng.integers(1001, 1092))
+            sentence = str(rng.choice(_CREMAD_SENTENCES))
+            emo = classes[label]
+            level = "XX" if sentence != "IEO" or emo == "NEU" else str(rng.choice(_CREMAD_LEVELS))
+            name = f"{actor}_{sentence}_{emo}_{level}"
+            if name not in seen:
+                break
+        seen.add(name)
+        d = duration if duration is not None else round(float(rng.uniform(2.0, 4.0)), 1)
+        plans.append(SynthClip(out / "VideoFlash" / f"{name}.flv", label, d,
+                           out / "AudioWAV" / f"{name}.wav"))
+    return classes, plans
+
+
+ADAPTER = Adapter(NAME, LAYOUT, NUM_CLASSES, 3.0, discover,
+                  SynthLayout(_synth, default_classes=6, max_classes=6,
+                              max_clips_per_class=_CREMAD_NAMES_PER_CLASS))

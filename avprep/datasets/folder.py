@@ -23,13 +23,31 @@ import unicodedata
 from pathlib import Path
 
 from ..errors import ConfigError, DatasetLayoutError
-from ._base import (SPLITS, Clip, Discovery, dedupe, derived_val_note, finish, hash_fraction,
-                    hash_split, is_media_name, make_key, safe_text, split_alias, subdirs, VAL_FRACTION)
+from ._base import (
+    SPLITS,
+    VAL_FRACTION,
+    Adapter,
+    Clip,
+    Discovery,
+    SynthClip,
+    SynthLayout,
+    dedupe,
+    derived_val_note,
+    finish,
+    hash_fraction,
+    hash_split,
+    is_media_name,
+    make_key,
+    safe_text,
+    split_alias,
+    subdirs,
+    synth_labels,
+    synth_split,
+)
 
 NAME = "folder"
 LAYOUT = "RAW/<class>/<file> or RAW/<split>/<class>/<file> (any container PyAV opens)"
 NUM_CLASSES = None
-DEFAULT_DURATION = 10.0
 _NOT_ASCII = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -63,7 +81,7 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
     elif derive:
         notes.append(derived_val_note("the tree", seed).replace("of the key", "of <class>/<file>"))
     clips, dups = dedupe(clips, src)
-    return finish(NAME, classes, clips, dups, skipped, DEFAULT_DURATION, notes)
+    return finish(NAME, classes, clips, dups, skipped, ADAPTER.default_duration, notes)
 
 
 def _stem_key(stem: str) -> str:
@@ -149,3 +167,24 @@ def _scan(src: Path) -> tuple[list[tuple[str | None, str, Path]], dict[str, int]
         skipped["file outside a class folder"] += sum(
             1 for e in os.scandir(d) if e.is_file() and not e.name.startswith(".") and is_media_name(e.name))
     return entries, skipped
+
+
+# ----------------------------------------------------------------------------- synthetic tree
+
+_SYNTH_CLASSES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+
+
+def _synth(out: Path, clips: int, k: int, rng, duration, split_folders: bool = False, **_):
+    classes = list(_SYNTH_CLASSES[:k]) if k <= len(_SYNTH_CLASSES) else [f"class{c:03d}" for c in range(k)]
+    plans = []
+    for n, label in enumerate(synth_labels(clips, k, rng)):
+        suffix = (".mp4", ".mkv", ".avi")[n % 3]     # any container PyAV opens
+        rel = Path(classes[label]) / f"clip{n:05d}{suffix}"
+        if split_folders:
+            rel = Path(synth_split(rng)) / rel
+        plans.append(SynthClip(out / rel, label, 10.0 if duration is None else duration))
+    return classes, plans
+
+
+ADAPTER = Adapter(NAME, LAYOUT, NUM_CLASSES, 10.0, discover,
+                  SynthLayout(_synth, default_classes=5, max_classes=1000))

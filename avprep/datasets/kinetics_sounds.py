@@ -23,14 +23,33 @@ from manifests import load as _load_manifest
 
 from ..errors import ConfigError, DatasetLayoutError
 from . import splitfiles
-from ._base import (SPLITS, Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
-                    hash_split, is_media_name, make_key, rel, split_alias, subdirs)
+from ._base import (
+    SPLITS,
+    Adapter,
+    Clip,
+    Discovery,
+    Problem,
+    SynthClip,
+    SynthLayout,
+    dedupe,
+    derive_val,
+    derived_val_note,
+    finish,
+    hash_split,
+    is_media_name,
+    make_key,
+    rel,
+    split_alias,
+    subdirs,
+    synth_labels,
+    synth_split,
+    synth_youtube_id,
+)
 
 NAME = "kinetics-sounds"
 LAYOUT = "RAW/<split>/<class_name>/<youtube_id>_<start:06d>_<end:06d>.mp4 (31 KS classes; others skipped)"
 CLASSES: list[str] = list(_load_manifest("kinetics-sounds")["classes"])
 NUM_CLASSES = len(CLASSES)
-DEFAULT_DURATION = 10.0
 _OTHER = "class not in Kinetics-Sounds"
 
 
@@ -63,7 +82,7 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
         clips = derive_val(clips, seed)
         notes.append(derived_val_note("the tree", seed))
     clips, dups = dedupe(clips, src)
-    return finish(NAME, CLASSES, clips, dups, skipped, DEFAULT_DURATION, notes)
+    return finish(NAME, CLASSES, clips, dups, skipped, ADAPTER.default_duration, notes)
 
 
 def _from_split_files(src, files, skipped, split_files, seed) -> Discovery:
@@ -98,7 +117,7 @@ def _from_split_files(src, files, skipped, split_files, seed) -> Discovery:
         clips = derive_val(clips, seed)
         notes.append(derived_val_note("the split files", seed))
     clips, dups = dedupe(clips, src)
-    return finish(NAME, CLASSES, clips, problems + dups, skipped, DEFAULT_DURATION, notes)
+    return finish(NAME, CLASSES, clips, problems + dups, skipped, ADAPTER.default_duration, notes)
 
 
 def _lookup(entry, by_stem, by_video) -> _File | None:
@@ -142,3 +161,20 @@ def _scan(src: Path) -> tuple[list[_File], dict[str, int]]:
                 not_media += 1
     files.sort(key=lambda f: (SPLITS.index(f.split) if f.split else 0, f.cls, f.path.name))
     return files, {"not a media file": not_media}
+
+
+# ----------------------------------------------------------------------------- synthetic tree
+
+def _synth(out: Path, clips: int, k: int, rng, duration, **_) -> tuple[list[str], list[SynthClip]]:
+    classes = CLASSES[:k]
+    plans = []
+    for label in synth_labels(clips, k, rng):
+        start = int(rng.integers(0, 290))
+        name = f"{synth_youtube_id(rng)}_{start:06d}_{start + 10:06d}.mp4"
+        plans.append(SynthClip(out / synth_split(rng) / classes[label] / name, label,
+                           10.0 if duration is None else duration))
+    return classes, plans
+
+
+ADAPTER = Adapter(NAME, LAYOUT, NUM_CLASSES, 10.0, discover,
+                  SynthLayout(_synth, default_classes=31, max_classes=31))

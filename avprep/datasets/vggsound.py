@@ -18,13 +18,28 @@ from pathlib import Path
 
 from ..errors import ConfigError, DatasetLayoutError
 from . import splitfiles
-from ._base import (Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
-                    is_media_name, make_key, split_alias)
+from ._base import (
+    Adapter,
+    Clip,
+    Discovery,
+    Problem,
+    SynthClip,
+    SynthLayout,
+    dedupe,
+    derive_val,
+    derived_val_note,
+    finish,
+    is_media_name,
+    make_key,
+    split_alias,
+    synth_labels,
+    synth_split,
+    synth_youtube_id,
+)
 
 NAME = "vggsound"
 LAYOUT = "RAW/vggsound.csv (youtube_id,start_seconds,label,split) + RAW/**/<youtube_id>_<start:06d>.mp4"
 NUM_CLASSES = None
-DEFAULT_DURATION = 10.0
 _CSV = "vggsound.csv"
 _ANY_ID = re.compile(r"(.+)_(\d+)")
 
@@ -49,7 +64,7 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
     clips = derive_val(clips, seed)
     notes = [derived_val_note(_CSV, seed)]
     clips, dups = dedupe(clips, src)
-    return finish(NAME, classes, clips, problems + dups, {}, DEFAULT_DURATION, notes)
+    return finish(NAME, classes, clips, problems + dups, {}, ADAPTER.default_duration, notes)
 
 
 def _read_csv(path: Path) -> list[tuple[int, str, int, str, str]]:
@@ -90,3 +105,35 @@ def _index(src: Path) -> dict[tuple[str, int], Path]:
             if parsed and parsed[1] is not None:
                 out.setdefault((parsed[0], parsed[1]), Path(root) / name)
     return out
+
+
+# ----------------------------------------------------------------------------- synthetic tree
+
+_SYNTH_LABELS = (
+    "dog barking", "playing acoustic guitar", "male speech, man speaking", "rain on surface",
+    "helicopter", "church bell ringing", "cat meowing", "playing violin, fiddle",
+    "ambulance siren", "baby crying", "chainsaw", "playing drum kit", "train horning",
+    "lions roaring", "playing piano", "skateboarding", "typing on computer keyboard",
+    "wind noise", "waterfall burbling", "people clapping",
+)
+
+
+def _synth(out: Path, clips: int, k: int, rng, duration, missing: int = 0, **_):
+    classes = sorted(_SYNTH_LABELS[:k])
+    plans, rows = [], []
+    for n, label in enumerate(synth_labels(clips + missing, k, rng)):
+        ytid, start = synth_youtube_id(rng), int(rng.integers(0, 290))
+        split = synth_split(rng, ("train", "test"), (0.8, 0.2))
+        rows.append((ytid, start, classes[label], split))
+        if n < clips:   # the rest are listed but have no video, as in the real dataset
+            sub = ytid[0].lower() if ytid[0].isalnum() else "other"
+            plans.append(SynthClip(out / "video" / sub / f"{ytid}_{start:06d}.mp4", label,
+                               10.0 if duration is None else duration))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "vggsound.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    return classes, plans
+
+
+ADAPTER = Adapter(NAME, LAYOUT, NUM_CLASSES, 10.0, discover,
+                  SynthLayout(_synth, default_classes=10, max_classes=len(_SYNTH_LABELS)))
