@@ -15,6 +15,9 @@ Every failure is a ``ClipError`` whose stage is "open" (missing, empty or not a 
 """
 from __future__ import annotations
 
+import bisect
+import collections
+import itertools
 import math
 import re
 import threading
@@ -306,7 +309,7 @@ _FORMATS = {"u8": ("u1", 1 / (1 << 7), 128), "s16": ("=i2", 1 / (1 << 15), 0),
 
 def _to_float(data: bytes, sample_format: str) -> np.ndarray:
     dtype, scale, offset = _FORMATS[sample_format.rstrip("p")]
-    out = np.frombuffer(data, dtype).astype(np.float32)
+    out = np.frombuffer(data, dtype).astype(np.float32, copy=scale is not None)
     if offset:
         out -= np.float32(offset)
     if scale is not None:
@@ -342,17 +345,17 @@ def _through_graph(planes: np.ndarray, rate: int, layout: str, options: str) -> 
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def downmix(planes: np.ndarray, layout: str) -> np.ndarray:
-    """Mono float32 of ``planes`` (channels x samples): the channel itself, the mean of two (as
+def downmix(planes, layout: str) -> np.ndarray:
+    """Mono float32 of ``planes`` (one float32 array per channel): the channel itself, the mean of two (as
     librosa.load), and FFmpeg's matrix normalised not to clip for more (5.1: centre, fronts and
     surrounds at -3 dB, no LFE, like ``ffmpeg -ac 1``; without the normalisation a 5.1 mix
     peaks at 1.7x the input)."""
-    if planes.shape[0] == 1:
+    if len(planes) == 1:
         return planes[0]
-    if planes.shape[0] == 2:
+    if len(planes) == 2:
         return (planes[0] + planes[1]) * np.float32(0.5)
     rate = 48000                # any: only the matrix is applied
-    return _through_graph(planes, rate, layout, "ochl=mono:osf=flt:rematrix_maxval=1.0")
+    return _through_graph(np.stack(planes), rate, layout, "ochl=mono:osf=flt:rematrix_maxval=1.0")
 
 
 def resample(wave: np.ndarray, rate: int, target: int, resampler: str = "soxr") -> np.ndarray:
@@ -374,15 +377,16 @@ def resample(wave: np.ndarray, rate: int, target: int, resampler: str = "soxr") 
 
 
 class _AudioCollector:
-    """Collects decoded audio as raw plane bytes (one copy per frame, no per-frame conversion),
-    then per clip: one conversion to float32 planes, one downmix, one resampling.
+    """Collects decoded audio as views of the frames' planes (no copy, no conversion per
+    frame: the views keep the decoder's buffers alive), then per clip one join per plane, one
+    conversion to float32, one downmix and one resampling.
 
     A stream that changes format, rate or layout mid-way is handled in segments, each
     converted on its own."""
 
     def __init__(self, sample_rate: int, path, resampler: str = "soxr"):
         self.sample_rate, self.path, self.resampler = sample_rate, path, resampler
-        self.segments: list[tuple[tuple, list[list[bytes]]]] = []
+        self.segments: list[tuple[tuple, list[list[memoryview]]]] = []
         self.key = None
         self.seen = 0
 
@@ -398,15 +402,16 @@ class _AudioCollector:
         planes = self.segments[-1][1]
         size = frame.samples * fmt.bytes * (1 if fmt.is_planar else channels)
         for store, plane in zip(planes, frame.planes):
-            store.append(bytes(memoryview(plane)[:size]))
+            store.append(memoryview(plane)[:size])
         self.seen += 1
 
-    def _segment(self, key, planes: list[list[bytes]]) -> np.ndarray:
+    def _segment(self, key, planes: list[list[memoryview]]) -> np.ndarray:
         fmt, rate, layout, channels = key
         if layout.endswith(" channels"):     # unordered (e.g. WAV without a mask): FFmpeg's default
             layout = _DEFAULT_LAYOUTS.get(channels, layout)
-        data = [_to_float(b"".join(p), fmt) for p in planes]
-        arr = np.stack(data) if len(data) > 1 else data[0].reshape(-1, channels).T
+        arr = [_to_float(b"".join(p), fmt) for p in planes]
+        if len(arr) < channels:             # packed: interleaved channels in one plane
+            arr = list(arr[0].reshape(-1, channels).T)
         try:
             return resample(downmix(arr, layout), rate, self.sample_rate, self.resampler)
         except (av.error.FFmpegError, ValueError) as e:
@@ -527,6 +532,54 @@ def _restart_test(stream):
     return lambda packet: packet.is_keyframe and idr(bytes(packet))
 
 
+# How far ahead (in packets, decode order) evidence for skipping a non-reference frame is
+# looked for: more than any encoder's B-frame run, so evidence is found when it exists.
+_LOOKAHEAD = 16
+
+
+class _NonRefSkipper:
+    """Tells the video decoder to skip a packet's picture when it is not a reference picture
+    (``skip_frame = NONREF``: no later picture needs it) and not a kept frame: a picture shown
+    at ticks t is skippable when a picture shown in (t, T] is among the next packets, T being
+    the first target at or after t (so that later picture, not this one, is shown at T).
+    Streams with B-frames only (x264 ``medium`` makes ~2/3 of them non-reference), decoded
+    single-threaded, with a known duration (the targets are fixed)."""
+
+    def __init__(self, stream, picker):
+        self.cc, self.picker = stream.codec_context, picker
+        self.last = [picker._last_tick(i) for i in range(picker.n_targets)]
+        self.state = "DEFAULT"
+
+    @classmethod
+    def make(cls, stream, picker):
+        cc = stream.codec_context
+        if (cc.codec.canonical_name in ("h264", "hevc") and cc.has_b_frames and cc.thread_count == 1
+                and picker.n_targets is not None):
+            return cls(stream, picker)
+        return None
+
+    def _skippable(self, packet, later) -> bool:
+        if not packet.size or packet.is_keyframe:
+            return False
+        t = self.picker.ticks_of(packet.pts)
+        if t is None:
+            return False
+        i = bisect.bisect_left(self.last, t)
+        if i == len(self.last):          # after the last target: decoding stops there anyway
+            return False
+        target = self.last[i]
+        for q in itertools.islice(later, _LOOKAHEAD):
+            tq = self.picker.ticks_of(q.pts) if q.size and q.stream.type == "video" else None
+            if tq is not None and t < tq <= target:
+                return True
+        return False
+
+    def before(self, packet, later) -> None:
+        state = "NONREF" if self._skippable(packet, later) else "DEFAULT"
+        if state != self.state:
+            self.cc.skip_frame = self.state = state
+
+
 class _OpenGop(Exception):
     """A picture after a keyframe (in decode order) is shown before it, so it may refer to
     pictures before that keyframe: skipping GOPs in this stream is unsafe."""
@@ -542,6 +595,9 @@ def _read(container, path, vstream, picker, astream=None, collector=None, skip_g
     in decode order (an open GOP) raises ``_OpenGop`` once something was dropped, and stops
     the skipping otherwise.
 
+    Non-reference pictures that no kept frame is (``_NonRefSkipper``) are not decoded either;
+    evidence for that comes from the next packets, read ahead of decoding.
+
     Like the ffmpeg CLI, a packet that fails to decode is skipped (real datasets have a few);
     the consequences surface later: no frames, a truncated video, or no audio samples. Only a
     demuxer failure before anything was decoded is an error by itself.
@@ -554,8 +610,21 @@ def _read(container, path, vstream, picker, astream=None, collector=None, skip_g
     restart = _restart_test(vstream) if skip_gops else None
     skip_gops = restart is not None
     restart_pts = None      # of the last restart point, in decode order
+    skipper = _NonRefSkipper.make(vstream, picker) if vstream is not None else None
+    ahead: collections.deque = collections.deque()     # demuxed, not yet looked at
+    source = container.demux(*streams)
 
-    def decode(packet, stage: str) -> None:
+    def next_packet():
+        while len(ahead) <= (_LOOKAHEAD if skipper is not None else 0):
+            packet = next(source, None)
+            if packet is None:
+                break
+            ahead.append(packet)
+        return ahead.popleft() if ahead else None
+
+    def decode(packet, stage: str, later=()) -> None:
+        if skipper is not None and stage == "video":
+            skipper.before(packet, itertools.chain(later, ahead))
         try:
             frames = packet.decode()
         except av.error.FFmpegError as e:
@@ -564,13 +633,13 @@ def _read(container, path, vstream, picker, astream=None, collector=None, skip_g
         for frame in frames:
             (picker if stage == "video" else collector).feed(frame)
 
-    def decode_held() -> None:
-        for p in held:
-            decode(p, "video")
+    def decode_held(current=None) -> None:
+        for i, p in enumerate(held):
+            decode(p, "video", itertools.chain(held[i + 1:], [current] if current is not None else []))
         held.clear()
 
     try:
-        for packet in container.demux(*streams):
+        while (packet := next_packet()) is not None:
             if packet.stream.index != video_index:   # (a flush packet has no stream_index)
                 decode(packet, "audio")
                 continue
@@ -583,9 +652,9 @@ def _read(container, path, vstream, picker, astream=None, collector=None, skip_g
                 if dropped:
                     raise _OpenGop
                 skip_gops, ticks = False, None
-                decode_held()
+                decode_held(packet)
             if ticks is not None and ticks > picker.limit:
-                decode_held()       # the frame shown at the pending target is in there
+                decode_held(packet)     # the frame shown at the pending target is in there
             if picker.done:
                 held.clear()
                 if astream is None:
@@ -597,7 +666,7 @@ def _read(container, path, vstream, picker, astream=None, collector=None, skip_g
                     dropped = True
                 held.append(packet)
                 continue
-            decode_held()
+            decode_held(packet)
             decode(packet, "video")
     except av.error.FFmpegError as e:     # a read error ends the file early: keep what we have
         errors = {k: v or e for k, v in errors.items()}

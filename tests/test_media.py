@@ -225,6 +225,32 @@ def test_skipping_gops_keeps_exactly_the_frames_a_full_decode_shows(tmp_path, mo
         assert passes == [True, False] and len(fed) >= total * (len(frames) - 0.5) / fps / 6.2
 
 
+@pytest.mark.parametrize("options", [
+    {"preset": "medium", "threads": "1"},                          # x264 defaults: one 250-frame GOP
+    {"preset": "medium", "threads": "1", "g": "30", "bf": "3"},     # with GOPs to skip too
+    {"preset": "medium", "threads": "1", "x264-params": "b-pyramid=none:bframes=2"},
+])
+@pytest.mark.parametrize("fps", [1, 0.5])
+def test_skipping_non_reference_frames_keeps_exactly_the_full_decode(tmp_path, monkeypatch, options, fps):
+    path = _encode(tmp_path / "b.mp4", "libx264", options, frames=250)
+    fed = []
+    feed = media._FramePicker.feed
+    monkeypatch.setattr(media._FramePicker, "feed", lambda self, f: (fed.append(f.pts), feed(self, f)))
+    frames = media.decode_clip(path, fps=fps, frame_size=64, threads=1).frames
+    skipping = len(fed)
+    expected, total = _shown_frames(path, fps, 64)
+    assert frames == expected
+    fed.clear()
+    monkeypatch.setattr(media._NonRefSkipper, "make", classmethod(lambda cls, s, p: None))
+    assert media.decode_clip(path, fps=fps, frame_size=64, threads=1).frames == expected
+    with av.open(str(path)) as c:            # the non-reference pictures before the last kept frame
+        c.streams.video[0].codec_context.skip_frame = "NONREF"
+        last, time_base = (len(expected) - 0.5) / fps, c.streams.video[0].time_base
+        refs = {f.pts for f in c.decode(video=0)}
+    nonref = [pts for pts in fed if pts not in refs and pts * time_base <= last]
+    assert len(nonref) >= 5 and len(fed) - skipping >= 0.8 * len(nonref)    # (nearly) all skipped
+
+
 def test_packets_held_at_the_end_are_decoded_before_the_flush(make_clip):
     # the frame shown at the last target is still held when the stream ends (FLV: its
     # video stream is not stream 0, which a flush packet's stream_index would claim)
