@@ -38,8 +38,9 @@ fastest rep of each variant is reported; the load average before and after is in
 Ratios: ``extract_over_floor`` = avprep-1 / floor (target <= 1.25), ``reference_over_extract``
 = reference / avprep-1 (target >= 3 where ``reference_over_floor``, the ceiling any extractor
 with this decoder has, allows it), ``speedup_2_workers`` = avprep-1 / avprep-2 (target >= 1.8
-on 2 free cores). ``seconds_per_clip_core`` (avprep-1 time per clip) feeds the cost model in
-BENCHMARKS.md.
+on 2 free cores). ``seconds_per_clip_core`` (avprep-1 time per clip) and
+``assembler_seconds_per_clip`` (the parent's share: writing a sample into a shard) feed the
+cost model in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -252,6 +253,23 @@ def measure(dataset: str, src: Path, cfg: ExtractConfig, reps: int, work: Path, 
     return best, startup
 
 
+def assembler_seconds_per_clip(dataset: str, src: Path, cfg: ExtractConfig, work: Path, n: int = 200) -> float:
+    """What the parent (the assembler) spends per clip: one real sample's members written
+    ``n`` times into a shard (tar headers, sha256, write, one fsync), no decoding."""
+    from avprep.sample import extract_clip
+    from avprep.shards import ShardWriter
+
+    disc = get_adapter(dataset).discover(src)
+    clip = disc.clips[0]
+    members = extract_clip(clip, disc.classes.index(clip.label), clip.split, cfg, src)
+    t0 = time.perf_counter()
+    with ShardWriter(work / "assembler.tar") as writer:
+        for i in range(n):
+            writer.add(f"k{i:06d}", members)
+        writer.commit()
+    return (time.perf_counter() - t0) / n
+
+
 def _load() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
@@ -287,6 +305,7 @@ def main(argv=None) -> int:
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="avprep-bench-") as work:
         t, startup = measure(dataset, src, cfg, args.reps, Path(work), log)
+        assembler = assembler_seconds_per_clip(dataset, src, cfg, Path(work))
     result = {
         "kind": kind, "clips": clips, "source": f"{size[0]}x{size[1]} @ {fps} fps",
         "options": "paper preset (soxr), 1 fps, frame size 256, JPEG 90, float16, one shard per split",
@@ -296,6 +315,7 @@ def main(argv=None) -> int:
         "seconds": {k: round(v, 3) for k, v in t.items()},
         "clips_per_s": {k: round(clips / v, 2) for k, v in t.items()},
         "seconds_per_clip_core": round(t["avprep-1"] / clips, 4),
+        "assembler_seconds_per_clip": round(assembler, 5),
         "ratios": {"extract_over_floor": round(t["avprep-1"] / t["floor"], 3),
                    "reference_over_extract": round(t["reference"] / t["avprep-1"], 3),
                    "reference_over_floor": round(t["reference"] / t["floor"], 3),
