@@ -9,9 +9,8 @@ import numpy as np
 
 from . import media, spectrogram
 from .config import ExtractConfig
-from .datasets._base import Clip
+from .datasets._base import Clip, safe_text
 from .datasets._base import rel as relative_source
-from .datasets._base import safe_text
 from .errors import ClipError
 
 # Keys the extractor owns; a clip's meta cannot override them.

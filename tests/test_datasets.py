@@ -8,9 +8,17 @@ from pathlib import Path
 import pytest
 
 from avprep import datasets
-from avprep.datasets import _base, ave, cremad, folder, kinetics_sounds, splitfiles, vggsound
-from avprep.datasets._base import Clip, Problem, derive_val, hash_split
 from avprep.config import spec_preset
+from avprep.datasets import (
+    _base,
+    ave,
+    cremad,
+    folder,
+    kinetics_sounds,
+    splitfiles,
+    vggsound,
+)
+from avprep.datasets._base import Clip, Problem, derive_val, hash_split
 from avprep.errors import ConfigError, DatasetLayoutError
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference-splits"
