@@ -241,16 +241,23 @@ def measure(dataset: str, src: Path, cfg: ExtractConfig, reps: int, work: Path, 
     for c in clips:     # page cache
         c.video.read_bytes()
     best = {name: math.inf for name in variants}
+    cpu = {name: math.inf for name in variants}     # CPU seconds (this process and its children)
     names = list(variants)
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             for folder in ("ref", "a1", "a2"):      # every variant writes into an empty folder
                 shutil.rmtree(work / folder, ignore_errors=True)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu()
             variants[name]()
             best[name] = min(best[name], time.perf_counter() - t0)
+            cpu[name] = min(cpu[name], _cpu() - c0)
             log(f"rep {rep + 1}/{reps} {name}: {time.perf_counter() - t0:.2f} s")
-    return best, startup
+    return best, cpu, startup
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def assembler_seconds_per_clip(dataset: str, src: Path, cfg: ExtractConfig, work: Path, n: int = 200) -> float:
@@ -304,7 +311,7 @@ def main(argv=None) -> int:
                         shard_size=clips)
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="avprep-bench-") as work:
-        t, startup = measure(dataset, src, cfg, args.reps, Path(work), log)
+        t, cpu, startup = measure(dataset, src, cfg, args.reps, Path(work), log)
         assembler = assembler_seconds_per_clip(dataset, src, cfg, Path(work))
     result = {
         "kind": kind, "clips": clips, "source": f"{size[0]}x{size[1]} @ {fps} fps",
@@ -314,6 +321,11 @@ def main(argv=None) -> int:
         "load_average_1min": {"before": load_before, "after": _load()},
         "seconds": {k: round(v, 3) for k, v in t.items()},
         "clips_per_s": {k: round(clips / v, 2) for k, v in t.items()},
+        # CPU time: on a loaded machine the one-core ratios are best read from these
+        "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()},
+        "cpu_ratios": {"extract_over_floor": round(cpu["avprep-1"] / cpu["floor"], 3),
+                       "reference_over_extract": round(cpu["reference"] / cpu["avprep-1"], 3),
+                       "reference_over_floor": round(cpu["reference"] / cpu["floor"], 3)},
         "seconds_per_clip_core": round(t["avprep-1"] / clips, 4),
         "assembler_seconds_per_clip": round(assembler, 5),
         "ratios": {"extract_over_floor": round(t["avprep-1"] / t["floor"], 3),
