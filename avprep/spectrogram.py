@@ -29,6 +29,8 @@ normalisation by dataset statistics: that belongs to the loader.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .config import SpecConfig
@@ -66,11 +68,15 @@ def _stft(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
     return np.log(np.abs(spectrum).astype(np.float32) + np.float32(LOG_EPS))
 
 
+@functools.lru_cache(maxsize=8)
 def _window(win_length: int, n_fft: int) -> np.ndarray:
-    """Periodic Hann window of ``win_length``, zero-padded in the middle of ``n_fft``."""
+    """Periodic Hann window of ``win_length``, zero-padded in the middle of ``n_fft`` (cached,
+    read-only: a clip's STFT is short enough that building it showed in profiles)."""
     hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win_length) / win_length)
     left = (n_fft - win_length) // 2
-    return np.pad(hann, (left, n_fft - win_length - left))
+    window = np.pad(hann, (left, n_fft - win_length - left))
+    window.flags.writeable = False
+    return window
 
 
 def tukey(n: int, alpha: float = 0.25) -> np.ndarray:
@@ -87,11 +93,18 @@ def tukey(n: int, alpha: float = 0.25) -> np.ndarray:
     return w
 
 
+@functools.lru_cache(maxsize=8)
+def _tukey_cached(n: int) -> np.ndarray:
+    window = tukey(n, 0.25)
+    window.flags.writeable = False
+    return window
+
+
 def _scipy_psd(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
     x = wave.astype(np.float64)
     frames = np.lib.stride_tricks.sliding_window_view(x, spec.n_fft)[::spec.hop_length]
     frames = frames - frames.mean(axis=1, keepdims=True)
-    window = tukey(spec.n_fft, 0.25)
+    window = _tukey_cached(spec.n_fft)
     power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2 / (spec.sample_rate * (window ** 2).sum())
     power[:, 1:(-1 if spec.n_fft % 2 == 0 else None)] *= 2      # one-sided: the negative half
     log = np.log(power.T + LOG_EPS)
