@@ -37,7 +37,8 @@ _COUNTED_PROBLEMS = {"label", "duplicate"}
 
 @dataclass(frozen=True)
 class ExtractEvent:
-    """Progress report. ``kind``: "start", "clip", "clip_failed", "shard", "resumed", "finish".
+    """Progress report. ``kind``: "start", "retrying" (``error`` says what), "clip", "clip_failed",
+    "shard", "resumed", "finish".
 
     ``done``/``failed``/``total`` count clips over the whole run (resumed shards included), so
     a progress bar can use them directly; ``key``/``stage``/``error`` describe one clip and
