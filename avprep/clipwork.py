@@ -136,6 +136,7 @@ class Assembler:
         self.failures: list[dict] = []
         self.keys: list[str] = []
         self.retry: list[str] = []
+        self.max_frames = 0
         self.pids: set[int] = set()
 
     def add(self, i: int, result: TaskResult) -> None:
@@ -155,6 +156,7 @@ class Assembler:
                         self.writer = shardlib.ShardWriter(path)
                     self.writer.add(outcome.key, outcome.members)
                 self.samples.append(outcome.record)
+                self.max_frames = max(self.max_frames, sum(m.endswith(".jpg") for m in outcome.members))
                 self.on_clip(task.shard, outcome.key, None, None)
             else:
                 self.failures.append(outcome.failure)
@@ -173,9 +175,10 @@ class Assembler:
             self.writer = None
         st = outdir.ShardState(task.shard, task.split, self.keys, written and written.sha256,
                                written and written.bytes, len(self.samples), self.samples,
-                               self.failures, self.retry)
+                               self.failures, self.retry, self.max_frames)
         outdir.save_state(self.out, st)
         self.samples, self.failures, self.keys, self.retry = [], [], [], []
+        self.max_frames = 0
         self.on_shard(st)
 
     def close(self) -> None:

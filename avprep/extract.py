@@ -192,7 +192,7 @@ def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: Extr
 
     outdir.remove_strays(out, {p.name for p in plans})
     failures = _failures(disc, [states[p.name] for p in plans], src)
-    samples = outdir.write_outputs(out, disc.classes, plans, states, failures, options)
+    samples = outdir.write_outputs(out, disc.classes, plans, states, failures, options, cfg.spec.shape)
     return ExtractResult(
         out=str(out), name=dataset, classes=list(disc.classes), samples=samples,
         failures=failures, failures_by_stage=outdir.count(f["stage"] for f in failures),

@@ -44,11 +44,13 @@ class ShardState:
     samples: list[dict] = field(default_factory=list)   # sample index lines
     failures: list[dict] = field(default_factory=list)  # failures.jsonl lines
     retry: list[str] = field(default_factory=list)      # failed keys a rerun tries again
+    max_frames: int = 0                                 # most frames of one sample
 
     @classmethod
     def from_json(cls, d: dict) -> "ShardState":
         return cls(**{k: d[k] for k in ("name", "split", "keys", "sha256", "bytes", "num_samples",
-                                        "samples", "failures")}, retry=d.get("retry", []))
+                                        "samples", "failures")}, retry=d.get("retry", []),
+                   max_frames=d.get("max_frames", 0))
 
 
 def json_bytes(obj, indent: int | None = None) -> bytes:
@@ -231,7 +233,8 @@ def count(items: Iterable[str]) -> dict[str, int]:
 
 
 def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan],
-                  states: dict[str, ShardState], failures: list[dict], options: dict) -> dict:
+                  states: dict[str, ShardState], failures: list[dict], options: dict,
+                  spec_shape: tuple[int, int]) -> dict:
     """failures.jsonl, then per split the sample index and manifest, dataset.json last.
     Returns ``{split: {label: samples}}``.
 
@@ -256,7 +259,8 @@ def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan]
         write(out / f"{split}.manifest.json", json_bytes(manifest, indent=1), sync_dir=False)
     info = {**options, "classes": list(classes),
             "splits": {s: sum(c.values()) for s, c in samples.items()},
-            "num_failures": len(failures)}
+            "num_failures": len(failures), "spec_shape": list(spec_shape),
+            "max_frames": max((states[p.name].max_frames for p in plans), default=0)}
     shardlib.fsync_dir(out)
     write(out / "dataset.json", json_bytes(info, indent=1))
     return samples

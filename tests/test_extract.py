@@ -69,6 +69,9 @@ def test_samples_match_schema(raw, out1):
     dataset = json.loads((out1 / "dataset.json").read_text())
     assert dataset["classes"] == ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
     assert dataset["config"]["spec"]["hop_length"] == 159 and dataset["config"]["frame_size"] == FRAME
+    n_frames = [json.loads(dict(m)["json"])["n_frames"] for shard in out1.glob("*.tar")
+                for m in _samples(shard).values()]
+    assert dataset["spec_shape"] == [257, 299] and dataset["max_frames"] == max(n_frames)
     seen = {}
     for split in dataset["splits"]:
         manifest = json.loads((out1 / f"{split}.manifest.json").read_text())
