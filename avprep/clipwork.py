@@ -173,8 +173,8 @@ class Assembler:
                 # the folder is fsynced once for all renames, before dataset.json
                 written = self.writer.commit(sync_dir=False)
             self.writer = None
-        st = outdir.ShardState(task.shard, task.split, self.keys, written and written.sha256,
-                               written and written.bytes, len(self.samples), self.samples,
+        st = outdir.ShardState(task.shard, task.split, self.keys, written.sha256 if written else None,
+                               written.bytes if written else None, len(self.samples), self.samples,
                                self.failures, self.retry, self.max_frames)
         outdir.save_state(self.out, st)
         self.samples, self.failures, self.keys, self.retry = [], [], [], []

@@ -275,7 +275,8 @@ def _yuv_planes(frame, width: int, height: int) -> list[np.ndarray]:
     yuv = reformatter.reformat(frame, width=width, height=height, format="yuv420p",
                                dst_color_range="JPEG", threads=1,
                                interpolation=Interpolation.BICUBIC | Interpolation.ACCURATE_RND)
-    return [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in yuv.planes]
+    return [np.frombuffer(memoryview(p), np.uint8).reshape(p.height, p.line_size)[:, :p.width]
+            for p in yuv.planes]
 
 
 def _encode_jpeg(planes: list[np.ndarray], quality: int) -> bytes:
@@ -387,7 +388,7 @@ class _AudioCollector:
     def __init__(self, sample_rate: int, path, resampler: str = "soxr"):
         self.sample_rate, self.path, self.resampler = sample_rate, path, resampler
         self.segments: list[tuple[tuple, list[list[memoryview]]]] = []
-        self.key = None
+        self.key: tuple | None = None
         self.seen = 0
 
     def feed(self, frame) -> None:
@@ -604,7 +605,7 @@ def _read(container, path, vstream, picker, astream=None, collector=None, skip_g
     """
     streams = [s for s in (vstream, astream) if s is not None]
     video_index = vstream.index if vstream is not None else -1
-    errors = {"video": None, "audio": None}
+    errors: dict[str, BaseException | None] = {"video": None, "audio": None}
     held: list = []         # video packets not yet known to be needed, in decode order
     dropped = False
     restart = _restart_test(vstream) if skip_gops else None
@@ -645,7 +646,7 @@ def _read(container, path, vstream, picker, astream=None, collector=None, skip_g
                 continue
             pts = packet.pts
             ticks = picker.ticks_of(pts) if skip_gops and packet.size else None
-            is_restart = ticks is not None and restart(packet)
+            is_restart = ticks is not None and restart is not None and restart(packet)
             if is_restart:
                 restart_pts = pts
             elif ticks is not None and restart_pts is not None and pts < restart_pts:
@@ -672,8 +673,9 @@ def _read(container, path, vstream, picker, astream=None, collector=None, skip_g
         errors = {k: v or e for k, v in errors.items()}
     decode_held()
     for stage, consumer in (("video", picker), ("audio", collector)):
-        if consumer is not None and not consumer.seen and errors[stage] is not None:
-            raise ClipError(stage, f"{path}: {stage} decode error: {_one_line(errors[stage])}")
+        error = errors[stage]
+        if consumer is not None and not consumer.seen and error is not None:
+            raise ClipError(stage, f"{path}: {stage} decode error: {_one_line(error)}")
 
 
 def decode_frames(path, *, fps: float = 1, frame_size: int = 256, jpeg_quality: int = 90,

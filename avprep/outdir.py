@@ -124,7 +124,7 @@ def check_options(out: Path, options: dict) -> None:
 def _write_error(path: Path, e: OSError) -> OutputError:
     why = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
            errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(
-        e.errno, e.strerror or str(e))
+        e.errno or 0, e.strerror or str(e))
     return OutputError(f"{path}: cannot write: {why}; finished shards are kept, re-run the same "
                        "command to resume")
 
