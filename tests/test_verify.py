@@ -442,9 +442,11 @@ def test_problem_order_is_deterministic(out):
 def test_json_report(out, tmp_path):
     _flip(out)
     path = tmp_path / "report.json"
-    code, _ = run_cli(out, "--json", path)
+    code, _ = run_cli(out, "--report", path)
     assert code == 1
     doc = json.loads(path.read_text())
+    code, text = run_cli(out, "--json")       # --json prints the same document on stdout
+    assert code == 1 and json.loads(text) == doc
     assert doc["ok"] is False and doc["quick"] is False
     assert {"shard": TRAIN0, "key": "", "check": "sha256",
             "message": "content does not match the manifest's sha256"} in doc["problems"]
