@@ -172,13 +172,17 @@ def _read_output(location: str, s3_endpoint: str | None = None):
             raise ConfigError(f"{location}: cannot read {name} ({e}); is the extraction finished?") from None
 
     dataset = read("dataset.json")
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("splits", {}), dict):
+        raise ConfigError(f"{location}: dataset.json is not an avprep dataset description (not a JSON object "
+                          "with splits)")
     return dataset, {s: read(f"{s}.manifest.json") for s in split_order(dataset.get("splits", {}))}
 
 
 @click.command("info")
 @click.argument("out")
 @click.option("--json", "as_json", is_flag=True, help="Print dataset.json and the manifests as one JSON document.")
-@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint for s3:// locations.")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
+              help="S3-compatible endpoint for s3:// locations.")
 @_ui.handle_errors
 def info_cmd(out, as_json, s3_endpoint):
     """Show an extracted dataset (a folder, http(s):// or s3:// prefix): options, splits, shards
@@ -220,7 +224,8 @@ def _spec_shape(spec: dict) -> str:
 @click.command("upload")
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.argument("url")
-@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint.")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
+              help="S3-compatible endpoint.")
 @_ui.handle_errors
 def upload_cmd(out, url, s3_endpoint):
     """Upload an extracted folder to s3://bucket/prefix (shards first, manifests last)."""

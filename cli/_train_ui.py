@@ -124,8 +124,15 @@ class TrainProgress:
         return self.config.get("modality", "both") == "both"
 
 
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
 def _fmt(x, digits: int = 4) -> str:
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    """A NaN prints as ``nan`` (a diverged loss must be visible), a missing value as ``—``."""
+    if x is None:
+        return "—"
+    return "nan" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
 
 
 def epoch_line(r: dict, best: bool, config: dict) -> str:
@@ -149,10 +156,12 @@ _METRIC_KEYS = ["loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v"]
 
 
 def metrics_table(title: str, rows: dict[str, dict]):
-    """One row per split (or run) of evaluation metrics."""
-    return _ui.table(title, ["split", *_METRIC_KEYS],
-                     ([s, *(_fmt(m.get(k)) for k in _METRIC_KEYS)] for s, m in rows.items()),
-                     numeric=set(range(1, len(_METRIC_KEYS) + 1)))
+    """One row per split (or run) of evaluation metrics; a unimodal run's columns of the other
+    modality (all missing) are left out."""
+    keys = [k for k in _METRIC_KEYS if k in ("loss", "acc") or not all(_missing(m.get(k)) for m in rows.values())]
+    return _ui.table(title, ["split", *keys],
+                     ([s, *(_fmt(m.get(k)) for k in keys)] for s, m in rows.items()),
+                     numeric=set(range(1, len(keys) + 1)))
 
 
 def summary_table(title: str, rows: list[dict]):

@@ -19,8 +19,8 @@ from ._ui import EXIT_OK, EXIT_PROBLEMS, console, handle_errors, make_progress, 
 @click.option("--quick", is_flag=True, help="Only check manifests, shard sizes and sha256 (no decoding).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of a table.")
 @click.option("--report", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the report as JSON to this file.")
-@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", metavar="URL",
+              show_default="no file", help="Also write the report as JSON to this file.")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", metavar="URL", show_default="$AWS_ENDPOINT_URL",
               help="Endpoint of an S3-compatible server for s3:// locations.")
 @handle_errors
 def verify_cmd(location: str, quick: bool, as_json: bool, json_path: Path | None, s3_endpoint: str | None):

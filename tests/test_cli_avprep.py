@@ -9,7 +9,6 @@ import pytest
 from click.testing import CliRunner
 
 from cli.avprep_cli import main
-from tests._servers import aws_env, s3_server  # noqa: F401  (fixtures)
 
 FAST = ["--frame-size", "32", "--shard-size", "4", "--workers", "1"]
 
@@ -56,6 +55,8 @@ def test_rerun_resumes_everything_and_keeps_bytes(raw, extracted, tmp_path):
     shutil.copytree(extracted[0], out)
     code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", out, *FAST)
     assert code == 0 and "resumed" in output
+    # nothing was extracted again: no clips/s rate made of resumed clips
+    assert "nothing extracted, 8 clips resumed" in output and "clips/s" not in output
     assert _files(out) == _files(extracted[0])
 
 
@@ -98,6 +99,17 @@ def test_usage_and_config_errors_exit_2(raw, extracted, tmp_path):
         assert not (tmp_path / "o").exists(), "a refused run must leave nothing behind"
     code, output = run("info", tmp_path / "empty-nothing")
     assert code == 2
+    for bad in ("[1, 2]", '{"splits": [1]}', "{" * 5000, "not json"):
+        (out / "dataset.json").write_text(bad)
+        code, output = run("info", out)
+        assert code == 2 and output.startswith("error: ") and output.count("\n") == 1, (bad[:20], output)
+        assert "dataset.json" in output
+
+
+def test_unwritable_out_is_one_line_exit_2(raw, tmp_path):
+    code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", "/sys/avprep-test-out", *FAST)
+    assert code == 2 and output.startswith("error: ") and "/sys/avprep-test-out" in output, output
+    assert output.count("\n") == 1 and "Traceback" not in output
 
 
 def test_datasets_lists_every_adapter():
