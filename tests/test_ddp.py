@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ogmge_train import train as train_mod
-from tests.test_train import make_shards, read_jsonl
+from tests._helpers import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,10 @@ def torchrun() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def small_shards(tmp_path_factory):
+def small_shards(train_shards):
     # 3 samples per shard: the test split spans 2 shards, so both ranks evaluate part of it,
     # and val has a single shard, so one rank evaluates nothing (the empty-rank path).
-    return make_shards(tmp_path_factory.mktemp("ddp-shards"), shard_size=3)
+    return train_shards(shard_size=3)
 
 
 def test_ddp_parameters_identical_and_metrics_cover_every_sample(small_shards, tmp_path):
