@@ -32,10 +32,10 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 from . import shards as shardlib
 from .config import ExtractConfig

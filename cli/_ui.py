@@ -120,7 +120,7 @@ class Group(click.Group):
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         if cmd.callback is not None and not getattr(cmd.callback, "_handles_errors", False):
             cmd.callback = handle_errors(cmd.callback)
-            cmd.callback._handles_errors = True      # type: ignore[attr-defined]
+            setattr(cmd.callback, "_handles_errors", True)  # noqa: B010
         super().add_command(cmd, name)
 
     def resolve_command(self, ctx, args):

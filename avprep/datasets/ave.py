@@ -16,8 +16,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, DatasetLayoutError
-from ._base import (Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
-                    hash_split, make_key)
+from ._base import Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish, hash_split, make_key
 
 NAME = "ave"
 LAYOUT = "RAW/Annotations.txt (Category&VideoID&Quality&StartTime&EndTime) + RAW/AVE/<VideoID>.mp4"

@@ -17,8 +17,18 @@ from manifests import load as _load_manifest
 
 from ..errors import ConfigError, DatasetLayoutError
 from . import splitfiles
-from ._base import (Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
-                    hash_split, is_media_name, make_key)
+from ._base import (
+    Clip,
+    Discovery,
+    Problem,
+    dedupe,
+    derive_val,
+    derived_val_note,
+    finish,
+    hash_split,
+    is_media_name,
+    make_key,
+)
 
 NAME = "cremad"
 LAYOUT = "RAW/VideoFlash/<actor>_<sentence>_<EMO>_<level>.flv (+ RAW/AudioWAV/<same>.wav)"

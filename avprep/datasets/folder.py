@@ -23,8 +23,21 @@ import unicodedata
 from pathlib import Path
 
 from ..errors import ConfigError, DatasetLayoutError
-from ._base import (SPLITS, Clip, Discovery, dedupe, derived_val_note, finish, hash_fraction,
-                    hash_split, is_media_name, make_key, split_alias, subdirs, VAL_FRACTION)
+from ._base import (
+    SPLITS,
+    VAL_FRACTION,
+    Clip,
+    Discovery,
+    dedupe,
+    derived_val_note,
+    finish,
+    hash_fraction,
+    hash_split,
+    is_media_name,
+    make_key,
+    split_alias,
+    subdirs,
+)
 
 NAME = "folder"
 LAYOUT = "RAW/<class>/<file> or RAW/<split>/<class>/<file> (any container PyAV opens)"

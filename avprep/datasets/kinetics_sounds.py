@@ -23,8 +23,22 @@ from manifests import load as _load_manifest
 
 from ..errors import ConfigError, DatasetLayoutError
 from . import splitfiles
-from ._base import (SPLITS, Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
-                    hash_split, is_media_name, make_key, rel, split_alias, subdirs)
+from ._base import (
+    SPLITS,
+    Clip,
+    Discovery,
+    Problem,
+    dedupe,
+    derive_val,
+    derived_val_note,
+    finish,
+    hash_split,
+    is_media_name,
+    make_key,
+    rel,
+    split_alias,
+    subdirs,
+)
 
 NAME = "kinetics-sounds"
 LAYOUT = "RAW/<split>/<class_name>/<youtube_id>_<start:06d>_<end:06d>.mp4 (31 KS classes; others skipped)"

@@ -18,8 +18,18 @@ from pathlib import Path
 
 from ..errors import ConfigError, DatasetLayoutError
 from . import splitfiles
-from ._base import (Clip, Discovery, Problem, dedupe, derive_val, derived_val_note, finish,
-                    is_media_name, make_key, split_alias)
+from ._base import (
+    Clip,
+    Discovery,
+    Problem,
+    dedupe,
+    derive_val,
+    derived_val_note,
+    finish,
+    is_media_name,
+    make_key,
+    split_alias,
+)
 
 NAME = "vggsound"
 LAYOUT = "RAW/vggsound.csv (youtube_id,start_seconds,label,split) + RAW/**/<youtube_id>_<start:06d>.mp4"
