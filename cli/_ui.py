@@ -43,7 +43,7 @@ _LOG_WIDTH = 400
 
 def _console(stderr: bool) -> Console:
     stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() else int(os.environ.get("COLUMNS", _LOG_WIDTH))
+    width = None if stream.isatty() else _LOG_WIDTH
     return Console(stderr=stderr, highlight=False, width=width)
 
 
