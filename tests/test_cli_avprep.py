@@ -164,3 +164,11 @@ def test_split_files_decide_splits_and_are_recorded(raw, tmp_path):
     code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", out, *FAST,
                        "--split-file", train, "--split-file", f"test={test}")
     assert code == 2 and "split_files" in output
+
+
+def test_extract_in_a_log_prints_plain_progress_lines(raw, tmp_path):
+    r = CliRunner().invoke(main, ["extract", "--dataset", "cremad", "--src", str(raw), "--out", str(tmp_path / "o"),
+                                  *FAST], env={"AVPREP_PROGRESS_INTERVAL": "0"}, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("extract: ")]
+    assert lines and lines[-1].startswith("extract: 8/8 clips (100%), ") and "clips/s" in lines[-1], r.output
