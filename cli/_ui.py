@@ -109,6 +109,7 @@ def handle_errors(fn: Callable | None = None, *, interrupt_hint: str = RESUME_HI
                 raise
             message, code = describe(e)
             fail(message, code)
+    wrapper._handles_errors = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -120,7 +121,6 @@ class Group(click.Group):
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         if cmd.callback is not None and not getattr(cmd.callback, "_handles_errors", False):
             cmd.callback = handle_errors(cmd.callback)
-            setattr(cmd.callback, "_handles_errors", True)  # noqa: B010
         super().add_command(cmd, name)
 
     def resolve_command(self, ctx, args):
