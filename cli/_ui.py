@@ -143,7 +143,7 @@ class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         elapsed = task.finished_time if task.finished else task.elapsed
         speed = task.completed / elapsed if elapsed else None
-        return Text(f"{speed:.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="cyan")
+        return Text(f"{_rate(speed)} {self.unit}/s" if speed else f"- {self.unit}/s", style="cyan")
 
 
 class EtaColumn(ProgressColumn):
@@ -227,13 +227,18 @@ class LogProgress:
         parts = [f"{t['description']}: {done:.0f}" + (f"/{total:.0f}" if total else "") + f" {self.unit}"]
         if total:
             parts[0] += f" ({100 * done / total:.0f}%)"
-        parts.append(f"{rate:.1f} {self.unit}/s")
+        parts.append(f"{_rate(rate)} {self.unit}/s")
         if total and rate > 0 and done < total:
             parts.append(f"ETA {_clock((total - done) / rate)}")
         extra = Text.from_markup(str(t["fields"].get(self.extra, ""))).plain if self.extra else ""
         if extra:
             parts.append(extra)
         return ", ".join(parts)
+
+
+def _rate(x: float) -> str:
+    """``89.3``, or ``0.02`` for slow steps (a 50-s step is not ``0.0``)."""
+    return f"{x:.1f}" if x >= 1 or x == 0 else f"{x:.2g}"
 
 
 def _clock(seconds: float) -> str:

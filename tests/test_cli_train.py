@@ -221,3 +221,23 @@ def test_log_progress_line_and_tables_never_truncate():
     with _ui.console.capture() as cap:
         _ui.console.print(_ui.table("runs", ["run", "acc"], [["concat+ogm-ge-with-a-very-long-name" * 4, "1.0"]]))
     assert "concat+ogm-ge-with-a-very-long-name" * 4 in cap.get()
+
+
+def test_bar_rate_and_eta_come_from_the_average_since_start():
+    """Slow steps (50 s each) still get a rate and an ETA; the final rate is the run's average."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    now = [0.0]
+    p = Progress(console=Console(file=io.StringIO()), get_time=lambda: now[0])
+    t = p.add_task("epoch 0", total=10)
+    now[0] = 100.0
+    p.update(t, completed=2)
+    task = p.tasks[0]
+    assert _ui.RateColumn("steps").render(task).plain == "0.02 steps/s"
+    assert _ui.EtaColumn().render(task).plain == "ETA 0:06:40"
+    now[0] = 500.0
+    p.update(t, completed=10)
+    assert _ui.RateColumn("steps").render(p.tasks[0]).plain == "0.02 steps/s"
