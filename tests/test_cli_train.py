@@ -241,3 +241,31 @@ def test_bar_rate_and_eta_come_from_the_average_since_start():
     now[0] = 500.0
     p.update(t, completed=10)
     assert _ui.RateColumn("steps").render(p.tasks[0]).plain == "0.02 steps/s"
+
+
+def test_ctrl_c_during_training_names_resume_and_resume_continues(shards, tmp_path):
+    """A real SIGINT mid-run: one line naming --resume, exit 130; the hint's command works."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "cli.train_cli", "--shards", str(shards), "--out", str(out), *TINY[:2],
+            "--epochs", "50", *TINY[4:]]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "run the same command with --resume" in one_error_line(err)
+    done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= done < 50
+    code, output = cli("--shards", shards, "--out", out, *TINY[:2], "--epochs", str(done + 1), *TINY[4:], "--resume")
+    assert code == 0, output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == done + 1
