@@ -1,30 +1,39 @@
-# Every target creates .venv when missing. TORCH picks the torch requirement
-# (CI uses the local CPU build: make test TORCH=torch==2.13.0).
+# Every target creates .venv when missing. TORCH is the torch requirement pip installs first;
+# TORCH_INDEX, when set, is the package index torch comes from (e.g. PyTorch's CPU-only index).
+# The stamp is per TORCH value, so `make test TORCH=...` after a first install re-installs torch.
+# CI: make test TORCH=torch==2.13.0 (the CPU build this project's machines hold locally).
 TORCH ?= torch
+TORCH_INDEX ?=
 PY := .venv/bin/python
-STAMP := .venv/.installed
+STAMP := .venv/.installed-$(shell printf '%s' '$(TORCH) $(TORCH_INDEX)' | tr -c 'A-Za-z0-9.' '_')
+LINTED := avprep ogmge_train cli
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PY) -m pip install -q -e ".[test]"
-	touch $(STAMP)
+	rm -f .venv/.installed-*
+	touch $@
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m cli.demo --out demo-out
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: lint
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all --out BENCHMARKS.md
 
 clean:
-	rm -rf .venv demo-out .pytest_cache
+	rm -rf .venv demo-out .pytest_cache .mypy_cache .ruff_cache

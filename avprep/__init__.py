@@ -9,7 +9,7 @@ Public API::
 Heavy decoders (PyAV) are imported by the modules that need them, not here; nothing
 in avprep imports torch.
 """
-from .config import ExtractConfig, SpecConfig, spec_preset, PRESET_NAMES
+from .config import PRESET_NAMES, ExtractConfig, SpecConfig, spec_preset
 from .errors import AvprepError, ClipError, ConfigError, DatasetLayoutError, StorageError
 from .extract import ExtractEvent, ExtractResult, extract
 

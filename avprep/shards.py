@@ -12,9 +12,9 @@ import io
 import math
 import os
 import tarfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from .config import ExtractConfig
 from .datasets._base import SPLITS, Clip
@@ -200,7 +200,7 @@ class ShardWriter:
         finally:
             self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:

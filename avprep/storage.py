@@ -24,9 +24,9 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
 from urllib.parse import urlparse
 
 from .errors import ConfigError, StorageError
@@ -460,7 +460,8 @@ def _uploadable(rel: Path) -> bool:
 def upload_folder(local_dir: str | os.PathLike, s3_url: str, *, s3_endpoint: str | None = None,
                   on_progress: Callable[[int, int, str], None] | None = None,
                   retry: Retry | None = None) -> list[str]:
-    """Upload every file of ``local_dir`` (recursively, skipping dotfiles and unfinished ``.tmp-`` files) under ``s3_url``.
+    """Upload every file of ``local_dir`` (recursively, skipping dotfiles and unfinished ``.tmp-``
+    files) under ``s3_url``.
 
     Shards go first and the files that name them (sample index, manifests, dataset.json) last,
     so a concurrent reader never sees a manifest naming a missing shard; the trade-off is that
@@ -474,12 +475,14 @@ def upload_folder(local_dir: str | os.PathLike, s3_url: str, *, s3_endpoint: str
     root = Path(local_dir)
     if not root.is_dir():
         raise ConfigError(f"{root}: not a folder")
-    files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and _uploadable(p.relative_to(root))]
+    files = [p.relative_to(root).as_posix() for p in root.rglob("*")
+             if p.is_file() and _uploadable(p.relative_to(root))]
     order = upload_order(files)
     total, done = sum((root / n).stat().st_size for n in order), 0
     for name in order:
         path = root / name
-        loc._with_retry(loc.url(name), lambda: loc.client.upload_file(str(path), loc.bucket, loc.key(name)))
+        loc._with_retry(loc.url(name),
+                        lambda path=path, name=name: loc.client.upload_file(str(path), loc.bucket, loc.key(name)))
         done += path.stat().st_size
         if on_progress is not None:
             on_progress(done, total, name)

@@ -18,9 +18,9 @@ import math
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -185,7 +185,7 @@ class _Schema:
     frame_size: int
 
     @classmethod
-    def from_dataset(cls, ds, problems: list[Problem]) -> "_Schema | None":
+    def from_dataset(cls, ds, problems: list[Problem]) -> _Schema | None:
         try:
             cfg = ds["config"]
             spec = SpecConfig(**cfg["spec"])

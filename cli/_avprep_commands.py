@@ -1,6 +1,8 @@
 """`avprep extract | datasets | info | upload`: argument parsing, progress and tables only."""
 from __future__ import annotations
 
+import time
+
 import click
 
 from avprep.config import FRAME_RULES, PRESET_NAMES, RESAMPLERS, ExtractConfig, spec_preset
@@ -29,7 +31,7 @@ def _parse_bytes(ctx, param, value):
 @click.option("--src", required=True, type=click.Path(exists=True, file_okay=False), help="Raw dataset folder.")
 @click.option("--out", required=True, help="Output folder, or s3://bucket/prefix.")
 @click.option("--spec", "spec", type=click.Choice(PRESET_NAMES), default="paper", show_default=True,
-              help="Spectrogram preset (SPEC §3).")
+              help="Spectrogram preset (README: What is extracted).")
 @click.option("--sample-rate", type=int, help="Override the preset's sample rate.")
 @click.option("--n-fft", type=int, help="Override the preset's FFT size.")
 @click.option("--hop-length", type=int, help="Override the preset's hop.")
@@ -90,7 +92,7 @@ def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_len
                          split_by=split_by, seed=seed, overwrite=overwrite,
                          max_failures=max_failures, on_event=on_event, s3_endpoint=s3_endpoint,
                          staging=staging)
-    _print_summary(result)
+    _print_summary(result, on_event)
     if not result.ok:
         _ui.error(f"{result.failed_fraction:.1%} of clips failed (more than --max-failures "
                   f"{max_failures:.1%}); see {result.out}/failures.jsonl")
@@ -98,23 +100,39 @@ def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_len
 
 
 class _ExtractProgress:
-    """ExtractEvent → rich progress; resumed shards shrink the bar instead of inflating clips/s."""
+    """ExtractEvent → progress display; resumed shards shrink the bar instead of inflating
+    clips/s. Keeps what the summary's rate needs, so the bar's final rate and the summary's agree:
+    clips extracted in this run over the seconds since extraction started."""
 
     def __init__(self, progress):
         self.progress, self.task, self.resumed = progress, None, 0
+        self.t_start = self.t_last = None
+        self.done = 0
 
     def __call__(self, e) -> None:
+        now = time.monotonic()
         if e.kind == "start":
             self.task = self.progress.add_task("extract", total=e.total, failures="")
+            self.t_start = self.t_last = now
             return
         if e.kind == "resumed":
             self.resumed = e.done
+        elif e.kind != "finish":
+            self.t_last = now
+        self.done = e.done - self.resumed
         failures = f"[red]{e.failed} failed" if e.failed else ""
-        self.progress.update(self.task, total=e.total - self.resumed, completed=e.done - self.resumed,
-                             failures=failures)
+        self.progress.update(self.task, total=e.total - self.resumed, completed=self.done, failures=failures)
+
+    def rate(self) -> str:
+        """``89.3 clips/s`` over the clips extracted in this run, or what was resumed instead."""
+        seconds = (self.t_last - self.t_start) if self.t_start is not None else 0.0
+        parts = [f"{self.done / seconds:.1f} clips/s" if self.done and seconds > 0 else "nothing extracted"]
+        if self.resumed:
+            parts.append(f"{self.resumed} clips resumed")
+        return ", ".join(parts)
 
 
-def _print_summary(result) -> None:
+def _print_summary(result, progress: _ExtractProgress) -> None:
     splits = list(result.samples)
     rows = [[c] + [result.samples[s].get(c, 0) for s in splits]
             + [sum(result.samples[s].get(c, 0) for s in splits)] for c in result.classes]
@@ -131,11 +149,10 @@ def _print_summary(result) -> None:
         _ui.console.print(f"note: {note}")
     for reason, n in result.skipped.items():
         _ui.console.print(f"skipped {n} clip(s): {reason}")
-    rate = result.num_clips / result.wall_time if result.wall_time else 0.0
     resumed = f", {result.resumed_shards} resumed" if result.resumed_shards else ""
     failed = sum(n for stage, n in result.failures_by_stage.items() if stage != "missing")
     _ui.console.print(f"{result.num_samples} samples in {result.num_shards} shard(s){resumed}, "
-                      f"{failed} failed → {result.out}  ({result.wall_time:.1f} s, {rate:.1f} clips/s)")
+                      f"{failed} failed → {result.out}  ({result.wall_time:.1f} s, {progress.rate()})")
     first = [f for f in result.failures if f["stage"] != "missing"][:5] or result.failures[:5]
     if first:
         _ui.console.print(_ui.table(f"first failures (of {len(result.failures)}, all in failures.jsonl)",
@@ -172,13 +189,17 @@ def _read_output(location: str, s3_endpoint: str | None = None):
             raise ConfigError(f"{location}: cannot read {name} ({e}); is the extraction finished?") from None
 
     dataset = read("dataset.json")
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("splits", {}), dict):
+        raise ConfigError(f"{location}: dataset.json is not an avprep dataset description (not a JSON object "
+                          "with splits)")
     return dataset, {s: read(f"{s}.manifest.json") for s in split_order(dataset.get("splits", {}))}
 
 
 @click.command("info")
 @click.argument("out")
 @click.option("--json", "as_json", is_flag=True, help="Print dataset.json and the manifests as one JSON document.")
-@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint for s3:// locations.")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
+              help="S3-compatible endpoint for s3:// locations.")
 @_ui.handle_errors
 def info_cmd(out, as_json, s3_endpoint):
     """Show an extracted dataset (a folder, http(s):// or s3:// prefix): options, splits, shards
@@ -220,7 +241,8 @@ def _spec_shape(spec: dict) -> str:
 @click.command("upload")
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.argument("url")
-@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint.")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
+              help="S3-compatible endpoint.")
 @_ui.handle_errors
 def upload_cmd(out, url, s3_endpoint):
     """Upload an extracted folder to s3://bucket/prefix (shards first, manifests last)."""

@@ -11,18 +11,19 @@ from rich.text import Text
 
 from avprep.verify import VerifyReport, verify
 
-from ._ui import EXIT_OK, EXIT_PROBLEMS, console, handle_errors, make_progress
+from ._ui import EXIT_OK, EXIT_PROBLEMS, console, handle_errors, make_progress, print_json
 
 
 @click.command("verify")
 @click.argument("location", metavar="OUT|URL")
 @click.option("--quick", is_flag=True, help="Only check manifests, shard sizes and sha256 (no decoding).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the report as JSON to this file.")
-@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", metavar="URL",
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of a table.")
+@click.option("--report", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              show_default="no file", help="Also write the report as JSON to this file.")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", metavar="URL", show_default="$AWS_ENDPOINT_URL",
               help="Endpoint of an S3-compatible server for s3:// locations.")
 @handle_errors
-def verify_cmd(location: str, quick: bool, json_path: Path | None, s3_endpoint: str | None):
+def verify_cmd(location: str, quick: bool, as_json: bool, json_path: Path | None, s3_endpoint: str | None):
     """Verify an extracted dataset at OUT (a folder, http(s):// or s3:// prefix): every shard
     against its manifest (presence, size, sha256, sample count) and, unless --quick, every
     sample against the schema. Shards are untrusted: nothing is unpickled or written to disk.
@@ -38,7 +39,10 @@ def verify_cmd(location: str, quick: bool, json_path: Path | None, s3_endpoint: 
         report = verify(location, quick=quick, on_progress=on_progress, s3_endpoint=s3_endpoint)
     if json_path:
         json_path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    _print_report(report)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        _print_report(report)
     raise click.exceptions.Exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
 

@@ -1,14 +1,19 @@
-"""`avprep`: click front-end over the avprep library. Commands live in one module each."""
+"""`avprep`: the click group over the avprep library (README: Preparing data).
+
+Commands: ``extract``, ``datasets``, ``info``, ``upload`` (cli/_avprep_commands.py), ``verify``
+(cli/_verify_command.py), ``synth`` (cli/_synth_command.py), each registered here once.
+"""
 from __future__ import annotations
 
 import click
 
+from . import _ui
 from ._avprep_commands import datasets_cmd, extract_cmd, info_cmd, upload_cmd
 from ._synth_command import synth_cmd
 from ._verify_command import verify_cmd
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_ui.Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="avprep-ogmge")
 def main():
     """Prepare audio-visual datasets as verified WebDataset shards."""

@@ -93,7 +93,7 @@ def main(out, clips, epochs, seeds):
     lap("train")
     for i, arm in enumerate(cfg.arms):
         _run(f"5/6 linear probes of {arm.name} ({i + 1}/{len(cfg.arms)})", "ogmge-train", [
-            "probe", str(runs / arm.name), "--epochs", str(cfg.probe_steps)])
+            "probe", str(runs / arm.name), "--max-iter", str(cfg.probe_steps)])
     lap("probe")
 
     err_console.rule("[bold]6/6 report")

@@ -20,7 +20,8 @@ discrepancy ratio and the unimodal metrics use):
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -299,7 +300,8 @@ def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both"
     ``fusion`` is ignored for unimodal models (``modality`` "audio" or "visual"): they are one
     encoder and a linear classifier, the paper's audio-only / visual-only baselines.
     """
-    for what, value, allowed in (("arch", arch, ARCHS), ("fusion", fusion, FUSIONS), ("modality", modality, MODALITIES)):
+    for what, value, allowed in (("arch", arch, ARCHS), ("fusion", fusion, FUSIONS),
+                                 ("modality", modality, MODALITIES)):
         if value not in allowed:
             raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
     if num_classes < 2:

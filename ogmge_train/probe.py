@@ -14,9 +14,9 @@ a slightly easier fit than training with augmentation would be.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -154,7 +154,7 @@ def probe(run_dir, modality: str, *, split: str = "test", which: str = "best", s
     or its shards no train split.
     """
     from .data import make_loader, read_dataset
-    from .train import load_run     # the training loop is heavy; import it only when probing
+    from .train import load_run  # the training loop is heavy; import it only when probing
 
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")

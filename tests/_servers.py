@@ -2,8 +2,8 @@
 TCP proxy that can drop connections mid-stream and refuse new ones for a while (a server that
 goes down and comes back on the same port).
 
-Use the fixtures from a test module with ``from tests._servers import s3_server, http_server``
-(plus ``aws_env`` if you build clients yourself). Both servers are session-wide; tests use
+The fixtures are registered in tests/conftest.py: request ``s3_server``, ``http_server`` or
+``aws_env`` by name. Both servers are session-wide; tests use
 their own bucket / sub-folder.
 """
 from __future__ import annotations

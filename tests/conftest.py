@@ -7,6 +7,14 @@
   and 3 s (others) to stay fast; pass ``duration=None`` for the real lengths. Treat it as read-only; copy it
   (``shutil.copytree``) before changing anything.
 - ``tiny_clip``: a 2 s 64x48 MP4 with audio, shared by the session (read-only).
+- ``train_shards(clips=64, seed=0, shard_size=8) -> Path``: real shards of a synthetic CREMA-D
+  (1 s clips, 129x124 spectrograms, 32-px frames) for training tests, built once per session
+  for the same arguments (read-only).
+- ``one_torch_thread``: one intra-op torch thread for the test (use
+  ``pytestmark = pytest.mark.usefixtures("one_torch_thread")`` for a whole module).
+- Servers (tests/_servers.py): ``s3_server`` (moto on 127.0.0.1), ``http_server`` (Range
+  support), ``aws_env``; request them by name. Helpers such as ``MotoS3``, ``FlakyProxy`` and
+  ``write_shard_folder`` are imported from ``tests._servers``.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import json
 import pytest
 
 from avprep import synth
+from tests._servers import aws_env, http_server, s3_server  # noqa: F401  (fixtures for every module)
 
 
 @pytest.fixture
@@ -60,3 +69,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory):
+    from avprep.config import ExtractConfig, spec_preset
+    from avprep.extract import extract
+
+    cache = {}
+
+    def make(clips: int = 64, seed: int = 0, shard_size: int = 8):
+        key = (clips, seed, shard_size)
+        if key not in cache:
+            root = tmp_path_factory.mktemp("train-shards")
+            raw = synth.make_dataset("cremad", root / "raw", clips, seed=seed, duration=1.0, size=(64, 48), fps=4)
+            spec = spec_preset("paper", "cremad", duration=1.0, n_fft=256, win_length=256, hop_length=128)
+            cfg = ExtractConfig(spec=spec, frame_size=32, shard_size=shard_size)
+            extract("cremad", raw, root / "shards", cfg, workers=1)
+            cache[key] = root / "shards"
+        return cache[key]
+
+    return make

@@ -9,7 +9,6 @@ import pytest
 from click.testing import CliRunner
 
 from cli.avprep_cli import main
-from tests._servers import aws_env, s3_server  # noqa: F401  (fixtures)
 
 FAST = ["--frame-size", "32", "--shard-size", "4", "--workers", "1"]
 
@@ -56,6 +55,8 @@ def test_rerun_resumes_everything_and_keeps_bytes(raw, extracted, tmp_path):
     shutil.copytree(extracted[0], out)
     code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", out, *FAST)
     assert code == 0 and "resumed" in output
+    # nothing was extracted again: no clips/s rate made of resumed clips
+    assert "nothing extracted, 8 clips resumed" in output and "clips/s" not in output
     assert _files(out) == _files(extracted[0])
 
 
@@ -98,6 +99,17 @@ def test_usage_and_config_errors_exit_2(raw, extracted, tmp_path):
         assert not (tmp_path / "o").exists(), "a refused run must leave nothing behind"
     code, output = run("info", tmp_path / "empty-nothing")
     assert code == 2
+    for bad in ("[1, 2]", '{"splits": [1]}', "{" * 5000, "not json"):
+        (out / "dataset.json").write_text(bad)
+        code, output = run("info", out)
+        assert code == 2 and output.startswith("error: ") and output.count("\n") == 1, (bad[:20], output)
+        assert "dataset.json" in output
+
+
+def test_unwritable_out_is_one_line_exit_2(raw, tmp_path):
+    code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", "/sys/avprep-test-out", *FAST)
+    assert code == 2 and output.startswith("error: ") and "/sys/avprep-test-out" in output, output
+    assert output.count("\n") == 1 and "Traceback" not in output
 
 
 def test_datasets_lists_every_adapter():
@@ -152,3 +164,11 @@ def test_split_files_decide_splits_and_are_recorded(raw, tmp_path):
     code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", out, *FAST,
                        "--split-file", train, "--split-file", f"test={test}")
     assert code == 2 and "split_files" in output
+
+
+def test_extract_in_a_log_prints_plain_progress_lines(raw, tmp_path):
+    r = CliRunner().invoke(main, ["extract", "--dataset", "cremad", "--src", str(raw), "--out", str(tmp_path / "o"),
+                                  *FAST], env={"AVPREP_PROGRESS_INTERVAL": "0"}, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("extract: ")]
+    assert lines and lines[-1].startswith("extract: 8/8 clips (100%), ") and "clips/s" in lines[-1], r.output

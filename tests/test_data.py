@@ -20,7 +20,7 @@ from avprep.errors import ConfigError, StorageError
 from avprep.storage import Retry, upload_folder
 from ogmge_train import transforms as T
 from ogmge_train.data import ShardDataError, assign_shards, make_loader, read_dataset
-from tests._servers import MotoS3, aws_env, http_server, s3_server, write_shard_folder  # noqa: F401
+from tests._servers import MotoS3, write_shard_folder
 
 SHARDS = {"train": [5, 3, 4, 2], "val": [3, 3, 2]}
 N_FRAMES = 5

@@ -1,4 +1,4 @@
-"""A real 2-process DDP run (gloo on CPU) launched the way users launch it: torchrun -m ogmge_train.
+"""A real 2-process DDP run (gloo on CPU) launched the way users launch it: torchrun -m cli.train_cli.
 
 What must hold (SPEC §5): with OGM-GE every rank uses the same k (all-reduced batch scores) and
 the same GE noise, so parameters stay bitwise identical across ranks; evaluation gathers every
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ogmge_train import train as train_mod
-from tests.test_train import make_shards, read_jsonl
+from tests._helpers import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,17 +26,17 @@ def torchrun() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def small_shards(tmp_path_factory):
+def small_shards(train_shards):
     # 3 samples per shard: the test split spans 2 shards, so both ranks evaluate part of it,
     # and val has a single shard, so one rank evaluates nothing (the empty-rank path).
-    return make_shards(tmp_path_factory.mktemp("ddp-shards"), shard_size=3)
+    return train_shards(shard_size=3)
 
 
 def test_ddp_parameters_identical_and_metrics_cover_every_sample(small_shards, tmp_path):
     out, hashes = tmp_path / "run", tmp_path / "hashes"
     hashes.mkdir()
     env = {**os.environ, "OGMGE_PARAM_HASH_DIR": str(hashes), "OMP_NUM_THREADS": "1"}
-    cmd = [*torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "ogmge_train",
+    cmd = [*torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "cli.train_cli",
            "--preset", "demo", "--shards", str(small_shards), "--out", str(out), "--epochs", "2",
            "--batch-size", "4", "--image-size", "32", "--device", "cpu", "--workers", "0",
            "--modulation", "ogm-ge", "--optimizer", "sgd", "--lr", "0.05", "--json"]

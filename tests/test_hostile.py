@@ -49,7 +49,7 @@ from avprep import synth
 from avprep.config import ExtractConfig, spec_preset
 from avprep.extract import extract
 from avprep.verify import verify
-from tests.test_verify import read_tar, small_config, write_ks_clip
+from tests._helpers import read_tar, small_config, write_ks_clip
 
 CLASSES = ("alpha", "bravo")
 CFG = ExtractConfig(spec=spec_preset("paper", "folder", duration=2.0), frame_size=64, shard_size=2)

@@ -13,7 +13,7 @@ import pytest
 
 from avprep.errors import ConfigError, StorageError
 from avprep.storage import HttpLocation, LocalLocation, Retry, S3Location, open_location, upload_folder, upload_order
-from tests._servers import FlakyProxy, MotoS3, aws_env, http_server, s3_server, write_shard_folder  # noqa: F401
+from tests._servers import FlakyProxy, MotoS3, write_shard_folder
 
 FAST = Retry(tries=8, base_delay=0.2, max_delay=1.0, budget_s=10.0, connect_timeout=2.0, read_timeout=5.0)
 

@@ -25,28 +25,14 @@ EVAL_KEYS = {"loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v"}
 RECORD_KEYS = {"epoch", "lr", "train", "val", "test", "rho_a", "rho_v", "k_a", "k_v", "samples_per_s", "time_s"}
 
 
-def make_shards(root, clips: int = 64, seed: int = 0, shard_size: int = 8):
-    raw = synth.make_dataset("cremad", root / "raw", clips, seed=seed, duration=1.0, size=(64, 48), fps=4)
-    spec = spec_preset("paper", "cremad", duration=1.0, n_fft=256, win_length=256, hop_length=128)  # 129x124
-    cfg = ExtractConfig(spec=spec, frame_size=32, shard_size=shard_size)
-    extract("cremad", raw, root / "shards", cfg, workers=1)
-    return root / "shards"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions on a shared machine: one intra-op thread is faster than several."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory):
+def shards(train_shards):
     """64 synthetic CREMA-D clips of 1 s (train/val/test by hash), 32-pixel frames, 8 per shard,
     129x124 spectrograms (a smaller STFT than the paper's, for speed)."""
-    return make_shards(tmp_path_factory.mktemp("train-shards"))
+    return train_shards()
 
 
 def tiny_config(shards, out, **kw) -> TrainConfig:

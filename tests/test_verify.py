@@ -19,30 +19,9 @@ from avprep import synth
 from avprep.config import ExtractConfig, spec_preset
 from avprep.verify import verify
 from cli._verify_command import verify_cmd
-from tests._servers import aws_env, http_server, s3_server  # noqa: F401  (fixtures)
+from tests._helpers import KS_CLASSES, read_tar, small_config, write_ks_clip  # noqa: F401
 
 TRAIN0 = "train-000000.tar"
-KS_CLASSES = ("blowing_nose", "bowling")
-
-
-# ------------------------------------------------------------------ helpers (also used by
-# test_hostile / test_resume)
-
-
-def small_config(**kw) -> ExtractConfig:
-    """Tiny but real: 2 s of audio (spec 257x199), 64-px frames."""
-    return ExtractConfig(spec=spec_preset("paper", "kinetics-sounds", duration=2.0),
-                         frame_size=64, **{"shard_size": 2, **kw})
-
-
-def write_ks_clip(raw: Path, split: str, label: str, n: int, **kw) -> Path:
-    """One real clip in the Kinetics-Sounds layout (``raw/<split>/<class>/<id>_<s>_<e>.mp4``)."""
-    path = raw / split / label / f"clip{n:07d}_{n:06d}_{n + 10:06d}.mp4"
-    kw = {"duration": 2.0, "fps": 5, "size": (80, 60), "seed": n, **kw}
-    return synth.write_clip(path, label_index=KS_CLASSES.index(label) if label in KS_CLASSES else 0,
-                            num_classes=len(KS_CLASSES), **kw)
-
-
 def build_clean_dataset(root: Path) -> Path:
     """A real extraction: 4 train + 2 test clips, 2 per shard (3 shards)."""
     from avprep.extract import extract
@@ -56,11 +35,6 @@ def build_clean_dataset(root: Path) -> Path:
     result = extract("kinetics-sounds", raw, out, small_config(), workers=1)
     assert result.num_samples == 6 and not result.failures, result.failures
     return out
-
-
-def read_tar(path: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar]
 
 
 def write_tar(path: Path, members) -> None:
@@ -442,9 +416,11 @@ def test_problem_order_is_deterministic(out):
 def test_json_report(out, tmp_path):
     _flip(out)
     path = tmp_path / "report.json"
-    code, _ = run_cli(out, "--json", path)
+    code, _ = run_cli(out, "--report", path)
     assert code == 1
     doc = json.loads(path.read_text())
+    code, text = run_cli(out, "--json")       # --json prints the same document on stdout
+    assert code == 1 and json.loads(text) == doc
     assert doc["ok"] is False and doc["quick"] is False
     assert {"shard": TRAIN0, "key": "", "check": "sha256",
             "message": "content does not match the manifest's sha256"} in doc["problems"]

@@ -11,7 +11,7 @@ after all gradient work has been queued.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

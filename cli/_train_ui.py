@@ -1,0 +1,181 @@
+"""Pieces shared by the `ogmge-train` commands: the training options (``train`` and ``sweep``),
+the progress receiver of ``ogmge_train.train``'s events, the epoch line and result tables.
+
+No command is defined here, so the command modules import this one and never each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import click
+
+from ogmge_train import report as report_lib
+from ogmge_train.config import CHOICES, PRESETS, TrainConfig
+
+from . import _ui
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+_PRESET_NOTE = "a --preset may change it"
+
+
+def choice(name: str) -> click.Choice:
+    return click.Choice(CHOICES[name])
+
+
+def _default(name: str, note: str = _PRESET_NOTE) -> str:
+    return f"{_DEFAULTS[name]}; {note}"
+
+
+# (flag, click keyword arguments) of every training setting; `sweep` takes them all but --seed.
+# Settings default to None ("not given") so that --preset and a resumed config.json can fill them;
+# the help shows what a run gets when neither does.
+_TRAIN_OPTIONS: list[tuple[str, dict]] = [
+    ("--shards", dict(help="Shard folder or URL (http(s)://, s3://) holding dataset.json (from `avprep extract`).",
+                      show_default="required unless --resume")),
+    ("--out", dict(type=click.Path(file_okay=False), required=True, help="Run folder to create (or resume).")),
+    ("--preset", dict(type=click.Choice(list(PRESETS)), show_default="none: the paper's settings below",
+                      help="Settings of a paper experiment, or `demo` (small CPU encoders); flags override it.")),
+    ("--fusion", dict(type=choice("fusion"), show_default=_default("fusion"),
+                      help="Fusion head (README: Training).")),
+    ("--modulation", dict(type=choice("modulation"), show_default=_default("modulation"),
+                          help="Balancing method applied during training.")),
+    ("--alpha", dict(type=float, show_default="per dataset: 0.8 CREMA-D, 0.1 VGGSound, 0.3 others",
+                     help="OGM strength: k = 1 - tanh(alpha * rho) for the dominant modality.")),
+    ("--modulation-start", dict(type=int, show_default=_default("modulation_start"),
+                                help="First modulated epoch (0-based, inclusive).")),
+    ("--modulation-end", dict(type=int, show_default=_default("modulation_end"),
+                              help="Last modulated epoch (inclusive).")),
+    ("--modulation-scope", dict(type=choice("modulation_scope"), show_default=_default("modulation_scope"),
+                                help="Gradients modulated: encoder conv weights (reference code) or all encoder "
+                                     "parameters.")),
+    ("--drop-p", dict(type=float, show_default=_default("drop_p"),
+                      help="Probability that a sample loses a modality (--modulation modality-drop).")),
+    ("--modality", dict(type=choice("modality"), show_default=_default("modality"),
+                        help="both, or a unimodal baseline.")),
+    ("--epochs", dict(type=int, show_default=_default("epochs"), help="Number of epochs (counted from 0).")),
+    ("--batch-size", dict(type=int, show_default=_default("batch_size"),
+                          help="Per process (global batch = this x processes).")),
+    ("--lr", dict(type=float, show_default=_default("lr"), help="Initial learning rate.")),
+    ("--optimizer", dict(type=choice("optimizer"), show_default=_default("optimizer"), help="Optimizer.")),
+    ("--weight-decay", dict(type=float, show_default=_default("weight_decay"), help="L2 weight decay.")),
+    ("--lr-step", dict(type=int, show_default=_default("lr_step"), help="StepLR period in epochs.")),
+    ("--lr-gamma", dict(type=float, show_default=_default("lr_gamma"), help="StepLR factor.")),
+    ("--frames", dict(type=int, show_default="per dataset: 1 CREMA-D, 3 others",
+                      help="Frames per clip fed to the visual encoder.")),
+    ("--image-size", dict(type=int, show_default=_default("image_size"), help="Crop size of the frames in pixels.")),
+    ("--arch", dict(type=choice("arch"), show_default=_default("arch"), help="Encoder architecture.")),
+    ("--workers", dict(type=int, show_default=_default("workers"),
+                       help="Data loader processes per training process.")),
+    ("--device", dict(type=choice("device"), show_default=_default("device", "auto: CUDA when available"),
+                      help="Training device.")),
+    ("--amp", dict(type=choice("amp"), show_default=_default("amp"), help="bf16 autocast on the training device.")),
+    ("--seed", dict(type=int, show_default=_default("seed"), help="Seed of weights, data order and noise.")),
+    ("--s3-endpoint", dict(envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
+                           help="Endpoint URL of an S3-compatible store.")),
+]
+
+
+def train_options(exclude: tuple[str, ...] = ()):
+    """Decorator adding every training setting as a click option (in help order)."""
+    def decorate(fn):
+        for flag, kw in reversed(_TRAIN_OPTIONS):
+            if flag not in exclude:
+                fn = click.option(flag, **kw)(fn)
+        return fn
+    return decorate
+
+
+class TrainProgress:
+    """Receiver of ``train``'s events: a progress display per epoch (a bar on a terminal, a
+    plain line every 10 s in a log) and one line after each epoch."""
+
+    def __enter__(self):
+        self.progress = _ui.make_progress("steps", extra="stats").__enter__()
+        self.task = None
+        self.config: dict = {}
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, e: dict) -> None:
+        kind = e["event"]
+        if kind == "start":
+            self.config = e.get("config", {})
+            _ui.err_console.print(f"training on {e['device']} x{e['world_size']}, epochs {e['start_epoch']}.."
+                                  f"{e['epochs'] - 1}, {e['steps']} steps/epoch")
+        elif kind == "epoch_start":
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(f"epoch {e['epoch']}", total=e["steps"], stats="")
+        elif kind == "step":
+            stats = f"loss {_fmt(e['loss'], 3)} acc {_fmt(e['acc'], 3)}"
+            if self.bimodal:
+                stats += f" rho_a {_fmt(e['rho_a'], 2)}"
+            self.progress.update(self.task, completed=e["step"], stats=f"{stats} {e['samples_per_s']:.0f} samples/s")
+        elif kind == "eval":
+            self.progress.update(self.task, stats=f"evaluating {e['split']}")
+        elif kind == "epoch_end":
+            self.progress.console.print(epoch_line(e["record"], e["best"], self.config), soft_wrap=True)
+
+    @property
+    def bimodal(self) -> bool:
+        return self.config.get("modality", "both") == "both"
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _fmt(x, digits: int = 4) -> str:
+    """A NaN prints as ``nan`` (a diverged loss must be visible), a missing value as ``—``."""
+    if x is None:
+        return "—"
+    return "nan" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
+
+
+def epoch_line(r: dict, best: bool, config: dict) -> str:
+    """``epoch 3 | loss ... | val acc ... | rho_a 1.28 k_a 0.23 k_v 1.00 | 25 samples/s *``.
+    rho_a (audio over visual, as the plots show it) only for bimodal runs; k only for the methods
+    that scale gradients."""
+    parts = [f"epoch {r['epoch']}", f"loss {_fmt(r['train']['loss'])}", f"train acc {_fmt(r['train']['acc'])}"]
+    for split in ("val", "test"):
+        if r.get(split):
+            parts.append(f"{split} acc {_fmt(r[split].get('acc'))} mAP {_fmt(r[split].get('map'))}")
+    if config.get("modality", "both") == "both":
+        balance = f"rho_a {_fmt(r['rho_a'])}"
+        if config.get("modulation") in ("ogm", "ogm-ge"):
+            balance += f" k_a {_fmt(r['k_a'])} k_v {_fmt(r['k_v'])}"
+        parts.append(balance)
+    parts.append(f"{r['samples_per_s']:.0f} samples/s")
+    return " | ".join(parts) + (" [green]*[/]" if best else "")
+
+
+_METRIC_KEYS = ["loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v"]
+
+
+def metrics_table(title: str, rows: dict[str, dict]):
+    """One row per split (or run) of evaluation metrics; a unimodal run's columns of the other
+    modality (all missing) are left out."""
+    keys = [k for k in _METRIC_KEYS if k in ("loss", "acc") or not all(_missing(m.get(k)) for m in rows.values())]
+    return _ui.table(title, ["split", *keys],
+                     ([s, *(_fmt(m.get(k)) for k in keys)] for s, m in rows.items()),
+                     numeric=set(range(1, len(keys) + 1)))
+
+
+def summary_table(title: str, rows: list[dict]):
+    """The report's mean ± std rows as a rich table."""
+    head = ["run", *(t for t, _ in report_lib.COLUMNS)]
+    body = ([r["label"], r["n"], *(report_lib.format_cell(k, r[k]) for _t, k in report_lib.COLUMNS[1:])]
+            for r in rows)
+    return _ui.table(title, head, body, numeric=set(range(1, len(report_lib.COLUMNS) + 1)))
+
+
+def absolute_shards(shards: str | None) -> str | None:
+    """config.json records an absolute shard folder, so evaluate/probe work from any directory."""
+    from pathlib import Path
+
+    if shards and "://" not in shards:
+        return str(Path(shards).resolve())
+    return shards

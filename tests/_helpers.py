@@ -1,0 +1,40 @@
+"""Plain helpers shared by several test modules (test modules never import each other).
+
+- ``KS_CLASSES``, ``small_config``, ``write_ks_clip``: a tiny real Kinetics-Sounds extraction
+  (test_verify, test_hostile).
+- ``read_tar``: a tar's (name, bytes) members in order.
+- ``read_jsonl``: the objects of a .jsonl file.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+from avprep import synth
+from avprep.config import ExtractConfig, spec_preset
+
+KS_CLASSES = ("blowing_nose", "bowling")
+
+
+def small_config(**kw) -> ExtractConfig:
+    """Tiny but real: 2 s of audio (spec 257x199), 64-px frames."""
+    return ExtractConfig(spec=spec_preset("paper", "kinetics-sounds", duration=2.0),
+                         frame_size=64, **{"shard_size": 2, **kw})
+
+
+def write_ks_clip(raw: Path, split: str, label: str, n: int, **kw) -> Path:
+    """One real clip in the Kinetics-Sounds layout (``raw/<split>/<class>/<id>_<s>_<e>.mp4``)."""
+    path = raw / split / label / f"clip{n:07d}_{n:06d}_{n + 10:06d}.mp4"
+    kw = {"duration": 2.0, "fps": 5, "size": (80, 60), "seed": n, **kw}
+    return synth.write_clip(path, label_index=KS_CLASSES.index(label) if label in KS_CLASSES else 0,
+                            num_classes=len(KS_CLASSES), **kw)
+
+
+def read_tar(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]  # type: ignore[union-attr]
+
+
+def read_jsonl(path) -> list:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
