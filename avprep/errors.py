@@ -38,4 +38,9 @@ class StorageError(AvprepError):
 
 
 class OutputError(AvprepError):
-    """The output folder cannot be written (disk full, read-only, permissions)."""
+    """The output folder cannot be written. A read-only folder or missing permission is the
+    user's to fix (exit 2); a full disk or an I/O error stopped a job that had started (exit 1)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -125,8 +125,9 @@ def _write_error(path: Path, e: OSError) -> OutputError:
     why = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
            errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(
         e.errno or 0, e.strerror or str(e))
+    usage = e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
     return OutputError(f"{path}: cannot write: {why}; finished shards are kept, re-run the same "
-                       "command to resume")
+                       "command to resume", exit_code=2 if usage else 1)
 
 
 @contextmanager
