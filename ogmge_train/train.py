@@ -13,8 +13,13 @@ would consume the global RNG differently in a resumed run.
 Only rank 0 writes files; events go to ``on_event`` on rank 0 only. Ranks share one file
 system (single node, or a shared run folder).
 
-Test hook: with ``OGMGE_PARAM_HASH_DIR`` set, every rank appends the sha256 of its parameters
-after each epoch to ``<dir>/rank<r>.jsonl`` (the DDP test compares ranks bitwise).
+Every run-folder write goes through ``Recorder`` (one small class, so the run-folder module can
+replace it). ``on_epoch_end`` is called on every rank after each epoch (the DDP test hashes
+parameters through it).
+Finiteness: a non-finite loss or gradient stops the run with ``NonFiniteError`` naming epoch and
+step (``on_nonfinite="skip"``: the step is skipped, BatchNorm statistics restored); a checkpoint is
+never written from non-finite parameters; non-finite evaluation logits raise rather than change
+which epoch is selected.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,10 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avprep.errors import ConfigError
-
 from . import data, dist, modulation
 from .config import TrainConfig
+from .errors import ConfigError, NonFiniteError, RunFolderError, RunWriteError
 from .metrics import output_metrics
 from .models import AVModel, build_model
 
@@ -46,10 +51,9 @@ EVENT_TYPES = ("start", "epoch_start", "step", "eval", "epoch_end", "end")
 # Settings a resumed run may change: where and how it runs, and for how long (workers and
 # device may change the numbers, but not what the experiment is).
 _RESUMABLE = {"epochs", "workers", "device", "out", "shards", "s3_endpoint"}
-# Test hook: a folder where every rank writes a hash of its parameters after each epoch.
-_PARAM_HASH_ENV = "OGMGE_PARAM_HASH_DIR"
 
 Event = Callable[[dict], None]
+EpochHook = Callable[[dict], None]
 
 
 # ---------------------------------------------------------------- small helpers
@@ -106,20 +110,85 @@ def _to_lists(x):
     return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
+# ---------------------------------------------------------------- run-folder files (one place)
 
 def _json_line(obj) -> str:
     return json.dumps(obj, sort_keys=True, allow_nan=True) + "\n"
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename over ``path``; on any failure the temp file is removed and a
+    one-line ``RunWriteError`` names the file (disk full, read-only folder)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunWriteError(f"{path}: cannot write ({e.strerror or e}); the previous version is kept") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class Recorder:
+    """Every file of a run folder that training writes: config.json, metrics.jsonl, steps.jsonl,
+    last.pt/best.pt and summary.json (rank 0 only; the other ranks get ``enabled=False``)."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.out, self.enabled = out, enabled
+
+    def has_history(self) -> bool:
+        return any((self.out / n).exists() for n in ("metrics.jsonl", "best.pt"))
+
+    def has_last(self) -> bool:
+        return (self.out / "last.pt").is_file()
+
+    def prepare(self, cfg: TrainConfig, resume: bool) -> None:
+        if not self.enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (self.out / "steps.jsonl").unlink(missing_ok=True)
+        text = json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n"
+        _write_atomic(self.out / "config.json", lambda p: p.write_text(text))
+
+    def truncate_after(self, last_epoch: int) -> None:
+        """Lines of epochs after the checkpoint we resume from are replayed (see ``_keep_lines``)."""
+        if self.enabled:
+            for name in ("metrics.jsonl", "steps.jsonl"):
+                _keep_lines(self.out / name, last_epoch)
+
+    def append_steps(self, steps: list[dict]) -> None:
+        if self.enabled:
+            with open(self.out / "steps.jsonl", "a") as f:
+                f.writelines(_json_line(s) for s in steps)
+
+    def append_metrics(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(_json_line(record))
+
+    def save_checkpoint(self, ckpt: dict, best: bool) -> None:
+        if not self.enabled:
+            return
+        _write_atomic(self.out / "last.pt", lambda p: torch.save(ckpt, p))
+        if best:
+            _write_atomic(self.out / "best.pt", lambda p: shutil.copyfile(self.out / "last.pt", p))
+
+    def write_summary(self, summary: dict) -> None:
+        if self.enabled:
+            text = json.dumps(summary, indent=1, sort_keys=True) + "\n"
+            _write_atomic(self.out / "summary.json", lambda p: p.write_text(text))
+
+    def record_of(self, epoch: int) -> dict | None:
+        path = self.out / "metrics.jsonl"
+        if epoch < 0 or not path.exists():
+            return None
+        for line in path.read_text().splitlines():
+            if line.strip() and json.loads(line)["epoch"] == epoch:
+                return json.loads(line)
+        return None
 
 
 def _keep_lines(path: Path, last_epoch: int) -> None:
@@ -138,7 +207,8 @@ def _keep_lines(path: Path, last_epoch: int) -> None:
             continue
         if epoch <= last_epoch:
             kept.append(line + "\n")
-    _atomic_write_text(path, "".join(kept))
+    text = "".join(kept)
+    _write_atomic(path, lambda p: p.write_text(text))
 
 
 def load_checkpoint(path) -> dict:
@@ -220,18 +290,26 @@ def _gather_predictions(local: dict) -> dict:
     return out
 
 
-def _metrics(pred: dict) -> dict:
-    """loss, acc, map of the fused logits and acc/map of each modality's unimodal logits."""
+def _metrics(pred: dict, split: str = "") -> dict:
+    """loss, acc, map of the fused logits and acc/map of each modality's unimodal logits.
+
+    Non-finite logits raise ``NonFiniteError`` naming the samples: a NaN must never decide which
+    epoch is selected (the loader drops non-finite inputs; this guards the model side too)."""
     labels = pred.get("labels")
     if labels is None or len(labels) == 0:
         return {}
+    finite = torch.isfinite(pred["logits"]).all(dim=1)
+    if not bool(finite.all()):
+        bad = [pred["keys"][i] for i in (~finite).nonzero().flatten().tolist()]
+        raise NonFiniteError(f"{split or 'evaluation'}: non-finite logits for {len(bad)} sample(s), "
+                             f"e.g. {', '.join(map(str, bad[:3]))}")
     return {"loss": F.cross_entropy(pred["logits"], labels).item(), **output_metrics(pred)}
 
 
 def _evaluate_split(model: AVModel, cfg: TrainConfig, split: str, device, info: dist.DistInfo,
                     source=None) -> dict:
     local = _predict(model, _loader(cfg, split, train=False, epoch=0, info=info, source=source), device, cfg)
-    return _metrics(_gather_predictions(local))
+    return _metrics(_gather_predictions(local), split)
 
 
 def _sync_buffers(model: torch.nn.Module) -> None:
@@ -242,17 +320,53 @@ def _sync_buffers(model: torch.nn.Module) -> None:
 
 # ---------------------------------------------------------------- the loop
 
-class _Run:
-    """State of one training run; ``run()`` drives the epochs."""
+@dataclass
+class EpochStats:
+    """Training totals of one epoch on this rank (summed over ranks by ``reduced``)."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool, on_event: Event | None):
+    loss_sum: float = 0.0          # sum over samples of the loss
+    correct: float = 0.0           # right fused predictions
+    correct_a: float = 0.0         # right audio-only (unimodal logits) predictions
+    correct_v: float = 0.0
+    samples: float = 0.0
+    steps: float = 0.0             # optimizer steps taken
+    skipped: float = 0.0           # steps skipped for a non-finite loss or gradient
+    rho_a: float = 0.0             # sums over steps of the method's statistics
+    rho_v: float = 0.0
+    k_a: float = 0.0
+    k_v: float = 0.0
+
+    def add_step(self, loss: float, n: int, correct: list[float], stats: dict) -> None:
+        self.loss_sum += loss * n
+        self.correct += correct[0]
+        self.correct_a += correct[1]
+        self.correct_v += correct[2]
+        self.samples += n
+        self.steps += 1
+        for k in modulation.STAT_KEYS:
+            setattr(self, k, getattr(self, k) + stats[k])
+
+    def reduced(self, device: torch.device) -> "EpochStats":
+        """Sums over ranks (on the training device: NCCL reduces CUDA tensors only)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        t = dist.all_reduce(torch.tensor([getattr(self, n) for n in names], dtype=torch.float64, device=device))
+        return EpochStats(**dict(zip(names, t.cpu().tolist())))
+
+
+class _Run:
+    """One training run: ``setup()`` (device, data, model, optimiser, method, resume), then
+    ``run()`` drives the epochs; files go through ``self.rec`` (a ``Recorder``)."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool, on_event: Event | None, on_epoch_end: EpochHook | None):
         self.info = dist.env_info()
         self.device = select_device(cfg.device, self.info.local_rank)
         self.info = dist.init(self.device)
-        self.out = Path(cfg.out) if cfg.out else None
-        if self.out is None:
+        if not cfg.out:
             raise ConfigError("--out is required: the folder of the run")
+        self.out = Path(cfg.out)
+        self.rec = Recorder(self.out, self.info.is_main)
         self.emit = on_event if (on_event is not None and self.info.is_main) else (lambda e: None)
+        self.on_epoch_end = on_epoch_end
         self.dataset = _read_dataset(cfg)
         self.cfg = cfg.with_dataset(self.dataset.name)
         self.resume = resume
@@ -276,13 +390,17 @@ class _Run:
     def _build(self) -> None:
         cfg = self.cfg
         _seed_all(cfg.seed)
-        self.model = build_model(cfg.arch, cfg.fusion, len(self.dataset.classes), cfg.modality).to(self.device)
+        self.model = build_model(cfg.arch, cfg.fusion, len(self.dataset.classes), cfg.modality,
+                                 cfg.head_init).to(self.device)
         self.net = self.model
         if self.info.world_size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.method = modulation.build(cfg.modulation, alpha=cfg.alpha, start_epoch=cfg.modulation_start,
-                                       end_epoch=cfg.modulation_end, scope=cfg.modulation_scope, drop_p=cfg.drop_p)
+        self.method = modulation.build(
+            cfg.modulation, alpha=cfg.alpha, start_epoch=cfg.modulation_start, end_epoch=cfg.modulation_end,
+            scope=cfg.modulation_scope, fusion=cfg.fusion if cfg.modality == "both" else None,
+            **{k: getattr(cfg, k) for k in ("drop_p", "drop_modality", "opm_q_base", "opm_lam", "opm_p_exe",
+                                           "pmr_alpha", "pmr_momentum")})
         params = self.model.parameters()
         if cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
@@ -297,13 +415,18 @@ class _Run:
         # Every rank runs the same number of full batches (DDP needs it): floor(n / (batch x ranks)).
         self.steps = data.default_steps_per_epoch(self._num("train"), cfg.batch_size, self.info.world_size)
 
+    def _check_folder(self) -> None:
+        # every rank checks (same answer everywhere), so none is left waiting at a barrier
+        if not self.resume and (self.rec.has_last() or (self.out / "metrics.jsonl").exists()):
+            raise ConfigError(f"{self.out}: already holds a run; pass --resume to continue it or choose another --out")
+        if self.resume and not self.rec.has_last() and self.rec.has_history():
+            raise RunFolderError(f"{self.out}: has results (metrics.jsonl or best.pt) but no last.pt to resume "
+                                 "from; move them away to start over, or choose another --out")
+
     def _restore(self) -> None:
-        ckpt_path = self.out / "last.pt"
-        if ckpt_path.is_file():
-            self._load(ckpt_path)
-        if self.info.is_main:  # lines of epochs after the checkpoint are replayed
-            for name in ("metrics.jsonl", "steps.jsonl"):
-                _keep_lines(self.out / name, self.start_epoch - 1)
+        if self.rec.has_last():
+            self._load(self.out / "last.pt")
+        self.rec.truncate_after(self.start_epoch - 1)
 
     def _load(self, ckpt_path: Path) -> None:
         ckpt = load_checkpoint(ckpt_path)
@@ -316,72 +439,95 @@ class _Run:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
+        self.method.load_state_dict(ckpt.get("method", {}))
         self.global_step = int(ckpt["step"])
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.best = dict(ckpt["best"])
         _set_rng_state(ckpt["rng"])
 
-    def _check_folder(self) -> None:
-        # every rank checks (same answer everywhere), so none is left waiting at a barrier
-        if not self.resume and any((self.out / n).exists() for n in ("last.pt", "metrics.jsonl")):
-            raise ConfigError(f"{self.out}: already holds a run; pass --resume to continue it or choose another --out")
+    def setup(self) -> None:
+        self._check_folder()
+        self._build()
+        if self.resume:
+            self._restore()
+        self.rec.prepare(self.cfg, self.resume)
 
-    def _prepare_folder(self) -> None:
-        if not self.info.is_main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not self.resume:
-            (self.out / "steps.jsonl").unlink(missing_ok=True)
-        _atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+    # -- one epoch
 
-    # -- epochs
+    def _reduce(self):
+        return dist.all_reduce if self.info.world_size > 1 else None
+
+    def _begin_epoch(self, epoch: int) -> None:
+        def batches(limit: int):
+            loader = _loader(self.cfg, "train", train=True, epoch=epoch, info=self.info, source=self.dataset)
+            for i, batch in enumerate(loader):
+                if i >= limit:
+                    break
+                yield _to(batch, self.device)
+        self.method.begin_epoch(modulation.EpochStart(self.model, epoch, self.steps, batches, self._reduce()))
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """One host sync: is the loss and every gradient finite?"""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norms = torch.stack([loss.detach().float(), *torch._foreach_norm(grads)]) if grads else loss.detach()
+        return bool(torch.isfinite(norms).all())
 
     def _train_epoch(self, epoch: int) -> dict:
         cfg, dev = self.cfg, self.device
+        self._begin_epoch(epoch)
         self.net.train()
-        hook = self.method.feature_hook(training=True)
-        reduce = dist.all_reduce if self.info.world_size > 1 else None
-        # loss*n, correct, correct_a, correct_v, n, then sums of rho_a, rho_v, k_a, k_v
-        totals = torch.zeros(9, dtype=torch.float64)
-        steps_log = []
+        reduce = self._reduce()
+        skip = cfg.on_nonfinite == "skip"
+        totals, steps_log = EpochStats(), []
         t0 = time.perf_counter()
         loader = _loader(cfg, "train", train=True, epoch=epoch, info=self.info, source=self.dataset)
         for i, batch in enumerate(loader):
             audio, visual, labels = _to(batch, dev)
+            step = modulation.Step(self.model, labels, epoch, reduce, _step_generator(cfg.seed, self.global_step, dev))
+            saved = [b.clone() for b in self.model.buffers()] if skip else None
+            hook = self.method.feature_hook(training=True, step=step)
             with _autocast(cfg, dev):
                 out = self.net(audio, visual, feature_hook=hook) if hook else self.net(audio, visual)
-            loss = F.cross_entropy(out.logits.float(), labels)
+            loss = self.method.loss(out, step)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if not self._finite(loss):
+                if not skip:
+                    raise NonFiniteError(
+                        f"{self.out}: non-finite loss or gradient in epoch {epoch}, step {i + 1} (global step "
+                        f"{self.global_step + 1}); stopped, last.pt holds the last finite epoch "
+                        "(--on-nonfinite skip skips such steps)")
+                for b, s in zip(self.model.buffers(), saved):
+                    b.copy_(s)
+                self.opt.zero_grad(set_to_none=True)
+                totals.skipped += 1
+                continue
             stats = self.method.after_backward(self.model, out, labels, epoch=epoch, all_reduce=reduce,
-                                               generator=_step_generator(cfg.seed, self.global_step, dev))
+                                               generator=step.generator)
             self.opt.step()
             self.global_step += 1
             n = len(labels)
             # one host sync for the step's numbers
             step_loss, *correct = torch.stack([loss.detach(), *(_correct(lg, labels) for lg in out[:3])]).tolist()
-            totals += torch.tensor([step_loss * n, *correct, n, *(stats[k] for k in modulation.STAT_KEYS)],
-                                   dtype=torch.float64)
+            totals.add_step(step_loss, n, correct, stats)
             steps_log.append({"epoch": epoch, "step": self.global_step, "loss": step_loss, **stats})
             elapsed = time.perf_counter() - t0
             self.emit({"event": "step", "epoch": epoch, "step": i + 1, "steps": self.steps, "loss": step_loss,
-                       "acc": float(totals[1] / totals[4]), **stats,
-                       "samples_per_s": float(totals[4]) * self.info.world_size / max(elapsed, 1e-9)})
+                       "acc": totals.correct / totals.samples, **stats,
+                       "samples_per_s": totals.samples * self.info.world_size / max(elapsed, 1e-9)})
         seconds = time.perf_counter() - t0
-        local_steps = len(steps_log)
-        # on the training device: NCCL reduces CUDA tensors only; rho/k sums are the same on every rank
-        totals = dist.all_reduce(totals.to(dev)).cpu()
-        n, w = float(totals[4]), self.info.world_size
-        train = {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n}
+        t = totals.reduced(dev)
+        n = max(t.samples, 1.0)
+        train = {"loss": t.loss_sum / n if t.samples else math.nan, "acc": t.correct / n}
         if self.model.modality != "visual":
-            train["acc_a"] = float(totals[2]) / n
+            train["acc_a"] = t.correct_a / n
         if self.model.modality != "audio":
-            train["acc_v"] = float(totals[3]) / n
-        means = {k: float(totals[5 + j]) / (local_steps * w) for j, k in enumerate(modulation.STAT_KEYS)}
-        if self.info.is_main:
-            with open(self.out / "steps.jsonl", "a") as f:
-                f.writelines(_json_line(s) for s in steps_log)
-        return {"train": train, **means, "samples_per_s": n / max(seconds, 1e-9)}
+            train["acc_v"] = t.correct_v / n
+        if t.skipped:
+            train["skipped_steps"] = int(t.skipped)
+        means = {k: getattr(t, k) / max(t.steps, 1.0) for k in modulation.STAT_KEYS}
+        self.rec.append_steps(steps_log)
+        return {"train": train, **means, "samples_per_s": t.samples / max(seconds, 1e-9)}
 
     def _evaluate(self, epoch: int) -> dict:
         _sync_buffers(self.model)
@@ -391,57 +537,39 @@ class _Run:
             result[split] = _evaluate_split(self.model, self.cfg, split, self.device, self.info, self.dataset)
         return result
 
+    # -- recording
+
     def _checkpoint(self, epoch: int, record: dict) -> bool:
-        """Write last.pt (and best.pt when val accuracy improved); returns whether it did."""
+        """Write last.pt (and best.pt when val accuracy improved); returns whether best improved."""
+        bad = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteError(f"{self.out}: non-finite values in {bad[0]} (and {len(bad) - 1} more) after "
+                                 f"epoch {epoch}; not saved, last.pt holds the last finite epoch")
         improved = self.select_on is None or record[self.select_on]["acc"] > self.best["acc"]
         if improved:
             acc = record[self.select_on]["acc"] if self.select_on else math.nan
             self.best = {"epoch": epoch, "acc": acc}
-        if not self.info.is_main:
-            return improved
-        ckpt = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "epoch": epoch, "step": self.global_step,
-                "config": self.cfg.to_dict(), "classes": list(self.dataset.classes), "rng": _rng_state(),
-                "best": dict(self.best)}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(_json_line(record))
-        _atomic_save(ckpt, self.out / "last.pt")
-        if improved:
-            tmp = self.out / "best.pt.tmp"
-            shutil.copyfile(self.out / "last.pt", tmp)
-            os.replace(tmp, self.out / "best.pt")
+        if self.info.is_main:
+            ckpt = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(), "epoch": epoch, "step": self.global_step,
+                    "config": self.cfg.to_dict(), "classes": list(self.dataset.classes), "rng": _rng_state(),
+                    "best": dict(self.best), "method": self.method.state_dict()}
+            self.rec.append_metrics(record)
+            self.rec.save_checkpoint(ckpt, improved)
         return improved
 
-    def _write_summary(self, record_of_best: dict | None, epochs_done: int) -> dict:
+    def _summary(self, epochs_done: int) -> dict:
+        record_of_best = self.rec.record_of(self.best["epoch"]) or {}
         summary = {"selected_epoch": self.best["epoch"],
                    "selection": "val_acc" if self.select_on else "last_epoch",
                    "epochs": epochs_done, "dataset": self.cfg.dataset, "world_size": self.info.world_size,
-                   **{s: (record_of_best or {}).get(s, {}) for s in ("val", "test")}}
-        if self.info.is_main:
-            _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+                   **{s: record_of_best.get(s, {}) for s in ("val", "test")}}
+        self.rec.write_summary(summary)
         return summary
 
-    def _record_of(self, epoch: int) -> dict | None:
-        path = self.out / "metrics.jsonl"
-        if epoch < 0 or not path.exists():
-            return None
-        for line in path.read_text().splitlines():
-            if line.strip() and json.loads(line)["epoch"] == epoch:
-                return json.loads(line)
-        return None
-
-    def _dump_hash(self, epoch: int) -> None:
-        folder = os.environ.get(_PARAM_HASH_ENV)
-        if folder:
-            with open(Path(folder) / f"rank{self.info.rank}.jsonl", "a") as f:
-                f.write(_json_line({"epoch": epoch, "step": self.global_step, "sha256": _param_hash(self.model)}))
-
     def run(self) -> dict:
-        self._check_folder()
-        self._build()
-        if self.resume:
-            self._restore()
-        self._prepare_folder()
+        self.setup()
         cfg = self.cfg
         self.emit({"event": "start", "epochs": cfg.epochs, "start_epoch": self.start_epoch, "steps": self.steps,
                    "world_size": self.info.world_size, "device": str(self.device), "config": cfg.to_dict()})
@@ -454,13 +582,14 @@ class _Run:
             evaluated = self._evaluate(epoch)
             record = {"epoch": epoch, "lr": lr, **trained, **evaluated, "time_s": time.perf_counter() - t0}
             best = self._checkpoint(epoch, record)
-            self._dump_hash(epoch)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end({"epoch": epoch, "step": self.global_step, "rank": self.info.rank,
+                                   "model": self.model})
             if self.info.is_main:
-                summary = self._write_summary(self._record_of(self.best["epoch"]), epoch + 1)
+                summary = self._summary(epoch + 1)
             self.emit({"event": "epoch_end", "epoch": epoch, "epochs": cfg.epochs, "record": record, "best": best})
         if summary is None:  # nothing left to run (resumed a finished run)
-            summary = self._write_summary(self._record_of(self.best["epoch"]), self.start_epoch) \
-                if self.info.is_main else {}
+            summary = self._summary(self.start_epoch) if self.info.is_main else {}
         dist.barrier()
         self.emit({"event": "end", "summary": summary})
         return summary
@@ -473,7 +602,8 @@ def _correct(logits, labels) -> torch.Tensor:
     return (logits.detach().argmax(1) == labels).sum().float()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = None) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = None,
+          on_epoch_end: EpochHook | None = None) -> dict:
     """Train per ``cfg`` into ``cfg.out``; returns the summary (selected epoch, its val/test metrics).
 
     ``resume=True`` continues from ``out/last.pt`` when it exists (settings must match, except
@@ -486,10 +616,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     k_v, samples_per_s over all ranks), ``eval`` (epoch, split), ``epoch_end`` (epoch, record:
     the metrics.jsonl line, best: whether best.pt was updated), ``end`` (summary). An exception
     raised by ``on_event`` stops training; the last checkpoint stays resumable.
+    ``on_epoch_end(dict)`` is called on every rank after each epoch's checkpoint with ``epoch``,
+    ``step`` (global), ``rank`` and ``model`` (the unwrapped model; e.g. to compare ranks).
+    Raises ``NonFiniteError`` on a non-finite loss or gradient (unless ``cfg.on_nonfinite`` is
+    "skip"), ``RunFolderError`` when ``resume`` finds results but no last.pt, ``RunWriteError``
+    when a run file cannot be written.
     """
     owns_group = not dist.is_distributed()
     try:
-        return _Run(cfg, resume, on_event).run()
+        return _Run(cfg, resume, on_event, on_epoch_end).run()
     finally:
         if owns_group:
             dist.shutdown()
@@ -504,7 +639,7 @@ def load_run(run_dir, which: str = "best", device: str = "cpu") -> tuple[AVModel
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / f"{which}.pt")
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg.arch, cfg.fusion, len(ckpt["classes"]), cfg.modality)
+    model = build_model(cfg.arch, cfg.fusion, len(ckpt["classes"]), cfg.modality, cfg.head_init)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg, ckpt
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from avprep.errors import ConfigError
+from ogmge_train.errors import ConfigError
 from ogmge_train.models import FUSIONS, HEADS, ModelOutput, build_model
 
 B, C = 3, 6
