@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from avprep.errors import AvprepError, ConfigError, DatasetLayoutError
+from ogmge_train.errors import TrainError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -43,6 +44,9 @@ def fail(message: str, code: int = EXIT_USAGE):
 def exit_code_for(exc: BaseException) -> int:
     """Configuration and layout errors are the user's to fix (2); anything else that stopped
     the job after it started (storage, a dead worker) is 1."""
+    code = getattr(exc, "exit_code", None)  # both libraries' errors carry their exit code
+    if code is not None:
+        return code
     return EXIT_USAGE if isinstance(exc, (ConfigError, DatasetLayoutError)) else EXIT_PROBLEMS
 
 
@@ -53,7 +57,7 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except AvprepError as e:
+        except (AvprepError, TrainError) as e:
             fail(str(e), exit_code_for(e))
         except KeyboardInterrupt:
             fail("interrupted; finished work is kept, re-run the same command to resume", 130)

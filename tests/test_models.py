@@ -1,4 +1,6 @@
 """Encoders, fusion heads and the unimodal estimates of ogmge_train.models."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -185,3 +187,24 @@ def test_build_model_rejects_bad_choices():
         build_model("resnet50", "concat", C)
     with pytest.raises(ConfigError, match="modality"):
         build_model("small", "concat", C, modality="text")
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_head_init_xavier_is_the_default_and_torch_is_pytorchs(fusion):
+    """The reference code's weight_init: xavier-normal weights, zero bias for every head Linear."""
+    torch.manual_seed(0)
+    model = build_model("resnet18" if fusion == "concat" else "small", fusion, 31)
+    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    assert linears
+    for m in linears:
+        fan_out, fan_in = m.weight.shape
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))
+        assert m.weight.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.1)
+    torch.manual_seed(0)
+    plain = build_model("small", fusion, 31, head_init="torch")
+    for m in (m for m in plain.head.modules() if isinstance(m, nn.Linear)):
+        bound = 1 / math.sqrt(m.weight.shape[1])
+        assert m.bias.abs().max().item() <= bound and m.bias.abs().max().item() > 0
+        assert m.weight.abs().max().item() <= bound
+    with pytest.raises(ConfigError, match="head_init"):
+        build_model("small", fusion, 31, head_init="zeros")

@@ -1,0 +1,229 @@
+"""OPM / OPM-GE and PMR: one training step against naive references written from the equations
+(per-sample Python loops in float64, weights shared with the model under test)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ogmge_train import modulation
+from ogmge_train.models import build_model
+from ogmge_train.modulation import opm as opm_mod
+
+B, C = 8, 5
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 1, 32, 48, generator=g), torch.randn(B, 1, 3, 32, 32, generator=g),
+            torch.randint(0, C, (B,), generator=g))
+
+
+def _model(fusion="concat", seed=0):
+    torch.manual_seed(seed)
+    return build_model("small", fusion, C)
+
+
+def _softmax_true(logits, y):
+    z = [math.exp(v - max(logits)) for v in logits]
+    return z[y] / sum(z)
+
+
+# ---------------------------------------------------------------- OPM
+
+def _reference_q(model, fa, fv, labels, q_base, lam):
+    """s_u per sample in float64 from the head's weights, then q_u as the TPAMI equations."""
+    s = [0.0, 0.0]
+    with torch.no_grad():
+        for i in range(B):
+            if model.fusion == "concat":
+                w, b = model.head.fc.weight.double(), model.head.fc.bias.double()
+                d = fa.shape[1]
+                la = (w[:, :d] @ fa[i].double() + b / 2).tolist()
+                lv = (w[:, d:] @ fv[i].double() + b / 2).tolist()
+            else:
+                la = (model.head.fc_a.weight.double() @ fa[i].double() + model.head.fc_a.bias.double()).tolist()
+                lv = (model.head.fc_v.weight.double() @ fv[i].double() + model.head.fc_v.bias.double()).tolist()
+            s[0] += _softmax_true(la, int(labels[i]))
+            s[1] += _softmax_true(lv, int(labels[i]))
+    q = []
+    for mine, other in ((s[0], s[1]), (s[1], s[0])):
+        excess = math.tanh(max(mine / other - 1, 0.0))
+        q.append(min(max(q_base * (1 + lam * excess), 0.0), 1.0) if excess > 0 else 0.0)
+    return q
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+def test_opm_step_matches_reference(fusion):
+    """q from the undropped features; dropped samples zeroed, both features scaled by 1/(1-theta);
+    the gradient of CE(fused) equals a reference forward with the same mask."""
+    model = _model(fusion)
+    audio, visual, labels = _batch()
+    method = modulation.build("opm", alpha=0.0, start_epoch=0, end_epoch=None, fusion=fusion,
+                              opm_q_base=0.6, opm_lam=0.9, opm_p_exe=1.0)
+    twin = copy.deepcopy(model)
+    step = modulation.Step(model, labels, epoch=0)
+    torch.manual_seed(3)
+    out = model(audio, visual, feature_hook=method.feature_hook(True, step))
+    method.loss(out, step).backward()
+
+    # reference: the twin's own features, q by the per-sample loop, the mask read off the output
+    fa, fv = twin.audio_encoder(audio), twin.visual_encoder(visual)
+    q = _reference_q(twin, fa.detach(), fv.detach(), labels, 0.6, 0.9)
+    assert method.last_q.tolist() == pytest.approx(q, rel=1e-5)
+    assert min(q) == 0.0 and max(q) > 0.6                      # only the dominant one drops
+    keep = [(~(out.feat_a == 0).all(1)).float(), (~(out.feat_v == 0).all(1)).float()]
+    dominant = 0 if q[0] > 0 else 1
+    assert keep[1 - dominant].all() and not keep[dominant].all()
+    theta = (fa.shape[1] * q[0] + fv.shape[1] * q[1]) / (fa.shape[1] + fv.shape[1])
+    ra = fa * keep[0][:, None] / (1 - theta)
+    rv = fv * keep[1][:, None] / (1 - theta)
+    logits, _, _ = twin.head(ra, rv)
+    F.cross_entropy(logits, labels).backward()
+    for (name, p), (_, r) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_opm_drop_rates_and_p_exe():
+    """Over many steps: a step drops with probability p_exe; a sample loses the dominant modality
+    with probability q."""
+    torch.manual_seed(0)
+    fa, fv = torch.rand(2000, 16) + 0.1, torch.rand(2000, 16) + 0.1
+    q = torch.tensor([0.0, 0.4])
+    drops, rate = 0, []
+    for _ in range(300):
+        if torch.rand(()) < 0.7:
+            drops += 1
+            keep = (torch.rand(2, 2000, 1) >= q.view(2, 1, 1)).float()
+            a, v = opm_mod.drop(fa, fv, q, keep)
+            rate.append((v == 0).all(1).float().mean().item())
+            assert not (a == 0).all(1).any()
+            assert torch.allclose(a, fa / (1 - 0.2))                  # theta = (16*0 + 16*0.4)/32
+    assert drops / 300 == pytest.approx(0.7, abs=0.08)
+    assert sum(rate) / len(rate) == pytest.approx(0.4, abs=0.01)
+
+
+def test_opm_inactive_outside_epochs_and_at_eval():
+    model = _model()
+    audio, visual, labels = _batch()
+    method = modulation.build("opm", alpha=0.0, start_epoch=6, end_epoch=None)
+    step = modulation.Step(model, labels, epoch=5)
+    fa, fv = torch.rand(B, 128), torch.rand(B, 128)
+    assert method.transform_features(fa, fv, training=True, step=step) == (fa, fv)
+    step.epoch = 6
+    assert method.transform_features(fa, fv, training=False, step=step) == (fa, fv)
+
+
+def test_opm_ge_adds_noise_without_scaling():
+    """opm-ge = OPM's forward + GE noise (std of each conv-weight gradient), k = 1."""
+    model = _model()
+    audio, visual, labels = _batch()
+    out = model(audio, visual)
+    F.cross_entropy(out.logits, labels).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    method = modulation.build("opm-ge", alpha=0.5, start_epoch=0, end_epoch=None)
+    stats = method.after_backward(model, out, labels, epoch=0, generator=torch.Generator().manual_seed(5))
+    assert stats["k_a"] == stats["k_v"] == 1.0
+    order = [n for m in ("audio", "visual") for n, _ in model.modulated_parameters(m)]
+    z = torch.randn(sum(before[n].numel() for n in order), generator=torch.Generator().manual_seed(5))
+    params, off = dict(model.named_parameters()), 0
+    for n in order:
+        g = before[n]
+        torch.testing.assert_close(params[n].grad, g + g.std() * z[off:off + g.numel()].view_as(g),
+                                   rtol=1e-5, atol=1e-6 * g.abs().max().item())
+        off += g.numel()
+
+
+# ---------------------------------------------------------------- PMR
+
+def _start(model, batches, epoch=0, steps=10):
+    return modulation.EpochStart(model, epoch, steps, lambda n: iter(batches[:n]))
+
+
+def test_pmr_prototypes_are_class_means_then_momentum():
+    model = _model("gated")
+    batches = [_batch(s) for s in range(3)]
+    method = modulation.build("pmr", alpha=0.0, start_epoch=0, end_epoch=None, pmr_momentum=0.2)
+    method.begin_epoch(_start(model, batches, steps=25))          # max(1, 25 // 10) = 2 batches
+    model.eval()
+    with torch.no_grad():
+        feats = [model(a, v) for a, v, _ in batches[:2]]
+    labels = torch.cat([y for _, _, y in batches[:2]])
+    fa = torch.cat([o.feat_a for o in feats]).double()
+    fv = torch.cat([o.feat_v for o in feats]).double()
+    for c in range(C):
+        rows = [i for i in range(len(labels)) if labels[i] == c]
+        want_a = sum(fa[i] for i in rows) / len(rows) if rows else torch.zeros(fa.shape[1], dtype=torch.float64)
+        want_v = sum(fv[i] for i in rows) / len(rows) if rows else torch.zeros(fv.shape[1], dtype=torch.float64)
+        torch.testing.assert_close(method.proto_a[c].double(), want_a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(method.proto_v[c].double(), want_v, rtol=1e-5, atol=1e-6)
+    old_a = method.proto_a.clone()
+    with torch.no_grad():                                           # change the model: new means
+        for p in model.audio_encoder.parameters():
+            p.mul_(1.1)
+    method.begin_epoch(_start(model, batches, epoch=1, steps=25))
+    with torch.no_grad():
+        new_a = torch.cat([model(a, v).feat_a for a, v, _ in batches[:2]]).double()
+    for c in range(C):
+        rows = [i for i in range(len(labels)) if labels[i] == c]
+        if rows:
+            want = 0.8 * (sum(new_a[i] for i in rows) / len(rows)) + 0.2 * old_a[c].double()
+            torch.testing.assert_close(method.proto_a[c].double(), want, rtol=1e-5, atol=1e-6)
+        else:                                                       # unseen class: kept
+            assert torch.equal(method.proto_a[c], old_a[c])
+
+
+@pytest.mark.parametrize("fusion", ["concat", "film"])
+def test_pmr_loss_and_gradients_match_reference(fusion):
+    """loss = CE(fused) + beta CE(-dist_a) + lam CE(-dist_v): the weaker modality (lower summed
+    prototype softmax of the true class) gets weight alpha."""
+    model = _model(fusion)
+    audio, visual, labels = _batch()
+    method = modulation.build("pmr", alpha=0.0, start_epoch=0, end_epoch=None, pmr_alpha=0.7)
+    g = torch.Generator().manual_seed(9)
+    method.proto_a = torch.rand(C, 128, generator=g)
+    method.proto_v = torch.rand(C, 128, generator=g)
+    twin = copy.deepcopy(model)
+    step = modulation.Step(model, labels, epoch=0)
+    out = model(audio, visual)
+    loss = method.loss(out, step)
+    loss.backward()
+    stats = method.after_backward(model, out, labels, epoch=0)
+
+    ref = twin(audio, visual)
+    sims, scores = [], []
+    for feat, protos in ((ref.feat_a, method.proto_a), (ref.feat_v, method.proto_v)):
+        rows = [torch.stack([-torch.sqrt(((feat[i] - protos[c]) ** 2).sum()) for c in range(C)]) for i in range(B)]
+        sim = torch.stack(rows)
+        sims.append(sim)
+        scores.append(sum(_softmax_true(sim[i].tolist(), int(labels[i])) for i in range(B)))
+    r = scores[0] / scores[1]
+    beta, lam = (0.7, 0.0) if r < 1 else (0.0, 0.7) if r > 1 else (0.0, 0.0)
+    ref_loss = (F.cross_entropy(ref.logits, labels) + beta * F.cross_entropy(sims[0], labels)
+                + lam * F.cross_entropy(sims[1], labels))
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert stats["rho_a"] == pytest.approx(r, rel=1e-5)
+    assert (stats["k_a"], stats["k_v"]) == pytest.approx((beta, lam))
+    assert beta + lam == pytest.approx(0.7)
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pmr_state_round_trips_and_is_plain_outside_epochs():
+    model = _model()
+    audio, visual, labels = _batch()
+    method = modulation.build("pmr", alpha=0.0, start_epoch=2, end_epoch=3)
+    method.begin_epoch(_start(model, [_batch(s) for s in range(2)]))
+    twin = modulation.build("pmr", alpha=0.0, start_epoch=2, end_epoch=3)
+    twin.load_state_dict(method.state_dict())
+    assert torch.equal(twin.proto_a, method.proto_a) and torch.equal(twin.proto_v, method.proto_v)
+    out = model(audio, visual)
+    step = modulation.Step(model, labels, epoch=1)                 # outside [2, 3]: plain CE
+    assert torch.equal(method.loss(out, step), F.cross_entropy(out.logits, labels))
