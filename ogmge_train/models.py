@@ -34,13 +34,17 @@ FeatureHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.T
 
 
 class ModelOutput(NamedTuple):
-    """Fused logits (B, C), unimodal logits (None for a missing modality) and pooled features."""
+    """Fused logits (B, C), unimodal logits (None for a missing modality) and pooled features;
+    ``aux_a``/``aux_v``: logits of the separate unimodal heads (only models built with
+    ``aux_heads=True``, for methods that train a classifier per modality)."""
 
     logits: torch.Tensor
     logits_a: torch.Tensor | None
     logits_v: torch.Tensor | None
     feat_a: torch.Tensor | None
     feat_v: torch.Tensor | None
+    aux_a: torch.Tensor | None = None
+    aux_v: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------- encoders
@@ -250,7 +254,7 @@ class AVModel(nn.Module):
     """
 
     def __init__(self, arch: str, fusion: str, num_classes: int, modality: str = "both",
-                 head_init: str = "xavier"):
+                 head_init: str = "xavier", aux_heads: bool = False):
         super().__init__()
         self.arch, self.fusion, self.modality, self.num_classes = arch, fusion, modality, num_classes
         self.audio_encoder = AudioEncoder(arch) if modality in ("both", "audio") else None
@@ -260,8 +264,13 @@ class AVModel(nn.Module):
         else:
             enc = self.audio_encoder or self.visual_encoder
             self.head = nn.Linear(enc.out_dim, num_classes)
+        self.aux_heads = None
+        if aux_heads and modality == "both":  # one linear classifier per modality (MMPareto)
+            self.aux_heads = nn.ModuleDict({"audio": nn.Linear(self.audio_encoder.out_dim, num_classes),
+                                            "visual": nn.Linear(self.visual_encoder.out_dim, num_classes)})
+        heads = [self.head] + ([self.aux_heads] if self.aux_heads is not None else [])
         if head_init == "xavier":  # the reference code's weight_init: xavier-normal weights, zero bias
-            for m in self.head.modules():
+            for m in (m for h in heads for m in h.modules()):
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_normal_(m.weight)
                     nn.init.zeros_(m.bias)
@@ -285,6 +294,9 @@ class AVModel(nn.Module):
         if feature_hook is not None:
             feat_a, feat_v = feature_hook(feat_a, feat_v)
         logits, logits_a, logits_v = self.head(feat_a, feat_v)
+        if self.aux_heads is not None:
+            return ModelOutput(logits, logits_a, logits_v, feat_a, feat_v,
+                               self.aux_heads["audio"](feat_a), self.aux_heads["visual"](feat_v))
         return ModelOutput(logits, logits_a, logits_v, feat_a, feat_v)
 
     def encoder(self, modality: str) -> nn.Module | None:
@@ -312,12 +324,14 @@ class AVModel(nn.Module):
 
 
 def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both",
-                head_init: str = "xavier") -> AVModel:
+                head_init: str = "xavier", aux_heads: bool = False) -> AVModel:
     """The model of SPEC §5, randomly initialised (no pretrained weights).
 
     ``head_init``: ``xavier`` (the reference code: xavier-normal weights, zero bias, every Linear
     of the head) or ``torch`` (PyTorch's default Linear initialisation).
 
+    ``aux_heads``: add a linear classifier per modality on its pooled features (``aux_a``/``aux_v``
+    of the output), for the methods in ``names.AUX_HEAD_METHODS``.
     ``fusion`` is ignored for unimodal models (``modality`` "audio" or "visual"): they are one
     encoder and a linear classifier, the paper's audio-only / visual-only baselines.
     """
@@ -327,4 +341,4 @@ def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both"
             raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
     if num_classes < 2:
         raise ConfigError(f"num_classes must be >= 2, not {num_classes}")
-    return AVModel(arch, fusion, num_classes, modality, head_init)
+    return AVModel(arch, fusion, num_classes, modality, head_init, aux_heads)

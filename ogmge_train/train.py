@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, dist, modulation
+from . import data, dist, modulation, names
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, RunFolderError, RunWriteError
 from .metrics import output_metrics
@@ -230,6 +230,11 @@ def _param_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _build_model(cfg: TrainConfig, num_classes: int) -> AVModel:
+    return build_model(cfg.arch, cfg.fusion, num_classes, cfg.modality, cfg.head_init,
+                       aux_heads=cfg.modulation in names.AUX_HEAD_METHODS)
+
+
 # ---------------------------------------------------------------- data
 
 def _loader(cfg: TrainConfig, split: str, *, train: bool, epoch: int, info: dist.DistInfo, source=None):
@@ -390,8 +395,7 @@ class _Run:
     def _build(self) -> None:
         cfg = self.cfg
         _seed_all(cfg.seed)
-        self.model = build_model(cfg.arch, cfg.fusion, len(self.dataset.classes), cfg.modality,
-                                 cfg.head_init).to(self.device)
+        self.model = _build_model(cfg, len(self.dataset.classes)).to(self.device)
         self.net = self.model
         if self.info.world_size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -639,7 +643,7 @@ def load_run(run_dir, which: str = "best", device: str = "cpu") -> tuple[AVModel
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / f"{which}.pt")
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg.arch, cfg.fusion, len(ckpt["classes"]), cfg.modality, cfg.head_init)
+    model = _build_model(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg, ckpt
 

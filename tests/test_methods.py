@@ -227,3 +227,77 @@ def test_pmr_state_round_trips_and_is_plain_outside_epochs():
     out = model(audio, visual)
     step = modulation.Step(model, labels, epoch=1)                 # outside [2, 3]: plain CE
     assert torch.equal(method.loss(out, step), F.cross_entropy(out.logits, labels))
+
+
+# ---------------------------------------------------------------- MMPareto
+
+def _min_norm_by_search(g1, g2):
+    """argmin_c ||c g1 + (1 - c) g2|| on [0, 1] by ternary search (no closed form)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        if (m1 * g1 + (1 - m1) * g2).norm() < (m2 * g1 + (1 - m2) * g2).norm():
+            hi = m2
+        else:
+            lo = m1
+    return (lo + hi) / 2
+
+
+def test_mmpareto_weights_are_the_min_norm_point_when_gradients_conflict():
+    from ogmge_train.modulation.mmpareto import pareto_weights
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        g1 = torch.randn(50, generator=g, dtype=torch.float64)
+        g2 = -0.5 * g1 + torch.randn(50, generator=g, dtype=torch.float64) * 0.5   # conflicting
+        cos, w = pareto_weights(g1, g2)
+        assert cos.item() == pytest.approx((g1 @ g2 / (g1.norm() * g2.norm())).item())
+        assert cos.item() < 0 and w.item() == pytest.approx(_min_norm_by_search(g1, g2), abs=1e-6)
+    cos, w = pareto_weights(g1, g1 + 0.1)
+    assert cos.item() > 0 and w.item() == 0.5
+
+
+@pytest.mark.parametrize("fusion,conflict", [("concat", False), ("gated", False), ("concat", True)])
+def test_mmpareto_step_matches_reference(fusion, conflict):
+    torch.manual_seed(0)
+    model = build_model("small", fusion, C, aux_heads=True)
+    if conflict:  # auxiliary heads opposite to the fused head: unimodal and multimodal gradients conflict
+        with torch.no_grad():
+            d = model.audio_encoder.out_dim
+            model.aux_heads["audio"].weight.copy_(-3 * model.head.fc.weight[:, :d])
+            model.aux_heads["visual"].weight.copy_(-3 * model.head.fc.weight[:, d:])
+    twin = copy.deepcopy(model)
+    audio, visual, labels = _batch()
+    method = modulation.build("mmpareto", alpha=0.0, start_epoch=0, end_epoch=None)
+    step = modulation.Step(model, labels, epoch=0)
+    out = model(audio, visual)
+    method.loss(out, step).backward()
+    stats = method.after_backward(model, out, labels, epoch=0)
+
+    # reference: one backward per loss, gradients read off .grad, combined per the equations
+    ref = twin(audio, visual)
+    losses = [F.cross_entropy(ref.logits, labels), F.cross_entropy(ref.aux_a, labels), F.cross_entropy(ref.aux_v, labels)]
+    per_loss = []
+    for loss in losses:
+        twin.zero_grad()
+        loss.backward(retain_graph=True)
+        per_loss.append({n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                         for n, p in twin.named_parameters()})
+    twin.zero_grad()
+    sum(losses).backward()
+    expected = {n: p.grad.clone() for n, p in twin.named_parameters()}
+    for modality, uni, key in (("audio", 1, "a"), ("visual", 2, "v")):
+        names_ = [n for n, _ in twin.named_parameters() if n.startswith(f"{modality}_encoder.")]
+        gm = torch.cat([per_loss[0][n].flatten() for n in names_]).double()
+        gu = torch.cat([per_loss[uni][n].flatten() for n in names_]).double()
+        cos = (gm @ gu / (gm.norm() * gu.norm())).item()
+        w = 0.5 if cos > 0 else _min_norm_by_search(gm, gu)
+        assert stats[f"cos_{key}"] == pytest.approx(cos, rel=1e-4)
+        assert stats[f"w_{key}"] == pytest.approx(w, abs=1e-5)
+        for n in names_:
+            new = 2 * w * per_loss[0][n] + 2 * (1 - w) * per_loss[uni][n]
+            r = (expected[n].norm() / new.norm()).item() if new.norm() > 0 else 1.0
+            expected[n] = 1.5 * max(r, 1.0) * new
+    if conflict:
+        assert stats["cos_a"] < 0 and stats["cos_v"] < 0 and stats["w_a"] != 0.5
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-7, msg=n)

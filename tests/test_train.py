@@ -178,7 +178,7 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("fusion,modulation", [("concat", "ogm-ge"), ("film", "modality-drop"), ("sum", "opm-ge"),
-                                               ("gated", "pmr")])
+                                               ("gated", "pmr"), ("concat", "mmpareto")])
 def test_resume_is_bit_exact(shards, tmp_path, fusion, modulation):
     kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05)
     full = tmp_path / "full"
@@ -411,7 +411,7 @@ def test_checkpoint_write_failure_removes_temp_and_keeps_previous(shards, tmp_pa
 # ---------------------------------------------------------------- every method with every fusion
 
 @pytest.mark.parametrize("fusion", ["concat", "sum", "film", "gated"])
-@pytest.mark.parametrize("method", ["modality-drop", "opm", "opm-ge", "pmr"])
+@pytest.mark.parametrize("method", ["modality-drop", "opm", "opm-ge", "pmr", "mmpareto"])
 def test_every_method_trains_with_every_fusion_it_allows(shards, tmp_path, method, fusion):
     from ogmge_train import names
     kw = dict(epochs=1, fusion=fusion, modulation=method, drop_modality="visual", opm_p_exe=1.0)
@@ -428,4 +428,7 @@ def test_every_method_trains_with_every_fusion_it_allows(shards, tmp_path, metho
         assert all(max(s["q_a"], s["q_v"]) >= 0.5 and min(s["q_a"], s["q_v"]) == 0 for s in steps)
     if method == "pmr":                        # the weaker modality's prototype loss is on
         assert all(sorted([s["k_a"], s["k_v"]]) == [0.0, 1.0] for s in steps)
+    if method == "mmpareto":                   # the auxiliary heads are part of the saved model
+        assert all(-1 <= s["cos_a"] <= 1 and 0 <= s["w_v"] <= 1 for s in steps)
+        assert "aux_heads.audio.weight" in ckpt(tmp_path / "run" / "last.pt")["model"]
     assert "method" in ckpt(tmp_path / "run" / "last.pt")
