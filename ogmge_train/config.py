@@ -54,6 +54,8 @@ class TrainConfig:
     opm_p_exe: float = 0.7                # opm/opm-ge: probability that a step drops at all (p_exe)
     pmr_alpha: float = 1.0                # pmr: weight of the weaker modality's prototype loss
     pmr_momentum: float = 0.2             # pmr: prototype momentum (weight of the old prototype)
+    gb_super_epoch: int = 10              # gradient-blending: epochs between weight estimates
+    gb_holdout: float = 0.08              # gradient-blending: part of train held out to estimate the weights
     head_init: str = "xavier"             # fusion head init: xavier (reference code) or torch
     on_nonfinite: str = "stop"            # a non-finite loss/gradient: stop (NonFiniteError) or skip the step
     modality: str = "both"
@@ -91,6 +93,8 @@ class TrainConfig:
         _check(self.opm_lam >= 0, "opm_lam", "must be >= 0")
         _check(0.0 <= self.opm_p_exe <= 1.0, "opm_p_exe", "must be in [0, 1]")
         _check(self.pmr_alpha >= 0, "pmr_alpha", "must be >= 0")
+        _check(self.gb_super_epoch >= 1, "gb_super_epoch", "must be >= 1")
+        _check(0.0 < self.gb_holdout < 1.0, "gb_holdout", "must be in (0, 1)")
         _check(0.0 <= self.pmr_momentum <= 1.0, "pmr_momentum", "must be in [0, 1]")
         allowed = names.METHOD_FUSIONS.get(self.modulation)
         if allowed is not None and self.modality == "both" and self.fusion not in allowed:

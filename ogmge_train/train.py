@@ -230,6 +230,14 @@ def _param_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _build_model(cfg: TrainConfig, num_classes: int) -> AVModel:
     return build_model(cfg.arch, cfg.fusion, num_classes, cfg.modality, cfg.head_init,
                        aux_heads=cfg.modulation in names.AUX_HEAD_METHODS)
@@ -404,14 +412,8 @@ class _Run:
             cfg.modulation, alpha=cfg.alpha, start_epoch=cfg.modulation_start, end_epoch=cfg.modulation_end,
             scope=cfg.modulation_scope, fusion=cfg.fusion if cfg.modality == "both" else None,
             **{k: getattr(cfg, k) for k in ("drop_p", "drop_modality", "opm_q_base", "opm_lam", "opm_p_exe",
-                                           "pmr_alpha", "pmr_momentum")})
-        params = self.model.parameters()
-        if cfg.optimizer == "sgd":
-            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-        elif cfg.optimizer == "adam":
-            self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                                           "pmr_alpha", "pmr_momentum", "gb_super_epoch", "gb_holdout")})
+        self.opt = _optimizer(cfg, self.model.parameters())
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         self.global_step = 0
         self.start_epoch = 0
@@ -462,13 +464,19 @@ class _Run:
         return dist.all_reduce if self.info.world_size > 1 else None
 
     def _begin_epoch(self, epoch: int) -> None:
+        def keyed(loader_epoch: int):
+            loader = _loader(self.cfg, "train", train=True, epoch=loader_epoch, info=self.info, source=self.dataset)
+            for batch in loader:
+                yield (*_to(batch, self.device), list(batch["key"]))
+
         def batches(limit: int):
-            loader = _loader(self.cfg, "train", train=True, epoch=epoch, info=self.info, source=self.dataset)
-            for i, batch in enumerate(loader):
+            for i, b in enumerate(keyed(epoch)):
                 if i >= limit:
                     break
-                yield _to(batch, self.device)
-        self.method.begin_epoch(modulation.EpochStart(self.model, epoch, self.steps, batches, self._reduce()))
+                yield b[:3]
+        self.method.begin_epoch(modulation.EpochStart(
+            self.model, epoch, self.steps, batches, self._reduce(), keyed_batches=keyed,
+            make_optimizer=lambda params: _optimizer(self.cfg, params)))
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """One host sync: is the loss and every gradient finite?"""
@@ -487,6 +495,10 @@ class _Run:
         loader = _loader(cfg, "train", train=True, epoch=epoch, info=self.info, source=self.dataset)
         for i, batch in enumerate(loader):
             audio, visual, labels = _to(batch, dev)
+            rows = self.method.train_rows(batch["key"])
+            if rows is not None:
+                rows = rows.to(dev)
+                audio, visual, labels = audio[rows], visual[rows], labels[rows]
             step = modulation.Step(self.model, labels, epoch, reduce, _step_generator(cfg.seed, self.global_step, dev))
             saved = [b.clone() for b in self.model.buffers()] if skip else None
             hook = self.method.feature_hook(training=True, step=step)

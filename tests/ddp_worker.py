@@ -18,7 +18,8 @@ def main(shards, out, hashes, modulation, fusion):
                                 "sha256": train_mod._param_hash(e["model"])}) + "\n")
 
     cfg = resolve("demo", shards=shards, out=out, epochs=2, batch_size=4, image_size=32, device="cpu",
-                  workers=0, modulation=modulation, fusion=fusion, optimizer="sgd", lr=0.05, opm_p_exe=1.0)
+                  workers=0, modulation=modulation, fusion=fusion, optimizer="sgd", lr=0.05, opm_p_exe=1.0,
+                  gb_super_epoch=1, gb_holdout=0.2)
     summary = train_mod.train(cfg, on_epoch_end=on_epoch_end)
     if summary:
         print(json.dumps(summary))

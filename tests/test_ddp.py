@@ -34,7 +34,7 @@ def small_shards(tmp_path_factory):
 
 
 @pytest.mark.parametrize("modulation,fusion", [
-    ("ogm-ge", "concat"), ("pmr", "gated"), ("mmpareto", "sum"),
+    ("ogm-ge", "concat"), ("pmr", "gated"), ("mmpareto", "sum"), ("gradient-blending", "concat"),
     pytest.param("opm-ge", "sum", marks=pytest.mark.slow), pytest.param("modality-drop", "film", marks=pytest.mark.slow)])
 def test_ddp_parameters_identical_and_metrics_cover_every_sample(small_shards, tmp_path, modulation, fusion):
     """Parameter hashes come from ``train(on_epoch_end=...)`` on every rank (tests/ddp_worker.py)."""
@@ -59,6 +59,8 @@ def test_ddp_parameters_identical_and_metrics_cover_every_sample(small_shards, t
     assert len(steps) == 2 * (info["splits"]["train"] // (4 * 2))
     if modulation == "ogm-ge":   # active: the dominant modality was slowed in every step
         assert all(min(s["k_a"], s["k_v"]) < 1.0 for s in steps)
+    if modulation == "gradient-blending":      # re-estimated every epoch, the same on both ranks
+        assert steps[0]["gb_f"] != steps[-1]["gb_f"]
     if modulation == "opm-ge":
         assert all(max(s["q_a"], s["q_v"]) > 0 for s in steps)
 

@@ -301,3 +301,92 @@ def test_mmpareto_step_matches_reference(fusion, conflict):
         assert stats["cos_a"] < 0 and stats["cos_v"] < 0 and stats["w_a"] != 0.5
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+# ---------------------------------------------------------------- Gradient-Blending
+
+def _keyed(n_batches=3, seed=0):
+    out = []
+    for s in range(n_batches):
+        a, v, y = _batch(seed + s)
+        out.append((a, v, y, [f"clip-{seed}-{s}-{i}" for i in range(B)]))
+    return out
+
+
+def test_gradient_blending_holdout_is_a_stable_fraction_of_keys():
+    from ogmge_train.modulation.gradient_blending import held_out
+    keys = [f"sample-{i}" for i in range(20000)]
+    held = [held_out(k, 0.08) for k in keys]
+    assert sum(held) / len(keys) == pytest.approx(0.08, abs=0.006)
+    assert held == [held_out(k, 0.08) for k in keys]
+    method = modulation.build("gradient-blending", alpha=0.0, start_epoch=0, end_epoch=None)
+    rows = method.train_rows(keys[:100])
+    assert rows.tolist() == [not h for h in held[:100]]
+    all_held = [k for k, h in zip(keys, held) if h][:4]
+    assert method.train_rows(all_held).tolist() == [True, False, False, False]   # never empty
+
+
+def test_gradient_blending_weights_match_reference():
+    """Each output's copy trained alone for S epochs with SGD; OGR = |dG / dO^2| from mean losses
+    on the train part and the held-out part, before and after; normalised."""
+    torch.manual_seed(0)
+    model = build_model("small", "concat", C, aux_heads=True)
+    data = _keyed()
+    holdout = 0.3
+    method = modulation.build("gradient-blending", alpha=0.0, start_epoch=0, end_epoch=None,
+                              gb_super_epoch=2, gb_holdout=holdout)
+    from ogmge_train.modulation.gradient_blending import held_out
+    start = modulation.EpochStart(model, 0, len(data), lambda n: iter([d[:3] for d in data][:n]),
+                                  keyed_batches=lambda e: iter(data),
+                                  make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05))
+    twin_src = copy.deepcopy(model)
+    method.begin_epoch(start)
+
+    def losses(net, pick):
+        net.eval()
+        tr, ho = [], []
+        with torch.no_grad():
+            for a, v, y, keys in data:
+                out = net(a, v)
+                logits = pick(out)
+                for i, k in enumerate(keys):
+                    (ho if held_out(k, holdout) else tr).append(F.cross_entropy(logits[i:i + 1], y[i:i + 1]).item())
+        return sum(tr) / len(tr), sum(ho) / len(ho)
+
+    raw = []
+    for pick in (lambda o: o.logits, lambda o: o.aux_a, lambda o: o.aux_v):
+        net = copy.deepcopy(twin_src)
+        lt0, lv0 = losses(net, pick)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        for _ in range(2):
+            net.train()
+            for a, v, y, keys in data:
+                keep = [i for i, k in enumerate(keys) if not held_out(k, holdout)] or [0]
+                opt.zero_grad()
+                F.cross_entropy(pick(net(a[keep], v[keep])), y[keep]).backward()
+                opt.step()
+        lt1, lv1 = losses(net, pick)
+        g, o = lv1 - lv0, (lv1 - lt1) - (lv0 - lt0)
+        raw.append(abs(g) / (o * o))
+    want = [r / sum(raw) for r in raw]
+    assert method.weights.tolist() == pytest.approx(want, rel=1e-3)
+    assert sum(method.weights.tolist()) == pytest.approx(1.0)
+    # the model itself was not trained by the estimate
+    for (n, p), (_, q) in zip(model.named_parameters(), twin_src.named_parameters()):
+        assert torch.equal(p, q), n
+
+    # the blended loss and its gradient
+    a, v, y, _ = data[0]
+    out = model(a, v)
+    loss = method.loss(out, modulation.Step(model, y, epoch=0))
+    w = want
+    ref = w[0] * F.cross_entropy(out.logits, y) + w[1] * F.cross_entropy(out.aux_a, y) + w[2] * F.cross_entropy(out.aux_v, y)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    twin = modulation.build("gradient-blending", alpha=0.0, start_epoch=0, end_epoch=None)
+    twin.load_state_dict(method.state_dict())
+    assert torch.equal(twin.weights, method.weights)
+
+
+def test_gradient_blending_estimates_every_super_epoch_only():
+    method = modulation.build("gradient-blending", alpha=0.0, start_epoch=2, end_epoch=20, gb_super_epoch=3)
+    assert [e for e in range(25) if method.due(e)] == [2, 5, 8, 11, 14, 17, 20]

@@ -178,9 +178,9 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("fusion,modulation", [("concat", "ogm-ge"), ("film", "modality-drop"), ("sum", "opm-ge"),
-                                               ("gated", "pmr"), ("concat", "mmpareto")])
+                                               ("gated", "pmr"), ("concat", "mmpareto"), ("sum", "gradient-blending")])
 def test_resume_is_bit_exact(shards, tmp_path, fusion, modulation):
-    kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05)
+    kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05, gb_super_epoch=2)
     full = tmp_path / "full"
     train_mod.train(tiny_config(shards, full, **kw))
 
@@ -411,10 +411,10 @@ def test_checkpoint_write_failure_removes_temp_and_keeps_previous(shards, tmp_pa
 # ---------------------------------------------------------------- every method with every fusion
 
 @pytest.mark.parametrize("fusion", ["concat", "sum", "film", "gated"])
-@pytest.mark.parametrize("method", ["modality-drop", "opm", "opm-ge", "pmr", "mmpareto"])
+@pytest.mark.parametrize("method", ["modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto"])
 def test_every_method_trains_with_every_fusion_it_allows(shards, tmp_path, method, fusion):
     from ogmge_train import names
-    kw = dict(epochs=1, fusion=fusion, modulation=method, drop_modality="visual", opm_p_exe=1.0)
+    kw = dict(epochs=1, fusion=fusion, modulation=method, drop_modality="visual", opm_p_exe=1.0, gb_super_epoch=1)
     allowed = names.METHOD_FUSIONS.get(method, names.FUSIONS)
     if fusion not in allowed:
         with pytest.raises(ConfigError, match=f"--modulation {method} works with --fusion"):
@@ -428,6 +428,10 @@ def test_every_method_trains_with_every_fusion_it_allows(shards, tmp_path, metho
         assert all(max(s["q_a"], s["q_v"]) >= 0.5 and min(s["q_a"], s["q_v"]) == 0 for s in steps)
     if method == "pmr":                        # the weaker modality's prototype loss is on
         assert all(sorted([s["k_a"], s["k_v"]]) == [0.0, 1.0] for s in steps)
+    if method == "gradient-blending":          # weights estimated before epoch 0, held-out samples never trained on
+        w = [steps[0]["gb_f"], steps[0]["gb_a"], steps[0]["gb_v"]]
+        assert sum(w) == pytest.approx(1.0) and w != pytest.approx([1 / 3] * 3)
+        assert ckpt(tmp_path / "run" / "last.pt")["method"]["weights"].tolist() == pytest.approx(w)
     if method == "mmpareto":                   # the auxiliary heads are part of the saved model
         assert all(-1 <= s["cos_a"] <= 1 and 0 <= s["w_v"] <= 1 for s in steps)
         assert "aux_heads.audio.weight" in ckpt(tmp_path / "run" / "last.pt")["model"]

@@ -12,6 +12,7 @@ from ..names import METHODS as NAMES
 from ..names import SCOPES
 from .base import STAT_KEYS, EpochStart, Method, Step, coefficients, modulate, unimodal_scores
 from .ge import GE
+from .gradient_blending import GradientBlending
 from .modality_drop import ModalityDrop
 from .mmpareto import MMPareto
 from .none import NoModulation
@@ -20,7 +21,7 @@ from .ogm_ge import OGMGE
 from .opm import OPM, OPMGE
 from .pmr import PMR
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoModulation, OGM, GE, OGMGE, ModalityDrop, OPM, OPMGE, PMR, MMPareto)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 

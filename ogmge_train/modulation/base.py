@@ -42,13 +42,18 @@ class Step:
 @dataclass
 class EpochStart:
     """What a method sees before a training epoch: ``batches(n)`` yields up to n training batches
-    ``(audio, visual, labels)`` on the device (this rank's part, the epoch's order)."""
+    ``(audio, visual, labels)`` on the device (this rank's part, the epoch's order);
+    ``keyed_batches(loader_epoch)`` yields every training batch of that epoch's order as
+    ``(audio, visual, labels, keys)``; ``make_optimizer(params)`` builds the run's optimizer kind
+    (same lr and weight decay) for a method's own copies of the model."""
 
     model: torch.nn.Module
     epoch: int
     steps: int
     batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    keyed_batches: Callable[[int], Iterable[tuple]] | None = None
+    make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.all_reduce(t) if self.all_reduce is not None else t
@@ -166,6 +171,11 @@ class Method:
         if type(self).transform_features is Method.transform_features:
             return None
         return lambda a, v: self.transform_features(a, v, training=training, step=step)
+
+    def train_rows(self, keys: list[str]) -> torch.Tensor | None:
+        """Which samples of a training batch to train on (a bool mask), None for all of them;
+        methods that hold out part of train (gradient-blending) exclude it here."""
+        return None
 
     def loss(self, out, step: Step) -> torch.Tensor:
         """The training loss of one step; methods with auxiliary losses add them here."""
