@@ -56,6 +56,7 @@ class TrainConfig:
     pmr_momentum: float = 0.2             # pmr: prototype momentum (weight of the old prototype)
     gb_super_epoch: int = 10              # gradient-blending: epochs between weight estimates
     gb_holdout: float = 0.08              # gradient-blending: part of train held out to estimate the weights
+    agm_alpha: float = 0.1                # agm: strength of the gradient coefficients
     head_init: str = "xavier"             # fusion head init: xavier (reference code) or torch
     on_nonfinite: str = "stop"            # a non-finite loss/gradient: stop (NonFiniteError) or skip the step
     modality: str = "both"
@@ -93,6 +94,7 @@ class TrainConfig:
         _check(self.opm_lam >= 0, "opm_lam", "must be >= 0")
         _check(0.0 <= self.opm_p_exe <= 1.0, "opm_p_exe", "must be in [0, 1]")
         _check(self.pmr_alpha >= 0, "pmr_alpha", "must be >= 0")
+        _check(self.agm_alpha >= 0, "agm_alpha", "must be >= 0")
         _check(self.gb_super_epoch >= 1, "gb_super_epoch", "must be >= 1")
         _check(0.0 < self.gb_holdout < 1.0, "gb_holdout", "must be in (0, 1)")
         _check(0.0 <= self.pmr_momentum <= 1.0, "pmr_momentum", "must be in [0, 1]")

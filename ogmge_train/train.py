@@ -412,7 +412,8 @@ class _Run:
             cfg.modulation, alpha=cfg.alpha, start_epoch=cfg.modulation_start, end_epoch=cfg.modulation_end,
             scope=cfg.modulation_scope, fusion=cfg.fusion if cfg.modality == "both" else None,
             **{k: getattr(cfg, k) for k in ("drop_p", "drop_modality", "opm_q_base", "opm_lam", "opm_p_exe",
-                                           "pmr_alpha", "pmr_momentum", "gb_super_epoch", "gb_holdout")})
+                                           "pmr_alpha", "pmr_momentum", "gb_super_epoch", "gb_holdout",
+                                           "agm_alpha")})
         self.opt = _optimizer(cfg, self.model.parameters())
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         self.global_step = 0
@@ -499,8 +500,10 @@ class _Run:
             if rows is not None:
                 rows = rows.to(dev)
                 audio, visual, labels = audio[rows], visual[rows], labels[rows]
-            step = modulation.Step(self.model, labels, epoch, reduce, _step_generator(cfg.seed, self.global_step, dev))
+            step = modulation.Step(self.model, labels, epoch, reduce, _step_generator(cfg.seed, self.global_step, dev),
+                                   audio, visual, self.global_step)
             saved = [b.clone() for b in self.model.buffers()] if skip else None
+            self.method.begin_step(step)
             hook = self.method.feature_hook(training=True, step=step)
             with _autocast(cfg, dev):
                 out = self.net(audio, visual, feature_hook=hook) if hook else self.net(audio, visual)

@@ -35,7 +35,7 @@ def small_shards(tmp_path_factory):
 
 @pytest.mark.parametrize("modulation,fusion", [
     ("ogm-ge", "concat"), ("pmr", "gated"), ("mmpareto", "sum"), ("gradient-blending", "concat"),
-    pytest.param("opm-ge", "sum", marks=pytest.mark.slow), pytest.param("modality-drop", "film", marks=pytest.mark.slow)])
+    pytest.param("opm-ge", "sum", marks=pytest.mark.slow), pytest.param("agm", "gated", marks=pytest.mark.slow), pytest.param("modality-drop", "film", marks=pytest.mark.slow)])
 def test_ddp_parameters_identical_and_metrics_cover_every_sample(small_shards, tmp_path, modulation, fusion):
     """Parameter hashes come from ``train(on_epoch_end=...)`` on every rank (tests/ddp_worker.py)."""
     out, hashes = tmp_path / "run", tmp_path / "hashes"

@@ -390,3 +390,81 @@ def test_gradient_blending_weights_match_reference():
 def test_gradient_blending_estimates_every_super_epoch_only():
     method = modulation.build("gradient-blending", alpha=0.0, start_epoch=2, end_epoch=20, gb_super_epoch=3)
     assert [e for e in range(25) if method.due(e)] == [2, 5, 8, 11, 14, 17, 20]
+
+
+# ---------------------------------------------------------------- AGM
+
+@pytest.mark.parametrize("fusion", ["concat", "film"])
+def test_agm_two_steps_match_reference(fusion):
+    """Mono-modal responses from zeroed inputs (eval mode), scores -log p(y), k from the ratio
+    against the running-mean target, conv-weight gradients scaled, clipping at 5."""
+    torch.manual_seed(0)
+    model = build_model("small", fusion, C)
+    twin = copy.deepcopy(model)
+    method = modulation.build("agm", alpha=0.0, start_epoch=0, end_epoch=None, agm_alpha=0.4)
+    t = [0.0, 0.0]
+    for it in (1, 2):
+        audio, visual, labels = _batch(it)
+        step = modulation.Step(model, labels, epoch=0, audio=audio, visual=visual, step=it - 1)
+        model.zero_grad()
+        method.begin_step(step)
+        out = model(audio, visual)
+        method.loss(out, step).backward()
+        stats = method.after_backward(model, out, labels, epoch=0)
+
+        # reference
+        twin.eval()
+        with torch.no_grad():
+            full = twin(audio, visual).logits
+            v_only = twin(torch.zeros_like(audio), visual).logits
+            a_only = twin(audio, torch.zeros_like(visual)).logits
+        twin.train()
+        s = []
+        for m in (0.5 * (full - v_only), 0.5 * (full - a_only)):
+            s.append(sum(-math.log(max(_softmax_true(m[i].tolist(), int(labels[i])), 1e-8)) for i in range(B)) / B)
+        k = []
+        for u in range(2):
+            ratio = math.exp(2 * (s[u] - sum(s) / 2))
+            target = math.exp(2 * (t[u] - sum(t) / 2))
+            k.append(math.exp(0.4 * min(target - ratio, 7)))
+        t = [t[u] * (it - 1) / it + s[u] / it for u in range(2)]
+        assert (stats["k_a"], stats["k_v"]) == pytest.approx(k, rel=1e-5)
+        assert method.train_scores == pytest.approx(t, rel=1e-6)
+        twin.zero_grad()
+        F.cross_entropy(twin(audio, visual).logits, labels).backward()
+        convs = {n for m in ("audio", "visual") for n, _ in twin.modulated_parameters(m)}
+        with torch.no_grad():
+            for n, p in twin.named_parameters():
+                if n in convs:
+                    p.grad.mul_(k[0] if n.startswith("audio") else k[1])
+            head = [p.grad for n, p in twin.named_parameters() if n.startswith("head.") and p.dim() == 2]
+            if max(g.abs().max().item() for g in head) > 5:
+                total = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in twin.parameters()))
+                for p in twin.parameters():
+                    p.grad.mul_(min(1.0, 5 / (total + 1e-6)))
+        for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=n)
+        with torch.no_grad():                     # same update on both, so step 2 starts equal
+            for p, q in zip(model.parameters(), twin.parameters()):
+                p.sub_(0.1 * p.grad)
+                q.sub_(0.1 * q.grad)
+    assert k != pytest.approx([1.0, 1.0])
+
+
+def test_agm_clips_large_head_gradients():
+    torch.manual_seed(0)
+    model = build_model("small", "sum", C)
+    audio, visual, labels = _batch()
+    with torch.no_grad():
+        bn = [m for m in model.audio_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+        bn.weight.mul_(100)                       # huge audio features: head gradients beyond 5
+        bn.bias.fill_(50.0)
+    method = modulation.build("agm", alpha=0.0, start_epoch=0, end_epoch=None)
+    step = modulation.Step(model, labels, 0, audio=audio, visual=visual)
+    method.begin_step(step)
+    out = model(audio, visual)
+    method.loss(out, step).backward()
+    big = max(p.grad.abs().max().item() for p in model.head.parameters())
+    method.after_backward(model, out, labels, epoch=0)
+    norm = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in model.parameters()))
+    assert big > 5 and norm == pytest.approx(5.0, rel=1e-4)

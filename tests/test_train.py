@@ -178,7 +178,8 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("fusion,modulation", [("concat", "ogm-ge"), ("film", "modality-drop"), ("sum", "opm-ge"),
-                                               ("gated", "pmr"), ("concat", "mmpareto"), ("sum", "gradient-blending")])
+                                               ("gated", "pmr"), ("concat", "mmpareto"), ("sum", "gradient-blending"),
+                                               ("film", "agm")])
 def test_resume_is_bit_exact(shards, tmp_path, fusion, modulation):
     kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05, gb_super_epoch=2)
     full = tmp_path / "full"
@@ -411,7 +412,7 @@ def test_checkpoint_write_failure_removes_temp_and_keeps_previous(shards, tmp_pa
 # ---------------------------------------------------------------- every method with every fusion
 
 @pytest.mark.parametrize("fusion", ["concat", "sum", "film", "gated"])
-@pytest.mark.parametrize("method", ["modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto"])
+@pytest.mark.parametrize("method", ["modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto", "agm"])
 def test_every_method_trains_with_every_fusion_it_allows(shards, tmp_path, method, fusion):
     from ogmge_train import names
     kw = dict(epochs=1, fusion=fusion, modulation=method, drop_modality="visual", opm_p_exe=1.0, gb_super_epoch=1)
@@ -432,6 +433,9 @@ def test_every_method_trains_with_every_fusion_it_allows(shards, tmp_path, metho
         w = [steps[0]["gb_f"], steps[0]["gb_a"], steps[0]["gb_v"]]
         assert sum(w) == pytest.approx(1.0) and w != pytest.approx([1 / 3] * 3)
         assert ckpt(tmp_path / "run" / "last.pt")["method"]["weights"].tolist() == pytest.approx(w)
+    if method == "agm":                        # running scores saved for --resume
+        assert ckpt(tmp_path / "run" / "last.pt")["method"]["train_scores"].tolist() == \
+            pytest.approx([steps[-1]["agm_t_a"], steps[-1]["agm_t_v"]])
     if method == "mmpareto":                   # the auxiliary heads are part of the saved model
         assert all(-1 <= s["cos_a"] <= 1 and 0 <= s["w_v"] <= 1 for s in steps)
         assert "aux_heads.audio.weight" in ckpt(tmp_path / "run" / "last.pt")["model"]

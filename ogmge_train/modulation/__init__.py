@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ..names import METHODS as NAMES
 from ..names import SCOPES
+from .agm import AGM
 from .base import STAT_KEYS, EpochStart, Method, Step, coefficients, modulate, unimodal_scores
 from .ge import GE
 from .gradient_blending import GradientBlending
@@ -21,7 +22,7 @@ from .ogm_ge import OGMGE
 from .opm import OPM, OPMGE
 from .pmr import PMR
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 

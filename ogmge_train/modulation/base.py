@@ -26,7 +26,9 @@ class Step:
     """What a method sees of one training step (built by the loop before the forward pass).
 
     ``model``: the AVModel (unwrapped from DDP); ``all_reduce(t)`` sums a tensor over ranks in
-    place (None in one process); ``generator``: seeded identically on every rank, new per step.
+    place (None in one process); ``generator``: seeded identically on every rank, new per step;
+    ``audio``/``visual``: the batch's inputs (for methods that evaluate the model on variants);
+    ``step``: optimizer steps taken before this one.
     """
 
     model: torch.nn.Module
@@ -34,6 +36,9 @@ class Step:
     epoch: int
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     generator: torch.Generator | None = None
+    audio: torch.Tensor | None = None
+    visual: torch.Tensor | None = None
+    step: int = 0
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.all_reduce(t) if self.all_reduce is not None else t
@@ -131,6 +136,7 @@ class Method:
     "Modulation contract"):
 
     ``begin_epoch(EpochStart)`` before the epoch's first step (e.g. PMR's prototypes);
+    ``begin_step(Step)`` before each training forward pass;
     ``feature_hook(training, step)`` -> a function replacing the pooled features before fusion;
     ``loss(out, step)`` -> the scalar to back-propagate (default: cross-entropy of the fused logits);
     ``after_backward(...)`` between backward and the optimizer step (gradient surgery) -> stats;
@@ -171,6 +177,10 @@ class Method:
         if type(self).transform_features is Method.transform_features:
             return None
         return lambda a, v: self.transform_features(a, v, training=training, step=step)
+
+    def begin_step(self, step: Step) -> None:
+        """Before the training forward pass of a step (e.g. AGM's extra evaluations, which must
+        see BatchNorm statistics before this batch updates them)."""
 
     def train_rows(self, keys: list[str]) -> torch.Tensor | None:
         """Which samples of a training batch to train on (a bool mask), None for all of them;
