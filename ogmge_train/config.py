@@ -108,7 +108,7 @@ class TrainConfig:
         if not isinstance(self.eval_splits, tuple):
             object.__setattr__(self, "eval_splits", tuple(self.eval_splits))
 
-    def with_dataset(self, name: str) -> "TrainConfig":
+    def with_dataset(self, name: str) -> TrainConfig:
         """Fill the dataset-dependent defaults (alpha, frames) that were not given explicitly."""
         return dataclasses.replace(
             self,
@@ -123,7 +123,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """Inverse of ``to_dict``; unknown keys are an error (a config.json from another version)."""
         unknown = set(d) - FIELDS
         if unknown:

@@ -20,7 +20,8 @@ discrepancy ratio and the unimodal metrics use):
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn

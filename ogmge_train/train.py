@@ -13,7 +13,9 @@ would consume the global RNG differently in a resumed run.
 Only rank 0 writes files; events go to ``on_event`` on rank 0 only. Ranks share one file
 system (single node, or a shared run folder).
 
-Every run-folder write goes through ``Recorder`` (one small class, so the run-folder module can
+The run is ``_Setup`` (process group, data, model, optimiser, method, resume), ``_EpochLoop``
+(one training epoch, one evaluation) and ``_Recording`` (selection, checkpoints, summary), driven
+by ``_run``. Every run-folder write goes through ``Recorder`` (one small class, so the run-folder module can
 replace it). ``on_epoch_end`` is called on every rank after each epoch (the DDP test hashes
 parameters through it).
 Finiteness: a non-finite loss or gradient stops the run with ``NonFiniteError`` naming epoch and
@@ -31,9 +33,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -45,7 +47,7 @@ from .errors import ConfigError, NonFiniteError, RunFolderError, RunWriteError
 from .metrics import output_metrics
 from .models import AVModel, build_model
 
-__all__ = ["train", "evaluate", "load_run", "load_checkpoint", "select_device", "EVENT_TYPES"]
+__all__ = ["EVENT_TYPES", "evaluate", "load_checkpoint", "load_run", "select_device", "train"]
 
 EVENT_TYPES = ("start", "epoch_start", "step", "eval", "epoch_end", "end")
 # Settings a resumed run may change: where and how it runs, and for how long (workers and
@@ -359,18 +361,19 @@ class EpochStats:
         for k in modulation.STAT_KEYS:
             setattr(self, k, getattr(self, k) + stats[k])
 
-    def reduced(self, device: torch.device) -> "EpochStats":
+    def reduced(self, device: torch.device) -> EpochStats:
         """Sums over ranks (on the training device: NCCL reduces CUDA tensors only)."""
         names = [f.name for f in dataclasses.fields(self)]
         t = dist.all_reduce(torch.tensor([getattr(self, n) for n in names], dtype=torch.float64, device=device))
         return EpochStats(**dict(zip(names, t.cpu().tolist())))
 
 
-class _Run:
-    """One training run: ``setup()`` (device, data, model, optimiser, method, resume), then
-    ``run()`` drives the epochs; files go through ``self.rec`` (a ``Recorder``)."""
+class _Setup:
+    """Everything a run needs before its first epoch: process group and device, dataset and splits,
+    model (DDP-wrapped as ``net``), method, optimiser and scheduler, and the state restored by
+    ``--resume``. ``setup()`` does the part that touches the run folder."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool, on_event: Event | None, on_epoch_end: EpochHook | None):
+    def __init__(self, cfg: TrainConfig, resume: bool, on_event: Event | None):
         self.info = dist.env_info()
         self.device = select_device(cfg.device, self.info.local_rank)
         self.info = dist.init(self.device)
@@ -379,7 +382,6 @@ class _Run:
         self.out = Path(cfg.out)
         self.rec = Recorder(self.out, self.info.is_main)
         self.emit = on_event if (on_event is not None and self.info.is_main) else (lambda e: None)
-        self.on_epoch_end = on_epoch_end
         self.dataset = _read_dataset(cfg)
         self.cfg = cfg.with_dataset(self.dataset.name)
         self.resume = resume
@@ -459,159 +461,180 @@ class _Run:
             self._restore()
         self.rec.prepare(self.cfg, self.resume)
 
-    # -- one epoch
+class _EpochLoop:
+    """One training epoch (method hooks, forward/backward, finiteness check, optimizer step, named
+    totals) and one evaluation, on the objects of a ``_Setup``."""
+
+    def __init__(self, setup: _Setup):
+        self.s = setup
 
     def _reduce(self):
-        return dist.all_reduce if self.info.world_size > 1 else None
+        s = self.s
+        return dist.all_reduce if s.info.world_size > 1 else None
 
     def _begin_epoch(self, epoch: int) -> None:
+        s = self.s
+
         def keyed(loader_epoch: int):
-            loader = _loader(self.cfg, "train", train=True, epoch=loader_epoch, info=self.info, source=self.dataset)
+            loader = _loader(s.cfg, "train", train=True, epoch=loader_epoch, info=s.info, source=s.dataset)
             for batch in loader:
-                yield (*_to(batch, self.device), list(batch["key"]))
+                yield (*_to(batch, s.device), list(batch["key"]))
 
         def batches(limit: int):
             for i, b in enumerate(keyed(epoch)):
                 if i >= limit:
                     break
                 yield b[:3]
-        self.method.begin_epoch(modulation.EpochStart(
-            self.model, epoch, self.steps, batches, self._reduce(), keyed_batches=keyed,
-            make_optimizer=lambda params: _optimizer(self.cfg, params)))
+        s.method.begin_epoch(modulation.EpochStart(
+            s.model, epoch, s.steps, batches, self._reduce(), keyed_batches=keyed,
+            make_optimizer=lambda params: _optimizer(s.cfg, params)))
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """One host sync: is the loss and every gradient finite?"""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        s = self.s
+        grads = [p.grad for p in s.model.parameters() if p.grad is not None]
         norms = torch.stack([loss.detach().float(), *torch._foreach_norm(grads)]) if grads else loss.detach()
         return bool(torch.isfinite(norms).all())
 
-    def _train_epoch(self, epoch: int) -> dict:
-        cfg, dev = self.cfg, self.device
+    def train_epoch(self, epoch: int) -> dict:
+        s = self.s
+        cfg, dev = s.cfg, s.device
         self._begin_epoch(epoch)
-        self.net.train()
+        s.net.train()
         reduce = self._reduce()
         skip = cfg.on_nonfinite == "skip"
         totals, steps_log = EpochStats(), []
         t0 = time.perf_counter()
-        loader = _loader(cfg, "train", train=True, epoch=epoch, info=self.info, source=self.dataset)
+        loader = _loader(cfg, "train", train=True, epoch=epoch, info=s.info, source=s.dataset)
         for i, batch in enumerate(loader):
             audio, visual, labels = _to(batch, dev)
-            rows = self.method.train_rows(batch["key"])
+            rows = s.method.train_rows(batch["key"])
             if rows is not None:
                 rows = rows.to(dev)
                 audio, visual, labels = audio[rows], visual[rows], labels[rows]
-            step = modulation.Step(self.model, labels, epoch, reduce, _step_generator(cfg.seed, self.global_step, dev),
-                                   audio, visual, self.global_step)
-            saved = [b.clone() for b in self.model.buffers()] if skip else None
-            self.method.begin_step(step)
-            hook = self.method.feature_hook(training=True, step=step)
+            step = modulation.Step(s.model, labels, epoch, reduce, _step_generator(cfg.seed, s.global_step, dev),
+                                   audio, visual, s.global_step)
+            saved = [b.clone() for b in s.model.buffers()] if skip else None
+            s.method.begin_step(step)
+            hook = s.method.feature_hook(training=True, step=step)
             with _autocast(cfg, dev):
-                out = self.net(audio, visual, feature_hook=hook) if hook else self.net(audio, visual)
-            loss = self.method.loss(out, step)
-            self.opt.zero_grad(set_to_none=True)
+                out = s.net(audio, visual, feature_hook=hook) if hook else s.net(audio, visual)
+            loss = s.method.loss(out, step)
+            s.opt.zero_grad(set_to_none=True)
             loss.backward()
             if not self._finite(loss):
                 if not skip:
                     raise NonFiniteError(
-                        f"{self.out}: non-finite loss or gradient in epoch {epoch}, step {i + 1} (global step "
-                        f"{self.global_step + 1}); stopped, last.pt holds the last finite epoch "
+                        f"{s.out}: non-finite loss or gradient in epoch {epoch}, step {i + 1} (global step "
+                        f"{s.global_step + 1}); stopped, last.pt holds the last finite epoch "
                         "(--on-nonfinite skip skips such steps)")
-                for b, s in zip(self.model.buffers(), saved):
-                    b.copy_(s)
-                self.opt.zero_grad(set_to_none=True)
+                for b, kept in zip(s.model.buffers(), saved):
+                    b.copy_(kept)
+                s.opt.zero_grad(set_to_none=True)
                 totals.skipped += 1
                 continue
-            stats = self.method.after_backward(self.model, out, labels, epoch=epoch, all_reduce=reduce,
-                                               generator=step.generator)
-            self.opt.step()
-            self.global_step += 1
+            stats = s.method.after_backward(s.model, out, labels, epoch=epoch, all_reduce=reduce,
+                                            generator=step.generator)
+            s.opt.step()
+            s.global_step += 1
             n = len(labels)
             # one host sync for the step's numbers
             step_loss, *correct = torch.stack([loss.detach(), *(_correct(lg, labels) for lg in out[:3])]).tolist()
             totals.add_step(step_loss, n, correct, stats)
-            steps_log.append({"epoch": epoch, "step": self.global_step, "loss": step_loss, **stats})
+            steps_log.append({"epoch": epoch, "step": s.global_step, "loss": step_loss, **stats})
             elapsed = time.perf_counter() - t0
-            self.emit({"event": "step", "epoch": epoch, "step": i + 1, "steps": self.steps, "loss": step_loss,
-                       "acc": totals.correct / totals.samples, **stats,
-                       "samples_per_s": totals.samples * self.info.world_size / max(elapsed, 1e-9)})
+            s.emit({"event": "step", "epoch": epoch, "step": i + 1, "steps": s.steps, "loss": step_loss,
+                    "acc": totals.correct / totals.samples, **stats,
+                    "samples_per_s": totals.samples * s.info.world_size / max(elapsed, 1e-9)})
         seconds = time.perf_counter() - t0
         t = totals.reduced(dev)
         n = max(t.samples, 1.0)
         train = {"loss": t.loss_sum / n if t.samples else math.nan, "acc": t.correct / n}
-        if self.model.modality != "visual":
+        if s.model.modality != "visual":
             train["acc_a"] = t.correct_a / n
-        if self.model.modality != "audio":
+        if s.model.modality != "audio":
             train["acc_v"] = t.correct_v / n
         if t.skipped:
             train["skipped_steps"] = int(t.skipped)
         means = {k: getattr(t, k) / max(t.steps, 1.0) for k in modulation.STAT_KEYS}
-        self.rec.append_steps(steps_log)
+        s.rec.append_steps(steps_log)
         return {"train": train, **means, "samples_per_s": t.samples / max(seconds, 1e-9)}
 
-    def _evaluate(self, epoch: int) -> dict:
-        _sync_buffers(self.model)
+    def evaluate(self, epoch: int) -> dict:
+        s = self.s
+        _sync_buffers(s.model)
         result = {}
-        for split in self.eval_splits:
-            self.emit({"event": "eval", "epoch": epoch, "split": split})
-            result[split] = _evaluate_split(self.model, self.cfg, split, self.device, self.info, self.dataset)
+        for split in s.eval_splits:
+            s.emit({"event": "eval", "epoch": epoch, "split": split})
+            result[split] = _evaluate_split(s.model, s.cfg, split, s.device, s.info, s.dataset)
         return result
 
-    # -- recording
 
-    def _checkpoint(self, epoch: int, record: dict) -> bool:
+class _Recording:
+    """What an epoch leaves behind: model selection, checkpoints, metrics and summary (through the
+    setup's ``Recorder``; files on rank 0 only)."""
+
+    def __init__(self, setup: _Setup):
+        self.s = setup
+
+    def checkpoint(self, epoch: int, record: dict) -> bool:
         """Write last.pt (and best.pt when val accuracy improved); returns whether best improved."""
-        bad = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+        s = self.s
+        bad = [n for n, t in [*s.model.named_parameters(), *s.model.named_buffers()]
                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
-            raise NonFiniteError(f"{self.out}: non-finite values in {bad[0]} (and {len(bad) - 1} more) after "
+            raise NonFiniteError(f"{s.out}: non-finite values in {bad[0]} (and {len(bad) - 1} more) after "
                                  f"epoch {epoch}; not saved, last.pt holds the last finite epoch")
-        improved = self.select_on is None or record[self.select_on]["acc"] > self.best["acc"]
+        improved = s.select_on is None or record[s.select_on]["acc"] > s.best["acc"]
         if improved:
-            acc = record[self.select_on]["acc"] if self.select_on else math.nan
-            self.best = {"epoch": epoch, "acc": acc}
-        if self.info.is_main:
-            ckpt = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                    "scheduler": self.sched.state_dict(), "epoch": epoch, "step": self.global_step,
-                    "config": self.cfg.to_dict(), "classes": list(self.dataset.classes), "rng": _rng_state(),
-                    "best": dict(self.best), "method": self.method.state_dict()}
-            self.rec.append_metrics(record)
-            self.rec.save_checkpoint(ckpt, improved)
+            acc = record[s.select_on]["acc"] if s.select_on else math.nan
+            s.best = {"epoch": epoch, "acc": acc}
+        if s.info.is_main:
+            ckpt = {"model": s.model.state_dict(), "optimizer": s.opt.state_dict(),
+                    "scheduler": s.sched.state_dict(), "epoch": epoch, "step": s.global_step,
+                    "config": s.cfg.to_dict(), "classes": list(s.dataset.classes), "rng": _rng_state(),
+                    "best": dict(s.best), "method": s.method.state_dict()}
+            s.rec.append_metrics(record)
+            s.rec.save_checkpoint(ckpt, improved)
         return improved
 
-    def _summary(self, epochs_done: int) -> dict:
-        record_of_best = self.rec.record_of(self.best["epoch"]) or {}
-        summary = {"selected_epoch": self.best["epoch"],
-                   "selection": "val_acc" if self.select_on else "last_epoch",
-                   "epochs": epochs_done, "dataset": self.cfg.dataset, "world_size": self.info.world_size,
-                   **{s: record_of_best.get(s, {}) for s in ("val", "test")}}
-        self.rec.write_summary(summary)
+    def summary(self, epochs_done: int) -> dict:
+        s = self.s
+        record_of_best = s.rec.record_of(s.best["epoch"]) or {}
+        summary = {"selected_epoch": s.best["epoch"],
+                   "selection": "val_acc" if s.select_on else "last_epoch",
+                   "epochs": epochs_done, "dataset": s.cfg.dataset, "world_size": s.info.world_size,
+                   **{split: record_of_best.get(split, {}) for split in ("val", "test")}}
+        s.rec.write_summary(summary)
         return summary
 
-    def run(self) -> dict:
-        self.setup()
-        cfg = self.cfg
-        self.emit({"event": "start", "epochs": cfg.epochs, "start_epoch": self.start_epoch, "steps": self.steps,
-                   "world_size": self.info.world_size, "device": str(self.device), "config": cfg.to_dict()})
-        summary = None
-        for epoch in range(self.start_epoch, cfg.epochs):
-            self.emit({"event": "epoch_start", "epoch": epoch, "epochs": cfg.epochs, "steps": self.steps})
-            t0, lr = time.perf_counter(), self.opt.param_groups[0]["lr"]
-            trained = self._train_epoch(epoch)
-            self.sched.step()
-            evaluated = self._evaluate(epoch)
-            record = {"epoch": epoch, "lr": lr, **trained, **evaluated, "time_s": time.perf_counter() - t0}
-            best = self._checkpoint(epoch, record)
-            if self.on_epoch_end is not None:
-                self.on_epoch_end({"epoch": epoch, "step": self.global_step, "rank": self.info.rank,
-                                   "model": self.model})
-            if self.info.is_main:
-                summary = self._summary(epoch + 1)
-            self.emit({"event": "epoch_end", "epoch": epoch, "epochs": cfg.epochs, "record": record, "best": best})
-        if summary is None:  # nothing left to run (resumed a finished run)
-            summary = self._summary(self.start_epoch) if self.info.is_main else {}
-        dist.barrier()
-        self.emit({"event": "end", "summary": summary})
-        return summary
+
+def _run(s: _Setup, on_epoch_end: EpochHook | None) -> dict:
+    """Setup, then the epochs: train, step the scheduler, evaluate, record."""
+    s.setup()
+    loop, rec = _EpochLoop(s), _Recording(s)
+    cfg = s.cfg
+    s.emit({"event": "start", "epochs": cfg.epochs, "start_epoch": s.start_epoch, "steps": s.steps,
+            "world_size": s.info.world_size, "device": str(s.device), "config": cfg.to_dict()})
+    summary = None
+    for epoch in range(s.start_epoch, cfg.epochs):
+        s.emit({"event": "epoch_start", "epoch": epoch, "epochs": cfg.epochs, "steps": s.steps})
+        t0, lr = time.perf_counter(), s.opt.param_groups[0]["lr"]
+        trained = loop.train_epoch(epoch)
+        s.sched.step()
+        evaluated = loop.evaluate(epoch)
+        record = {"epoch": epoch, "lr": lr, **trained, **evaluated, "time_s": time.perf_counter() - t0}
+        best = rec.checkpoint(epoch, record)
+        if on_epoch_end is not None:
+            on_epoch_end({"epoch": epoch, "step": s.global_step, "rank": s.info.rank, "model": s.model})
+        if s.info.is_main:
+            summary = rec.summary(epoch + 1)
+        s.emit({"event": "epoch_end", "epoch": epoch, "epochs": cfg.epochs, "record": record, "best": best})
+    if summary is None:  # nothing left to run (resumed a finished run)
+        summary = rec.summary(s.start_epoch) if s.info.is_main else {}
+    dist.barrier()
+    s.emit({"event": "end", "summary": summary})
+    return summary
 
 
 def _correct(logits, labels) -> torch.Tensor:
@@ -643,7 +666,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     """
     owns_group = not dist.is_distributed()
     try:
-        return _Run(cfg, resume, on_event, on_epoch_end).run()
+        return _run(_Setup(cfg, resume, on_event), on_epoch_end)
     finally:
         if owns_group:
             dist.shutdown()

@@ -108,7 +108,7 @@ def test_opm_drop_rates_and_p_exe():
 
 def test_opm_inactive_outside_epochs_and_at_eval():
     model = _model()
-    audio, visual, labels = _batch()
+    _, _, labels = _batch()
     method = modulation.build("opm", alpha=0.0, start_epoch=6, end_epoch=None)
     step = modulation.Step(model, labels, epoch=5)
     fa, fv = torch.rand(B, 128), torch.rand(B, 128)

@@ -63,7 +63,7 @@ def _reference_coefficients(model, out, labels, alpha):
     model.head.float()
     rho_v = s_v / s_a
     rho_a = 1 / rho_v
-    k = lambda rho: 1 - math.tanh(alpha * rho) if rho > 1 else 1.0  # noqa: E731
+    k = lambda rho: 1 - math.tanh(alpha * rho) if rho > 1 else 1.0
     return {"rho_a": rho_a, "rho_v": rho_v, "k_a": k(rho_a), "k_v": k(rho_v)}
 
 

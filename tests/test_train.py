@@ -19,7 +19,12 @@ from avprep.config import ExtractConfig, spec_preset
 from avprep.extract import extract
 from ogmge_train import train as train_mod
 from ogmge_train.config import PRESETS, TrainConfig, resolve
-from ogmge_train.errors import ConfigError, NonFiniteError, RunFolderError, RunWriteError
+from ogmge_train.errors import (
+    ConfigError,
+    NonFiniteError,
+    RunFolderError,
+    RunWriteError,
+)
 
 WALL_TIME = {"time_s", "samples_per_s"}
 EVAL_KEYS = {"loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v"}

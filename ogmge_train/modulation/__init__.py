@@ -11,11 +11,19 @@ from ..errors import ConfigError
 from ..names import METHODS as NAMES
 from ..names import SCOPES
 from .agm import AGM
-from .base import STAT_KEYS, EpochStart, Method, Step, coefficients, modulate, unimodal_scores
+from .base import (
+    STAT_KEYS,
+    EpochStart,
+    Method,
+    Step,
+    coefficients,
+    modulate,
+    unimodal_scores,
+)
 from .ge import GE
 from .gradient_blending import GradientBlending
-from .modality_drop import ModalityDrop
 from .mmpareto import MMPareto
+from .modality_drop import ModalityDrop
 from .none import NoModulation
 from .ogm import OGM
 from .ogm_ge import OGMGE
@@ -46,5 +54,15 @@ def build(name: str, *, alpha: float, start_epoch: int, end_epoch: int | None,
         raise ConfigError(f"--modulation {name}: {e}") from None
 
 
-__all__ = ["NAMES", "METHODS", "STAT_KEYS", "EpochStart", "Method", "Step", "build", "coefficients",
-           "modulate", "unimodal_scores"]
+__all__ = [
+    "METHODS",
+    "NAMES",
+    "STAT_KEYS",
+    "EpochStart",
+    "Method",
+    "Step",
+    "build",
+    "coefficients",
+    "modulate",
+    "unimodal_scores",
+]
