@@ -489,12 +489,12 @@ class _EpochLoop:
             s.model, epoch, s.steps, batches, self._reduce(), keyed_batches=keyed,
             make_optimizer=lambda params: _optimizer(s.cfg, params)))
 
-    def _finite(self, loss: torch.Tensor) -> bool:
-        """One host sync: is the loss and every gradient finite?"""
+    def _finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """Whether the loss and every gradient are finite, as a 0-dim bool tensor (no host sync)."""
         s = self.s
         grads = [p.grad for p in s.model.parameters() if p.grad is not None]
         norms = torch.stack([loss.detach().float(), *torch._foreach_norm(grads)]) if grads else loss.detach()
-        return bool(torch.isfinite(norms).all())
+        return torch.isfinite(norms).all()
 
     def train_epoch(self, epoch: int) -> dict:
         s = self.s
@@ -522,12 +522,8 @@ class _EpochLoop:
             loss = s.method.loss(out, step)
             s.opt.zero_grad(set_to_none=True)
             loss.backward()
-            if not self._finite(loss):
-                if not skip:
-                    raise NonFiniteError(
-                        f"{s.out}: non-finite loss or gradient in epoch {epoch}, step {i + 1} (global step "
-                        f"{s.global_step + 1}); stopped, last.pt holds the last finite epoch "
-                        "(--on-nonfinite skip skips such steps)")
+            finite = self._finite(loss)
+            if skip and not bool(finite):   # skipping needs the answer before the update: one sync
                 for b, kept in zip(s.model.buffers(), saved):
                     b.copy_(kept)
                 s.opt.zero_grad(set_to_none=True)
@@ -536,10 +532,17 @@ class _EpochLoop:
             stats = s.method.after_backward(s.model, out, labels, epoch=epoch, all_reduce=reduce,
                                             generator=step.generator)
             s.opt.step()
+            # one host sync for the step's numbers; a non-finite step stops the run here, before
+            # anything is written (the parameters in memory are lost, last.pt is intact)
+            step_loss, *correct, ok = torch.stack([loss.detach(), *(_correct(lg, labels) for lg in out[:3]),
+                                                   finite.float()]).tolist()
+            if not ok:
+                raise NonFiniteError(
+                    f"{s.out}: non-finite loss or gradient in epoch {epoch}, step {i + 1} (global step "
+                    f"{s.global_step + 1}); stopped, last.pt holds the last finite epoch "
+                    "(--on-nonfinite skip skips such steps)")
             s.global_step += 1
             n = len(labels)
-            # one host sync for the step's numbers
-            step_loss, *correct = torch.stack([loss.detach(), *(_correct(lg, labels) for lg in out[:3])]).tolist()
             totals.add_step(step_loss, n, correct, stats)
             steps_log.append({"epoch": epoch, "step": s.global_step, "loss": step_loss, **stats})
             elapsed = time.perf_counter() - t0
