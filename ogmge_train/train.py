@@ -508,8 +508,9 @@ class _EpochLoop:
         loader = _loader(cfg, "train", train=True, epoch=epoch, info=s.info, source=s.dataset)
         for i, batch in enumerate(loader):
             audio, visual, labels = _to(batch, dev)
-            rows = s.method.train_rows(batch["key"])
+            rows, weight = s.method.train_rows(batch["key"]), 1.0
             if rows is not None:
+                rows, weight = modulation.keep_rows(rows)
                 rows = rows.to(dev)
                 audio, visual, labels = audio[rows], visual[rows], labels[rows]
             step = modulation.Step(s.model, labels, epoch, reduce, _step_generator(cfg.seed, s.global_step, dev),
@@ -520,6 +521,8 @@ class _EpochLoop:
             with _autocast(cfg, dev):
                 out = s.net(audio, visual, feature_hook=hook) if hook else s.net(audio, visual)
             loss = s.method.loss(out, step)
+            if weight != 1.0:      # a batch with no sample to train on (see modulation.keep_rows)
+                loss = loss * weight
             s.opt.zero_grad(set_to_none=True)
             loss.backward()
             finite = self._finite(loss)

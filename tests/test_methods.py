@@ -323,7 +323,9 @@ def test_gradient_blending_holdout_is_a_stable_fraction_of_keys():
     rows = method.train_rows(keys[:100])
     assert rows.tolist() == [not h for h in held[:100]]
     all_held = [k for k, h in zip(keys, held) if h][:4]
-    assert method.train_rows(all_held).tolist() == [True, False, False, False]   # never empty
+    rows, weight = modulation.keep_rows(method.train_rows(all_held))   # no training sample in the batch:
+    assert rows.tolist() == [True, False, False, False] and weight == 0.0  # one kept, with zero loss weight
+    assert modulation.keep_rows(torch.tensor([False, True]))[1] == 1.0
 
 
 def test_gradient_blending_weights_match_reference():
@@ -361,9 +363,11 @@ def test_gradient_blending_weights_match_reference():
         for _ in range(2):
             net.train()
             for a, v, y, keys in data:
-                keep = [i for i, k in enumerate(keys) if not held_out(k, holdout)] or [0]
+                keep = [i for i, k in enumerate(keys) if not held_out(k, holdout)]
+                weight = 1.0 if keep else 0.0
+                keep = keep or [0]
                 opt.zero_grad()
-                F.cross_entropy(pick(net(a[keep], v[keep])), y[keep]).backward()
+                (weight * F.cross_entropy(pick(net(a[keep], v[keep])), y[keep])).backward()
                 opt.step()
         lt1, lv1 = losses(net, pick)
         g, o = lv1 - lv0, (lv1 - lt1) - (lv0 - lt0)

@@ -21,7 +21,7 @@ from .base import (
     unimodal_scores,
 )
 from .ge import GE
-from .gradient_blending import GradientBlending
+from .gradient_blending import GradientBlending, keep_rows
 from .mmpareto import MMPareto
 from .modality_drop import ModalityDrop
 from .none import NoModulation
@@ -62,6 +62,7 @@ __all__ = [
     "Method",
     "Step",
     "build",
+    "keep_rows",
     "coefficients",
     "modulate",
     "unimodal_scores",

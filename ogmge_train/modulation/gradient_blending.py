@@ -39,6 +39,16 @@ def held_out(key: str, fraction: float) -> bool:
     return h < fraction * 2**64
 
 
+def keep_rows(rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``rows`` and loss weight 1, or, for a batch without training samples, its first sample with
+    weight 0 (every rank must still run the step: DDP and the gradient all-reduce expect it)."""
+    if bool(rows.any()):
+        return rows, 1.0
+    rows = rows.clone()
+    rows[0] = True
+    return rows, 0.0
+
+
 def output_logits(out, which: str) -> torch.Tensor:
     return {"fused": out.logits, "audio": out.aux_a, "visual": out.aux_v}[which]
 
@@ -72,10 +82,9 @@ class GradientBlending(Method):
         return torch.tensor([held_out(k, self.holdout) for k in keys], dtype=torch.bool)
 
     def train_rows(self, keys):
-        rows = ~self._held(keys)
-        if not rows.any():          # never an empty batch (DDP ranks must all step): keep one
-            rows[0] = True
-        return rows
+        """The training samples of a batch; may be all False (the loop then keeps one sample with
+        zero loss weight, so every DDP rank still steps)."""
+        return ~self._held(keys)
 
     # -- estimation
 
@@ -102,9 +111,10 @@ class GradientBlending(Method):
         for k in range(self.super_epoch):
             twin.train()
             for audio, visual, labels, keys in start.keyed_batches(start.epoch + k):
-                rows = self.train_rows(keys).to(labels.device)
+                rows, weight = keep_rows(self.train_rows(keys))
+                rows = rows.to(labels.device)
                 out = twin(audio[rows], visual[rows])
-                loss = F.cross_entropy(output_logits(out, which).float(), labels[rows])
+                loss = weight * F.cross_entropy(output_logits(out, which).float(), labels[rows])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if start.all_reduce is not None:      # the copies stay identical on every rank
