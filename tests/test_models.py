@@ -209,3 +209,10 @@ def test_head_init_xavier_is_the_default_and_torch_is_pytorchs(fusion):
         assert m.weight.abs().max().item() <= bound
     with pytest.raises(ConfigError, match="head_init"):
         build_model("small", fusion, 31, head_init="zeros")
+
+
+def test_registries_are_the_names_module():
+    from ogmge_train import names
+    from ogmge_train.models import ARCHS, HEAD_INITS, MODALITIES
+    assert tuple(HEADS) == FUSIONS == names.FUSIONS
+    assert (ARCHS, HEAD_INITS, MODALITIES) == (names.ARCHS, names.HEAD_INITS, names.MODALITIES)

@@ -246,6 +246,10 @@ def test_explicit_settings_override_preset_and_dataset_defaults():
 @pytest.mark.parametrize("kw,match", [
     ({"fusion": "mul"}, "--fusion"), ({"epochs": 0}, "--epochs"), ({"drop_p": 1.0}, "--drop-p"),
     ({"modulation_start": 5, "modulation_end": 2}, "--modulation-end"), ({"bogus": 1}, "bogus"),
+    ({"drop_modality": "both"}, "--drop-modality"), ({"opm_q_base": 1.5}, "--opm-q-base"),
+    ({"gb_holdout": 0.0}, "--gb-holdout"), ({"head_init": "zeros"}, "--head-init"),
+    ({"on_nonfinite": "ignore"}, "--on-nonfinite"), ({"agm_alpha": -1}, "--agm-alpha"),
+    ({"modulation": "opm-ge", "fusion": "gated"}, "--fusion concat or sum"),
 ])
 def test_bad_settings_raise_config_error(kw, match):
     with pytest.raises(ConfigError, match=match):
