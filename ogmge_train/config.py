@@ -9,17 +9,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from avprep.errors import ConfigError
+from . import names
+from .errors import ConfigError
 
+# Every choice of a run, from the one registry in names.py (the CLI builds its flags from this).
 CHOICES = {
-    "fusion": ("concat", "sum", "film", "gated"),
-    "modulation": ("none", "ogm", "ge", "ogm-ge", "modality-drop"),
-    "modulation_scope": ("conv", "all"),
-    "modality": ("both", "audio", "visual"),
-    "optimizer": ("sgd", "adam", "adamw"),
-    "arch": ("resnet18", "small"),
-    "device": ("auto", "cpu", "cuda"),
-    "amp": ("none", "bf16"),
+    "fusion": names.FUSIONS,
+    "modulation": names.METHODS,
+    "modulation_scope": names.SCOPES,
+    "drop_modality": names.DROP_MODALITIES,
+    "modality": names.MODALITIES,
+    "head_init": names.HEAD_INITS,
+    "on_nonfinite": names.ON_NONFINITE,
+    "optimizer": names.OPTIMIZERS,
+    "arch": names.ARCHS,
+    "device": names.DEVICES,
+    "amp": names.AMPS,
 }
 
 # alpha per dataset (SPEC §5: the OGM-GE reference values; 0.3 elsewhere).
@@ -43,6 +48,17 @@ class TrainConfig:
     modulation_end: int = 50              # last modulated epoch (inclusive; reference code's default)
     modulation_scope: str = "conv"
     drop_p: float = 0.5                   # modality-drop probability
+    drop_modality: str = "either"         # modality-drop: which modality a dropped sample loses
+    opm_q_base: float = 0.5               # opm/opm-ge: base drop probability (TPAMI code: q_base)
+    opm_lam: float = 0.5                  # opm/opm-ge: growth with the discrepancy (lam)
+    opm_p_exe: float = 0.7                # opm/opm-ge: probability that a step drops at all (p_exe)
+    pmr_alpha: float = 1.0                # pmr: weight of the weaker modality's prototype loss
+    pmr_momentum: float = 0.2             # pmr: prototype momentum (weight of the old prototype)
+    gb_super_epoch: int = 10              # gradient-blending: epochs between weight estimates
+    gb_holdout: float = 0.08              # gradient-blending: part of train held out to estimate the weights
+    agm_alpha: float = 0.1                # agm: strength of the gradient coefficients
+    head_init: str = "xavier"             # fusion head init: xavier (reference code) or torch
+    on_nonfinite: str = "stop"            # a non-finite loss/gradient: stop (NonFiniteError) or skip the step
     modality: str = "both"
     epochs: int = 100
     batch_size: int = 64
@@ -74,6 +90,18 @@ class TrainConfig:
         _check(self.workers >= 0, "workers", "must be >= 0")
         _check(self.image_size >= 16, "image_size", "must be >= 16")
         _check(0.0 <= self.drop_p < 1.0, "drop_p", "must be in [0, 1)")
+        _check(0.0 <= self.opm_q_base <= 1.0, "opm_q_base", "must be in [0, 1]")
+        _check(self.opm_lam >= 0, "opm_lam", "must be >= 0")
+        _check(0.0 <= self.opm_p_exe <= 1.0, "opm_p_exe", "must be in [0, 1]")
+        _check(self.pmr_alpha >= 0, "pmr_alpha", "must be >= 0")
+        _check(self.agm_alpha >= 0, "agm_alpha", "must be >= 0")
+        _check(self.gb_super_epoch >= 1, "gb_super_epoch", "must be >= 1")
+        _check(0.0 < self.gb_holdout < 1.0, "gb_holdout", "must be in (0, 1)")
+        _check(0.0 <= self.pmr_momentum <= 1.0, "pmr_momentum", "must be in [0, 1]")
+        allowed = names.METHOD_FUSIONS.get(self.modulation)
+        if allowed is not None and self.modality == "both" and self.fusion not in allowed:
+            raise ConfigError(f"--modulation {self.modulation} works with --fusion {' or '.join(allowed)}, "
+                              f"not {self.fusion!r}")
         _check(self.frames is None or self.frames >= 1, "frames", "must be >= 1")
         _check(self.alpha is None or self.alpha >= 0, "alpha", "must be >= 0")
         _check(self.modulation_end >= self.modulation_start, "modulation_end", "must be >= --modulation-start")

@@ -31,3 +31,8 @@ class DataError(TrainError):
 
 class NonFiniteError(TrainError):
     """A non-finite loss or gradient stopped training; nothing non-finite was saved (exit 1)."""
+
+
+class RunWriteError(TrainError):
+    """A run-folder file could not be written (disk full, read-only folder); the temporary file
+    was removed and the previous version of the file is intact (exit 1)."""

@@ -26,23 +26,26 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from avprep.errors import ConfigError
+from .errors import ConfigError
+from .names import ARCHS, FUSIONS, HEAD_INITS, MODALITIES
 
-ARCHS = ("resnet18", "small")
-FUSIONS = ("concat", "sum", "film", "gated")
-MODALITIES = ("both", "audio", "visual")
+__all__ = ["ARCHS", "FUSIONS", "HEAD_INITS", "MODALITIES", "AVModel", "ModelOutput", "build_model"]
 
 FeatureHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ModelOutput(NamedTuple):
-    """Fused logits (B, C), unimodal logits (None for a missing modality) and pooled features."""
+    """Fused logits (B, C), unimodal logits (None for a missing modality) and pooled features;
+    ``aux_a``/``aux_v``: logits of the separate unimodal heads (only models built with
+    ``aux_heads=True``, for methods that train a classifier per modality)."""
 
     logits: torch.Tensor
     logits_a: torch.Tensor | None
     logits_v: torch.Tensor | None
     feat_a: torch.Tensor | None
     feat_v: torch.Tensor | None
+    aux_a: torch.Tensor | None = None
+    aux_v: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------- encoders
@@ -148,11 +151,13 @@ class ConcatHead(nn.Module):
         self.da = da
         self.fc = nn.Linear(da + dv, num_classes)
 
-    def forward(self, a, v):
+    def unimodal(self, a, v):
         w_a, w_v = self.fc.weight[:, : self.da], self.fc.weight[:, self.da :]
         half_b = self.fc.bias / 2
-        logits = self.fc(torch.cat([a, v], dim=1))
-        return logits, a @ w_a.t() + half_b, v @ w_v.t() + half_b
+        return a @ w_a.t() + half_b, v @ w_v.t() + half_b
+
+    def forward(self, a, v):
+        return (self.fc(torch.cat([a, v], dim=1)), *self.unimodal(a, v))
 
 
 class SumHead(nn.Module):
@@ -163,8 +168,11 @@ class SumHead(nn.Module):
         self.fc_a = nn.Linear(da, num_classes)
         self.fc_v = nn.Linear(dv, num_classes)
 
+    def unimodal(self, a, v):
+        return self.fc_a(a), self.fc_v(v)
+
     def forward(self, a, v):
-        la, lv = self.fc_a(a), self.fc_v(v)
+        la, lv = self.unimodal(a, v)
         return la + lv, la, lv
 
 
@@ -197,12 +205,14 @@ class _MeanSubstitutionHead(nn.Module):
         self.mean_v.lerp_(v.detach().mean(0).to(self.mean_v.dtype), m)
         n += 1
 
+    def unimodal(self, a, v):
+        """The unimodal estimates with the current means (no update)."""
+        return self.fuse(a, self.mean_v.to(v.dtype).expand_as(v)), self.fuse(self.mean_a.to(a.dtype).expand_as(a), v)
+
     def forward(self, a, v):
         if self.training:
             self._update_means(a, v)
-        mean_a = self.mean_a.to(a.dtype).expand_as(a)
-        mean_v = self.mean_v.to(v.dtype).expand_as(v)
-        return self.fuse(a, v), self.fuse(a, mean_v), self.fuse(mean_a, v)
+        return (self.fuse(a, v), *self.unimodal(a, v))
 
 
 class FiLMHead(_MeanSubstitutionHead):
@@ -244,7 +254,8 @@ class AVModel(nn.Module):
     A unimodal model ignores the other input (it may be None).
     """
 
-    def __init__(self, arch: str, fusion: str, num_classes: int, modality: str = "both"):
+    def __init__(self, arch: str, fusion: str, num_classes: int, modality: str = "both",
+                 head_init: str = "xavier", aux_heads: bool = False):
         super().__init__()
         self.arch, self.fusion, self.modality, self.num_classes = arch, fusion, modality, num_classes
         self.audio_encoder = AudioEncoder(arch) if modality in ("both", "audio") else None
@@ -254,6 +265,22 @@ class AVModel(nn.Module):
         else:
             enc = self.audio_encoder or self.visual_encoder
             self.head = nn.Linear(enc.out_dim, num_classes)
+        self.aux_heads = None
+        if aux_heads and modality == "both":  # one linear classifier per modality (MMPareto)
+            self.aux_heads = nn.ModuleDict({"audio": nn.Linear(self.audio_encoder.out_dim, num_classes),
+                                            "visual": nn.Linear(self.visual_encoder.out_dim, num_classes)})
+        heads = [self.head] + ([self.aux_heads] if self.aux_heads is not None else [])
+        if head_init == "xavier":  # the reference code's weight_init: xavier-normal weights, zero bias
+            for m in (m for h in heads for m in h.modules()):
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_normal_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    def unimodal_logits(self, feat_a, feat_v):
+        """The head's estimate of each modality's logits from these features (no state update)."""
+        if self.modality != "both":
+            raise ValueError("unimodal_logits needs an audio-visual model")
+        return self.head.unimodal(feat_a, feat_v)
 
     def forward(self, audio, visual, feature_hook: FeatureHook | None = None) -> ModelOutput:
         if self.modality == "audio":
@@ -268,6 +295,9 @@ class AVModel(nn.Module):
         if feature_hook is not None:
             feat_a, feat_v = feature_hook(feat_a, feat_v)
         logits, logits_a, logits_v = self.head(feat_a, feat_v)
+        if self.aux_heads is not None:
+            return ModelOutput(logits, logits_a, logits_v, feat_a, feat_v,
+                               self.aux_heads["audio"](feat_a), self.aux_heads["visual"](feat_v))
         return ModelOutput(logits, logits_a, logits_v, feat_a, feat_v)
 
     def encoder(self, modality: str) -> nn.Module | None:
@@ -294,16 +324,22 @@ class AVModel(nn.Module):
         return [(f"{prefix}{n}.weight", m.weight) for n, m in enc.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both") -> AVModel:
+def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both",
+                head_init: str = "xavier", aux_heads: bool = False) -> AVModel:
     """The model of SPEC §5, randomly initialised (no pretrained weights).
 
+    ``head_init``: ``xavier`` (the reference code: xavier-normal weights, zero bias, every Linear
+    of the head) or ``torch`` (PyTorch's default Linear initialisation).
+
+    ``aux_heads``: add a linear classifier per modality on its pooled features (``aux_a``/``aux_v``
+    of the output), for the methods in ``names.AUX_HEAD_METHODS``.
     ``fusion`` is ignored for unimodal models (``modality`` "audio" or "visual"): they are one
     encoder and a linear classifier, the paper's audio-only / visual-only baselines.
     """
-    for what, value, allowed in (("arch", arch, ARCHS), ("fusion", fusion, FUSIONS),
-                                 ("modality", modality, MODALITIES)):
+    for what, value, allowed in (("arch", arch, ARCHS), ("fusion", fusion, FUSIONS), ("modality", modality, MODALITIES),
+                                 ("head_init", head_init, HEAD_INITS)):
         if value not in allowed:
             raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
     if num_classes < 2:
         raise ConfigError(f"num_classes must be >= 2, not {num_classes}")
-    return AVModel(arch, fusion, num_classes, modality)
+    return AVModel(arch, fusion, num_classes, modality, head_init, aux_heads)

@@ -13,8 +13,15 @@ would consume the global RNG differently in a resumed run.
 Only rank 0 writes files; events go to ``on_event`` on rank 0 only. Ranks share one file
 system (single node, or a shared run folder).
 
-Test hook: with ``OGMGE_PARAM_HASH_DIR`` set, every rank appends the sha256 of its parameters
-after each epoch to ``<dir>/rank<r>.jsonl`` (the DDP test compares ranks bitwise).
+The run is ``_Setup`` (process group, data, model, optimiser, method, resume), ``_EpochLoop``
+(one training epoch, one evaluation) and ``_Recording`` (selection, checkpoints, summary), driven
+by ``_run``. Every run-folder write goes through ``Recorder`` (one small class, so the run-folder module can
+replace it). ``on_epoch_end`` is called on every rank after each epoch (the DDP test hashes
+parameters through it).
+Finiteness: a non-finite loss or gradient stops the run with ``NonFiniteError`` naming epoch and
+step (``on_nonfinite="skip"``: the step is skipped, BatchNorm statistics restored); a checkpoint is
+never written from non-finite parameters; non-finite evaluation logits raise rather than change
+which epoch is selected.
 """
 from __future__ import annotations
 
@@ -27,29 +34,28 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avprep.errors import ConfigError
-
-from . import data, dist, modulation
+from . import data, dist, modulation, names
 from .config import TrainConfig
+from .errors import ConfigError, NonFiniteError, RunFolderError, RunWriteError
 from .metrics import output_metrics
 from .models import AVModel, build_model
 
-__all__ = ["train", "evaluate", "load_run", "load_checkpoint", "select_device", "EVENT_TYPES"]
+__all__ = ["EVENT_TYPES", "evaluate", "load_checkpoint", "load_run", "select_device", "train"]
 
 EVENT_TYPES = ("start", "epoch_start", "step", "eval", "epoch_end", "end")
 # Settings a resumed run may change: where and how it runs, and for how long (workers and
 # device may change the numbers, but not what the experiment is).
 _RESUMABLE = {"epochs", "workers", "device", "out", "shards", "s3_endpoint"}
-# Test hook: a folder where every rank writes a hash of its parameters after each epoch.
-_PARAM_HASH_ENV = "OGMGE_PARAM_HASH_DIR"
 
 Event = Callable[[dict], None]
+EpochHook = Callable[[dict], None]
 
 
 # ---------------------------------------------------------------- small helpers
@@ -106,20 +112,85 @@ def _to_lists(x):
     return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
+# ---------------------------------------------------------------- run-folder files (one place)
 
 def _json_line(obj) -> str:
     return json.dumps(obj, sort_keys=True, allow_nan=True) + "\n"
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename over ``path``; on any failure the temp file is removed and a
+    one-line ``RunWriteError`` names the file (disk full, read-only folder)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunWriteError(f"{path}: cannot write ({e.strerror or e}); the previous version is kept") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class Recorder:
+    """Every file of a run folder that training writes: config.json, metrics.jsonl, steps.jsonl,
+    last.pt/best.pt and summary.json (rank 0 only; the other ranks get ``enabled=False``)."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.out, self.enabled = out, enabled
+
+    def has_history(self) -> bool:
+        return any((self.out / n).exists() for n in ("metrics.jsonl", "best.pt"))
+
+    def has_last(self) -> bool:
+        return (self.out / "last.pt").is_file()
+
+    def prepare(self, cfg: TrainConfig, resume: bool) -> None:
+        if not self.enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (self.out / "steps.jsonl").unlink(missing_ok=True)
+        text = json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n"
+        _write_atomic(self.out / "config.json", lambda p: p.write_text(text))
+
+    def truncate_after(self, last_epoch: int) -> None:
+        """Lines of epochs after the checkpoint we resume from are replayed (see ``_keep_lines``)."""
+        if self.enabled:
+            for name in ("metrics.jsonl", "steps.jsonl"):
+                _keep_lines(self.out / name, last_epoch)
+
+    def append_steps(self, steps: list[dict]) -> None:
+        if self.enabled:
+            with open(self.out / "steps.jsonl", "a") as f:
+                f.writelines(_json_line(s) for s in steps)
+
+    def append_metrics(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(_json_line(record))
+
+    def save_checkpoint(self, ckpt: dict, best: bool) -> None:
+        if not self.enabled:
+            return
+        _write_atomic(self.out / "last.pt", lambda p: torch.save(ckpt, p))
+        if best:
+            _write_atomic(self.out / "best.pt", lambda p: shutil.copyfile(self.out / "last.pt", p))
+
+    def write_summary(self, summary: dict) -> None:
+        if self.enabled:
+            text = json.dumps(summary, indent=1, sort_keys=True) + "\n"
+            _write_atomic(self.out / "summary.json", lambda p: p.write_text(text))
+
+    def record_of(self, epoch: int) -> dict | None:
+        path = self.out / "metrics.jsonl"
+        if epoch < 0 or not path.exists():
+            return None
+        for line in path.read_text().splitlines():
+            if line.strip() and json.loads(line)["epoch"] == epoch:
+                return json.loads(line)
+        return None
 
 
 def _keep_lines(path: Path, last_epoch: int) -> None:
@@ -138,7 +209,8 @@ def _keep_lines(path: Path, last_epoch: int) -> None:
             continue
         if epoch <= last_epoch:
             kept.append(line + "\n")
-    _atomic_write_text(path, "".join(kept))
+    text = "".join(kept)
+    _write_atomic(path, lambda p: p.write_text(text))
 
 
 def load_checkpoint(path) -> dict:
@@ -158,6 +230,19 @@ def _param_hash(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _build_model(cfg: TrainConfig, num_classes: int) -> AVModel:
+    return build_model(cfg.arch, cfg.fusion, num_classes, cfg.modality, cfg.head_init,
+                       aux_heads=cfg.modulation in names.AUX_HEAD_METHODS)
 
 
 # ---------------------------------------------------------------- data
@@ -220,18 +305,26 @@ def _gather_predictions(local: dict) -> dict:
     return out
 
 
-def _metrics(pred: dict) -> dict:
-    """loss, acc, map of the fused logits and acc/map of each modality's unimodal logits."""
+def _metrics(pred: dict, split: str = "") -> dict:
+    """loss, acc, map of the fused logits and acc/map of each modality's unimodal logits.
+
+    Non-finite logits raise ``NonFiniteError`` naming the samples: a NaN must never decide which
+    epoch is selected (the loader drops non-finite inputs; this guards the model side too)."""
     labels = pred.get("labels")
     if labels is None or len(labels) == 0:
         return {}
+    finite = torch.isfinite(pred["logits"]).all(dim=1)
+    if not bool(finite.all()):
+        bad = [pred["keys"][i] for i in (~finite).nonzero().flatten().tolist()]
+        raise NonFiniteError(f"{split or 'evaluation'}: non-finite logits for {len(bad)} sample(s), "
+                             f"e.g. {', '.join(map(str, bad[:3]))}")
     return {"loss": F.cross_entropy(pred["logits"], labels).item(), **output_metrics(pred)}
 
 
 def _evaluate_split(model: AVModel, cfg: TrainConfig, split: str, device, info: dist.DistInfo,
                     source=None) -> dict:
     local = _predict(model, _loader(cfg, split, train=False, epoch=0, info=info, source=source), device, cfg)
-    return _metrics(_gather_predictions(local))
+    return _metrics(_gather_predictions(local), split)
 
 
 def _sync_buffers(model: torch.nn.Module) -> None:
@@ -242,16 +335,52 @@ def _sync_buffers(model: torch.nn.Module) -> None:
 
 # ---------------------------------------------------------------- the loop
 
-class _Run:
-    """State of one training run; ``run()`` drives the epochs."""
+@dataclass
+class EpochStats:
+    """Training totals of one epoch on this rank (summed over ranks by ``reduced``)."""
+
+    loss_sum: float = 0.0          # sum over samples of the loss
+    correct: float = 0.0           # right fused predictions
+    correct_a: float = 0.0         # right audio-only (unimodal logits) predictions
+    correct_v: float = 0.0
+    samples: float = 0.0
+    steps: float = 0.0             # optimizer steps taken
+    skipped: float = 0.0           # steps skipped for a non-finite loss or gradient
+    rho_a: float = 0.0             # sums over steps of the method's statistics
+    rho_v: float = 0.0
+    k_a: float = 0.0
+    k_v: float = 0.0
+
+    def add_step(self, loss: float, n: int, correct: list[float], stats: dict) -> None:
+        self.loss_sum += loss * n
+        self.correct += correct[0]
+        self.correct_a += correct[1]
+        self.correct_v += correct[2]
+        self.samples += n
+        self.steps += 1
+        for k in modulation.STAT_KEYS:
+            setattr(self, k, getattr(self, k) + stats[k])
+
+    def reduced(self, device: torch.device) -> EpochStats:
+        """Sums over ranks (on the training device: NCCL reduces CUDA tensors only)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        t = dist.all_reduce(torch.tensor([getattr(self, n) for n in names], dtype=torch.float64, device=device))
+        return EpochStats(**dict(zip(names, t.cpu().tolist())))
+
+
+class _Setup:
+    """Everything a run needs before its first epoch: process group and device, dataset and splits,
+    model (DDP-wrapped as ``net``), method, optimiser and scheduler, and the state restored by
+    ``--resume``. ``setup()`` does the part that touches the run folder."""
 
     def __init__(self, cfg: TrainConfig, resume: bool, on_event: Event | None):
         self.info = dist.env_info()
         self.device = select_device(cfg.device, self.info.local_rank)
         self.info = dist.init(self.device)
-        self.out = Path(cfg.out) if cfg.out else None
-        if self.out is None:
+        if not cfg.out:
             raise ConfigError("--out is required: the folder of the run")
+        self.out = Path(cfg.out)
+        self.rec = Recorder(self.out, self.info.is_main)
         self.emit = on_event if (on_event is not None and self.info.is_main) else (lambda e: None)
         self.dataset = _read_dataset(cfg)
         self.cfg = cfg.with_dataset(self.dataset.name)
@@ -276,20 +405,18 @@ class _Run:
     def _build(self) -> None:
         cfg = self.cfg
         _seed_all(cfg.seed)
-        self.model = build_model(cfg.arch, cfg.fusion, len(self.dataset.classes), cfg.modality).to(self.device)
+        self.model = _build_model(cfg, len(self.dataset.classes)).to(self.device)
         self.net = self.model
         if self.info.world_size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.method = modulation.build(cfg.modulation, alpha=cfg.alpha, start_epoch=cfg.modulation_start,
-                                       end_epoch=cfg.modulation_end, scope=cfg.modulation_scope, drop_p=cfg.drop_p)
-        params = self.model.parameters()
-        if cfg.optimizer == "sgd":
-            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-        elif cfg.optimizer == "adam":
-            self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.method = modulation.build(
+            cfg.modulation, alpha=cfg.alpha, start_epoch=cfg.modulation_start, end_epoch=cfg.modulation_end,
+            scope=cfg.modulation_scope, fusion=cfg.fusion if cfg.modality == "both" else None,
+            **{k: getattr(cfg, k) for k in ("drop_p", "drop_modality", "opm_q_base", "opm_lam", "opm_p_exe",
+                                           "pmr_alpha", "pmr_momentum", "gb_super_epoch", "gb_holdout",
+                                           "agm_alpha")})
+        self.opt = _optimizer(cfg, self.model.parameters())
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         self.global_step = 0
         self.start_epoch = 0
@@ -297,13 +424,18 @@ class _Run:
         # Every rank runs the same number of full batches (DDP needs it): floor(n / (batch x ranks)).
         self.steps = data.default_steps_per_epoch(self._num("train"), cfg.batch_size, self.info.world_size)
 
+    def _check_folder(self) -> None:
+        # every rank checks (same answer everywhere), so none is left waiting at a barrier
+        if not self.resume and (self.rec.has_last() or (self.out / "metrics.jsonl").exists()):
+            raise ConfigError(f"{self.out}: already holds a run; pass --resume to continue it or choose another --out")
+        if self.resume and not self.rec.has_last() and self.rec.has_history():
+            raise RunFolderError(f"{self.out}: has results (metrics.jsonl or best.pt) but no last.pt to resume "
+                                 "from; move them away to start over, or choose another --out")
+
     def _restore(self) -> None:
-        ckpt_path = self.out / "last.pt"
-        if ckpt_path.is_file():
-            self._load(ckpt_path)
-        if self.info.is_main:  # lines of epochs after the checkpoint are replayed
-            for name in ("metrics.jsonl", "steps.jsonl"):
-                _keep_lines(self.out / name, self.start_epoch - 1)
+        if self.rec.has_last():
+            self._load(self.out / "last.pt")
+        self.rec.truncate_after(self.start_epoch - 1)
 
     def _load(self, ckpt_path: Path) -> None:
         ckpt = load_checkpoint(ckpt_path)
@@ -316,154 +448,199 @@ class _Run:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
+        self.method.load_state_dict(ckpt.get("method", {}))
         self.global_step = int(ckpt["step"])
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.best = dict(ckpt["best"])
         _set_rng_state(ckpt["rng"])
 
-    def _check_folder(self) -> None:
-        # every rank checks (same answer everywhere), so none is left waiting at a barrier
-        if not self.resume and any((self.out / n).exists() for n in ("last.pt", "metrics.jsonl")):
-            raise ConfigError(f"{self.out}: already holds a run; pass --resume to continue it or choose another --out")
-
-    def _prepare_folder(self) -> None:
-        if not self.info.is_main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not self.resume:
-            (self.out / "steps.jsonl").unlink(missing_ok=True)
-        _atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1, sort_keys=True) + "\n")
-
-    # -- epochs
-
-    def _train_epoch(self, epoch: int) -> dict:
-        cfg, dev = self.cfg, self.device
-        self.net.train()
-        hook = self.method.feature_hook(training=True)
-        reduce = dist.all_reduce if self.info.world_size > 1 else None
-        # loss*n, correct, correct_a, correct_v, n, then sums of rho_a, rho_v, k_a, k_v
-        totals = torch.zeros(9, dtype=torch.float64)
-        steps_log = []
-        t0 = time.perf_counter()
-        loader = _loader(cfg, "train", train=True, epoch=epoch, info=self.info, source=self.dataset)
-        for i, batch in enumerate(loader):
-            audio, visual, labels = _to(batch, dev)
-            with _autocast(cfg, dev):
-                out = self.net(audio, visual, feature_hook=hook) if hook else self.net(audio, visual)
-            loss = F.cross_entropy(out.logits.float(), labels)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            stats = self.method.after_backward(self.model, out, labels, epoch=epoch, all_reduce=reduce,
-                                               generator=_step_generator(cfg.seed, self.global_step, dev))
-            self.opt.step()
-            self.global_step += 1
-            n = len(labels)
-            # one host sync for the step's numbers
-            step_loss, *correct = torch.stack([loss.detach(), *(_correct(lg, labels) for lg in out[:3])]).tolist()
-            totals += torch.tensor([step_loss * n, *correct, n, *(stats[k] for k in modulation.STAT_KEYS)],
-                                   dtype=torch.float64)
-            steps_log.append({"epoch": epoch, "step": self.global_step, "loss": step_loss, **stats})
-            elapsed = time.perf_counter() - t0
-            self.emit({"event": "step", "epoch": epoch, "step": i + 1, "steps": self.steps, "loss": step_loss,
-                       "acc": float(totals[1] / totals[4]), **stats,
-                       "samples_per_s": float(totals[4]) * self.info.world_size / max(elapsed, 1e-9)})
-        seconds = time.perf_counter() - t0
-        local_steps = len(steps_log)
-        # on the training device: NCCL reduces CUDA tensors only; rho/k sums are the same on every rank
-        totals = dist.all_reduce(totals.to(dev)).cpu()
-        n, w = float(totals[4]), self.info.world_size
-        train = {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n}
-        if self.model.modality != "visual":
-            train["acc_a"] = float(totals[2]) / n
-        if self.model.modality != "audio":
-            train["acc_v"] = float(totals[3]) / n
-        means = {k: float(totals[5 + j]) / (local_steps * w) for j, k in enumerate(modulation.STAT_KEYS)}
-        if self.info.is_main:
-            with open(self.out / "steps.jsonl", "a") as f:
-                f.writelines(_json_line(s) for s in steps_log)
-        return {"train": train, **means, "samples_per_s": n / max(seconds, 1e-9)}
-
-    def _evaluate(self, epoch: int) -> dict:
-        _sync_buffers(self.model)
-        result = {}
-        for split in self.eval_splits:
-            self.emit({"event": "eval", "epoch": epoch, "split": split})
-            result[split] = _evaluate_split(self.model, self.cfg, split, self.device, self.info, self.dataset)
-        return result
-
-    def _checkpoint(self, epoch: int, record: dict) -> bool:
-        """Write last.pt (and best.pt when val accuracy improved); returns whether it did."""
-        improved = self.select_on is None or record[self.select_on]["acc"] > self.best["acc"]
-        if improved:
-            acc = record[self.select_on]["acc"] if self.select_on else math.nan
-            self.best = {"epoch": epoch, "acc": acc}
-        if not self.info.is_main:
-            return improved
-        ckpt = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "epoch": epoch, "step": self.global_step,
-                "config": self.cfg.to_dict(), "classes": list(self.dataset.classes), "rng": _rng_state(),
-                "best": dict(self.best)}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(_json_line(record))
-        _atomic_save(ckpt, self.out / "last.pt")
-        if improved:
-            tmp = self.out / "best.pt.tmp"
-            shutil.copyfile(self.out / "last.pt", tmp)
-            os.replace(tmp, self.out / "best.pt")
-        return improved
-
-    def _write_summary(self, record_of_best: dict | None, epochs_done: int) -> dict:
-        summary = {"selected_epoch": self.best["epoch"],
-                   "selection": "val_acc" if self.select_on else "last_epoch",
-                   "epochs": epochs_done, "dataset": self.cfg.dataset, "world_size": self.info.world_size,
-                   **{s: (record_of_best or {}).get(s, {}) for s in ("val", "test")}}
-        if self.info.is_main:
-            _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        return summary
-
-    def _record_of(self, epoch: int) -> dict | None:
-        path = self.out / "metrics.jsonl"
-        if epoch < 0 or not path.exists():
-            return None
-        for line in path.read_text().splitlines():
-            if line.strip() and json.loads(line)["epoch"] == epoch:
-                return json.loads(line)
-        return None
-
-    def _dump_hash(self, epoch: int) -> None:
-        folder = os.environ.get(_PARAM_HASH_ENV)
-        if folder:
-            with open(Path(folder) / f"rank{self.info.rank}.jsonl", "a") as f:
-                f.write(_json_line({"epoch": epoch, "step": self.global_step, "sha256": _param_hash(self.model)}))
-
-    def run(self) -> dict:
+    def setup(self) -> None:
         self._check_folder()
         self._build()
         if self.resume:
             self._restore()
-        self._prepare_folder()
-        cfg = self.cfg
-        self.emit({"event": "start", "epochs": cfg.epochs, "start_epoch": self.start_epoch, "steps": self.steps,
-                   "world_size": self.info.world_size, "device": str(self.device), "config": cfg.to_dict()})
-        summary = None
-        for epoch in range(self.start_epoch, cfg.epochs):
-            self.emit({"event": "epoch_start", "epoch": epoch, "epochs": cfg.epochs, "steps": self.steps})
-            t0, lr = time.perf_counter(), self.opt.param_groups[0]["lr"]
-            trained = self._train_epoch(epoch)
-            self.sched.step()
-            evaluated = self._evaluate(epoch)
-            record = {"epoch": epoch, "lr": lr, **trained, **evaluated, "time_s": time.perf_counter() - t0}
-            best = self._checkpoint(epoch, record)
-            self._dump_hash(epoch)
-            if self.info.is_main:
-                summary = self._write_summary(self._record_of(self.best["epoch"]), epoch + 1)
-            self.emit({"event": "epoch_end", "epoch": epoch, "epochs": cfg.epochs, "record": record, "best": best})
-        if summary is None:  # nothing left to run (resumed a finished run)
-            summary = self._write_summary(self._record_of(self.best["epoch"]), self.start_epoch) \
-                if self.info.is_main else {}
-        dist.barrier()
-        self.emit({"event": "end", "summary": summary})
+        self.rec.prepare(self.cfg, self.resume)
+
+class _EpochLoop:
+    """One training epoch (method hooks, forward/backward, finiteness check, optimizer step, named
+    totals) and one evaluation, on the objects of a ``_Setup``."""
+
+    def __init__(self, setup: _Setup):
+        self.s = setup
+
+    def _reduce(self):
+        s = self.s
+        return dist.all_reduce if s.info.world_size > 1 else None
+
+    def _begin_epoch(self, epoch: int) -> None:
+        s = self.s
+
+        def keyed(loader_epoch: int):
+            loader = _loader(s.cfg, "train", train=True, epoch=loader_epoch, info=s.info, source=s.dataset)
+            for batch in loader:
+                yield (*_to(batch, s.device), list(batch["key"]))
+
+        def batches(limit: int):
+            for i, b in enumerate(keyed(epoch)):
+                if i >= limit:
+                    break
+                yield b[:3]
+        s.method.begin_epoch(modulation.EpochStart(
+            s.model, epoch, s.steps, batches, self._reduce(), keyed_batches=keyed,
+            make_optimizer=lambda params: _optimizer(s.cfg, params)))
+
+    def _finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """Whether the loss and every gradient are finite, as a 0-dim bool tensor (no host sync)."""
+        s = self.s
+        grads = [p.grad for p in s.model.parameters() if p.grad is not None]
+        norms = torch.stack([loss.detach().float(), *torch._foreach_norm(grads)]) if grads else loss.detach()
+        return torch.isfinite(norms).all()
+
+    def train_epoch(self, epoch: int) -> dict:
+        s = self.s
+        cfg, dev = s.cfg, s.device
+        self._begin_epoch(epoch)
+        s.net.train()
+        reduce = self._reduce()
+        skip = cfg.on_nonfinite == "skip"
+        totals, steps_log = EpochStats(), []
+        t0 = time.perf_counter()
+        loader = _loader(cfg, "train", train=True, epoch=epoch, info=s.info, source=s.dataset)
+        for i, batch in enumerate(loader):
+            audio, visual, labels = _to(batch, dev)
+            rows, weight = s.method.train_rows(batch["key"]), 1.0
+            if rows is not None:
+                rows, weight = modulation.keep_rows(rows)
+                rows = rows.to(dev)
+                audio, visual, labels = audio[rows], visual[rows], labels[rows]
+            step = modulation.Step(s.model, labels, epoch, reduce, _step_generator(cfg.seed, s.global_step, dev),
+                                   audio, visual, s.global_step)
+            saved = [b.clone() for b in s.model.buffers()] if skip else None
+            s.method.begin_step(step)
+            hook = s.method.feature_hook(training=True, step=step)
+            with _autocast(cfg, dev):
+                out = s.net(audio, visual, feature_hook=hook) if hook else s.net(audio, visual)
+            loss = s.method.loss(out, step)
+            if weight != 1.0:      # a batch with no sample to train on (see modulation.keep_rows)
+                loss = loss * weight
+            s.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            finite = self._finite(loss)
+            if skip and not bool(finite):   # skipping needs the answer before the update: one sync
+                for b, kept in zip(s.model.buffers(), saved):
+                    b.copy_(kept)
+                s.opt.zero_grad(set_to_none=True)
+                totals.skipped += 1
+                continue
+            stats = s.method.after_backward(s.model, out, labels, epoch=epoch, all_reduce=reduce,
+                                            generator=step.generator)
+            s.opt.step()
+            # one host sync for the step's numbers; a non-finite step stops the run here, before
+            # anything is written (the parameters in memory are lost, last.pt is intact)
+            step_loss, *correct, ok = torch.stack([loss.detach(), *(_correct(lg, labels) for lg in out[:3]),
+                                                   finite.float()]).tolist()
+            if not ok:
+                raise NonFiniteError(
+                    f"{s.out}: non-finite loss or gradient in epoch {epoch}, step {i + 1} (global step "
+                    f"{s.global_step + 1}); stopped, last.pt holds the last finite epoch "
+                    "(--on-nonfinite skip skips such steps)")
+            s.global_step += 1
+            n = len(labels)
+            totals.add_step(step_loss, n, correct, stats)
+            steps_log.append({"epoch": epoch, "step": s.global_step, "loss": step_loss, **stats})
+            elapsed = time.perf_counter() - t0
+            s.emit({"event": "step", "epoch": epoch, "step": i + 1, "steps": s.steps, "loss": step_loss,
+                    "acc": totals.correct / totals.samples, **stats,
+                    "samples_per_s": totals.samples * s.info.world_size / max(elapsed, 1e-9)})
+        seconds = time.perf_counter() - t0
+        t = totals.reduced(dev)
+        n = max(t.samples, 1.0)
+        train = {"loss": t.loss_sum / n if t.samples else math.nan, "acc": t.correct / n}
+        if s.model.modality != "visual":
+            train["acc_a"] = t.correct_a / n
+        if s.model.modality != "audio":
+            train["acc_v"] = t.correct_v / n
+        if t.skipped:
+            train["skipped_steps"] = int(t.skipped)
+        means = {k: getattr(t, k) / max(t.steps, 1.0) for k in modulation.STAT_KEYS}
+        s.rec.append_steps(steps_log)
+        return {"train": train, **means, "samples_per_s": t.samples / max(seconds, 1e-9)}
+
+    def evaluate(self, epoch: int) -> dict:
+        s = self.s
+        _sync_buffers(s.model)
+        result = {}
+        for split in s.eval_splits:
+            s.emit({"event": "eval", "epoch": epoch, "split": split})
+            result[split] = _evaluate_split(s.model, s.cfg, split, s.device, s.info, s.dataset)
+        return result
+
+
+class _Recording:
+    """What an epoch leaves behind: model selection, checkpoints, metrics and summary (through the
+    setup's ``Recorder``; files on rank 0 only)."""
+
+    def __init__(self, setup: _Setup):
+        self.s = setup
+
+    def checkpoint(self, epoch: int, record: dict) -> bool:
+        """Write last.pt (and best.pt when val accuracy improved); returns whether best improved."""
+        s = self.s
+        bad = [n for n, t in [*s.model.named_parameters(), *s.model.named_buffers()]
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteError(f"{s.out}: non-finite values in {bad[0]} (and {len(bad) - 1} more) after "
+                                 f"epoch {epoch}; not saved, last.pt holds the last finite epoch")
+        improved = s.select_on is None or record[s.select_on]["acc"] > s.best["acc"]
+        if improved:
+            acc = record[s.select_on]["acc"] if s.select_on else math.nan
+            s.best = {"epoch": epoch, "acc": acc}
+        if s.info.is_main:
+            ckpt = {"model": s.model.state_dict(), "optimizer": s.opt.state_dict(),
+                    "scheduler": s.sched.state_dict(), "epoch": epoch, "step": s.global_step,
+                    "config": s.cfg.to_dict(), "classes": list(s.dataset.classes), "rng": _rng_state(),
+                    "best": dict(s.best), "method": s.method.state_dict()}
+            s.rec.append_metrics(record)
+            s.rec.save_checkpoint(ckpt, improved)
+        return improved
+
+    def summary(self, epochs_done: int) -> dict:
+        s = self.s
+        record_of_best = s.rec.record_of(s.best["epoch"]) or {}
+        summary = {"selected_epoch": s.best["epoch"],
+                   "selection": "val_acc" if s.select_on else "last_epoch",
+                   "epochs": epochs_done, "dataset": s.cfg.dataset, "world_size": s.info.world_size,
+                   **{split: record_of_best.get(split, {}) for split in ("val", "test")}}
+        s.rec.write_summary(summary)
         return summary
+
+
+def _run(s: _Setup, on_epoch_end: EpochHook | None) -> dict:
+    """Setup, then the epochs: train, step the scheduler, evaluate, record."""
+    s.setup()
+    loop, rec = _EpochLoop(s), _Recording(s)
+    cfg = s.cfg
+    s.emit({"event": "start", "epochs": cfg.epochs, "start_epoch": s.start_epoch, "steps": s.steps,
+            "world_size": s.info.world_size, "device": str(s.device), "config": cfg.to_dict()})
+    summary = None
+    for epoch in range(s.start_epoch, cfg.epochs):
+        s.emit({"event": "epoch_start", "epoch": epoch, "epochs": cfg.epochs, "steps": s.steps})
+        t0, lr = time.perf_counter(), s.opt.param_groups[0]["lr"]
+        trained = loop.train_epoch(epoch)
+        s.sched.step()
+        evaluated = loop.evaluate(epoch)
+        record = {"epoch": epoch, "lr": lr, **trained, **evaluated, "time_s": time.perf_counter() - t0}
+        best = rec.checkpoint(epoch, record)
+        if on_epoch_end is not None:
+            on_epoch_end({"epoch": epoch, "step": s.global_step, "rank": s.info.rank, "model": s.model})
+        if s.info.is_main:
+            summary = rec.summary(epoch + 1)
+        s.emit({"event": "epoch_end", "epoch": epoch, "epochs": cfg.epochs, "record": record, "best": best})
+    if summary is None:  # nothing left to run (resumed a finished run)
+        summary = rec.summary(s.start_epoch) if s.info.is_main else {}
+    dist.barrier()
+    s.emit({"event": "end", "summary": summary})
+    return summary
 
 
 def _correct(logits, labels) -> torch.Tensor:
@@ -473,7 +650,8 @@ def _correct(logits, labels) -> torch.Tensor:
     return (logits.detach().argmax(1) == labels).sum().float()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = None) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = None,
+          on_epoch_end: EpochHook | None = None) -> dict:
     """Train per ``cfg`` into ``cfg.out``; returns the summary (selected epoch, its val/test metrics).
 
     ``resume=True`` continues from ``out/last.pt`` when it exists (settings must match, except
@@ -486,10 +664,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     k_v, samples_per_s over all ranks), ``eval`` (epoch, split), ``epoch_end`` (epoch, record:
     the metrics.jsonl line, best: whether best.pt was updated), ``end`` (summary). An exception
     raised by ``on_event`` stops training; the last checkpoint stays resumable.
+    ``on_epoch_end(dict)`` is called on every rank after each epoch's checkpoint with ``epoch``,
+    ``step`` (global), ``rank`` and ``model`` (the unwrapped model; e.g. to compare ranks).
+    Raises ``NonFiniteError`` on a non-finite loss or gradient (unless ``cfg.on_nonfinite`` is
+    "skip"), ``RunFolderError`` when ``resume`` finds results but no last.pt, ``RunWriteError``
+    when a run file cannot be written.
     """
     owns_group = not dist.is_distributed()
     try:
-        return _Run(cfg, resume, on_event).run()
+        return _run(_Setup(cfg, resume, on_event), on_epoch_end)
     finally:
         if owns_group:
             dist.shutdown()
@@ -504,7 +687,7 @@ def load_run(run_dir, which: str = "best", device: str = "cpu") -> tuple[AVModel
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / f"{which}.pt")
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg.arch, cfg.fusion, len(ckpt["classes"]), cfg.modality)
+    model = _build_model(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg, ckpt
 

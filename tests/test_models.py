@@ -1,9 +1,11 @@
 """Encoders, fusion heads and the unimodal estimates of ogmge_train.models."""
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from avprep.errors import ConfigError
+from ogmge_train.errors import ConfigError
 from ogmge_train.models import FUSIONS, HEADS, ModelOutput, build_model
 
 B, C = 3, 6
@@ -19,8 +21,8 @@ def _batch(frames=2, size=32):
 
 def _resnet18_params(in_channels: int) -> int:
     """Parameter count of a torchvision-style ResNet-18 trunk (no fc), from the architecture table."""
-    conv = lambda cin, cout, k: cin * cout * k * k  # noqa: E731 (bias-free convs)
-    bn = lambda c: 2 * c  # noqa: E731
+    conv = lambda cin, cout, k: cin * cout * k * k
+    bn = lambda c: 2 * c
     total = conv(in_channels, 64, 7) + bn(64)
     cin = 64
     for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
@@ -60,7 +62,8 @@ def _check_shapes(model, dim):
     assert isinstance(out, ModelOutput)
     assert out.logits.shape == out.logits_a.shape == out.logits_v.shape == (B, C)
     assert out.feat_a.shape == out.feat_v.shape == (B, dim)
-    assert all(torch.isfinite(t).all() for t in out)
+    assert all(torch.isfinite(t).all() for t in out if t is not None)
+    assert (out.aux_a is None) == (model.aux_heads is None)
 
 
 def test_resnet18_output_shapes(resnet18):
@@ -185,3 +188,31 @@ def test_build_model_rejects_bad_choices():
         build_model("resnet50", "concat", C)
     with pytest.raises(ConfigError, match="modality"):
         build_model("small", "concat", C, modality="text")
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_head_init_xavier_is_the_default_and_torch_is_pytorchs(fusion):
+    """The reference code's weight_init: xavier-normal weights, zero bias for every head Linear."""
+    torch.manual_seed(0)
+    model = build_model("resnet18" if fusion == "concat" else "small", fusion, 31)
+    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    assert linears
+    for m in linears:
+        fan_out, fan_in = m.weight.shape
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))
+        assert m.weight.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.1)
+    torch.manual_seed(0)
+    plain = build_model("small", fusion, 31, head_init="torch")
+    for m in (m for m in plain.head.modules() if isinstance(m, nn.Linear)):
+        bound = 1 / math.sqrt(m.weight.shape[1])
+        assert m.bias.abs().max().item() <= bound and m.bias.abs().max().item() > 0
+        assert m.weight.abs().max().item() <= bound
+    with pytest.raises(ConfigError, match="head_init"):
+        build_model("small", fusion, 31, head_init="zeros")
+
+
+def test_registries_are_the_names_module():
+    from ogmge_train import names
+    from ogmge_train.models import ARCHS, HEAD_INITS, MODALITIES
+    assert tuple(HEADS) == FUSIONS == names.FUSIONS
+    assert (ARCHS, HEAD_INITS, MODALITIES) == (names.ARCHS, names.HEAD_INITS, names.MODALITIES)

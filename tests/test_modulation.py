@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avprep.errors import ConfigError
-from ogmge_train import modulation
+from ogmge_train import modulation, names
+from ogmge_train.errors import ConfigError
 from ogmge_train.models import FUSIONS, build_model
 from ogmge_train.modulation import base
 
@@ -63,7 +63,7 @@ def _reference_coefficients(model, out, labels, alpha):
     model.head.float()
     rho_v = s_v / s_a
     rho_a = 1 / rho_v
-    k = lambda rho: 1 - math.tanh(alpha * rho) if rho > 1 else 1.0  # noqa: E731
+    k = lambda rho: 1 - math.tanh(alpha * rho) if rho > 1 else 1.0
     return {"rho_a": rho_a, "rho_v": rho_v, "k_a": k(rho_a), "k_v": k(rho_v)}
 
 
@@ -290,12 +290,32 @@ def test_modality_drop():
 
 
 def test_registry():
-    assert modulation.NAMES == ("none", "ogm", "ge", "ogm-ge", "modality-drop")
+    # one list of names (torch-free) for config, CLI and the method classes
+    assert modulation.NAMES == names.METHODS == tuple(modulation.METHODS)
     assert all(_build(n).name == n for n in modulation.NAMES)
+    from ogmge_train.config import CHOICES
+    assert CHOICES["modulation"] is names.METHODS and CHOICES["fusion"] is names.FUSIONS
     with pytest.raises(ConfigError, match="modulation"):
-        _build("gradient-blending")
+        _build("no-such-method")
     with pytest.raises(ConfigError, match="scope"):
         _build("ogm", scope="bn")
+    with pytest.raises(ConfigError, match="--fusion concat or sum"):
+        _build("opm", fusion="film")
+    assert isinstance(_build("opm", fusion="sum"), modulation.METHODS["opm"])
+
+
+@pytest.mark.parametrize("which", ["audio", "visual"])
+def test_modality_drop_of_one_named_modality(which):
+    """The paper's two Table 2 rows: the named modality is the one dropped, with probability drop_p."""
+    method = _build("modality-drop", drop_p=0.3, drop_modality=which)
+    torch.manual_seed(1)
+    a, v = torch.rand(4000, 16) + 0.1, torch.rand(4000, 16) + 0.1
+    da, dv = method.transform_features(a, v, training=True)
+    gone, kept = ((da, dv) if which == "audio" else (dv, da))
+    assert torch.equal(kept, a if which == "visual" else v)          # the other is never touched
+    assert (gone == 0).all(1).float().mean().item() == pytest.approx(0.3, abs=0.03)
+    with pytest.raises(ConfigError, match="drop_modality"):
+        _build("modality-drop", drop_modality="both")
 
 
 def _ddp_worker(rank, world, port, result_path):

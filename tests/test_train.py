@@ -6,6 +6,7 @@ encoded media with class cues), avprep.extract turns it into shards. Runs use th
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 
@@ -15,10 +16,15 @@ from click.testing import CliRunner
 
 from avprep import synth
 from avprep.config import ExtractConfig, spec_preset
-from avprep.errors import ConfigError
 from avprep.extract import extract
 from ogmge_train import train as train_mod
 from ogmge_train.config import PRESETS, TrainConfig, resolve
+from ogmge_train.errors import (
+    ConfigError,
+    NonFiniteError,
+    RunFolderError,
+    RunWriteError,
+)
 
 WALL_TIME = {"time_s", "samples_per_s"}
 EVAL_KEYS = {"loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v"}
@@ -162,9 +168,11 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("fusion,modulation", [("concat", "ogm-ge"), ("film", "modality-drop")])
+@pytest.mark.parametrize("fusion,modulation", [("concat", "ogm-ge"), ("film", "modality-drop"), ("sum", "opm-ge"),
+                                               ("gated", "pmr"), ("concat", "mmpareto"), ("sum", "gradient-blending"),
+                                               ("film", "agm")])
 def test_resume_is_bit_exact(shards, tmp_path, fusion, modulation):
-    kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05)
+    kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05, gb_super_epoch=2)
     full = tmp_path / "full"
     train_mod.train(tiny_config(shards, full, **kw))
 
@@ -224,6 +232,10 @@ def test_explicit_settings_override_preset_and_dataset_defaults():
 @pytest.mark.parametrize("kw,match", [
     ({"fusion": "mul"}, "--fusion"), ({"epochs": 0}, "--epochs"), ({"drop_p": 1.0}, "--drop-p"),
     ({"modulation_start": 5, "modulation_end": 2}, "--modulation-end"), ({"bogus": 1}, "bogus"),
+    ({"drop_modality": "both"}, "--drop-modality"), ({"opm_q_base": 1.5}, "--opm-q-base"),
+    ({"gb_holdout": 0.0}, "--gb-holdout"), ({"head_init": "zeros"}, "--head-init"),
+    ({"on_nonfinite": "ignore"}, "--on-nonfinite"), ({"agm_alpha": -1}, "--agm-alpha"),
+    ({"modulation": "opm-ge", "fusion": "gated"}, "--fusion concat or sum"),
 ])
 def test_bad_settings_raise_config_error(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -300,3 +312,126 @@ def test_resume_drops_lines_after_the_checkpoint_and_torn_lines(tmp_path):
     path.write_text("\n".join(lines) + "\n\n" + '{"epoch": 3, "st')
     train_mod._keep_lines(path, 1)
     assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+
+
+# ---------------------------------------------------------------- faults (issue 15): each reproduced first
+
+def _poison(monkeypatch, *, epoch_step: tuple[int, int] | None = None, eval_once: bool = False):
+    """Put a NaN into one training batch (epoch, step counted from 1) or the first evaluation batch."""
+    real, seen = train_mod._to, {"train": 0, "eval": 0}
+
+    def to(batch, device):
+        audio, visual, labels = real(batch, device)
+        if torch.is_grad_enabled():
+            seen["train"] += 1
+            if epoch_step is not None and seen["train"] == epoch_step[0] * steps[0] + epoch_step[1]:
+                audio = audio.clone()
+                audio[0, 0, 0, 0] = float("nan")
+        elif eval_once and seen["eval"] == 0:
+            seen["eval"] += 1
+            audio = audio.clone()
+            audio[0] = float("nan")
+        return audio, visual, labels
+
+    steps = [0]
+    monkeypatch.setattr(train_mod, "_to", to)
+    return steps
+
+
+def _steps_per_epoch(shards):
+    return json.loads((shards / "dataset.json").read_text())["splits"]["train"] // 8
+
+
+def test_nan_in_training_stops_with_epoch_and_step_and_saves_nothing_non_finite(shards, tmp_path, monkeypatch):
+    steps = _poison(monkeypatch, epoch_step=(1, 2))
+    steps[0] = _steps_per_epoch(shards)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"epoch 1, step 2 ") as e:
+        train_mod.train(tiny_config(shards, out, epochs=3))
+    assert "\n" not in str(e.value)
+    last = ckpt(out / "last.pt")
+    assert last["epoch"] == 0                                    # the last finite epoch
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1
+
+
+def test_nan_step_is_skipped_under_on_nonfinite_skip(shards, tmp_path, monkeypatch):
+    steps = _poison(monkeypatch, epoch_step=(0, 3))
+    steps[0] = _steps_per_epoch(shards)
+    out = tmp_path / "run"
+    train_mod.train(tiny_config(shards, out, epochs=1, on_nonfinite="skip"))
+    (record,) = read_jsonl(out / "metrics.jsonl")
+    assert record["train"]["skipped_steps"] == 1
+    assert len(read_jsonl(out / "steps.jsonl")) == steps[0] - 1
+    model = ckpt(out / "last.pt")["model"]                       # BatchNorm statistics restored too
+    assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+
+
+def test_nan_in_evaluation_raises_instead_of_changing_selection(shards, tmp_path, monkeypatch):
+    _poison(monkeypatch, eval_once=True)
+    with pytest.raises(NonFiniteError, match="val: non-finite logits for 1 sample"):
+        train_mod.train(tiny_config(shards, tmp_path / "run", epochs=1))
+
+
+def test_resume_without_last_pt_refuses_and_keeps_history(shards, tmp_path):
+    out = tmp_path / "run"
+    train_mod.train(tiny_config(shards, out, epochs=2))
+    (out / "last.pt").unlink()
+    before = {n: (out / n).read_bytes() for n in ("metrics.jsonl", "best.pt", "steps.jsonl")}
+    with pytest.raises(RunFolderError, match="no last.pt") as e:
+        train_mod.train(tiny_config(shards, out, epochs=3), resume=True)
+    assert e.value.exit_code == 2
+    assert {n: (out / n).read_bytes() for n in before} == before
+
+
+def test_checkpoint_write_failure_removes_temp_and_keeps_previous(shards, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, [0]
+
+    def save(obj, path, *a, **kw):
+        calls[0] += 1
+        if calls[0] == 2:                                        # epoch 1: the disk fills mid-write
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(train_mod.torch, "save", save)
+    with pytest.raises(RunWriteError, match=r"last.pt: cannot write \(No space left on device\)") as e:
+        train_mod.train(tiny_config(shards, out, epochs=3))
+    assert e.value.exit_code == 1 and "\n" not in str(e.value)
+    assert not list(out.glob("*.tmp"))
+    assert ckpt(out / "last.pt")["epoch"] == 0
+
+
+# ---------------------------------------------------------------- every method with every fusion
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "film", "gated"])
+@pytest.mark.parametrize("method", ["modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto", "agm"])
+def test_every_method_trains_with_every_fusion_it_allows(shards, tmp_path, method, fusion):
+    from ogmge_train import names
+    kw = dict(epochs=1, fusion=fusion, modulation=method, drop_modality="visual", opm_p_exe=1.0, gb_super_epoch=1)
+    allowed = names.METHOD_FUSIONS.get(method, names.FUSIONS)
+    if fusion not in allowed:
+        with pytest.raises(ConfigError, match=f"--modulation {method} works with --fusion"):
+            tiny_config(shards, tmp_path / "run", **kw)
+        return
+    train_mod.train(tiny_config(shards, tmp_path / "run", **kw))
+    steps = read_jsonl(tmp_path / "run" / "steps.jsonl")
+    (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert math.isfinite(record["train"]["loss"]) and set(record["test"]) == EVAL_KEYS
+    if method.startswith("opm"):               # every step drops the dominant modality (p_exe = 1)
+        assert all(max(s["q_a"], s["q_v"]) >= 0.5 and min(s["q_a"], s["q_v"]) == 0 for s in steps)
+    if method == "pmr":                        # the weaker modality's prototype loss is on
+        assert all(sorted([s["k_a"], s["k_v"]]) == [0.0, 1.0] for s in steps)
+    if method == "gradient-blending":          # weights estimated before epoch 0, held-out samples never trained on
+        w = [steps[0]["gb_f"], steps[0]["gb_a"], steps[0]["gb_v"]]
+        assert sum(w) == pytest.approx(1.0) and w != pytest.approx([1 / 3] * 3)
+        assert ckpt(tmp_path / "run" / "last.pt")["method"]["weights"].tolist() == pytest.approx(w)
+    if method == "agm":                        # running scores saved for --resume
+        assert ckpt(tmp_path / "run" / "last.pt")["method"]["train_scores"].tolist() == \
+            pytest.approx([steps[-1]["agm_t_a"], steps[-1]["agm_t_v"]])
+    if method == "mmpareto":                   # the auxiliary heads are part of the saved model
+        assert all(-1 <= s["cos_a"] <= 1 and 0 <= s["w_v"] <= 1 for s in steps)
+        assert "aux_heads.audio.weight" in ckpt(tmp_path / "run" / "last.pt")["model"]
+    assert "method" in ckpt(tmp_path / "run" / "last.pt")

@@ -1,35 +1,69 @@
 """Modulation methods (SPEC §5), one module each behind ``Method`` (see ``base.py``).
 
-``build(name, alpha=..., start_epoch=..., end_epoch=...)`` makes one; ``NAMES`` lists them.
+``build(name, alpha=..., start_epoch=..., end_epoch=..., **options)`` makes one; the names are
+``ogmge_train.names.METHODS`` (torch-free, shared with the config and the CLI). Each class lists
+the method-specific ``options`` it takes (TrainConfig fields of the same name); ``build``
+passes those and ignores the others, so the loop can hand every method the same settings.
 """
 from __future__ import annotations
 
-from avprep.errors import ConfigError
-
-from .base import STAT_KEYS, Method, coefficients, modulate, unimodal_scores
+from ..errors import ConfigError
+from ..names import METHODS as NAMES
+from ..names import SCOPES
+from .agm import AGM
+from .base import (
+    STAT_KEYS,
+    EpochStart,
+    Method,
+    Step,
+    coefficients,
+    modulate,
+    unimodal_scores,
+)
 from .ge import GE
+from .gradient_blending import GradientBlending, keep_rows
+from .mmpareto import MMPareto
 from .modality_drop import ModalityDrop
 from .none import NoModulation
 from .ogm import OGM
 from .ogm_ge import OGMGE
+from .opm import OPM, OPMGE
+from .pmr import PMR
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoModulation, OGM, GE, OGMGE, ModalityDrop)}
-NAMES = tuple(METHODS)
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM)}
+assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 
 def build(name: str, *, alpha: float, start_epoch: int, end_epoch: int | None,
-          scope: str = "conv", drop_p: float = 0.5) -> Method:
-    """The method called ``name``. ``drop_p`` only matters for modality-drop; the others ignore it."""
+          scope: str = "conv", fusion: str | None = None, **options) -> Method:
+    """The method called ``name``; ``options`` not listed in its class's ``options`` are ignored.
+
+    With ``fusion`` given, a method that does not work with that head raises ``ConfigError``.
+    """
     if name not in METHODS:
         raise ConfigError(f"modulation must be one of {', '.join(NAMES)}, not {name!r}")
-    if scope not in ("conv", "all"):
-        raise ConfigError(f"modulation scope must be 'conv' or 'all', not {scope!r}")
-    kwargs = dict(alpha=alpha, start_epoch=start_epoch, end_epoch=end_epoch, scope=scope)
-    if name == ModalityDrop.name:
-        if not 0.0 <= drop_p < 1.0:
-            raise ConfigError(f"drop_p must be in [0, 1), not {drop_p}")
-        kwargs["drop_p"] = drop_p
-    return METHODS[name](**kwargs)
+    if scope not in SCOPES:
+        raise ConfigError(f"modulation scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    cls = METHODS[name]
+    if fusion is not None and cls.fusions is not None and fusion not in cls.fusions:
+        raise ConfigError(f"--modulation {name} works with --fusion {' or '.join(cls.fusions)}, not {fusion!r}")
+    mine = {k: v for k, v in options.items() if k in getattr(cls, "options", ())}
+    try:
+        return cls(alpha=alpha, start_epoch=start_epoch, end_epoch=end_epoch, scope=scope, **mine)
+    except ValueError as e:
+        raise ConfigError(f"--modulation {name}: {e}") from None
 
 
-__all__ = ["NAMES", "METHODS", "STAT_KEYS", "Method", "build", "coefficients", "modulate", "unimodal_scores"]
+__all__ = [
+    "METHODS",
+    "NAMES",
+    "STAT_KEYS",
+    "EpochStart",
+    "Method",
+    "Step",
+    "build",
+    "keep_rows",
+    "coefficients",
+    "modulate",
+    "unimodal_scores",
+]

@@ -11,12 +11,57 @@ after all gradient work has been queued.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 STAT_KEYS = ("rho_a", "rho_v", "k_a", "k_v")
 UNIT_STATS = {"rho_a": 1.0, "rho_v": 1.0, "k_a": 1.0, "k_v": 1.0}
+
+
+@dataclass
+class Step:
+    """What a method sees of one training step (built by the loop before the forward pass).
+
+    ``model``: the AVModel (unwrapped from DDP); ``all_reduce(t)`` sums a tensor over ranks in
+    place (None in one process); ``generator``: seeded identically on every rank, new per step;
+    ``audio``/``visual``: the batch's inputs (for methods that evaluate the model on variants);
+    ``step``: optimizer steps taken before this one.
+    """
+
+    model: torch.nn.Module
+    labels: torch.Tensor
+    epoch: int
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    generator: torch.Generator | None = None
+    audio: torch.Tensor | None = None
+    visual: torch.Tensor | None = None
+    step: int = 0
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce(t) if self.all_reduce is not None else t
+
+
+@dataclass
+class EpochStart:
+    """What a method sees before a training epoch: ``batches(n)`` yields up to n training batches
+    ``(audio, visual, labels)`` on the device (this rank's part, the epoch's order);
+    ``keyed_batches(loader_epoch)`` yields every training batch of that epoch's order as
+    ``(audio, visual, labels, keys)``; ``make_optimizer(params)`` builds the run's optimizer kind
+    (same lr and weight decay) for a method's own copies of the model."""
+
+    model: torch.nn.Module
+    epoch: int
+    steps: int
+    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    keyed_batches: Callable[[int], Iterable[tuple]] | None = None
+    make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce(t) if self.all_reduce is not None else t
 
 
 def _unwrap(model):
@@ -87,16 +132,25 @@ def modulate(grads: list[torch.Tensor], scales: list[torch.Tensor | None], noise
 
 
 class Method:
-    """A training-time intervention: feature transform before fusion and/or gradient surgery.
+    """A training-time intervention. The loop calls, per epoch and step (ARCHITECTURE.md,
+    "Modulation contract"):
+
+    ``begin_epoch(EpochStart)`` before the epoch's first step (e.g. PMR's prototypes);
+    ``begin_step(Step)`` before each training forward pass;
+    ``feature_hook(training, step)`` -> a function replacing the pooled features before fusion;
+    ``loss(out, step)`` -> the scalar to back-propagate (default: cross-entropy of the fused logits);
+    ``after_backward(...)`` between backward and the optimizer step (gradient surgery) -> stats;
+    ``state_dict()`` / ``load_state_dict()``: what must survive ``--resume``.
 
     ``alpha``: OGM strength; active in epochs ``start_epoch..end_epoch`` (inclusive, counted as the
     training loop counts them); ``scope``: "conv" (encoders' conv weights) or "all" (every
-    encoder parameter).
+    encoder parameter). ``fusions``: the fusion heads the method works with (None: all).
     """
 
     name = "none"
     scales = False   # OGM: multiply by k_u
     noise = False    # GE: add N(0, std(g))
+    fusions: tuple[str, ...] | None = None
 
     def __init__(self, *, alpha: float = 0.0, start_epoch: int = 0, end_epoch: int | None = None,
                  scope: str = "conv"):
@@ -112,14 +166,37 @@ class Method:
     def active(self, epoch: int) -> bool:
         return self.start_epoch <= epoch and (self.end_epoch is None or epoch <= self.end_epoch)
 
-    def transform_features(self, feat_a, feat_v, *, training: bool):
+    def begin_epoch(self, start: EpochStart) -> None:
+        """Before training epoch ``start.epoch`` (also the first epoch after a resume)."""
+
+    def transform_features(self, feat_a, feat_v, *, training: bool, step: Step | None = None):
         return feat_a, feat_v
 
-    def feature_hook(self, training: bool) -> Callable | None:
+    def feature_hook(self, training: bool, step: Step | None = None) -> Callable | None:
         """The model's ``feature_hook`` for this method, or None when it leaves features alone."""
         if type(self).transform_features is Method.transform_features:
             return None
-        return lambda a, v: self.transform_features(a, v, training=training)
+        return lambda a, v: self.transform_features(a, v, training=training, step=step)
+
+    def begin_step(self, step: Step) -> None:
+        """Before the training forward pass of a step (e.g. AGM's extra evaluations, which must
+        see BatchNorm statistics before this batch updates them)."""
+
+    def train_rows(self, keys: list[str]) -> torch.Tensor | None:
+        """Which samples of a training batch to train on (a bool mask), None for all of them;
+        methods that hold out part of train (gradient-blending) exclude it here."""
+        return None
+
+    def loss(self, out, step: Step) -> torch.Tensor:
+        """The training loss of one step; methods with auxiliary losses add them here."""
+        return F.cross_entropy(out.logits.float(), step.labels)
+
+    def state_dict(self) -> dict:
+        """Tensors and primitives only (checkpoints load with ``weights_only=True``)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def after_backward(self, model, out, labels, *, epoch: int, all_reduce=None,
                        generator=None) -> dict[str, float]:
