@@ -37,7 +37,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from . import shardformat
 from . import shards as shardlib
+from .shardformat import FRAME, INDEX_FIELDS
 from .config import ExtractConfig
 from .datasets._base import Discovery
 from .errors import AvprepError, ClipError, ConfigError, DatasetLayoutError
@@ -254,8 +256,8 @@ def _stored_options(out: Path) -> dict | None:
 
 def _ours(path: Path) -> bool:
     n = path.name
-    return (n in ("dataset.json", "failures.jsonl") or n.endswith(".tar")
-            or n.endswith(".manifest.json") or n.endswith(".samples.jsonl")
+    return (n in ("dataset.json", "failures.jsonl", "README.md") or n.endswith(".tar")
+            or n.endswith(".manifest.json") or n.endswith(".samples.jsonl") or n.endswith(".wids.json")
             or shardlib.TMP_MARK in n)
 
 
@@ -318,6 +320,8 @@ def _finished_state(out: Path, plan: shardlib.ShardPlan) -> dict | None:
         return None
     if st.get("keys") != [c.key for c in plan.clips]:
         return None
+    if any(f not in r for r in st.get("samples", []) for f in INDEX_FIELDS):
+        return None     # written before the sample index existed: redo it
     shard = out / plan.name
     if st.get("sha256") is None:      # every clip failed: no file expected
         return None if shard.exists() else st
@@ -338,7 +342,7 @@ def _remove_strays(out: Path, planned: set[str]) -> None:
         if p.name[:-len(".json")] not in planned:
             p.unlink()
     splits = {name.rsplit("-", 1)[0] for name in planned}
-    for suffix in (".manifest.json", ".samples.jsonl"):
+    for suffix in (".manifest.json", ".samples.jsonl", ".wids.json"):
         for p in out.glob(f"*{suffix}"):
             if p.name[:-len(suffix)] not in splits:
                 p.unlink()
@@ -396,10 +400,11 @@ def _write_shard_of(plan, label_index, cfg, src, out, state, report) -> dict:
                 failures.append(_failure(clip.key, source, "internal",
                                          f"{source}: {type(e).__name__}: {e}", src))
             else:
-                writer.add(clip.key, members)
+                span = writer.add(clip.key, members)    # offset, length, crc32 for the sample index
                 records.append({"key": clip.key, "label": clip.label,
                                 "label_index": label_index[clip.label], "shard": plan.name,
-                                "source": source, "duration": json.loads(members["json"])["duration"]})
+                                "source": source, "duration": json.loads(members["json"])["duration"],
+                                "n_frames": sum(1 for m in members if FRAME.fullmatch(m)), **span})
             failed = failures[-1] if failures and failures[-1]["key"] == clip.key else {}
             report(plan.name, clip.key, failed.get("stage"), failed.get("error"))
         # no file for a shard of failures only; the parent fsyncs the folder once for all renames
@@ -515,22 +520,20 @@ def _write_outputs(out: Path, disc: Discovery, plans, states, failures, options)
 
     write(out / "failures.jsonl", b"".join(_json_bytes(f) for f in failures))
     samples: dict[str, dict[str, int]] = {}
+    manifests = {}
     for split in shardlib.split_order({p.split for p in plans}):
         sts = [states[p.name] for p in plans if p.split == split]
-        records = [r for st in sts for r in st["samples"]]
-        write(out / f"{split}.samples.jsonl", b"".join(map(_json_bytes, records)))
-        counts = _count(r["label"] for r in records)
-        samples[split] = {c: counts[c] for c in disc.classes if c in counts}
-        manifest = {"split": split, "num_samples": len(records), "class_counts": samples[split],
-                    "shards": [{"name": st["name"], "num_samples": st["num_samples"],
-                                "bytes": st["bytes"], "sha256": st["sha256"]}
-                               for st in sts if st["sha256"] is not None]}
-        write(out / f"{split}.manifest.json", _json_bytes(manifest, indent=1))
-    info = {**options, "classes": list(disc.classes),
-            "splits": {s: sum(c.values()) for s, c in samples.items()},
-            "num_failures": len(failures)}
+        index = shardformat.SampleIndex.from_records(split, [r for st in sts for r in st["samples"]])
+        shards = [shardformat.ShardEntry(st["name"], st["num_samples"], st["bytes"], st["sha256"])
+                  for st in sts if st["sha256"] is not None]
+        manifests[split] = shardformat.write_split_files(out, split, index, shards, list(disc.classes), write)
+        samples[split] = manifests[split].class_counts
+    meta = shardformat.DatasetMeta.build(options, list(disc.classes), manifests,
+                                         [r for st in states.values() for r in st["samples"]],
+                                         num_failures=len(failures))
+    write(out / "README.md", shardformat.dataset_card(meta, manifests))
     shardlib.fsync_dir(out)
-    shardlib.atomic_write_bytes(out / "dataset.json", _json_bytes(info, indent=1))
+    shardlib.atomic_write_bytes(out / "dataset.json", meta.to_json())
     return samples
 
 

@@ -12,14 +12,15 @@ import io
 import math
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from . import shardformat
 from .config import ExtractConfig
 from .datasets._base import SPLITS, Clip
-
-TMP_MARK = ".tmp-"
+from .shardformat import TMP_MARK, shard_name  # noqa: F401 - re-exported: the format owns the names
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,6 @@ def split_order(splits: Iterable[str]) -> list[str]:
     """train, val, test first, then any other split names alphabetically."""
     splits = set(splits)
     return [s for s in SPLITS if s in splits] + sorted(splits - set(SPLITS))
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
 
 
 def estimate_sample_bytes(cfg: ExtractConfig) -> int:
@@ -96,10 +93,12 @@ class _HashingWriter:
         self._f = f
         self.sha = hashlib.sha256()
         self.size = 0
+        self.crc = 0        # CRC-32 of the bytes since the current sample began (the sample index's)
 
     def write(self, data) -> int:
         self._f.write(data)
         self.sha.update(data)
+        self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
         return len(data)
 
@@ -169,14 +168,22 @@ class ShardWriter:
         self._last_key: str | None = None
         self.num_samples = 0
 
-    def add(self, key: str, members: Mapping[str, bytes]) -> None:
-        """One sample: its members contiguous, in the given order, with fixed headers."""
+    def add(self, key: str, members: Mapping[str, bytes]) -> dict[str, int]:
+        """One sample: its members contiguous, in the given order, with fixed headers.
+
+        Returns its sample-index fields (``shardformat.INDEX_FIELDS``): the offset of its first
+        header, its length up to the next sample, and the CRC-32 of those bytes (tarfile writes
+        each member's header, payload and padding straight through, so the span is exact)."""
         if self._last_key is not None and key <= self._last_key:
             raise ValueError(f"sample keys must increase: {key!r} after {self._last_key!r}")
+        if "." in key or not key:
+            raise ValueError(f"sample key {key!r} must be non-empty and hold no dot")
+        offset, self._out.crc = self._out.size, 0
         for ext, data in members.items():
             self._tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
         self._last_key = key
         self.num_samples += 1
+        return dict(zip(shardformat.INDEX_FIELDS, (offset, self._out.size - offset, self._out.crc)))
 
     def commit(self, sync_dir: bool = True) -> WrittenShard:
         """Close, fsync and rename to the final name. ``sync_dir=False`` leaves the folder's
