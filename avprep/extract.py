@@ -39,10 +39,10 @@ from typing import Callable, Iterable
 
 from . import shardformat
 from . import shards as shardlib
-from .shardformat import FRAME, INDEX_FIELDS
 from .config import ExtractConfig
 from .datasets._base import Discovery
 from .errors import AvprepError, ClipError, ConfigError, DatasetLayoutError
+from .shardformat import FRAME, INDEX_FIELDS
 
 STATE_DIR = ".avprep-state"
 # Discovery problems that count against --max-failures ("missing" does not: VGGSound always

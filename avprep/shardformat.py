@@ -335,6 +335,7 @@ class RawSample:
     length: int = 0
     crc32: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)    # (check, message), not fatal to parsing
+    present: set[str] = field(default_factory=set)     # every member extension, read or skipped
 
     @property
     def frames(self) -> list[bytearray]:
@@ -368,15 +369,14 @@ def read_shard_samples(stream, url: str, *, size: int | None = None, crc: bool =
     current: RawSample | None = None
     for m in tar.members():
         key, ext = split_name(m.name)
+        if not key and m.size >= 0:
+            continue        # no extension: not part of a sample (webdataset skips these too)
         if current is not None and key != current.key:
             _close(tar, current, m.offset)
             yield current
             current = None
         if current is None:
             current = RawSample(key, shard, {}, offset=m.offset)
-        if not key:
-            current.problems.append(("member", f"member {m.name!r} has no extension"))
-            continue
         if m.size < 0:
             current.problems.append(("security", f"{m.name!r} is not a regular file"))
             continue
@@ -385,9 +385,10 @@ def read_shard_samples(stream, url: str, *, size: int | None = None, crc: bool =
             current.problems.append(bad)
             if bad[0] == "security":
                 continue
-        if ext in current.members:
+        if ext in current.present:
             current.problems.append(("members", f"member .{ext} appears twice"))
             continue
+        current.present.add(ext)
         if keep is None or keep(ext):
             current.members[ext] = tar.read(m.size)
     if current is not None:
@@ -526,9 +527,9 @@ def check_structure(sample: RawSample) -> None:
     for check, message in sample.problems:
         raise ShardDataError(message, check=check)
     for need in CORE_MEMBERS:
-        if need not in sample.members:
+        if need not in sample.present:
             raise ShardDataError(f"no .{need} member", check="members")
-    frames = sorted(int(m[1]) for ext in sample.members if (m := FRAME.fullmatch(ext)))
+    frames = sorted(int(m[1]) for ext in sample.present if (m := FRAME.fullmatch(ext)))
     if not frames:
         raise ShardDataError("no frames", check="members")
     if frames != list(range(len(frames))):

@@ -225,3 +225,60 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def index_dataset(out: Path, *, on_progress=None) -> dict[str, int]:
+    """Write the sample index (``<split>.samples.jsonl`` with byte offsets, length and CRC-32 of
+    every sample) and ``<split>.wids.json`` for a local dataset written before they existed,
+    reading each shard once and rewriting no shard. Existing records keep their fields (label,
+    source, duration); samples without one get them from their ``.cls`` and ``.json``.
+    ``on_progress(done, total, shard)`` after each shard. Returns samples indexed per split.
+    Raises ``ShardDataError`` when a shard is not a readable tar or holds fewer samples than its
+    manifest (verify it first)."""
+    import json
+
+    out = Path(out)
+    meta = shardformat.DatasetMeta.from_json((out / "dataset.json").read_bytes(), str(out / "dataset.json"))
+    manifests = {s: shardformat.Manifest.from_json((out / shardformat.manifest_name(s)).read_bytes(), s,
+                                                   str(out / shardformat.manifest_name(s))) for s in meta.splits}
+    total = sum(len(m.shards) for m in manifests.values())
+    done, counts = 0, {}
+    for split, manifest in manifests.items():
+        old: dict[str, dict] = {}
+        path = out / shardformat.index_name(split)
+        if path.exists():
+            for line in path.read_bytes().splitlines():
+                r = shardformat.load_json(line, str(path), check="index") if line.strip() else None
+                if isinstance(r, dict) and isinstance(r.get("key"), str):
+                    old[r["key"]] = r
+        records = []
+        for entry in manifest.shards:
+            url = str(out / entry.name)
+            with open(url, "rb") as f:
+                samples = list(shardformat.read_shard_samples(
+                    f, url, size=os.fstat(f.fileno()).st_size, keep=lambda ext: ext in ("cls", "json")))
+            if len(samples) != entry.num_samples:
+                raise shardformat.ShardDataError(f"{url}: {len(samples)} samples, the manifest says "
+                                                 f"{entry.num_samples}; run avprep verify", check="count")
+            for s in samples:
+                r = dict(old.get(s.key) or {})
+                if "label_index" not in r:
+                    r["label_index"] = shardformat.parse_cls(s.members.get("cls", b"x"), len(meta.classes))
+                    r["label"] = meta.classes[r["label_index"]]
+                    try:
+                        j = json.loads(bytes(s.members.get("json", b"{}")))
+                    except ValueError:
+                        j = {}
+                    r.setdefault("source", j.get("source", "") if isinstance(j, dict) else "")
+                    r.setdefault("duration", j.get("duration", 0.0) if isinstance(j, dict) else 0.0)
+                r.update(key=s.key, shard=entry.name, offset=s.offset, length=s.length, crc32=s.crc32,
+                         n_frames=sum(1 for e in s.present if shardformat.FRAME.fullmatch(e)))
+                records.append(r)
+            done += 1
+            if on_progress:
+                on_progress(done, total, entry.name)
+        index = shardformat.SampleIndex.from_records(split, records)
+        atomic_write_bytes(path, index.to_json())
+        atomic_write_bytes(out / shardformat.wids_name(split), shardformat.wids_index(split, manifest.shards))
+        counts[split] = len(records)
+    return counts
