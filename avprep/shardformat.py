@@ -44,6 +44,7 @@ REFUSED_EXTS = frozenset({"pyd", "pickle", "pkl", "pt", "pth", "ckpt"})
 SHARD_NAME = re.compile(r"[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*-\d{6}\.tar")
 TMP_MARK = ".tmp-"
 MAX_MEMBER = 256 * 2**20        # bigger than any real member: bounds memory per read
+MAX_SAMPLE = 2 * MAX_MEMBER     # an index entry claiming more is refused before anything is read
 MAX_PIXELS = 64 * 2**20         # a frame larger than this is an attack (or not ours): never decoded
 MAX_EXT_HEADERS = 8             # pax/GNU long-name headers allowed before one member
 MAX_EXT_BYTES = 1 << 20
@@ -356,7 +357,7 @@ def member_problem(name: str, ext: str) -> tuple[str, str] | None:
 
 
 def read_shard_samples(stream, url: str, *, size: int | None = None, crc: bool = True,
-                       slice: bool = False, keep=None) -> Iterator[RawSample]:
+                       slice: bool = False, keep=None, tar: TarReader | None = None) -> Iterator[RawSample]:
     """The samples of a tar stream, grouped by key, each with its exact byte span and CRC-32.
 
     Raises :class:`ShardDataError` when the tar structure breaks (nothing after that point can be
@@ -365,7 +366,7 @@ def read_shard_samples(stream, url: str, *, size: int | None = None, crc: bool =
     default); the others are skipped unread.
     """
     shard = url.rpartition("/")[2]
-    tar = TarReader(stream, url, size=size, slice=slice, crc=crc)
+    tar = tar or TarReader(stream, url, size=size, slice=slice, crc=crc)
     current: RawSample | None = None
     for m in tar.members():
         key, ext = split_name(m.name)

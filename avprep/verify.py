@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -305,12 +306,9 @@ def _check_shard(loc, split, entry, schema, quick, seen, problems, index) -> int
             if quick:
                 reader.drain()
             else:
-                spans: list = []
-                samples = _check_samples(reader, loc.url(name), name, split, schema, seen, found, spans)
+                entries = None if index is None else index.get(name, [])
+                samples = _check_samples(reader, loc.url(name), name, split, schema, seen, found, entries)
                 reader.drain()       # the rest after a broken header
-                if index is not None:
-                    _check_index(name, spans, index.get(name, []), samples is not None and
-                                 not any(p.check == "tar" for p in found), found)
     except (StorageError, OSError) as e:
         if not _exists(loc, name):
             problems.append(Problem(name, "", "missing", "shard listed in manifest does not exist"))
@@ -328,50 +326,124 @@ def _check_shard(loc, split, entry, schema, quick, seen, problems, index) -> int
     return entry["num_samples"] if quick else samples or 0
 
 
-def _check_index(shard, spans, entries, complete: bool, problems) -> None:
-    """The sample index against the spans read from the tar: same keys, offsets, lengths, CRC-32."""
-    read = {key: (off, length, crc) for key, off, length, crc in spans}
-    for e in entries:
-        got = read.pop(e.key, None)
-        if got is None:
-            if complete:
-                problems.append(Problem(shard, e.key, "index", "in the sample index but not in the shard"))
-        elif got != (e.offset, e.length, e.crc32):
-            problems.append(Problem(shard, e.key, "index",
-                                    f"offset/length/crc32 {got[0]}/{got[1]}/{got[2]} in the shard, the index "
-                                    f"says {e.offset}/{e.length}/{e.crc32}"))
-    for key in read:
-        problems.append(Problem(shard, key, "index", "in the shard but not in the sample index"))
+class _Tee:
+    """Keeps the bytes read through it from ``start`` on (``window``), so samples of the index
+    can be cut out of the one sequential pass."""
+
+    def __init__(self, f):
+        self.f, self.window, self.start, self.pos = f, bytearray(), 0, 0
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.window += data
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b):
+        n = self.f.readinto(b)
+        self.window += memoryview(b)[:n]
+        self.pos += n
+        return n
+
+    def seekable(self):
+        return False
 
 
-def _check_samples(reader, url, shard, split, schema, seen, problems, spans) -> int | None:
+class _Indexed:
+    """The sample index of one shard, checked as the loader reads it: each entry's bytes are cut
+    out of the stream by offset and length, CRC-checked, parsed and checked, unless the sequential
+    pass already checked exactly those bytes (same key, offset, length and CRC-32)."""
+
+    def __init__(self, entries, tee: _Tee, url, shard, split, schema, problems):
+        self.pending = sorted(entries, key=lambda e: (e.offset, e.key))
+        self.tee, self.url, self.shard, self.split, self.schema = tee, url, shard, split, schema
+        self.problems = problems
+        self.matched: dict[str, tuple[int, int, int]] = {}
+        self.done_to = 0       # the sequential pass has checked everything before this offset
+
+    def bad(self, key, check, message):
+        self.problems.append(Problem(self.shard, key, check, message))
+
+    def flush(self, final: bool = False) -> None:
+        tee = self.tee
+        while self.pending:
+            e = self.pending[0]
+            end = e.offset + e.length
+            if not final and end > self.done_to:
+                break
+            self.pending.pop(0)
+            if e.length > sf.MAX_SAMPLE or e.offset < tee.start:
+                self.bad(e.key, "index", f"entry at byte {e.offset} of {e.length} bytes is out of order or too large")
+            elif end > tee.pos:
+                self.bad(e.key, "index", f"bytes {e.offset}-{end - 1} run past the end of the shard ({tee.pos} bytes)")
+            elif self.matched.get(e.key) != (e.offset, e.length, e.crc32):
+                self._check(e, tee.window[e.offset - tee.start:end - tee.start])
+        keep = self.pending[0].offset if self.pending else tee.pos
+        cut = min(max(keep - tee.start, 0), len(tee.window))
+        del tee.window[:cut]
+        tee.start += cut
+
+    def _check(self, e, data: bytearray) -> None:
+        if zlib.crc32(data) != e.crc32:
+            self.bad(e.key, "checksum", "its bytes do not match the CRC-32 of the sample index")
+            return
+        try:
+            s = sf.parse_sample_bytes(data, self.url, e.key)
+        except sf.ShardDataError as err:
+            self.bad(e.key, err.check, str(err).removeprefix(f"{self.url}: "))
+            return
+        _check_sample(self.shard, self.split, s, self.schema, self.problems)
+
+
+def _check_samples(reader, url, shard, split, schema, seen, problems, entries) -> int | None:
     """Samples read from the shard (through shardformat's reader, as the loader), or None when
-    it is not a tar at all."""
+    it is not a tar at all. With a sample index (``entries``), each indexed sample is also checked
+    from exactly the bytes the loader reads (see ``_Indexed``)."""
+    tee = _Tee(reader)
+    tar = sf.TarReader(tee, url, crc=True)
+    indexed = _Indexed(entries, tee, url, shard, split, schema, problems) if entries is not None else None
+    listed = {e.key: (e.offset, e.length, e.crc32) for e in entries or ()}
     done: set[str] = set()
-    count = 0
+    count, spans = 0, 0
     try:
-        for s in sf.read_shard_samples(reader, url, crc=True):
-            spans.append((s.key, s.offset, s.length, s.crc32))
+        for s in sf.read_shard_samples(None, url, tar=tar):
+            spans += 1
+            span = (s.offset, s.length, s.crc32)
+            if indexed is not None:
+                if s.key not in listed:
+                    problems.append(Problem(shard, s.key, "index", "in the shard but not in the sample index"))
+                elif listed[s.key] != span:
+                    problems.append(Problem(shard, s.key, "index", "offset/length/crc32 {}/{}/{} in the shard, the "
+                                            "index says {}/{}/{}".format(*span, *listed[s.key])))
+                else:
+                    indexed.matched[s.key] = span
             if s.key in done:       # already checked and counted as a sample; only look for payloads
                 problems.append(Problem(shard, s.key, "contiguity", "members of this sample are not contiguous"))
                 for check, message in s.problems:
                     problems.append(Problem(shard, s.key, check, message))
-                continue
-            if s.key in seen.keys:
-                other_split, other_shard = seen.keys[s.key]
-                check = "duplicate" if other_split == split else "leakage"
-                where = f"{other_shard}" if other_split == split else f"split {other_split} ({other_shard})"
-                problems.append(Problem(shard, s.key, check, f"key also in {where}"))
             else:
-                seen.keys[s.key] = (split, shard)
-            done.add(s.key)
-            count += 1
-            label = _check_sample(shard, split, s, schema, problems)
-            if label is not None:
-                seen.labels.setdefault(split, Counter())[label] += 1
+                if s.key in seen.keys:
+                    other_split, other_shard = seen.keys[s.key]
+                    check = "duplicate" if other_split == split else "leakage"
+                    where = f"{other_shard}" if other_split == split else f"split {other_split} ({other_shard})"
+                    problems.append(Problem(shard, s.key, check, f"key also in {where}"))
+                else:
+                    seen.keys[s.key] = (split, shard)
+                done.add(s.key)
+                count += 1
+                label = _check_sample(shard, split, s, schema, problems)
+                if label is not None:
+                    seen.labels.setdefault(split, Counter())[label] += 1
+            if indexed is not None:
+                indexed.done_to = s.offset + s.length
+                indexed.flush()
     except sf.ShardDataError as e:
         problems.append(Problem(shard, "", "tar", str(e).removeprefix(f"{url}: ")))
-        return None if count == 0 and not spans else count
+        count = None if spans == 0 else count
+    if indexed is not None:
+        while tee.read(_CHUNK):     # the rest of the shard, for the samples the tar pass did not reach
+            indexed.flush()
+        indexed.flush(final=True)
     return count
 
 

@@ -212,6 +212,12 @@ def _runs(entries: list, positions, max_bytes: int = MAX_RUN_BYTES):
     run: list = []
     for i in positions:
         e = entries[i]
+        if e.length > sf.MAX_SAMPLE:     # a hostile index: never allocate what it claims
+            if run:
+                yield run
+            yield [e]
+            run = []
+            continue
         if run and (e.shard != run[-1].shard or e.offset != run[-1].offset + run[-1].length
                     or e.offset + e.length - run[0].offset > max_bytes):
             yield run
@@ -230,6 +236,9 @@ def read_run(location: Location, run: list, *, frames: int, train: bool, rng=Non
     with one byte-range request; each checked against its CRC-32 and parsed by shardformat."""
     shard = run[0].shard
     url = location.url(shard)
+    if run[0].length > sf.MAX_SAMPLE:
+        yield BadSample(url, run[0].key, f"the sample index claims {run[0].length} bytes; not read")
+        return
     start = run[0].offset
     data = location.read_range(shard, start, run[-1].offset + run[-1].length - start)
     view = memoryview(data)
@@ -289,7 +298,7 @@ def decode_sample(s: Sample, *, num_classes: int | None, spec_shape=None) -> tup
 
 def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_frame: bool = False,
                  with_meta: bool = False, num_classes: int | None = None, visual_dtype=torch.float32,
-                 skip_bad: bool = False) -> dict:
+                 skip_bad: bool = False, spec_shape: tuple[int, int] | None = None) -> dict:
     """Encoded samples -> ``{"audio": float32 (B,1,F,T), "visual": (B,n,3,S,S), "label": int64 (B,),
     "key": [str]}`` (+ ``"meta"``), with the safe decoders only (see the module docstring).
     ``visual`` is float32 normalised, or uint8 pixels with ``visual_dtype=torch.uint8``
@@ -310,7 +319,7 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
     for s in samples:
         try:
             label, spec, images = decode_sample(s, num_classes=num_classes,
-                                                spec_shape=None if audio is None else tuple(audio.shape[2:]))
+                                                spec_shape=spec_shape if audio is None else tuple(audio.shape[2:]))
             if audio is None:
                 audio = _empty(len(samples), 1, *spec.shape)
                 visual = _empty(len(samples), len(s.frames), 3, image_size, image_size, dtype=visual_dtype)
@@ -368,7 +377,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, location: Location, entries: list, *, train: bool, batch_size: int, frames: int,
                  image_size: int, seed: int, epoch: int, rank: int, world_size: int, num_workers: int,
                  shuffle_buffer: int, drop_last: bool, steps: int | None, run: int, num_classes: int,
-                 per_frame: bool = False, with_meta: bool = False, visual_dtype=torch.float32):
+                 per_frame: bool = False, with_meta: bool = False, visual_dtype=torch.float32,
+                 spec_shape: tuple[int, int] | None = None):
         super().__init__()
         self.location, self.entries = location, entries
         self.train, self.batch_size, self.frames, self.image_size = train, batch_size, frames, image_size
@@ -376,6 +386,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.drop_last, self.steps, self.run = shuffle_buffer, drop_last, steps, run
         self.num_classes, self.per_frame, self.with_meta, self.visual_dtype = \
             num_classes, per_frame, with_meta, visual_dtype
+        self.spec_shape = spec_shape
         # shared with (persistent) workers so set_epoch reaches them
         self.epoch = mp.RawValue("q", epoch)
 
@@ -401,7 +412,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(f"buffer:{tag}"))
         decode = partial(decode_batch, train=self.train, image_size=self.image_size, rng=random.Random(f"aug:{tag}"),
                          per_frame=self.per_frame, with_meta=self.with_meta, num_classes=self.num_classes,
-                         visual_dtype=self.visual_dtype, skip_bad=True)
+                         visual_dtype=self.visual_dtype, skip_bad=True, spec_shape=self.spec_shape)
         batches = _batched(samples, self.batch_size, partial=not self.drop_last)
         return (decode(b) for b in batches)
 
@@ -470,6 +481,11 @@ class ShardLoader:
             yield batch
 
 
+def _spec_shape(meta: dict) -> tuple[int, int] | None:
+    shape = meta.get("spec_shape")
+    return tuple(shape) if isinstance(shape, list) and len(shape) == 2 else None
+
+
 def default_steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
     """floor(samples / (batch × ranks)): one epoch sees every sample once across ranks, except
     the last partial global batch."""
@@ -536,7 +552,8 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
                          image_size=image_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
                          steps=steps, run=run or default_run(entries), num_classes=info.num_classes,
-                         per_frame=per_frame, with_meta=with_meta, visual_dtype=visual_dtype)
+                         per_frame=per_frame, with_meta=with_meta, visual_dtype=visual_dtype,
+                         spec_shape=_spec_shape(info.meta))
     extra = {}
     if workers > 0:
         extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor or 2}
