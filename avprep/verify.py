@@ -180,11 +180,15 @@ class _Schema:
     def from_dataset(cls, ds, problems: list[Problem]) -> "_Schema | None":
         try:
             cfg = ds["config"]
-            spec = SpecConfig(**cfg["spec"])
             splits = split_order(ds["splits"])      # a list, or {"train": count, ...}
-            shape = tuple(spec.shape)
-            if "spec_shape" in ds and ds["spec_shape"] != list(shape):
-                raise ValueError(f"spec_shape {ds['spec_shape']!r} but the spec config gives {list(shape)}")
+            if "spec" in cfg:
+                shape = tuple(SpecConfig(**cfg["spec"]).shape)
+                if "spec_shape" in ds and ds["spec_shape"] != list(shape):
+                    raise ValueError(f"spec_shape {ds['spec_shape']!r} but the spec config gives {list(shape)}")
+            else:       # written by another tool: the recorded shape is all there is
+                shape = tuple(int(x) for x in ds["spec_shape"])
+                if len(shape) != 2:
+                    raise ValueError(f"spec_shape {ds['spec_shape']!r} is not 2-D")
             return cls(list(ds["classes"]), splits, shape, cfg.get("spec_dtype", "float16"),
                        int(cfg.get("frame_size", 0)))
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
