@@ -409,10 +409,12 @@ def _check_samples(reader, url, shard, split, schema, seen, problems, entries) -
     listed = {e.key: (e.offset, e.length, e.crc32) for e in entries or ()}
     done: set[str] = set()
     count, spans = 0, 0
+    outer = problems
     try:
         for s in sf.read_shard_samples(None, url, tar=tar):
             spans += 1
             span = (s.offset, s.length, s.crc32)
+            problems = []
             if indexed is not None:
                 if s.key not in listed:
                     problems.append(Problem(shard, s.key, "index", "in the shard but not in the sample index"))
@@ -438,12 +440,19 @@ def _check_samples(reader, url, shard, split, schema, seen, problems, entries) -
                 label = _check_sample(shard, split, s, schema, problems)
                 if label is not None:
                     seen.labels.setdefault(split, Counter())[label] += 1
+            if indexed is not None and s.key in listed and listed[s.key] != span:
+                # not the bytes the index (and the loader) has for this key: the key is judged from
+                # its indexed bytes; what this pass saw is the shard's problem
+                problems = [Problem(shard, "", p.check, f"sample {p.key}: {p.message}") for p in problems]
+            outer.extend(problems)
             if indexed is not None:
                 indexed.done_to = s.offset + s.length
                 indexed.flush()
     except sf.ShardDataError as e:
+        problems = outer
         problems.append(Problem(shard, "", "tar", str(e).removeprefix(f"{url}: ")))
         count = None if spans == 0 else count
+    problems = outer
     if indexed is not None:
         while tee.read(_CHUNK):     # the rest of the shard, for the samples the tar pass did not reach
             indexed.flush()
