@@ -531,7 +531,7 @@ def _write_outputs(out: Path, disc: Discovery, plans, states, failures, options)
     meta = shardformat.DatasetMeta.build(options, list(disc.classes), manifests,
                                          [r for st in states.values() for r in st["samples"]],
                                          num_failures=len(failures))
-    write(out / "README.md", shardformat.dataset_card(meta, manifests))
+    shardformat.write_card(out, meta, manifests, write)
     shardlib.fsync_dir(out)
     shardlib.atomic_write_bytes(out / "dataset.json", meta.to_json())
     return samples
