@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from tests._servers import aws_env, s3_server  # noqa: F401  (fixtures)
+
 
 @pytest.fixture(scope="module")
 def out(raw_dataset, tmp_path_factory):
@@ -68,3 +70,26 @@ def test_webdataset_reads_the_shards(out):
     assert [r["__key__"] for r in rows] == [r["key"] for r in _index(out, "train")]
     spec = np.load(io.BytesIO(rows[0]["spec.npy"]), allow_pickle=False)
     assert spec.shape == tuple(meta["spec_shape"])
+
+
+def test_hugging_face_webdataset_builder_with_the_card_features(out, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.load_dataset_builder(str(out), cache_dir=str(tmp_path)).info.features
+    ds = datasets.load_dataset("webdataset", data_files={"train": str(out / "train-*.tar")}, split="train",
+                               features=features, cache_dir=str(tmp_path))
+    assert len(ds) == json.loads((out / "dataset.json").read_text())["splits"]["train"]
+
+
+def test_webdataset_pipe_from_s3(out, s3_server):
+    wds = pytest.importorskip("webdataset")
+    import sys
+
+    from avprep.storage import upload_folder
+    bucket = s3_server.new_bucket()
+    upload_folder(out, f"s3://{bucket}/d", s3_endpoint=s3_server.endpoint)
+    # the same as `pipe:aws s3 cp s3://.../train-000000.tar -`, with boto3 (no aws CLI needed here)
+    cat = (f"{sys.executable} -c \"import boto3,shutil,sys; b=boto3.client('s3',endpoint_url='{s3_server.endpoint}')"
+           f".get_object(Bucket='{bucket}',Key='d/train-000000.tar')['Body']; shutil.copyfileobj(b,sys.stdout.buffer)\"")
+    rows = list(wds.WebDataset(f"pipe:{cat}", shardshuffle=False))
+    first = json.loads((out / "train.manifest.json").read_text())["shards"][0]
+    assert len(rows) == first["num_samples"] and rows[0]["__key__"] == _index(out, "train")[0]["key"]
