@@ -221,9 +221,13 @@ class TarReader:
                 return
             n = self._header_size(header)
             self.pos += _BLOCK
+            kind = header[156:157]
+            if kind in (b"1", b"2", b"3", b"4", b"5", b"6"):
+                n = 0       # links, devices, folders carry no payload whatever the size field says
+            elif n > self.max_member:
+                self.fail(f"a member of {n} bytes at byte {at}; the limit is {self.max_member >> 20} MiB")
             self.left = n + -n % _BLOCK
             start = at if start is None else start
-            kind = header[156:157]
             if kind in (b"L", b"x", b"g"):
                 extensions += 1
                 if extensions > MAX_EXT_HEADERS or n > MAX_EXT_BYTES:
@@ -246,7 +250,6 @@ class TarReader:
                 yield Member(name if name is not None else _header_name(header), n, start)
             else:       # links, directories, devices: not sample members; reported by name
                 yield Member(name if name is not None else _header_name(header), -1, start)
-                self.left = 0 if kind in (b"1", b"2", b"3", b"4", b"5", b"6") else self.left
             name = size = start = None
             extensions = 0
 

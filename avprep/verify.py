@@ -336,16 +336,19 @@ class _Tee:
 
     def __init__(self, f):
         self.f, self.window, self.start, self.pos = f, bytearray(), 0, 0
+        self.recording = True
 
     def read(self, n=-1):
         data = self.f.read(n)
-        self.window += data
+        if self.recording:
+            self.window += data
         self.pos += len(data)
         return data
 
     def readinto(self, b):
         n = self.f.readinto(b)
-        self.window += memoryview(b)[:n]
+        if self.recording:
+            self.window += memoryview(b)[:n]
         self.pos += n
         return n
 
@@ -386,6 +389,10 @@ class _Indexed:
         cut = min(max(keep - tee.start, 0), len(tee.window))
         del tee.window[:cut]
         tee.start += cut
+        if not self.pending:        # nothing left to cut out: stop keeping bytes
+            tee.recording = False
+            tee.window.clear()
+            tee.start = tee.pos
 
     def _check(self, e, data: bytearray) -> None:
         if zlib.crc32(data) != e.crc32:
@@ -404,6 +411,7 @@ def _check_samples(reader, url, shard, split, schema, seen, problems, entries) -
     it is not a tar at all. With a sample index (``entries``), each indexed sample is also checked
     from exactly the bytes the loader reads (see ``_Indexed``)."""
     tee = _Tee(reader)
+    tee.recording = bool(entries)
     tar = sf.TarReader(tee, url, crc=True)
     indexed = _Indexed(entries, tee, url, shard, split, schema, problems) if entries is not None else None
     listed = {e.key: (e.offset, e.length, e.crc32) for e in entries or ()}
