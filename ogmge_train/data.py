@@ -476,6 +476,8 @@ class ShardLoader:
                     raise DataError(f"{b.url}: sample {b.key}: {b.message} ({len(self.bad)} corrupt samples, "
                                     f"more than the {self.max_bad} allowed)")
             if not batch["key"]:
+                if not self.stream.train:
+                    continue        # evaluation has no per-batch collectives: nothing to keep in step
                 raise DataError(f"every sample of a batch is corrupt (last: {self.bad[-1].url}: "
                                 f"sample {self.bad[-1].key}: {self.bad[-1].message})")
             yield batch
