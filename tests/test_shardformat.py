@@ -326,3 +326,12 @@ def test_dataset_json_records_shape_and_frames(raw_dataset, tmp_path):
     wids = json.loads((tmp_path / "o" / "train.wids.json").read_text())
     assert wids["wids_version"] == 1 and sum(s["nsamples"] for s in wids["shardlist"]) == meta["splits"]["train"]
     assert verify(tmp_path / "o").ok
+
+
+def test_http_reads_are_byte_ranges_over_runs_not_members(ds, remote, http_server):
+    before = len(http_server.log)
+    keys = [k for b in make_loader(remote["http"], "val", train=False, batch_size=2, frames=1, image_size=8,
+                                   workers=0, retry=FAST) for k in b["key"]]
+    tars = [(m, p, r) for m, p, r in http_server.log[before:] if p.endswith(".tar")]
+    assert len(keys) == 7 and len(tars) == len(SHARDS["val"])      # one ranged GET per run (here: per shard)
+    assert all(m == "GET" and r and r.startswith("bytes=") for m, p, r in tars)
