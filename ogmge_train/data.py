@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from avprep import shardformat as sf
-from avprep.errors import ConfigError
+from avprep.errors import ConfigError, StorageError
 from avprep.shardformat import ShardDataError
 from avprep.storage import Location, Retry, open_location
 
@@ -94,7 +94,12 @@ class DatasetInfo:
             sp = self.split(split)
             name = sf.index_name(split)
             where = self.location.url(name)
-            entries = sf.SampleIndex.from_json(self.location.read_bytes(name), split, where).entries
+            try:
+                data = self.location.read_bytes(name)
+            except StorageError as e:
+                raise ShardDataError(f"{where}: no sample index ({e}); add it with `avprep index OUT`",
+                                     check="index") from None
+            entries = sf.SampleIndex.from_json(data, split, where).entries
             counts: dict[str, int] = {}
             for e in entries:
                 counts[e.shard] = counts.get(e.shard, 0) + 1

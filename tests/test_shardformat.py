@@ -335,3 +335,13 @@ def test_http_reads_are_byte_ranges_over_runs_not_members(ds, remote, http_serve
     tars = [(m, p, r) for m, p, r in http_server.log[before:] if p.endswith(".tar")]
     assert len(keys) == 7 and len(tars) == len(SHARDS["val"])      # one ranged GET per run (here: per shard)
     assert all(m == "GET" and r and r.startswith("bytes=") for m, p, r in tars)
+
+
+def test_missing_index_names_the_fix(tmp_path):
+    write_shard_folder(tmp_path, {"train": [2], "val": [2]}, n_frames=1)
+    (tmp_path / "val.samples.jsonl").unlink()
+    with pytest.raises(sf.ShardDataError, match=r"val\.samples\.jsonl: no sample index .*`avprep index OUT`"):
+        make_loader(tmp_path, "val", train=False, batch_size=2, frames=1)
+    index_dataset(tmp_path)
+    assert len([k for b in make_loader(tmp_path, "val", train=False, batch_size=2, frames=1, image_size=8,
+                                       workers=0) for k in b["key"]]) == 2
