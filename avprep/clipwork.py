@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
-from . import outdir
+from . import outdir, shardformat
 from . import shards as shardlib
 from .config import ExtractConfig
 from .datasets._base import Clip, safe_text
@@ -136,7 +136,6 @@ class Assembler:
         self.failures: list[dict] = []
         self.keys: list[str] = []
         self.retry: list[str] = []
-        self.max_frames = 0
         self.pids: set[int] = set()
 
     def add(self, i: int, result: TaskResult) -> None:
@@ -154,9 +153,9 @@ class Assembler:
                 with outdir.writing(path):
                     if self.writer is None:
                         self.writer = shardlib.ShardWriter(path)
-                    self.writer.add(outcome.key, outcome.members)
-                self.samples.append(outcome.record)
-                self.max_frames = max(self.max_frames, sum(m.endswith(".jpg") for m in outcome.members))
+                    span = self.writer.add(outcome.key, outcome.members)  # offset, length, crc32
+                self.samples.append({**outcome.record, **span,
+                                     "n_frames": sum(1 for m in outcome.members if shardformat.FRAME.fullmatch(m))})
                 self.on_clip(task.shard, outcome.key, None, None)
             else:
                 self.failures.append(outcome.failure)
@@ -175,10 +174,9 @@ class Assembler:
             self.writer = None
         st = outdir.ShardState(task.shard, task.split, self.keys, written.sha256 if written else None,
                                written.bytes if written else None, len(self.samples), self.samples,
-                               self.failures, self.retry, self.max_frames)
+                               self.failures, self.retry)
         outdir.save_state(self.out, st)
         self.samples, self.failures, self.keys, self.retry = [], [], [], []
-        self.max_frames = 0
         self.on_shard(st)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ manifests and dataset.json.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import shutil
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from . import shardformat
 from . import shards as shardlib
 from .errors import ConfigError, OutputError
 
@@ -44,13 +46,11 @@ class ShardState:
     samples: list[dict] = field(default_factory=list)   # sample index lines
     failures: list[dict] = field(default_factory=list)  # failures.jsonl lines
     retry: list[str] = field(default_factory=list)      # failed keys a rerun tries again
-    max_frames: int = 0                                 # most frames of one sample
 
     @classmethod
     def from_json(cls, d: dict) -> "ShardState":
         return cls(**{k: d[k] for k in ("name", "split", "keys", "sha256", "bytes", "num_samples",
-                                        "samples", "failures")}, retry=d.get("retry", []),
-                   max_frames=d.get("max_frames", 0))
+                                        "samples", "failures")}, retry=d.get("retry", []))
 
 
 def json_bytes(obj, indent: int | None = None) -> bytes:
@@ -97,8 +97,8 @@ def _stored_options(out: Path) -> dict | None:
 
 def _ours(path: Path) -> bool:
     n = path.name
-    return (n in ("dataset.json", "failures.jsonl") or n.endswith(".tar")
-            or n.endswith(".manifest.json") or n.endswith(".samples.jsonl")
+    return (n in ("dataset.json", "failures.jsonl", "README.md") or n.endswith(".tar")
+            or n.endswith(".manifest.json") or n.endswith(".samples.jsonl") or n.endswith(".wids.json")
             or shardlib.TMP_MARK in n)
 
 
@@ -184,6 +184,8 @@ def finished_state(out: Path, plan: shardlib.ShardPlan) -> ShardState | None:
         return None
     if st.keys != [c.key for c in plan.clips]:
         return None
+    if any(f not in r for r in st.samples for f in shardformat.INDEX_FIELDS):
+        return None     # written before the sample index existed: redo it
     shard = out / plan.name
     if st.sha256 is None:      # every clip failed: no file expected
         return None if shard.exists() else st
@@ -218,7 +220,7 @@ def remove_strays(out: Path, planned: set[str]) -> None:
             if p.name[:-len(".json")] not in planned:
                 p.unlink()
         splits = {name.rsplit("-", 1)[0] for name in planned}
-        for suffix in (".manifest.json", ".samples.jsonl"):
+        for suffix in (".manifest.json", ".samples.jsonl", ".wids.json"):
             for p in out.glob(f"*{suffix}"):
                 if p.name[:-len(suffix)] not in splits:
                     p.unlink()
@@ -246,22 +248,18 @@ def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan]
             shardlib.atomic_write_bytes(path, data, **kw)
 
     write(out / "failures.jsonl", b"".join(json_bytes(f) for f in failures), sync_dir=False)
-    samples: dict[str, dict[str, int]] = {}
+    manifests: dict[str, shardformat.Manifest] = {}
     for split in shardlib.split_order({p.split for p in plans}):
         sts = [states[p.name] for p in plans if p.split == split]
-        records = [r for st in sts for r in st.samples]
-        write(out / f"{split}.samples.jsonl", b"".join(map(json_bytes, records)), sync_dir=False)
-        counts = count(r["label"] for r in records)
-        samples[split] = {c: counts[c] for c in classes if c in counts}
-        manifest = {"split": split, "num_samples": len(records), "class_counts": samples[split],
-                    "shards": [{"name": st.name, "num_samples": st.num_samples,
-                                "bytes": st.bytes, "sha256": st.sha256}
-                               for st in sts if st.sha256 is not None]}
-        write(out / f"{split}.manifest.json", json_bytes(manifest, indent=1), sync_dir=False)
-    info = {**options, "classes": list(classes),
-            "splits": {s: sum(c.values()) for s, c in samples.items()},
-            "num_failures": len(failures), "spec_shape": list(spec_shape),
-            "max_frames": max((states[p.name].max_frames for p in plans), default=0)}
+        index = shardformat.SampleIndex.from_records(split, [r for st in sts for r in st.samples])
+        shards = [shardformat.ShardEntry(st.name, st.num_samples, st.bytes, st.sha256)
+                  for st in sts if st.sha256 is not None]
+        manifests[split] = shardformat.write_split_files(out, split, index, shards, list(classes),
+                                                         functools.partial(write, sync_dir=False))
+    meta = shardformat.DatasetMeta.build(options, list(classes), manifests,
+                                         [r for st in states.values() for r in st.samples],
+                                         num_failures=len(failures), spec_shape=spec_shape)
+    shardformat.write_card(out, meta, manifests, functools.partial(write, sync_dir=False))
     shardlib.fsync_dir(out)
-    write(out / "dataset.json", json_bytes(info, indent=1))
-    return samples
+    write(out / "dataset.json", meta.to_json())
+    return {split: m.class_counts for split, m in manifests.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import media, spectrogram
+from . import media, shardformat, spectrogram
 from .config import ExtractConfig
 from .datasets._base import Clip, safe_text
 from .datasets._base import rel as relative_source
@@ -66,15 +66,11 @@ def extract_clip(clip: Clip, label_index: int, split: str, cfg: ExtractConfig,
         n_frames=len(frames), frame_times=[round(t, 6) for t in decoded.frame_times],
         frame_size=list(decoded.frame_size), spec_shape=list(cfg.spec.shape), spec_preset=cfg.spec.preset,
     )
-    members = {
-        "cls": str(int(label_index)).encode("ascii"),
-        "json": json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                           default=_json_default).encode("ascii"),
-        "spec.npy": npy_bytes(spec, cfg.spec_dtype),
-    }
-    for i, jpeg in enumerate(frames):
-        members[f"f{i:03d}.jpg"] = jpeg
-    return members
+    return shardformat.ordered_members(
+        str(int(label_index)).encode("ascii"),
+        json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                   default=_json_default).encode("ascii"),
+        npy_bytes(spec, cfg.spec_dtype), frames)
 
 
 def _json_default(value):

@@ -12,14 +12,15 @@ import io
 import math
 import os
 import tarfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import shardformat
 from .config import ExtractConfig
 from .datasets._base import SPLITS, Clip
-
-TMP_MARK = ".tmp-"
+from .shardformat import TMP_MARK, shard_name  # noqa: F401 - re-exported: the format owns the names
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,6 @@ def split_order(splits: Iterable[str]) -> list[str]:
     """train, val, test first, then any other split names alphabetically."""
     splits = set(splits)
     return [s for s in SPLITS if s in splits] + sorted(splits - set(SPLITS))
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
 
 
 def estimate_sample_bytes(cfg: ExtractConfig) -> int:
@@ -96,10 +93,12 @@ class _HashingWriter:
         self._f = f
         self.sha = hashlib.sha256()
         self.size = 0
+        self.crc = 0        # CRC-32 of the bytes since the current sample began (the sample index's)
 
     def write(self, data) -> int:
         self._f.write(data)
         self.sha.update(data)
+        self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
         return len(data)
 
@@ -169,14 +168,22 @@ class ShardWriter:
         self._last_key: str | None = None
         self.num_samples = 0
 
-    def add(self, key: str, members: Mapping[str, bytes]) -> None:
-        """One sample: its members contiguous, in the given order, with fixed headers."""
+    def add(self, key: str, members: Mapping[str, bytes]) -> dict[str, int]:
+        """One sample: its members contiguous, in the given order, with fixed headers.
+
+        Returns its sample-index fields (``shardformat.INDEX_FIELDS``): the offset of its first
+        header, its length up to the next sample, and the CRC-32 of those bytes (tarfile writes
+        each member's header, payload and padding straight through, so the span is exact)."""
         if self._last_key is not None and key <= self._last_key:
             raise ValueError(f"sample keys must increase: {key!r} after {self._last_key!r}")
+        if "." in key or not key:
+            raise ValueError(f"sample key {key!r} must be non-empty and hold no dot")
+        offset, self._out.crc = self._out.size, 0
         for ext, data in members.items():
             self._tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
         self._last_key = key
         self.num_samples += 1
+        return dict(zip(shardformat.INDEX_FIELDS, (offset, self._out.size - offset, self._out.crc)))
 
     def commit(self, sync_dir: bool = True) -> WrittenShard:
         """Close, fsync and rename to the final name. ``sync_dir=False`` leaves the folder's
@@ -222,3 +229,60 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def index_dataset(out: Path, *, on_progress=None) -> dict[str, int]:
+    """Write the sample index (``<split>.samples.jsonl`` with byte offsets, length and CRC-32 of
+    every sample) and ``<split>.wids.json`` for a local dataset written before they existed,
+    reading each shard once and rewriting no shard. Existing records keep their fields (label,
+    source, duration); samples without one get them from their ``.cls`` and ``.json``.
+    ``on_progress(done, total, shard)`` after each shard. Returns samples indexed per split.
+    Raises ``ShardDataError`` when a shard is not a readable tar or holds fewer samples than its
+    manifest (verify it first)."""
+    import json
+
+    out = Path(out)
+    meta = shardformat.DatasetMeta.from_json((out / "dataset.json").read_bytes(), str(out / "dataset.json"))
+    manifests = {s: shardformat.Manifest.from_json((out / shardformat.manifest_name(s)).read_bytes(), s,
+                                                   str(out / shardformat.manifest_name(s))) for s in meta.splits}
+    total = sum(len(m.shards) for m in manifests.values())
+    done, counts = 0, {}
+    for split, manifest in manifests.items():
+        old: dict[str, dict] = {}
+        path = out / shardformat.index_name(split)
+        if path.exists():
+            for line in path.read_bytes().splitlines():
+                r = shardformat.load_json(line, str(path), check="index") if line.strip() else None
+                if isinstance(r, dict) and isinstance(r.get("key"), str):
+                    old[r["key"]] = r
+        records = []
+        for entry in manifest.shards:
+            url = str(out / entry.name)
+            with open(url, "rb") as f:
+                samples = list(shardformat.read_shard_samples(
+                    f, url, size=os.fstat(f.fileno()).st_size, keep=lambda ext: ext in ("cls", "json")))
+            if len(samples) != entry.num_samples:
+                raise shardformat.ShardDataError(f"{url}: {len(samples)} samples, the manifest says "
+                                                 f"{entry.num_samples}; run avprep verify", check="count")
+            for s in samples:
+                r = dict(old.get(s.key) or {})
+                if "label_index" not in r:
+                    r["label_index"] = shardformat.parse_cls(s.members.get("cls", b"x"), len(meta.classes))
+                    r["label"] = meta.classes[r["label_index"]]
+                    try:
+                        j = json.loads(bytes(s.members.get("json", b"{}")))
+                    except ValueError:
+                        j = {}
+                    r.setdefault("source", j.get("source", "") if isinstance(j, dict) else "")
+                    r.setdefault("duration", j.get("duration", 0.0) if isinstance(j, dict) else 0.0)
+                r.update(key=s.key, shard=entry.name, offset=s.offset, length=s.length, crc32=s.crc32,
+                         n_frames=sum(1 for e in s.present if shardformat.FRAME.fullmatch(e)))
+                records.append(r)
+            done += 1
+            if on_progress:
+                on_progress(done, total, entry.name)
+        index = shardformat.SampleIndex.from_records(split, records)
+        atomic_write_bytes(path, index.to_json())
+        atomic_write_bytes(out / shardformat.wids_name(split), shardformat.wids_index(split, manifest.shards))
+        counts[split] = len(records)
+    return counts

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from .errors import ConfigError, StorageError
 
@@ -62,11 +62,17 @@ class _Transient(Exception):
 
 
 def _check_name(name: str) -> str:
-    """Names come from manifests, which are untrusted: refuse anything leaving the prefix."""
-    p = PurePosixPath(name)
-    if not name or p.is_absolute() or ".." in p.parts or "\\" in name:
+    """Names come from manifests, which are untrusted: refuse anything leaving the prefix, as
+    written and after percent-decoding (a server decodes ``%2e%2e`` to ``..``), and anything a
+    URL or key would carry differently (``%``, ``?``, ``#``, control characters)."""
+    bad = not isinstance(name, str) or not name
+    if not bad:
+        decoded = unquote(name)
+        bad = (any(c in name for c in "%?#\\") or any(ord(c) < 32 or ord(c) == 127 for c in decoded)
+               or any(PurePosixPath(t).is_absolute() or ".." in PurePosixPath(t).parts for t in (name, decoded)))
+    if bad:
         raise StorageError(f"refusing unsafe object name {name!r}")
-    return str(p)
+    return str(PurePosixPath(name))
 
 
 class Location:
@@ -93,6 +99,23 @@ class Location:
         _check_name(name)
         return io.BufferedReader(_ResumingStream(self, name), buffer_size=_CHUNK)
 
+    def read_range(self, name: str, start: int, length: int) -> bytearray:
+        """Bytes [start, start + length) of an object in one request (HTTP/S3 ``Range``), with the
+        same retries as ``open``; fewer bytes than asked is an error (the object is shorter than
+        its index says)."""
+        _check_name(name)
+        if length <= 0:
+            return bytearray()
+
+        def fetch():
+            data = self._read_range(name, start, length)
+            if len(data) != length:
+                raise StorageError(f"{self.url(name)}: bytes {start}-{start + length - 1} asked, "
+                                   f"{len(data)} returned (shorter than its index says)")
+            return data if isinstance(data, bytearray) else bytearray(data)
+
+        return self._with_retry(self.url(name), fetch)
+
     def exists(self, name: str) -> bool:
         return self._with_retry(self.url(name), lambda: self._stat(name)) is not None
 
@@ -109,6 +132,9 @@ class Location:
 
     def _stat(self, name: str) -> tuple[int, str | None] | None:
         """(size, etag) or None when the object does not exist."""
+        raise NotImplementedError
+
+    def _read_range(self, name: str, start: int, length: int) -> bytes:
         raise NotImplementedError
 
     def _open_at(self, name: str, offset: int, etag: str | None):
@@ -241,6 +267,19 @@ class LocalLocation(Location):
         except OSError as e:
             raise StorageError(f"{self.url(name)}: {e.strerror or e}") from None
 
+    def read_range(self, name: str, start: int, length: int) -> bytearray:
+        data = bytearray(max(length, 0))
+        try:
+            with open(self.url(name), "rb", buffering=0) as f:
+                f.seek(start)
+                got = f.readinto(data) if length > 0 else 0
+        except OSError as e:
+            raise StorageError(f"{self.url(name)}: {e.strerror or e}") from None
+        if got != len(data):
+            raise StorageError(f"{self.url(name)}: bytes {start}-{start + length - 1} asked, {got} there "
+                               "(shorter than its index says)")
+        return data
+
     def exists(self, name: str) -> bool:
         return Path(self.url(name)).is_file()
 
@@ -280,6 +319,14 @@ class HttpLocation(Location):
     def _read(self, name: str) -> bytes:
         r = self.session.get(self.url(name), timeout=self._timeouts())
         r.raise_for_status()
+        return r.content
+
+    def _read_range(self, name: str, start: int, length: int) -> bytes:
+        r = self.session.get(self.url(name), timeout=self._timeouts(),
+                             headers={"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"})
+        r.raise_for_status()
+        if r.status_code != 206:
+            raise StorageError(f"{self.url(name)}: server ignored the Range request")
         return r.content
 
     def _stat(self, name: str):
@@ -365,6 +412,10 @@ class S3Location(Location):
 
     def _read(self, name: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
+
+    def _read_range(self, name: str, start: int, length: int) -> bytes:
+        r = self.client.get_object(Bucket=self.bucket, Key=self.key(name), Range=f"bytes={start}-{start + length - 1}")
+        return r["Body"].read()
 
     def _stat(self, name: str):
         from botocore.exceptions import ClientError

@@ -1,11 +1,12 @@
 """Training-batch loading: our shard loader vs the per-clip file layout of the published OGM-GE code.
 
-    python -m bench.loader [--json] [--clips 128] [--workers 2] [--batch-size 32] [--rounds 3]
+    python -m bench.loader [--json] [--clips 192] [--workers 2] [--batch-size 16] [--rounds 5]
 
 One run builds both layouts from the same clips and measures them side by side:
 
 - ``shards``: ``avprep extract`` output with the defaults (float16 spectrogram, JPEG frames with
-  a 256-px short side, WebDataset tars), read by ``ogmge_train.data.make_loader``;
+  a 256-px short side, WebDataset tars), read by ``ogmge_train.data.make_loader`` with uint8
+  frames (normalised on the training device by ``data.to_device``);
 - ``reference``: what the published preprocessing scripts write and the published
   ``CramedDataset`` reads: one ``.npy`` per clip saved with ``np.save`` (float32, the same
   spectrogram values as the shard's) and one folder of JPEG frames per clip at the original
@@ -17,8 +18,11 @@ after evicting exactly these files from it ("cold", as when a dataset does not f
 Both apply the same training transforms (``ogmge_train.transforms``: segment frame sampling,
 RandomResizedCrop + flip, normalisation), batch size and worker count. Rounds alternate
 between the two loaders (load drift on a shared machine hits both) and the median
-samples/s is reported; the first batch of a round (worker start-up) is not timed. The clips
-are synthetic CREMA-D clips at CREMA-D's real frame size (480x360).
+samples/s is reported; the first batch of a round (worker start-up) is not timed. A round is at
+most one training epoch (no sample read twice). The clips are synthetic CREMA-D clips at
+CREMA-D's real frame size (480x360). A second figure reads the same clips extracted into one
+train shard and into several, with 1 rank × 4 workers: samples, not shards, are partitioned, so
+one shard should feed 4 workers as fast as several do.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import statistics
 import sys
 import tarfile
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +152,7 @@ def run(work: Path, *, clips: int, workers: int, batch_size: int, batches: int, 
     log(f"synthesizing {clips} CREMA-D clips at {CREMAD_SIZE[0]}x{CREMAD_SIZE[1]}")
     make_dataset("cremad", raw, clips, size=CREMAD_SIZE, fps=5, seed=0)
     log("extracting shards (avprep defaults)")
-    cfg = ExtractConfig(spec_preset("paper", "cremad"), shard_size=max(8, clips // (2 * max(workers, 1))))
+    cfg = ExtractConfig(spec_preset("paper", "cremad"), shard_size=max(8, clips // 5))    # >= 4 train shards
     result = extract("cremad", raw, shards, cfg, workers=workers or 1)
     log("writing the reference layout")
     n = build_reference(shards, raw, ref)
@@ -160,13 +165,21 @@ def run(work: Path, *, clips: int, workers: int, batch_size: int, batches: int, 
     ours_b, ours_alloc = _bytes(shard_files)
     ref_b, ref_alloc = _bytes(ref_files)
 
+    log("extracting the same clips into one shard per split (for the 1-shard × 4-workers figure)")
+    one = work / "one-shard"
+    extract("cremad", raw, one, replace(cfg, shard_size=10**6), workers=workers or 1)
+    train_n = json.loads((shards / "train.manifest.json").read_text())["num_samples"]
+    batches = min(batches, train_n // batch_size)     # one epoch at most: no sample twice
     kw = dict(batch_size=batch_size, frames=frames, image_size=image_size, workers=workers)
     rates = {(who, cache): [] for who in ("shards", "reference") for cache in ("warm", "cold")}
+    # uint8 frames: the batch is normalised on the training device (data.to_device), as train.py does on GPU
     loaders = {
         "shards": lambda r: make_loader(str(shards), "train", train=True, seed=r, steps_per_epoch=batches,
-                                        shuffle_buffer=batch_size * 4, **kw),
+                                        shuffle_buffer=batch_size * 4, visual_dtype=torch.uint8, **kw),
         "reference": lambda r: reference_loader(ref, "train", batches=batches, seed=r, **kw),
     }
+    scaling = {"one_shard": [], "four_shards": []}
+    n_shards = len(json.loads((shards / "train.manifest.json").read_text())["shards"])
     files = {"shards": shard_files, "reference": ref_files}
     load_before = os.getloadavg()[0]    # context for the figures on a shared machine
     for r in range(rounds):
@@ -177,7 +190,12 @@ def run(work: Path, *, clips: int, workers: int, batch_size: int, batches: int, 
                 if cache == "cold":
                     _evict(files[who])
                 rates[who, cache].append(_rate(loaders[who](r)))
+        for name, folder in (("one_shard", one), ("four_shards", shards))[::1 if r % 2 == 0 else -1]:
+            scaling[name].append(_rate(make_loader(str(folder), "train", train=True, seed=r, steps_per_epoch=batches,
+                                                   shuffle_buffer=batch_size * 4, visual_dtype=torch.uint8,
+                                                   **{**kw, "workers": 4})))
     med = {k: statistics.median(v) for k, v in rates.items()}
+    one_rate, four_rate = statistics.median(scaling["one_shard"]), statistics.median(scaling["four_shards"])
     ours_rate, ref_rate = med["shards", "warm"], med["reference", "warm"]
     return {
         "clips": n, "frame_size_original": f"{CREMAD_SIZE[0]}x{CREMAD_SIZE[1]}", "workers": workers,
@@ -194,16 +212,19 @@ def run(work: Path, *, clips: int, workers: int, batch_size: int, batches: int, 
         "cold_cache_throughput_ratio": med["shards", "cold"] / med["reference", "cold"],
         "rounds_samples_per_s": {f"{who}_{cache}": v for (who, cache), v in rates.items()},
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "targets": {"throughput_ratio": ">= 1.5", "bytes_ratio": "<= 0.6"},
+        "one_shard_4_workers_samples_per_s": one_rate,
+        f"{n_shards}_shards_4_workers_samples_per_s": four_rate,
+        "one_shard_vs_many_ratio": one_rate / four_rate,
+        "targets": {"throughput_ratio": ">= 1.5", "bytes_ratio": "<= 0.6", "one_shard_vs_many_ratio": ">= 0.9"},
     }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Shard loader vs per-clip files: samples/s and bytes/sample.")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
-    ap.add_argument("--clips", type=int, default=96)
+    ap.add_argument("--clips", type=int, default=192)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--batches", type=int, default=16, help="timed batches per round (+1 warm-up)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--frames", type=int, default=1, help="frames per clip (CREMA-D: 1)")
@@ -228,6 +249,9 @@ def main(argv=None) -> int:
               f"{res['cold_cache_reference_samples_per_s']:8.1f}   ratio {res['cold_cache_throughput_ratio']:.2f}x")
         print(f"load average    {res['load_average_1min']['before']:.2f} before, "
               f"{res['load_average_1min']['after']:.2f} after (other processes skew both loaders)")
+        print(f"1 rank x 4 workers: 1 shard {res['one_shard_4_workers_samples_per_s']:8.1f}   several shards "
+              f"{[v for k, v in res.items() if k.endswith('_shards_4_workers_samples_per_s')][0]:8.1f}   ratio "
+              f"{res['one_shard_vs_many_ratio']:.2f}x (target >= 0.9x)")
         print(f"bytes/sample    shards {res['shards_bytes_per_sample']:8.0f}   reference "
               f"{res['reference_bytes_per_sample']:8.0f}   ratio {res['bytes_ratio']:.2f}x (target <= 0.6x)")
     return 0

@@ -176,7 +176,8 @@ def datasets_cmd(as_json):
 
 
 def _read_output(location: str, s3_endpoint: str | None = None):
-    """dataset.json and the split manifests of a local folder or URL."""
+    """dataset.json and the split manifests of a local folder or URL (typed, via shardformat)."""
+    from avprep import shardformat as sf
     from avprep.shards import split_order
     from avprep.storage import open_location
 
@@ -184,15 +185,17 @@ def _read_output(location: str, s3_endpoint: str | None = None):
 
     def read(name):
         try:
-            return loc.read_json(name)
-        except (OSError, ValueError, AvprepError) as e:
+            return loc.read_bytes(name)
+        except (OSError, AvprepError) as e:
             raise ConfigError(f"{location}: cannot read {name} ({e}); is the extraction finished?") from None
 
-    dataset = read("dataset.json")
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("splits", {}), dict):
-        raise ConfigError(f"{location}: dataset.json is not an avprep dataset description (not a JSON object "
-                          "with splits)")
-    return dataset, {s: read(f"{s}.manifest.json") for s in split_order(dataset.get("splits", {}))}
+    try:
+        dataset = sf.DatasetMeta.from_json(read("dataset.json"), loc.url("dataset.json"))
+        manifests = {s: sf.Manifest.from_json(read(sf.manifest_name(s)), s, loc.url(sf.manifest_name(s)))
+                     for s in split_order(dataset.splits)}
+    except sf.ShardDataError as e:
+        raise ConfigError(str(e)) from None
+    return dataset, manifests
 
 
 @click.command("info")
@@ -204,38 +207,55 @@ def _read_output(location: str, s3_endpoint: str | None = None):
 def info_cmd(out, as_json, s3_endpoint):
     """Show an extracted dataset (a folder, http(s):// or s3:// prefix): options, splits, shards
     and class counts."""
+    import json
+
     dataset, manifests = _read_output(out, s3_endpoint)
     if as_json:
-        _ui.print_json({"dataset": dataset, "manifests": manifests})
+        _ui.print_json({"dataset": dataset.raw,
+                        "manifests": {s: json.loads(m.to_json()) for s, m in manifests.items()}})
         return
-    cfg = dataset.get("config", {})
-    spec = cfg.get("spec", {})
-    shown = {"dataset": dataset.get("name"), "tool version": dataset.get("tool_version"),
-             "classes": len(dataset.get("classes", [])), "spec preset": spec.get("preset"),
-             "spec shape": _spec_shape(spec), "spec dtype": cfg.get("spec_dtype"),
+    cfg = dataset.config
+    spec = cfg.get("spec", {}) if isinstance(cfg.get("spec"), dict) else {}
+    shape = dataset.spec_shape
+    shown = {"dataset": dataset.name, "tool version": dataset.raw.get("tool_version"),
+             "classes": len(dataset.classes), "spec preset": spec.get("preset"),
+             "spec shape": "×".join(map(str, shape)) if shape else "?", "spec dtype": cfg.get("spec_dtype"),
              "sample rate": spec.get("sample_rate"), "audio duration": spec.get("duration"),
              "fps": cfg.get("fps"), "frame size": cfg.get("frame_size"), "jpeg quality": cfg.get("jpeg_quality"),
-             "failures": dataset.get("num_failures")}
-    for k, v in sorted(cfg.get("extra", {}).items()):
+             "max frames": dataset.max_frames, "failures": dataset.raw.get("num_failures")}
+    extra = cfg.get("extra") if isinstance(cfg.get("extra"), dict) else {}
+    for k, v in sorted(extra.items()):
         if v not in (None, [], {}):
-            shown[k.replace("_", " ")] = ", ".join(f["name"] for f in v) if k == "split_files" else v
-    _ui.console.print(_ui.table(str(out), ["", ""], shown.items(), show_header=False))
-    rows = [(s, m["num_samples"], len(m["shards"]), _ui.human_bytes(sum(x["bytes"] for x in m["shards"])))
+            shown[k.replace("_", " ")] = (", ".join(str(f.get("name")) for f in v if isinstance(f, dict))
+                                          if k == "split_files" and isinstance(v, list) else v)
+    _ui.console.print(_ui.table(str(out), ["", ""], [(k, str(v)) for k, v in shown.items()], show_header=False))
+    rows = [(s, m.num_samples, len(m.shards), _ui.human_bytes(sum(x.bytes for x in m.shards)))
             for s, m in manifests.items()]
     _ui.console.print(_ui.table("splits", ["split", "samples", "shards", "size"], rows, numeric={1, 2, 3}))
-    classes = dataset.get("classes", [])
+    classes = dataset.classes
     if len(classes) <= 40:
-        rows = [[i, c] + [m["class_counts"].get(c, 0) for m in manifests.values()] for i, c in enumerate(classes)]
+        rows = [[i, c] + [m.class_counts.get(c, 0) for m in manifests.values()] for i, c in enumerate(classes)]
         _ui.console.print(_ui.table("class counts", ["index", "class", *manifests], rows,
                                     numeric=set(range(2, 2 + len(manifests))) | {0}))
 
 
-def _spec_shape(spec: dict) -> str:
-    from avprep.config import SpecConfig
-    try:
-        return "×".join(map(str, SpecConfig(**spec).shape))
-    except TypeError:
-        return "?"
+@click.command("index")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@_ui.handle_errors
+def index_cmd(out):
+    """Add the sample index (byte offset, length and CRC-32 of every sample) to a dataset
+    extracted by an older avprep, reading each shard once and rewriting none."""
+    from avprep.shardformat import ShardDataError
+    from avprep.shards import index_dataset
+
+    with _ui.make_progress("shards", transient=True) as progress:
+        task = progress.add_task("index", total=None)
+        try:
+            counts = index_dataset(out, on_progress=lambda done, total, name: progress.update(
+                task, completed=done, total=total, description=f"index {name}"))
+        except ShardDataError as e:
+            raise ConfigError(f"{e}; run `avprep verify {out}`") from None
+    _ui.console.print(", ".join(f"{s}: {n} samples indexed" for s, n in counts.items()))
 
 
 @click.command("upload")

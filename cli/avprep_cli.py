@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from . import _ui
-from ._avprep_commands import datasets_cmd, extract_cmd, info_cmd, upload_cmd
+from ._avprep_commands import datasets_cmd, extract_cmd, index_cmd, info_cmd, upload_cmd
 from ._synth_command import synth_cmd
 from ._verify_command import verify_cmd
 
@@ -19,7 +19,7 @@ def main():
     """Prepare audio-visual datasets as verified WebDataset shards."""
 
 
-for _cmd in (extract_cmd, verify_cmd, synth_cmd, datasets_cmd, info_cmd, upload_cmd):
+for _cmd in (extract_cmd, verify_cmd, synth_cmd, datasets_cmd, info_cmd, index_cmd, upload_cmd):
     main.add_command(_cmd)
 
 if __name__ == "__main__":

@@ -1,68 +1,61 @@
-"""Streaming shards (SPEC §4) into batches for training and evaluation (SPEC §5).
+"""Samples of extracted shards (SPEC §4) as batches for training and evaluation (SPEC §5).
 
-Stages: a small streaming tar reader of our own (``read_samples``: groups members into samples,
-selects frames, skips what no batch needs), webdataset's ``shuffle`` and ``batched`` inside a
-webdataset ``DataPipeline``, then ``decode_batch``. The shards are opened through
-``avprep.storage``, so a local folder, ``http(s)://`` and ``s3://`` share one retry/resume logic.
-Why our own tar reader: ``tarfile`` (behind webdataset's tar expansion) costs more per sample than
-decoding the sample's JPEG frame; ours parses a header with a few slices and seeks past unused
-payloads on local files.
+The sample index (``<split>.samples.jsonl``: shard, byte offset, length and CRC-32 of every
+sample) makes the sample, not the shard, the unit of work: any number of ranks × DataLoader
+workers reads any number of shards. Each worker fetches its samples as byte ranges over runs of
+consecutive samples (one local read, HTTP or S3 ``Range`` request per run, never one per member),
+checks every sample's CRC-32, parses it with ``avprep.shardformat`` (the same parser ``avprep
+verify`` uses) and decodes it with the safe decoders only: ``cls`` -> int in [0, num_classes),
+``spec.npy`` -> a finite 2-D float array (``.npy`` header parsed without evaluating anything),
+the selected ``fNNN.jpg`` frames -> PIL (size checked before decoding). Pickle members are
+refused by name, never read.
 
-Safety: shards are untrusted. Only these decoders exist: ``cls`` -> int, ``json`` -> dict,
-``spec.npy`` -> the ``.npy`` format with ``allow_pickle=False``, ``fNNN.jpg`` -> PIL, and only for the
-frames selected for the batch. A pickle member (``.pyd``, ``.pickle``, ``.pkl``, ``.pth``, ``.pt``, by
-name, before its bytes are read) or a pickled ``.npy`` raises ``ShardDataError`` naming the shard
-and key; webdataset's auto-decoders (which unpickle) are never used. A truncated or corrupt tar
-raises ``ShardDataError`` too (headers are checksummed; the end-of-archive block is required).
+A corrupt sample (checksum, structure, label, non-finite spectrogram, undecodable JPEG) is
+skipped: the batch comes out smaller, ``on_bad_sample(shard_url, key, message)`` is called in the
+main process, and past ``max_bad_samples`` the loader raises ``ogmge_train.errors.DataError``.
 
-Splitting: the manifest's shard list is split by rank (``i % world_size``), then by DataLoader
-worker. Evaluation reads every sample exactly once across all ranks and workers (no shuffle,
-no repetition; a partial last batch per worker). Training shuffles the shard order with
-``seed + epoch`` (same on every rank), uses a seeded shuffle buffer, and yields exactly
-``steps_per_epoch`` batches on every rank, cycling through the rank's own shards when they run
-short, so DDP ranks never wait on each other. The trade-off: in one epoch a rank may see some of
-its samples twice and another rank may not reach all of its samples.
+Partition rule (``plan_eval`` / ``plan_train``):
+- evaluation: the split's samples in index order, cut into ``world_size × workers`` contiguous
+  blocks (consumer ``rank × workers + worker``); every sample is read exactly once; each worker
+  keeps its partial last batch.
+- training: the samples are cut into runs of ``run`` consecutive samples of one shard; the runs
+  are shuffled with ``(seed, epoch)`` (the same on every rank); the order is cut to
+  ``steps × batch × world_size`` samples (only the last partial global batch is dropped); rank r
+  takes the r-th of ``world_size`` equal slices, and its worker w a contiguous part holding exactly
+  its batches (``_worker_steps``). Each worker reads its runs and passes them through a seeded
+  shuffle buffer, so batches mix samples of different runs and shards. Every train sample is
+  visited at most once per epoch, every rank runs the same number of steps, and nothing cycles.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import multiprocessing as mp
 import random
-import re
 import time
+import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 from itertools import islice
+from typing import Callable
 
 import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
 
-from avprep.errors import AvprepError, ConfigError
+from avprep import shardformat as sf
+from avprep.errors import ConfigError, StorageError
+from avprep.shardformat import ShardDataError
 from avprep.storage import Location, Retry, open_location
 
-from .transforms import select_frames, transform_clip
+from .errors import DataError
+from .transforms import normalize_, select_frames, transform_clip
 
-_PICKLE_EXTS = {"pyd", "pickle", "pkl", "pth", "pt"}
-_FRAME = re.compile(r"f(\d+)\.jpg")
-
-
-class ShardDataError(AvprepError):
-    """A shard, sample or manifest is malformed or unsafe (the message names where)."""
+ShardInfo = sf.ShardEntry
+RUN_BYTES = 2 << 20     # a training run holds about this many bytes (fewer requests vs. more mixing)
+MAX_RUN_BYTES = 16 << 20
 
 
 # -- dataset description -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ShardInfo:
-    name: str
-    num_samples: int
-    bytes: int | None = None
-    sha256: str | None = None
-
-
 @dataclass
 class SplitInfo:
     name: str
@@ -73,13 +66,14 @@ class SplitInfo:
 
 @dataclass
 class DatasetInfo:
-    """dataset.json plus the manifests of its splits."""
+    """dataset.json plus the manifests of its splits; sample indexes are read on first use."""
 
     location: Location
     name: str
     classes: list[str]
     splits: dict[str, SplitInfo]
     meta: dict
+    _indexes: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -94,189 +88,108 @@ class DatasetInfo:
     def shard_urls(self, split: str) -> list[str]:
         return [self.location.url(s.name) for s in self.split(split).shards]
 
+    def index(self, split: str) -> list[sf.IndexEntry]:
+        """The split's sample index, checked against its manifest (same shards, same counts)."""
+        if split not in self._indexes:
+            sp = self.split(split)
+            name = sf.index_name(split)
+            where = self.location.url(name)
+            try:
+                data = self.location.read_bytes(name)
+            except StorageError as e:
+                raise ShardDataError(f"{where}: no sample index ({e}); add it with `avprep index OUT`",
+                                     check="index") from None
+            entries = sf.SampleIndex.from_json(data, split, where).entries
+            counts: dict[str, int] = {}
+            for e in entries:
+                counts[e.shard] = counts.get(e.shard, 0) + 1
+            listed = {s.name: s.num_samples for s in sp.shards}
+            if counts != {k: v for k, v in listed.items() if v}:
+                raise ShardDataError(f"{where}: does not match {sf.manifest_name(split)} (samples per shard "
+                                     f"differ); rebuild it with `avprep index`", check="index")
+            order = {s.name: i for i, s in enumerate(sp.shards)}
+            entries.sort(key=lambda e: (order[e.shard], e.offset))
+            self._indexes[split] = entries
+        return self._indexes[split]
+
 
 def read_dataset(source, *, s3_endpoint: str | None = None, retry: Retry | None = None) -> DatasetInfo:
     """Read ``dataset.json`` and every split's ``<split>.manifest.json`` from a folder or URL."""
     if isinstance(source, DatasetInfo):
         return source
     loc = source if isinstance(source, Location) else open_location(source, s3_endpoint=s3_endpoint, retry=retry)
-    meta = loc.read_json("dataset.json")
-    where = loc.url("dataset.json")
-    classes = meta.get("classes") if isinstance(meta, dict) else None
-    if not isinstance(classes, list) or not classes:
-        raise ShardDataError(f"{where}: no 'classes' list")
-    names = list(meta.get("splits") or [])
-    splits = {name: _read_manifest(loc, name) for name in names}
-    return DatasetInfo(loc, str(meta.get("name", "")), [str(c) for c in classes], splits, meta)
+    meta = sf.DatasetMeta.from_json(loc.read_bytes("dataset.json"), loc.url("dataset.json"))
+    splits = {}
+    for name in meta.splits:
+        m = sf.Manifest.from_json(loc.read_bytes(sf.manifest_name(name)), name, loc.url(sf.manifest_name(name)))
+        splits[name] = SplitInfo(name, m.num_samples, list(m.shards), m.class_counts)
+    return DatasetInfo(loc, meta.name, list(meta.classes), splits, meta.raw)
 
 
-def _read_manifest(loc: Location, split: str) -> SplitInfo:
-    name = f"{split}.manifest.json"
-    m = loc.read_json(name)
-    try:
-        shards = [ShardInfo(str(s["name"]), int(s["num_samples"]), s.get("bytes"), s.get("sha256"))
-                  for s in m["shards"]]
-        total = int(m["num_samples"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ShardDataError(f"{loc.url(name)}: malformed manifest ({type(e).__name__}: {e})") from None
-    if sum(s.num_samples for s in shards) != total:
-        raise ShardDataError(f"{loc.url(name)}: shard counts add up to {sum(s.num_samples for s in shards)}, "
-                             f"not num_samples={total}")
-    return SplitInfo(split, total, shards, dict(m.get("class_counts") or {}))
+# -- the partition -------------------------------------------------------------------------------
+def _worker_steps(steps: int, worker: int, num_workers: int) -> int:
+    return steps // num_workers + (1 if worker < steps % num_workers else 0)
 
 
-# -- shard assignment ----------------------------------------------------------------------------
+def plan_eval(n: int, *, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1) -> range:
+    """The sample positions (index order) one evaluation consumer reads: a contiguous block."""
+    consumers = world_size * num_workers
+    c = rank * num_workers + worker
+    return range(c * n // consumers, (c + 1) * n // consumers)
+
+
+def run_starts(entries: list, run: int) -> list[int]:
+    """Positions where training runs start: every ``run`` samples and at every shard change."""
+    starts, last, since = [], None, 0
+    for i, e in enumerate(entries):
+        if e.shard != last or since == run:
+            starts.append(i)
+            last, since = e.shard, 0
+        since += 1
+    return starts
+
+
+def train_order(entries: list, *, seed: int, epoch: int, run: int) -> list[int]:
+    """All sample positions in the epoch's order: runs shuffled with (seed, epoch)."""
+    starts = run_starts(entries, run) + [len(entries)]
+    runs = [range(a, b) for a, b in zip(starts, starts[1:])]
+    random.Random(f"order:{seed}:{epoch}").shuffle(runs)
+    return [i for r in runs for i in r]
+
+
+def plan_train(entries: list, *, batch_size: int, steps: int, seed: int, epoch: int, run: int, rank: int = 0,
+               world_size: int = 1, worker: int = 0, num_workers: int = 1) -> list[int]:
+    """The sample positions one training consumer reads in an epoch (before its shuffle buffer):
+    exactly ``_worker_steps(steps, worker, num_workers) × batch_size`` of them."""
+    order = train_order(entries, seed=seed, epoch=epoch, run=run)
+    per_rank = steps * batch_size
+    if per_rank * world_size > len(order):
+        raise ConfigError(f"{steps} steps × {batch_size} × {world_size} rank(s) need more than the "
+                          f"{len(order)} samples of the split")
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    before = sum(_worker_steps(steps, w, num_workers) for w in range(worker)) * batch_size
+    return mine[before:before + _worker_steps(steps, worker, num_workers) * batch_size]
+
+
+def default_run(entries: list) -> int:
+    """Samples per training run: about RUN_BYTES of consecutive samples."""
+    if not entries:
+        return 1
+    mean = sum(e.length for e in entries) / len(entries)
+    return max(1, min(64, int(RUN_BYTES // max(mean, 1))))
+
+
 def assign_shards(shards: list, *, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
                   train: bool = False, seed: int = 0, epoch: int = 0) -> list:
-    """The shards one DataLoader worker of one rank reads: split by rank, then by worker.
-
-    Training first shuffles the order with ``(seed, epoch)``, identically on every rank, so the
-    assignment changes per epoch but stays disjoint. Evaluation keeps manifest order.
-    """
+    """Kept for callers of the shard-granular loader: the shards one consumer would read
+    (split by rank, then worker; shuffled with (seed, epoch) when training)."""
     order = list(shards)
     if train:
         random.Random(f"{seed}:{epoch}").shuffle(order)
     return order[rank::world_size][worker::num_workers]
 
 
-def _worker_steps(steps: int, worker: int, num_workers: int) -> int:
-    return steps // num_workers + (1 if worker < steps % num_workers else 0)
-
-
-# -- a minimal streaming tar reader --------------------------------------------------------------
-_BLOCK = 512
-_ZERO = bytes(_BLOCK)
-_REGULAR = (b"0", b"\0", b"7")
-_NAME = re.compile(r"((?:.*/|)[^.]+)\.([^/]*)")     # webdataset's key/extension split
-_SKIP_CHUNK = 1 << 16
-_MAX_MEMBER = 1 << 30
-
-
-class _Tar:
-    """The regular members of one tar stream, in order.
-
-    ``members()`` yields ``(name, size)``; the caller may ``read(size)`` the payload, otherwise it
-    is skipped (a seek on seekable streams such as local files, read-and-discard on network
-    streams). ustar, GNU long names and pax ``path``/``size`` records are understood; headers are
-    checksummed, and a stream must end with the end-of-archive block, so a truncated shard fails
-    instead of silently losing its tail. Why not ``tarfile``: it builds a TarInfo per member in
-    Python and reads every payload; this is a few slices and one ``int(.., 8)`` per member.
-    """
-
-    def __init__(self, stream, url: str):
-        self.f, self.url = stream, url
-        self.pos = 0       # stream offset reached
-        self.left = 0      # unread bytes of the current member, padding included
-        self.seekable = stream.seekable()
-
-    def _fail(self, problem: str):
-        raise ShardDataError(f"{self.url}: not a readable tar shard ({problem})")
-
-    def read(self, n: int) -> bytearray:
-        if n > _MAX_MEMBER:     # a hostile header must not make us allocate gigabytes up front
-            self._fail(f"a member of {n} bytes at byte {self.pos}; the limit is {_MAX_MEMBER >> 20} MiB")
-        data = bytearray(n)     # writable: numpy and torch can view it without a copy
-        got = self.f.readinto(data)
-        if got != n:
-            self._fail(f"truncated at byte {self.pos + got}")
-        self.pos += n
-        self.left -= n
-        return data
-
-    def _skip(self) -> None:
-        if self.seekable:
-            self.f.seek(self.left, 1)   # past the end is caught by the next header read
-            self.pos += self.left
-            self.left = 0
-        while self.left:
-            data = self.f.read(min(self.left, _SKIP_CHUNK))
-            if not data:
-                self._fail(f"truncated at byte {self.pos}")
-            self.pos += len(data)
-            self.left -= len(data)
-
-    def members(self):
-        name = size = None     # from a GNU long-name or pax header, for the next member only
-        while True:
-            self._skip()
-            header = self.f.read(_BLOCK)
-            if len(header) != _BLOCK:
-                self._fail("empty file" if self.pos == 0 and not header else
-                           f"truncated at byte {self.pos + len(header)}: no end-of-archive block")
-            if header == _ZERO:
-                return
-            n = self._header_size(header)
-            self.pos += _BLOCK
-            self.left = n + -n % _BLOCK
-            kind = header[156:157]
-            if kind == b"L":
-                name = _cstr(self.read(n))
-            elif kind == b"x":
-                pax = self._pax(self.read(n))
-                name, size = pax.get("path", name), int(pax["size"]) if "size" in pax else size
-            elif kind in _REGULAR:
-                if size is not None:
-                    self.left = size + -size % _BLOCK
-                yield name or _header_name(header), size if size is not None else n
-                name = size = None
-            elif kind != b"g":          # links, directories, devices: not sample members
-                name = size = None
-
-    def _header_size(self, header: bytes) -> int:
-        stored = header[148:156]
-        check = sum(header) - sum(stored) + 8 * 32     # the checksum field counts as spaces
-        try:
-            want = int(_cstr(stored).strip() or "-1", 8)
-            # old writers summed signed bytes
-            ok = want == check or want == check - 256 * sum(b > 127 for b in header)
-            n = _number(header[124:136])
-        except ValueError:
-            ok = False
-        if not ok:
-            self._fail("gzip-compressed; shards must be plain .tar" if self.pos == 0 and header[:2] == b"\x1f\x8b"
-                       else f"bad header at byte {self.pos}")
-        return n
-
-    def _pax(self, data: bytes) -> dict:
-        records, i = {}, 0
-        try:
-            while i < len(data) and data[i:i + 1] != b"\0":
-                length = int(data[i:data.index(b" ", i)])
-                if length <= 0:     # a record must move forward, or this loop never ends
-                    raise ValueError("bad record length")
-                key, _, value = data[data.index(b" ", i) + 1:i + length - 1].partition(b"=")
-                records[key.decode()] = value.decode("utf-8", "surrogateescape")
-                i += length
-            if "size" in records and int(records["size"]) < 0:
-                raise ValueError("negative size")
-        except ValueError:
-            self._fail(f"bad pax header before byte {self.pos}")
-        return records
-
-
-def _cstr(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def _number(field: bytes) -> int:
-    if field[0] & 0x80:     # GNU base-256 for sizes >= 8 GiB
-        if field[0] == 0xFF:
-            raise ValueError("negative size")
-        return int.from_bytes(field[1:], "big")
-    n = int(_cstr(field).strip() or "0", 8)
-    if n < 0:     # int(.., 8) accepts a sign; a negative size would seek backwards forever
-        raise ValueError("negative size")
-    return n
-
-
-def _header_name(header: bytes) -> str:
-    name = _cstr(header[:100])
-    if header[257:263] == b"ustar\0" and header[345]:     # POSIX prefix (GNU uses the field otherwise)
-        name = f"{_cstr(header[345:500])}/{name}"
-    return name
-
-
-# -- samples -------------------------------------------------------------------------------------
+# -- reading samples -----------------------------------------------------------------------------
 @dataclass(slots=True)
 class Sample:
     """One sample as read from a shard, still encoded: only what the batch needs is kept
@@ -292,223 +205,261 @@ class Sample:
         return f"{self.url}: sample {self.key}"
 
 
-def read_samples(stream, url: str, *, frames: int, train: bool, rng=None, keep_json: bool = False):
-    """The samples of one shard stream (a ``Location.open`` reader), grouped by key as webdataset does.
+@dataclass(slots=True)
+class BadSample:
+    url: str
+    key: str
+    message: str
 
-    Every member name is checked: a pickle extension raises ``ShardDataError`` before any of its
-    bytes are read. Frames are selected here (``select_frames``; ``rng`` draws them when training)
-    and only the selected ones are kept, so a shuffle buffer holds no unused JPEGs; members no
-    batch needs (``json`` unless ``keep_json``, anything unknown) are skipped unread.
-    """
-    tar = _Tar(stream, url)
-    key, members, found, seen = None, {}, [], set()
-    for name, size in tar.members():
-        m = _NAME.fullmatch(name)
-        if m is None:       # no extension: not part of a sample (webdataset skips these too)
+
+def _runs(entries: list, positions, max_bytes: int = MAX_RUN_BYTES):
+    """Group positions into runs of consecutive samples of one shard (one request each)."""
+    run: list = []
+    for i in positions:
+        e = entries[i]
+        if e.length > sf.MAX_SAMPLE:     # a hostile index: never allocate what it claims
+            if run:
+                yield run
+            yield [e]
+            run = []
             continue
-        if m[1] != key:
-            if key is not None:
-                yield _finish(key, url, members, found, frames, train, rng)
-            key, members, found, seen = m[1], {}, [], set()
-        ext = m[2].lower()
-        if ext.rsplit(".", 1)[-1] in _PICKLE_EXTS:
-            raise ShardDataError(f"{url}: sample {key}: member {name} is a pickle; "
-                                 "refusing to unpickle untrusted shards")
-        if ext in seen:
-            raise ShardDataError(f"{url}: sample {key}: member {name} appears twice")
-        seen.add(ext)
-        frame = _FRAME.fullmatch(ext)
-        if frame:
-            found.append((int(frame[1]), ext, tar.read(size)))
-        elif ext in ("cls", "spec.npy") or (ext == "json" and keep_json):
-            members[ext] = tar.read(size)
-    if key is not None:
-        yield _finish(key, url, members, found, frames, train, rng)
+        if run and (e.shard != run[-1].shard or e.offset != run[-1].offset + run[-1].length
+                    or e.offset + e.length - run[0].offset > max_bytes):
+            yield run
+            run = []
+        run.append(e)
+    if run:
+        yield run
 
 
-def _finish(key, url, members, found, frames, train, rng) -> Sample:
-    for need in ("cls", "spec.npy"):
-        if need not in members:
-            raise ShardDataError(f"{url}: sample {key}: missing member {key}.{need}")
-    if not found:
-        raise ShardDataError(f"{url}: sample {key}: no frames ({key}.f000.jpg ...)")
-    found.sort(key=lambda f: f[0])
-    return Sample(key, url, members, [found[i][1:] for i in select_frames(len(found), frames, train, rng)])
+def _keep(keep_json: bool):
+    return lambda ext: ext in ("cls", "spec.npy") or bool(sf.FRAME.fullmatch(ext)) or (keep_json and ext == "json")
 
 
-def _shard_samples(location: Location, shards: list[str], **read):
-    for name in shards:
-        with location.open(name) as stream:
-            yield from read_samples(stream, location.url(name), **read)
+def read_run(location: Location, run: list, *, frames: int, train: bool, rng=None, keep_json: bool = False):
+    """Samples (or ``BadSample`` for corrupt ones) of one run of consecutive index entries, read
+    with one byte-range request; each checked against its CRC-32 and parsed by shardformat."""
+    shard = run[0].shard
+    url = location.url(shard)
+    if run[0].length > sf.MAX_SAMPLE:
+        yield BadSample(url, run[0].key, f"the sample index claims {run[0].length} bytes; not read")
+        return
+    start = run[0].offset
+    data = location.read_range(shard, start, run[-1].offset + run[-1].length - start)
+    view = memoryview(data)
+    keep = _keep(keep_json)
+    for e in run:
+        raw = view[e.offset - start:e.offset - start + e.length]
+        try:
+            if zlib.crc32(raw) != e.crc32:
+                raise ShardDataError("bytes do not match the CRC-32 of the sample index", check="checksum")
+            s = sf.parse_sample_bytes(raw, url, e.key, keep=keep)
+            sf.check_structure(s)
+        except ShardDataError as err:
+            if err.check == "security":     # a hostile dataset: refuse it, do not train around it
+                raise ShardDataError(f"{url}: sample {e.key}: {err}", check="security", shard=shard,
+                                     key=e.key) from None
+            yield BadSample(url, e.key, str(err).removeprefix(f"{url}: "))
+            continue
+        found = s.frames
+        picked = select_frames(len(found), frames, train, rng)
+        members = {k: v for k, v in s.members.items() if not sf.FRAME.fullmatch(k)}
+        yield Sample(e.key, url, members, [(sf.frame_name(i), found[i]) for i in picked])
 
 
-def _train_samples(location: Location, shards: list[str], shuffle, order_rng: random.Random, **read):
-    """Endless passes over this worker's shards, each pass in a new seeded shard order and
-    shuffled on its own (so a small worker's buffer never holds two copies of a sample)."""
-    while True:
-        order = list(shards)
-        order_rng.shuffle(order)
-        n = 0
-        for sample in shuffle(_shard_samples(location, order, **read)):
-            n += 1
-            yield sample
-        if n == 0:
-            raise ShardDataError(f"{location.url(order[0])}: the shards of this worker hold no samples")
+def read_samples(stream, url: str, *, frames: int, train: bool, rng=None, keep_json: bool = False):
+    """The samples of one whole shard stream (no index needed), for tools; raises on corruption."""
+    for s in sf.read_shard_samples(stream, url, crc=False, keep=_keep(keep_json)):
+        try:
+            sf.check_structure(s)
+        except ShardDataError as e:
+            raise ShardDataError(f"{url}: sample {s.key}: {e}", check=e.check, shard=s.shard, key=s.key) from None
+        found = s.frames
+        members = {k: v for k, v in s.members.items() if not sf.FRAME.fullmatch(k)}
+        yield Sample(s.key, url, members,
+                     [(sf.frame_name(i), found[i]) for i in select_frames(len(found), frames, train, rng)])
 
 
 # -- decoding ------------------------------------------------------------------------------------
-def _empty(*shape: int) -> torch.Tensor:
-    """An uninitialised float32 tensor; inside a DataLoader worker it is allocated in shared memory
+def _empty(*shape: int, dtype=torch.float32) -> torch.Tensor:
+    """An uninitialised tensor; inside a DataLoader worker it is allocated in shared memory
     (as torch's default_collate does), so handing the batch to the main process copies nothing."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape)
-    proto = torch.empty(0)
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
     return proto.new(proto._typed_storage()._new_shared(math.prod(shape), device="cpu")).view(shape)
 
 
-def _label(s: Sample) -> int:
+def decode_sample(s: Sample, *, num_classes: int | None, spec_shape=None) -> tuple[int, np.ndarray, list]:
+    """(label, spectrogram, frame images) of one sample; raises ``ShardDataError`` naming it."""
     try:
-        return int(s.members["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ShardDataError(f"{s.where}: {s.key}.cls is not an ASCII integer") from None
+        label = sf.parse_cls(s.members["cls"], num_classes)
+        spec = sf.parse_spec(s.members["spec.npy"], shape=spec_shape)
+        images = [sf.open_jpeg(data) for _, data in s.frames]
+    except ShardDataError as e:
+        raise ShardDataError(f"{s.where}: {e}", check=e.check, shard=s.url.rpartition("/")[2], key=s.key) from None
+    return label, spec, images
 
 
-def _spec(s: Sample) -> np.ndarray:
-    """The ``.npy`` format only (no pickle fallback); float dtypes only, so object arrays, which
-    would need unpickling, are refused. Zero-copy view of the member's bytes."""
-    data = s.members["spec.npy"]
-    try:
-        if data[:6] != b"\x93NUMPY" or data[6:7] not in (b"\x01", b"\x02"):
-            raise ValueError("not a version 1 or 2 .npy file")
-        start = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else \
-            12 + int.from_bytes(data[8:12], "little")
-        shape, fortran, dtype = _npy_header(bytes(data[:start]))
-    except ValueError as e:
-        raise ShardDataError(f"{s.where}: {s.key}.spec.npy is not a plain array ({e})") from None
-    if len(shape) != 2 or dtype.kind != "f":
-        raise ShardDataError(f"{s.where}: {s.key}.spec.npy has shape {shape} dtype {dtype}; "
-                             "expected a 2-D float array")
-    count = math.prod(shape)
-    if len(data) - start != count * dtype.itemsize:
-        raise ShardDataError(f"{s.where}: {s.key}.spec.npy holds {len(data) - start} data bytes, "
-                             f"not the {count * dtype.itemsize} of its header")
-    spec = np.frombuffer(data, dtype, count, start).reshape(shape, order="F" if fortran else "C")
-    return spec if dtype.isnative else spec.astype(dtype.newbyteorder("="))
-
-
-@lru_cache(maxsize=16)
-def _npy_header(head: bytes) -> tuple:
-    """(shape, fortran_order, dtype), by numpy's own safe header parser; cached because all the
-    spectrograms of a dataset share one header (the parser costs as much as decoding the rest)."""
-    f = io.BytesIO(head)
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return read(f)
-
-
-def _jpeg(s: Sample, ext: str, data: bytes) -> Image.Image:
-    try:
-        im = Image.open(io.BytesIO(data), formats=["JPEG"])
-        im.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-        raise ShardDataError(f"{s.where}: {s.key}.{ext} is not a readable JPEG ({e})") from None
-    return im
-
-
-def decode_batch(samples: list[Sample], *, train: bool, image_size: int, rng=None, per_frame: bool = False,
-                 with_meta: bool = False) -> dict:
-    """Encoded samples -> ``{"audio": float32 (B,1,F,T), "visual": float32 (B,n,3,S,S), "label": int64 (B,),
+def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_frame: bool = False,
+                 with_meta: bool = False, num_classes: int | None = None, visual_dtype=torch.float32,
+                 skip_bad: bool = False, spec_shape: tuple[int, int] | None = None) -> dict:
+    """Encoded samples -> ``{"audio": float32 (B,1,F,T), "visual": (B,n,3,S,S), "label": int64 (B,),
     "key": [str]}`` (+ ``"meta"``), with the safe decoders only (see the module docstring).
+    ``visual`` is float32 normalised, or uint8 pixels with ``visual_dtype=torch.uint8``
+    (normalise with ``to_device``).
 
+    With ``skip_bad`` a corrupt sample (or a ``BadSample`` from ``read_run``) is left out of the
+    batch and listed in ``batch["bad"]`` as ``BadSample``; otherwise it raises ``ShardDataError``.
     Each sample is decoded straight into its slot of the batch tensors (no per-sample tensors to
     stack); the float16 spectrogram is widened by torch, several times faster than numpy's astype.
     """
-    specs = [_spec(s) for s in samples]
-    audio = _empty(len(samples), 1, *specs[0].shape)
-    visual = _empty(len(samples), len(samples[0].frames), 3, image_size, image_size)
-    for i, (s, spec) in enumerate(zip(samples, specs)):
-        if spec.shape != specs[0].shape:
-            raise ShardDataError(f"{s.where}: spectrogram shape {spec.shape} differs from {specs[0].shape} "
-                                 f"of sample {samples[0].key} in the same batch")
-        audio[i, 0].copy_(torch.from_numpy(spec))
-        transform_clip([_jpeg(s, ext, data) for ext, data in s.frames], train=train, image_size=image_size,
-                       rng=rng, per_frame=per_frame, out=visual[i])
-    batch = {"audio": audio, "visual": visual,
-             "label": torch.tensor([_label(s) for s in samples], dtype=torch.int64),
-             "key": [s.key for s in samples]}
+    bad = [s for s in samples if isinstance(s, BadSample)]
+    samples = [s for s in samples if not isinstance(s, BadSample)]
+    if bad and not skip_bad:
+        raise ShardDataError(f"{bad[0].url}: sample {bad[0].key}: {bad[0].message}")
+    audio = visual = None
+    labels, keys, metas = [], [], []
+    j = 0
+    for s in samples:
+        try:
+            label, spec, images = decode_sample(s, num_classes=num_classes,
+                                                spec_shape=spec_shape if audio is None else tuple(audio.shape[2:]))
+            if audio is None:
+                audio = _empty(len(samples), 1, *spec.shape)
+                visual = _empty(len(samples), len(s.frames), 3, image_size, image_size, dtype=visual_dtype)
+            audio[j, 0].copy_(torch.from_numpy(spec))
+            transform_clip(images, train=train, image_size=image_size, rng=rng, per_frame=per_frame, out=visual[j])
+            meta = _meta(s) if with_meta else None
+        except ShardDataError as e:
+            if not skip_bad or e.check == "security":
+                raise
+            bad.append(BadSample(s.url, s.key, str(e).removeprefix(f"{s.where}: ")))
+            continue
+        labels.append(label)
+        keys.append(s.key)
+        metas.append(meta)
+        j += 1
+    if audio is None:       # nothing decodable: an empty batch of unknown spectrogram shape
+        audio = _empty(0, 1, 0, 0)
+        visual = _empty(0, 0, 3, image_size, image_size, dtype=visual_dtype)
+    batch = {"audio": audio[:j], "visual": visual[:j], "label": torch.tensor(labels, dtype=torch.int64),
+             "key": keys}
     if with_meta:
-        batch["meta"] = [_meta(s) for s in samples]
+        batch["meta"] = metas
+    if skip_bad:
+        batch["bad"] = bad
     return batch
 
 
 def _meta(s: Sample) -> dict:
     try:
-        return json.loads(s.members["json"]) if "json" in s.members else {}
-    except ValueError:
-        raise ShardDataError(f"{s.where}: {s.key}.json is not valid JSON") from None
+        meta = json.loads(s.members["json"]) if "json" in s.members else {}
+    except (ValueError, RecursionError):
+        raise ShardDataError(f"{s.key}.json is not valid JSON", check="json") from None
+    if not isinstance(meta, dict):
+        raise ShardDataError(f"{s.key}.json is not an object", check="json")
+    return meta
+
+
+def to_device(batch: dict, device, *, non_blocking: bool | None = None):
+    """(audio, visual, label) of a batch on ``device``; a uint8 visual batch is moved as uint8
+    (4× fewer bytes) and converted and normalised there (``transforms.normalize_``)."""
+    device = torch.device(device)
+    nb = device.type == "cuda" if non_blocking is None else non_blocking
+    visual = batch["visual"].to(device, non_blocking=nb)
+    if visual.dtype == torch.uint8:
+        visual = normalize_(visual.float())
+    return (batch["audio"].to(device, non_blocking=nb), visual, batch["label"].to(device, non_blocking=nb).long())
 
 
 # -- the dataset and loader ----------------------------------------------------------------------
 class ShardStream(torch.utils.data.IterableDataset):
-    """Batches of one split for one rank; each DataLoader worker reads its own shards.
+    """Batches of one split for one rank; each DataLoader worker reads its own samples
+    (``plan_eval`` / ``plan_train``) as byte-range runs, shuffles them (training) and decodes each
+    batch straight into (shared-memory) batch tensors."""
 
-    Stages: our tar reader (grouping, frame selection) -> webdataset ``shuffle`` (training) ->
-    webdataset ``batched`` -> ``decode_batch``. Decoding after batching lets a batch be decoded
-    straight into (shared-memory) batch tensors.
-    """
-
-    def __init__(self, location: Location, shards: list[str], *, train: bool, batch_size: int, frames: int,
+    def __init__(self, location: Location, entries: list, *, train: bool, batch_size: int, frames: int,
                  image_size: int, seed: int, epoch: int, rank: int, world_size: int, num_workers: int,
-                 shuffle_buffer: int, drop_last: bool, steps: int | None, per_frame: bool = False,
-                 with_meta: bool = False):
+                 shuffle_buffer: int, drop_last: bool, steps: int | None, run: int, num_classes: int,
+                 per_frame: bool = False, with_meta: bool = False, visual_dtype=torch.float32,
+                 spec_shape: tuple[int, int] | None = None):
         super().__init__()
-        self.location, self.shards = location, list(shards)
+        self.location, self.entries = location, entries
         self.train, self.batch_size, self.frames, self.image_size = train, batch_size, frames, image_size
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
-        self.shuffle_buffer, self.drop_last, self.steps = shuffle_buffer, drop_last, steps
-        self.per_frame, self.with_meta = per_frame, with_meta
+        self.shuffle_buffer, self.drop_last, self.steps, self.run = shuffle_buffer, drop_last, steps, run
+        self.num_classes, self.per_frame, self.with_meta, self.visual_dtype = \
+            num_classes, per_frame, with_meta, visual_dtype
+        self.spec_shape = spec_shape
         # shared with (persistent) workers so set_epoch reaches them
         self.epoch = mp.RawValue("q", epoch)
+
+    def positions(self, worker: int, epoch: int) -> list[int]:
+        if self.train:
+            return plan_train(self.entries, batch_size=self.batch_size, steps=self.steps, seed=self.seed,
+                              epoch=epoch, run=self.run, rank=self.rank, world_size=self.world_size,
+                              worker=worker, num_workers=self.num_workers)
+        return list(plan_eval(len(self.entries), rank=self.rank, world_size=self.world_size, worker=worker,
+                              num_workers=self.num_workers))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         epoch = self.epoch.value
-        mine = assign_shards(self.shards, rank=self.rank, world_size=self.world_size, worker=worker,
-                             num_workers=self.num_workers, train=self.train, seed=self.seed, epoch=epoch)
         tag = f"{self.seed}:{epoch}:{self.rank}:{worker}"
-        read = {"frames": self.frames, "train": self.train, "keep_json": self.with_meta,
-                "rng": random.Random(f"frames:{tag}")}
-        decode = wds.map(partial(decode_batch, train=self.train, image_size=self.image_size,
-                                 rng=random.Random(f"aug:{tag}"), per_frame=self.per_frame,
-                                 with_meta=self.with_meta))
+        frame_rng = random.Random(f"frames:{tag}")
+        positions = self.positions(worker, epoch)
+        samples = (s for run in _runs(self.entries, positions)
+                   for s in read_run(self.location, run, frames=self.frames, train=self.train, rng=frame_rng,
+                                     keep_json=self.with_meta))
         if self.train:
-            if not mine:
-                return iter(())
-            steps = _worker_steps(self.steps, worker, self.num_workers)
-            shuffle = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
-                                  rng=random.Random(f"buffer:{tag}"))
-            pipeline = wds.DataPipeline(
-                partial(_train_samples, self.location, mine, shuffle, random.Random(f"shards:{tag}"), **read),
-                wds.batched(self.batch_size, collation_fn=None, partial=False),
-                lambda src: islice(src, steps), decode)
-        else:
-            pipeline = wds.DataPipeline(
-                partial(_shard_samples, self.location, mine, **read),
-                wds.batched(self.batch_size, collation_fn=None, partial=not self.drop_last), decode)
-        return iter(pipeline)
+            samples = _shuffled(samples, self.shuffle_buffer, random.Random(f"buffer:{tag}"))
+        decode = partial(decode_batch, train=self.train, image_size=self.image_size, rng=random.Random(f"aug:{tag}"),
+                         per_frame=self.per_frame, with_meta=self.with_meta, num_classes=self.num_classes,
+                         visual_dtype=self.visual_dtype, skip_bad=True, spec_shape=self.spec_shape)
+        batches = _batched(samples, self.batch_size, partial=not self.drop_last)
+        return (decode(b) for b in batches)
+
+
+def _shuffled(samples, size: int, rng: random.Random):
+    """A shuffle buffer of ``size`` samples (``size`` <= 1: no shuffle)."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _batched(samples, n: int, partial: bool):
+    it = iter(samples)
+    while batch := list(islice(it, n)):
+        if len(batch) == n or partial:
+            yield batch
 
 
 class ShardLoader:
     """Iterable of batches for one split and rank; ``len()`` is its number of batches per epoch.
 
-    ``set_epoch(e)`` reseeds the next iteration (works with persistent workers too).
+    ``set_epoch(e)`` reseeds the next iteration (works with persistent workers too). Corrupt
+    samples reported by the workers are passed to ``on_bad_sample(url, key, message)`` here, in
+    the main process; past ``max_bad`` of them (per loader, all epochs) it raises ``DataError``.
     """
 
     def __init__(self, stream: ShardStream, loader: torch.utils.data.DataLoader, num_batches: int,
-                 num_samples: int, info: DatasetInfo):
+                 num_samples: int, info: DatasetInfo, on_bad_sample: Callable | None = None, max_bad: int = 0):
         self.stream, self.loader, self.info = stream, loader, info
         self.num_batches, self.num_samples = num_batches, num_samples
+        self.on_bad_sample, self.max_bad = on_bad_sample, max_bad
+        self.bad: list[BadSample] = []
 
     @property
     def steps_per_epoch(self) -> int:
@@ -521,11 +472,30 @@ class ShardLoader:
         return self.num_batches
 
     def __iter__(self):
-        return iter(self.loader)
+        for batch in self.loader:
+            for b in batch.pop("bad", ()):
+                self.bad.append(b)
+                if self.on_bad_sample is not None:
+                    self.on_bad_sample(b.url, b.key, b.message)
+                if len(self.bad) > self.max_bad:
+                    raise DataError(f"{b.url}: sample {b.key}: {b.message} ({len(self.bad)} corrupt samples, "
+                                    f"more than the {self.max_bad} allowed)")
+            if not batch["key"]:
+                if not self.stream.train:
+                    continue        # evaluation has no per-batch collectives: nothing to keep in step
+                raise DataError(f"every sample of a batch is corrupt (last: {self.bad[-1].url}: "
+                                f"sample {self.bad[-1].key}: {self.bad[-1].message})")
+            yield batch
+
+
+def _spec_shape(meta: dict) -> tuple[int, int] | None:
+    shape = meta.get("spec_shape")
+    return tuple(shape) if isinstance(shape, list) and len(shape) == 2 else None
 
 
 def default_steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
-    """floor(samples / (batch × ranks)): one epoch sees about every sample once across ranks."""
+    """floor(samples / (batch × ranks)): one epoch sees every sample once across ranks, except
+    the last partial global batch."""
     return num_samples // (batch_size * world_size)
 
 
@@ -534,60 +504,69 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
                 shuffle_buffer: int = 1000, s3_endpoint: str | None = None, drop_last: bool | None = None,
                 steps_per_epoch: int | None = None, pin_memory: bool = False, persistent_workers: bool = False,
                 prefetch_factor: int | None = None, per_frame: bool = False, with_meta: bool = False,
-                retry: Retry | None = None) -> ShardLoader:
+                retry: Retry | None = None, visual_dtype: torch.dtype = torch.float32,
+                on_bad_sample: Callable[[str, str, str], None] | None = None,
+                max_bad_samples: float = 0.01, run: int | None = None) -> ShardLoader:
     """A loader over ``split`` of ``source`` (folder, URL, or a ``DatasetInfo`` from read_dataset).
 
-    Batches: ``{"audio": float32 (B,1,F,T) ((B,1,T,mel) for fbank), "visual": float32 (B,n,3,S,S),
-    "label": int64 (B,), "key": [str]}``. Training yields exactly ``steps_per_epoch`` full batches
-    on every rank (default: floor(split samples / (batch_size × world_size))) and needs at least
-    ``max(workers, 1) × world_size`` shards. Evaluation yields every sample of this rank's shards
-    once (partial batches kept unless ``drop_last``); ranks may get different batch counts, so
-    reduce eval metrics with sums, not per-batch collectives. The shuffle buffer holds encoded
-    samples: each training worker keeps up to ``shuffle_buffer`` × (spectrogram + JPEG bytes)
-    in memory (about 0.5 MB per sample for the 10 s float16 ``paper`` preset).
+    Batches: ``{"audio": float32 (B,1,F,T) ((B,1,T,mel) for fbank), "visual": (B,n,3,S,S) float32
+    normalised, or uint8 with ``visual_dtype=torch.uint8`` (then use ``to_device``), "label":
+    int64 (B,), "key": [str]}``. Any ``world_size × workers`` works on any shard count (the module
+    docstring gives the partition). Training yields exactly ``steps_per_epoch`` batches on every
+    rank (default: floor(split samples / (batch_size × world_size))), each sample at most once.
+    Evaluation yields every sample of the split exactly once across ranks and workers (partial
+    batches kept unless ``drop_last``); ranks may get different batch counts, so reduce eval
+    metrics with sums, not per-batch collectives. A corrupt sample is skipped (its batch is
+    smaller) and reported to ``on_bad_sample(url, key, message)``; more than ``max_bad_samples``
+    (a fraction of this rank's samples per epoch when < 1, else a count) raises ``DataError``.
+    The shuffle buffer holds encoded samples: each training worker keeps up to ``shuffle_buffer``
+    × (spectrogram + selected JPEG bytes) in memory.
     """
     info = read_dataset(source, s3_endpoint=s3_endpoint, retry=retry)
-    sp = info.split(split)
+    info.split(split)
     if batch_size < 1 or frames < 1 or image_size < 1:
         raise ConfigError(f"batch size, frames and image size must be positive "
                           f"(got {batch_size}, {frames}, {image_size})")
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside world size {world_size}")
+    entries = info.index(split)
     num_workers = max(workers, 1)
-    names = [s.name for s in sp.shards]
     drop_last = train if drop_last is None else drop_last
     if train:
-        if len(names) < num_workers * world_size:
-            raise ConfigError(
-                f"split {split!r} has {len(names)} shard(s) but {world_size} rank(s) × {num_workers} worker(s) "
-                f"need at least {num_workers * world_size}: lower --workers or re-extract with a smaller --shard-size")
         steps = steps_per_epoch if steps_per_epoch is not None else \
-            default_steps_per_epoch(sp.num_samples, batch_size, world_size)
+            default_steps_per_epoch(len(entries), batch_size, world_size)
         if steps < 1:
-            raise ConfigError(f"split {split!r} has {sp.num_samples} samples, fewer than one batch of "
+            raise ConfigError(f"split {split!r} has {len(entries)} samples, fewer than one batch of "
                               f"{batch_size} × {world_size} rank(s): lower --batch-size")
+        if steps * batch_size * world_size > len(entries):
+            raise ConfigError(f"split {split!r} has {len(entries)} samples, fewer than {steps} steps × "
+                              f"{batch_size} × {world_size} rank(s)")
+        # a worker with no batch would only cost start-up time
+        workers = min(workers, steps)
+        num_workers = max(workers, 1)
         num_batches, num_samples = steps, steps * batch_size
     else:
-        # idle workers cost start-up time only: use no more than this rank has shards
-        workers = min(workers, len(names[rank::world_size]))
+        n_rank = len(plan_eval(len(entries), rank=rank, world_size=world_size, worker=0, num_workers=1))
+        workers = min(workers, n_rank)
         num_workers = max(workers, 1)
         steps, num_batches, num_samples = None, 0, 0
-        counts = {s.name: s.num_samples for s in sp.shards}
         for w in range(num_workers):
-            n = sum(counts[name] for name in assign_shards(names, rank=rank, world_size=world_size,
-                                                           worker=w, num_workers=num_workers))
+            n = len(plan_eval(len(entries), rank=rank, world_size=world_size, worker=w, num_workers=num_workers))
             num_samples += n
             num_batches += n // batch_size if drop_last else math.ceil(n / batch_size)
-    stream = ShardStream(info.location, names, train=train, batch_size=batch_size, frames=frames,
+    max_bad = int(max_bad_samples * num_samples) if max_bad_samples < 1 else int(max_bad_samples)
+    stream = ShardStream(info.location, entries, train=train, batch_size=batch_size, frames=frames,
                          image_size=image_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
-                         steps=steps, per_frame=per_frame, with_meta=with_meta)
+                         steps=steps, run=run or default_run(entries), num_classes=info.num_classes,
+                         per_frame=per_frame, with_meta=with_meta, visual_dtype=visual_dtype,
+                         spec_shape=_spec_shape(info.meta))
     extra = {}
     if workers > 0:
         extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor or 2}
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                          **extra)
-    return ShardLoader(stream, loader, num_batches, num_samples, info)
+    return ShardLoader(stream, loader, num_batches, num_samples, info, on_bad_sample, max_bad)
 
 
 def benchmark_loader(loader, *, max_batches: int | None = None, warmup: int = 1) -> dict:

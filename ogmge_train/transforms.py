@@ -115,7 +115,8 @@ def train_transform(img: Image.Image, image_size: int, params: tuple[int, int, i
 def transform_clip(images: list[Image.Image], *, train: bool, image_size: int = 224, rng=None,
                    per_frame: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """The frames of one clip -> float32 (n, 3, image_size, image_size), written into ``out``
-    when given (a loader passes a slot of its batch tensor, so nothing is copied afterwards)."""
+    when given (a loader passes a slot of its batch tensor, so nothing is copied afterwards).
+    A uint8 ``out`` gets the pixels unnormalised (``normalize_`` them later, e.g. on the GPU)."""
     out = torch.empty(len(images), 3, image_size, image_size) if out is None else out
     if out.shape != (len(images), 3, image_size, image_size):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(len(images), 3, image_size, image_size)}")
@@ -124,4 +125,10 @@ def transform_clip(images: list[Image.Image], *, train: bool, image_size: int = 
         if train and (params is None or per_frame):
             params, flip = crop_params(*im.size, rng), rng.random() < 0.5
         out[i].copy_(_chw_uint8(_resized(im, image_size, params), flip))
-    return _normalize_(out)     # once for the whole clip
+    return _normalize_(out) if out.dtype.is_floating_point else out     # once for the whole clip
+
+
+def normalize_(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation in place of a float (..., 3, H, W) tensor holding 0..255 values
+    (same float32 operations as the loader's, so results are bit-identical on CPU)."""
+    return x.div_(255.0).sub_(_MEAN.to(x.device)).div_(_STD.to(x.device))

@@ -304,13 +304,14 @@ def write_shard_folder(out: Path, shards: dict[str, list[int]], *, classes=("a",
     which frames a loader picked); the spectrogram is seeded float16 noise. Returns the keys
     per split in order.
     """
-    import hashlib
     import io
     import json
 
     import numpy as np
-    import webdataset as wds
     from PIL import Image
+
+    from avprep import shardformat as sf
+    from avprep.shards import ShardWriter
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,13 +322,13 @@ def write_shard_folder(out: Path, shards: dict[str, list[int]], *, classes=("a",
         Image.new("RGB", frame_wh, (20 * j + 10,) * 3).save(buf, format="JPEG", quality=95)
         jpgs.append(buf.getvalue())
     keys: dict[str, list[str]] = {}
+    manifests = {}
     for split, counts in shards.items():
-        entries, lines, class_counts, n = [], [], {c: 0 for c in classes}, 0
+        entries, records, n = [], [], 0
         keys[split] = []
         for s, count in enumerate(counts):
-            name = f"{split}-{s:06d}.tar"
-            with open(out / name, "wb") as f:
-                writer = wds.TarWriter(f)
+            name = sf.shard_name(split, s)
+            with ShardWriter(out / name) as writer:
                 for _ in range(count):
                     key, label = f"{split}_{n:05d}", n % len(classes)
                     spec = rng.standard_normal(spec_shape).astype(np.float16)
@@ -335,23 +336,19 @@ def write_shard_folder(out: Path, shards: dict[str, list[int]], *, classes=("a",
                     np.save(npy, spec)
                     meta = {"key": key, "label": classes[label], "label_index": label, "split": split,
                             "n_frames": n_frames, "spec_shape": list(spec_shape)}
-                    sample = {"__key__": key, "cls": str(label).encode(), "json": json.dumps(meta).encode(),
-                              "spec.npy": npy.getvalue()}
-                    sample.update({f"f{j:03d}.jpg": jpgs[j] for j in range(n_frames)})
-                    writer.write(sample)
-                    lines.append(json.dumps({"key": key, "label": classes[label], "label_index": label,
-                                             "shard": name, "source": f"{key}.mp4", "duration": float(n_frames)}))
-                    class_counts[classes[label]] += 1
+                    span = writer.add(key, sf.ordered_members(str(label).encode(), json.dumps(meta).encode(),
+                                                              npy.getvalue(), jpgs))
+                    records.append({"key": key, "label": classes[label], "label_index": label, "shard": name,
+                                    "source": f"{key}.mp4", "duration": float(n_frames), "n_frames": n_frames,
+                                    **span})
                     keys[split].append(key)
                     n += 1
-                writer.close()
-            data = (out / name).read_bytes()
-            entries.append({"name": name, "num_samples": count, "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest()})
-        manifest = {"split": split, "num_samples": n, "class_counts": class_counts, "shards": entries}
-        (out / f"{split}.manifest.json").write_text(json.dumps(manifest, indent=1))
-        (out / f"{split}.samples.jsonl").write_text("".join(line + "\n" for line in lines))
+                w = writer.commit()
+            entries.append(sf.ShardEntry(name, count, w.bytes, w.sha256))
+        manifests[split] = sf.write_split_files(out, split, sf.SampleIndex.from_records(split, records), entries,
+                                                list(classes), lambda p, b: p.write_bytes(b))
     dataset = {"name": "synthetic", "classes": list(classes), "splits": {s: sum(c) for s, c in shards.items()},
-               "config": {"fps": 1, "frame_size": min(frame_wh), "spec_dtype": "float16"}, "version": "test"}
+               "config": {"fps": 1, "frame_size": min(frame_wh), "spec_dtype": "float16"}, "version": "test",
+               "spec_shape": list(spec_shape), "spec_dtype": "float16", **sf.frame_stats([n_frames])}
     (out / "dataset.json").write_text(json.dumps(dataset, indent=1))
     return keys

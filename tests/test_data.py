@@ -60,7 +60,7 @@ def test_eval_epoch_yields_manifest_samples_once(kind, sources, data, s3_server)
     batches = list(loader)
     seen = [k for b in batches for k in b["key"]]
     assert sorted(seen) == keys["val"] and len(seen) == len(set(seen))
-    assert len(batches) == len(loader) == 5  # worker 0 reads shards 0, 2 (5 samples: 3 batches), worker 1 shard 1 (2)
+    assert len(batches) == len(loader) == 4  # each worker reads a block of 4 samples: 2 batches each
     for b in batches:
         n = len(b["key"])
         assert b["audio"].shape == (n, 1, 8, 12) and b["audio"].dtype == torch.float32
@@ -106,9 +106,11 @@ def test_eval_frames_are_segment_middles_and_deterministic(data):
 
 def test_train_frames_one_per_segment(data):
     out, _ = data
-    loader = make_loader(out, "train", train=True, batch_size=2, frames=2, image_size=24, workers=0,
-                         steps_per_epoch=20)
-    picks = [tuple(_frame_values(clip)) for b in loader for clip in b["visual"]]
+    loader = make_loader(out, "train", train=True, batch_size=2, frames=2, image_size=24, workers=0)
+    picks = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        picks += [tuple(_frame_values(clip)) for b in loader for clip in b["visual"]]
     assert all(a in (0, 1, 2) and b in (2, 3, 4) for a, b in picks)  # segments [0, 2.5) and [2.5, 5)
     assert {a for a, _ in picks} == {0, 1, 2} and {b for _, b in picks} == {2, 3, 4}
 
@@ -164,7 +166,7 @@ def test_set_epoch_reaches_persistent_workers(data):
 def test_equal_steps_per_rank_with_uneven_shards(data):
     out, _ = data
     info = read_dataset(out)
-    for steps in (None, 7):  # default floor(14 / (2 * 2)) = 3; 7 forces cycling within a rank
+    for steps in (None, 2):  # default floor(14 / (2 * 2)) = 3
         counts, seen = [], []
         for rank in range(2):
             loader = make_loader(info, "train", train=True, batch_size=2, frames=1, image_size=16, workers=2,
@@ -174,13 +176,17 @@ def test_equal_steps_per_rank_with_uneven_shards(data):
             counts.append(len(batches))
             seen.append({k for b in batches for k in b["key"]})
         assert counts == [steps or 3] * 2
-        assert not seen[0] & seen[1]  # ranks read disjoint shards
+        assert not seen[0] & seen[1]  # ranks read disjoint samples
+    with pytest.raises(ConfigError, match=r"14 samples, fewer than 4 steps × 2 × 2 rank"):
+        make_loader(info, "train", train=True, batch_size=2, frames=1, world_size=2, steps_per_epoch=4)
 
 
-def test_too_few_shards_for_workers_and_ranks(data):
-    out, _ = data
-    with pytest.raises(ConfigError, match=r"4 shard\(s\) but 2 rank\(s\) × 3 worker\(s\).*--workers.*--shard-size"):
-        make_loader(out, "train", train=True, batch_size=2, frames=1, workers=3, world_size=2)
+def test_more_consumers_than_shards(data):
+    out, keys = data
+    # 2 ranks × 3 workers on 4 train shards: samples, not shards, are partitioned
+    seen = [k for r in range(2) for k in _keys(make_loader(out, "train", train=True, batch_size=2, frames=1,
+                                                            image_size=16, workers=3, rank=r, world_size=2))]
+    assert len(seen) == len(set(seen)) == 12 and set(seen) <= set(keys["train"])
     # evaluation tolerates more workers × ranks than shards
     keys = [k for r in range(2) for k in _keys(make_loader(out, "val", train=False, batch_size=2, frames=1,
                                                             image_size=16, workers=3, rank=r, world_size=2))]
@@ -236,6 +242,8 @@ def _poisoned(tmp_path, member: str, payload: bytes):
             if s["__key__"] == "val_00001":
                 s[member] = payload
             w.write(s)
+    from avprep.shards import index_dataset
+    index_dataset(tmp_path)     # the index of the rewritten shard, so the checksum passes
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -243,7 +251,7 @@ def test_pickle_member_is_refused(tmp_path, workers):
     marker = tmp_path / "pwned"
     _poisoned(tmp_path, "pyd", pickle.dumps(_Payload(marker)))
     loader = make_loader(tmp_path, "val", train=False, batch_size=2, frames=1, image_size=16, workers=workers)
-    with pytest.raises(ShardDataError, match=r"val-000000\.tar: sample val_00001: member val_00001\.pyd is a pickle"):
+    with pytest.raises(ShardDataError, match=r"val-000000\.tar: sample val_00001: pickle member \.pyd"):
         list(loader)
     assert not marker.exists()
 
@@ -253,7 +261,7 @@ def test_pickled_npy_is_refused(tmp_path):
     buf = io.BytesIO()
     np.save(buf, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
     _poisoned(tmp_path, "spec.npy", buf.getvalue())
-    with pytest.raises(ShardDataError, match=r"val-000000\.tar: sample val_00001: val_00001\.spec\.npy"):
+    with pytest.raises(ShardDataError, match=r"val-000000\.tar: sample val_00001: spec\.npy holds Python objects"):
         list(make_loader(tmp_path, "val", train=False, batch_size=2, frames=1, image_size=16, workers=0))
     assert not marker.exists()
 
@@ -448,7 +456,7 @@ def test_corrupt_and_compressed_shards_are_errors():
         _read_all(bytes(data), True)
     huge = tarfile.TarInfo("a.spec.npy")
     huge.size = 1 << 33     # a hostile header: refused before anything is allocated
-    with pytest.raises(ShardDataError, match=r"a member of 8589934592 bytes at byte 512; the limit is 1024 MiB"):
+    with pytest.raises(ShardDataError, match=r"a member of 8589934592 bytes at byte 0; the limit is 256 MiB"):
         _read_all(huge.tobuf(tarfile.GNU_FORMAT), True)
     import gzip
     with pytest.raises(ShardDataError, match="gzip-compressed"):
@@ -484,9 +492,9 @@ def test_hostile_sizes_are_errors_not_endless_loops(seekable):
 @pytest.mark.parametrize("seekable", [True, False])
 def test_pickle_member_refused_by_name_before_reading(seekable):
     members = _sample_members("a") + [("a.pkl", b"\x80\x04 never read")] + _sample_members("b")
-    with pytest.raises(ShardDataError, match=r"mem\.tar: sample a: member a\.pkl is a pickle"):
+    with pytest.raises(ShardDataError, match=r"mem\.tar: sample a: pickle member \.pkl"):
         _read_all(_tar_bytes(members), seekable)
-    with pytest.raises(ShardDataError, match=r"sample a: member a\.cls appears twice"):
+    with pytest.raises(ShardDataError, match=r"sample a: member \.cls appears twice"):
         _read_all(_tar_bytes(_sample_members("a") + [("a.cls", b"2")]), seekable)
 
 
@@ -512,14 +520,15 @@ def test_bad_spec_members_are_errors():
         return [(n, data if n.endswith("spec.npy") else b) for n, b in _sample_members("a")]
 
     whole = _npy(np.zeros((3, 4), np.float32))
-    for data, problem in [(whole[:-4], "holds 44 data bytes, not the 48"), (b"garbage", "not a plain array"),
+    for data, problem in [(whole[:-4], "holds 44 data bytes, not the 48"), (b"garbage", "not a .npy file"),
+                          (whole + b"\0" * 4, "holds 52 data bytes, not the 48"),
                           (_npy(np.zeros(5, np.float32)), "expected a 2-D float array"),
                           (_npy(np.zeros((2, 2), np.int32)), "expected a 2-D float array")]:
-        with pytest.raises(ShardDataError, match=rf"mem\.tar: sample a: a\.spec\.npy .*{problem}"):
+        with pytest.raises(ShardDataError, match=rf"mem\.tar: sample a: spec\.npy .*{problem}"):
             _decode(with_spec(data))
     other = [(n.replace("b.", "b."), _npy(np.zeros((4, 4), np.float16)) if n.endswith("spec.npy") else d)
              for n, d in _sample_members("b")]
-    with pytest.raises(ShardDataError, match=r"sample b: spectrogram shape \(4, 4\) differs from \(3, 4\)"):
+    with pytest.raises(ShardDataError, match=r"sample b: spec\.npy shape \(4, 4\), the dataset's is \(3, 4\)"):
         _decode(_sample_members("a") + other)
 
 

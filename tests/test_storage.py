@@ -71,7 +71,7 @@ def test_upload_writes_manifests_last(folder, s3_folder, s3_server):
     assert tail[-1] == "dataset.json"
     assert set(tail[:2]) == {"train.samples.jsonl", "val.samples.jsonl"}
     assert set(tail[2:4]) == {"train.manifest.json", "val.manifest.json"}
-    assert all(n.endswith((".tar", ".bin")) for n in order[:-5])
+    assert all(n.endswith((".tar", ".bin", ".wids.json", "README.md")) for n in order[:-5])
     # the bytes arrived intact
     body = s3_server.client().get_object(Bucket=bucket, Key="ds/train-000000.tar")["Body"].read()
     assert body == (folder / "train-000000.tar").read_bytes()
