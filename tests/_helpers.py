@@ -38,3 +38,14 @@ def read_tar(path: Path) -> list[tuple[str, bytes]]:
 
 def read_jsonl(path) -> list:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun() -> list[str]:
+    """The torchrun of this interpreter's environment."""
+    import sys
+
+    exe = Path(sys.executable).parent / "torchrun"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]

@@ -10,20 +10,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from ogmge_train import train as train_mod
-from tests._helpers import read_jsonl
+from tests._helpers import REPO, read_jsonl, torchrun
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def torchrun() -> list[str]:
-    exe = Path(sys.executable).parent / "torchrun"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 @pytest.fixture(scope="module")

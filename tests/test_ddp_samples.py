@@ -10,22 +10,20 @@ import subprocess
 import pytest
 
 from ogmge_train import train as train_mod
-from tests.test_ddp import REPO, torchrun
-from tests.test_train import make_shards, read_jsonl
+from tests._helpers import REPO, read_jsonl, torchrun
 
 
 @pytest.mark.slow
-def test_three_ranks_one_train_shard(tmp_path):
-    shards = make_shards(tmp_path / "s", clips=40, shard_size=1000)
+def test_three_ranks_one_train_shard(train_shards, tmp_path):
+    shards = train_shards(clips=40, shard_size=1000)
     info = json.loads((shards / "dataset.json").read_text())
     assert len(json.loads((shards / "train.manifest.json").read_text())["shards"]) == 1
     out, hashes = tmp_path / "run", tmp_path / "hashes"
     hashes.mkdir()
-    env = {**os.environ, "OGMGE_PARAM_HASH_DIR": str(hashes), "OMP_NUM_THREADS": "1"}
-    cmd = [*torchrun(), "--standalone", "--nproc-per-node", "3", "-m", "ogmge_train",
-           "--preset", "demo", "--shards", str(shards), "--out", str(out), "--epochs", "2",
-           "--batch-size", "2", "--image-size", "32", "--device", "cpu", "--workers", "2",
-           "--modulation", "ogm-ge", "--optimizer", "sgd", "--lr", "0.05", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [*torchrun(), "--standalone", "--nproc-per-node", "3", str(REPO / "tests" / "ddp_worker.py"),
+           str(shards), str(out), str(hashes), "ogm-ge", "concat", "batch_size=2", "workers=2"]
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     ranks = [read_jsonl(hashes / f"rank{i}.jsonl") for i in range(3)]

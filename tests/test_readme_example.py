@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _cli(name: str) -> list[str]:
     exe = Path(sys.executable).parent / name
     return [str(exe)] if exe.exists() else [sys.executable, "-m", {"avprep": "cli.avprep_cli",
-                                                                    "ogmge-train": "ogmge_train"}[name]]
+                                                                    "ogmge-train": "cli.train_cli"}[name]]
 
 
 @pytest.mark.slow
