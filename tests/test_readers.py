@@ -82,7 +82,7 @@ def test_verify_reports_chained_pax_in_json_not_a_traceback(out, tmp_path):
     data[e.offset:e.offset] = _pax(b"14 path=a.b.c\n") * 400
     (out / e.shard).write_bytes(bytes(data))
     from cli._verify_command import verify_cmd
-    result = CliRunner().invoke(verify_cmd, [str(out), "--json", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(verify_cmd, [str(out), "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
     report = json.loads((tmp_path / "r.json").read_text())
     assert any("extension header" in p["message"] for p in report["problems"])

@@ -299,7 +299,8 @@ def test_converges_on_synthetic_cremad(shards, tmp_path):
     summary = train_mod.train(tiny_config(shards, tmp_path / "run", epochs=3, lr=3e-3))
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     losses = [r["train"]["loss"] for r in records]
-    assert losses == sorted(losses, reverse=True)
+    # the first epoch does most of the work; later ones may wobble by a few hundredths
+    assert losses[0] > 3 * max(losses[1:])
     assert records[-1]["train"]["acc"] > 0.9
     assert summary["test"]["acc"] > 0.6 and summary["val"]["acc"] > 0.6
 
