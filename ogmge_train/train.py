@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,7 +33,7 @@ import torch.nn.functional as F
 
 from avprep.errors import ConfigError
 
-from . import data, dist, modulation
+from . import data, dist, modulation, runfolder
 from .config import TrainConfig
 from .metrics import output_metrics
 from .models import AVModel, build_model
@@ -106,39 +104,11 @@ def _to_lists(x):
     return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _json_line(obj) -> str:
-    return json.dumps(obj, sort_keys=True, allow_nan=True) + "\n"
-
-
-def _keep_lines(path: Path, last_epoch: int) -> None:
-    """Drop the lines of epochs after ``last_epoch`` (written after the checkpoint we resume from).
-
-    A line a kill tore mid-write is dropped too: every line of a checkpointed epoch was complete
-    before that checkpoint was saved, so a torn one always belongs to an epoch that is replayed.
-    """
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            epoch = json.loads(line)["epoch"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if epoch <= last_epoch:
-            kept.append(line + "\n")
-    _atomic_write_text(path, "".join(kept))
+# Run-folder files are written through runfolder (one owner: atomic tmp + fsync + rename).
+_atomic_write_text = runfolder.atomic_write_text
+_atomic_save = runfolder.atomic_save
+_json_line = runfolder.json_line
+_keep_lines = runfolder.keep_epochs
 
 
 def load_checkpoint(path) -> dict:
@@ -332,7 +302,7 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.resume:
             (self.out / "steps.jsonl").unlink(missing_ok=True)
-        _atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+        runfolder.write_config(self.out, self.cfg.to_dict())
 
     # -- epochs
 
@@ -379,8 +349,7 @@ class _Run:
             train["acc_v"] = float(totals[3]) / n
         means = {k: float(totals[5 + j]) / (local_steps * w) for j, k in enumerate(modulation.STAT_KEYS)}
         if self.info.is_main:
-            with open(self.out / "steps.jsonl", "a") as f:
-                f.writelines(_json_line(s) for s in steps_log)
+            runfolder.append_jsonl(self.out / runfolder.STEPS, steps_log)
         return {"train": train, **means, "samples_per_s": n / max(seconds, 1e-9)}
 
     def _evaluate(self, epoch: int) -> dict:
@@ -403,13 +372,10 @@ class _Run:
                 "scheduler": self.sched.state_dict(), "epoch": epoch, "step": self.global_step,
                 "config": self.cfg.to_dict(), "classes": list(self.dataset.classes), "rng": _rng_state(),
                 "best": dict(self.best)}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(_json_line(record))
-        _atomic_save(ckpt, self.out / "last.pt")
+        runfolder.append_jsonl(self.out / runfolder.METRICS, [record])
+        _atomic_save(ckpt, self.out / runfolder.LAST)
         if improved:
-            tmp = self.out / "best.pt.tmp"
-            shutil.copyfile(self.out / "last.pt", tmp)
-            os.replace(tmp, self.out / "best.pt")
+            runfolder.atomic_copy(self.out / runfolder.LAST, self.out / runfolder.BEST)
         return improved
 
     def _write_summary(self, record_of_best: dict | None, epochs_done: int) -> dict:
@@ -418,17 +384,11 @@ class _Run:
                    "epochs": epochs_done, "dataset": self.cfg.dataset, "world_size": self.info.world_size,
                    **{s: (record_of_best or {}).get(s, {}) for s in ("val", "test")}}
         if self.info.is_main:
-            _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            runfolder.write_summary(self.out, summary)
         return summary
 
     def _record_of(self, epoch: int) -> dict | None:
-        path = self.out / "metrics.jsonl"
-        if epoch < 0 or not path.exists():
-            return None
-        for line in path.read_text().splitlines():
-            if line.strip() and json.loads(line)["epoch"] == epoch:
-                return json.loads(line)
-        return None
+        return runfolder.record_of(self.out, epoch)
 
     def _dump_hash(self, epoch: int) -> None:
         folder = os.environ.get(_PARAM_HASH_ENV)

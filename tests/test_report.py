@@ -59,8 +59,9 @@ def test_report_writes_pngs_and_a_table_with_one_row_per_run(tmp_path):
                     "audio probe acc", "visual probe acc", "selected epoch"]
     assert [r[0] for r in rows] == ["base", "ogm"]
     # the selected epoch's test numbers (epoch 1), not the last epoch's
-    assert rows[0][2:7] == ["50.0 ± 0.0", "25.0 ± 0.0", "60.0 ± 0.0", "40.0 ± 0.0", "—"]
-    assert rows[1][7] == "45.0 ± 0.0" and rows[0][7] == "—"
+    # one seed: no "± 0.0", the spread was not measured
+    assert rows[0][2:7] == ["50.0", "25.0", "60.0", "40.0", "—"]
+    assert rows[1][7] == "45.0" and rows[0][7] == "—"
     assert rows[1][8] == "1"
     for name in ("accuracy", "rho", "loss"):
         png = rep.plots[name]
@@ -117,7 +118,11 @@ def test_bad_folders_name_the_file(tmp_path):
 
 def test_mean_std_edge_cases():
     assert report.mean_std([]) == (None, None)
-    assert report.mean_std([None, 0.4]) == (0.4, 0.0)
+    # one value: no measured spread, so no std (the table prints no "± 0.0")
+    assert report.mean_std([None, 0.4]) == (0.4, None)
+    assert report.format_cell("acc", (0.4, None)) == "40.0"
+    assert report.format_cell("acc", (0.4, 0.0)) == "40.0 ± 0.0"
+    assert report.format_cell("epoch", (3.0, None)) == "3"
 
 
 # ----------------------------------------------------------------------------- the linear probe
@@ -228,3 +233,26 @@ def test_sweep_runs_each_seed_once_and_aggregates(tiny_run, tmp_path):
     stamp = (tmp_path / "sw" / "seed-0" / "last.pt").stat().st_mtime_ns
     assert sweep(cfg, [0, 1]) == summaries
     assert (tmp_path / "sw" / "seed-0" / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_sweep_runs_can_be_evaluated_and_probed_from_any_directory(tiny_run, tmp_path, monkeypatch):
+    """A sweep given a relative --shards records it absolute, as train does (issue 13)."""
+    from ogmge_train.config import TrainConfig
+    from ogmge_train.probe import probe
+    from ogmge_train.sweep import sweep
+    from ogmge_train.train import evaluate
+
+    root = tiny_run.parent
+    cfg = TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text()))
+    monkeypatch.chdir(root)
+    sweep(dataclasses.replace(cfg, shards="shards", out=str(tmp_path / "sw")), [0])
+    seed0 = tmp_path / "sw" / "seed-0"
+    assert json.loads((seed0 / "config.json").read_text())["shards"] == str(root / "shards")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    n_test = json.loads((root / "shards" / "test.manifest.json").read_text())["num_samples"]
+    metrics = evaluate(seed0, split="test", device="cpu", workers=0)
+    assert 0.0 <= metrics["acc"] <= 1.0
+    assert probe(seed0, "visual", steps=5).results["test"]["n"] == n_test
+    assert (seed0 / "probe_visual.json").is_file()
