@@ -21,7 +21,8 @@ from .errors import RunFolderError
 
 __all__ = ["RunRecord", "Group", "Report", "COLUMNS", "read_run", "expand_runs", "group_runs",
            "mean_std", "format_cell", "run_values", "group_table", "markdown_table", "plot_accuracy",
-           "plot_rho", "plot_loss", "write_report", "dominant_modality", "test_clips", "clips_sentence"]
+           "plot_rho", "plot_loss", "write_report", "dominant_modality", "test_clips", "clips_sentence",
+           "t_quantile_975", "paired_difference", "per_seed", "plot_seed_bars"]
 
 # Config keys that do not change the experiment (so runs that differ only there are seeds).
 _NOT_EXPERIMENT = {"seed", "out", "resume", "shards", "s3_endpoint", "workers", "device",
@@ -151,6 +152,52 @@ def mean_std(values) -> tuple[float | None, float | None]:
     if len(xs) == 1:
         return xs[0], None
     return float(np.mean(xs)), float(np.std(xs, ddof=1))
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (standard tables).
+_T975 = (12.70620, 4.30265, 3.18245, 2.77645, 2.57058, 2.44691, 2.36462, 2.30600, 2.26216, 2.22814,
+         2.20099, 2.17881, 2.16037, 2.14479, 2.13145, 2.11991, 2.10982, 2.10092, 2.09302, 2.08596,
+         2.07961, 2.07387, 2.06866, 2.06390, 2.05954, 2.05553, 2.05183, 2.04841, 2.04523, 2.04227)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (table to 30, then the
+    Cornish-Fisher expansion around the normal quantile, within 1e-3)."""
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_difference(base: dict, treated: dict) -> dict:
+    """``treated - base`` over the seeds both have (dicts seed -> value): ``n``, ``mean``,
+    ``ci`` (95% t-interval over seeds; None below two seeds), ``up``/``down`` (seeds that rose /
+    fell) and ``base``/``treated`` (mean, std) over those seeds."""
+    seeds = sorted(set(base) & set(treated))
+    out = {"n": len(seeds), "seeds": seeds}
+    if not seeds:
+        return {**out, "mean": None, "ci": None, "up": 0, "down": 0, "base": (None, None),
+                "treated": (None, None)}
+    d = np.array([treated[s] - base[s] for s in seeds], dtype=float)
+    mean = float(d.mean())
+    ci = None
+    if len(d) > 1:
+        half = t_quantile_975(len(d) - 1) * float(d.std(ddof=1)) / np.sqrt(len(d))
+        ci = (mean - half, mean + half)
+    return {**out, "mean": mean, "ci": ci, "up": int((d > 0).sum()), "down": int((d < 0).sum()),
+            "base": mean_std(base[s] for s in seeds), "treated": mean_std(treated[s] for s in seeds)}
+
+
+def per_seed(runs: list[RunRecord], key: str) -> dict[int, float]:
+    """``run_values(run)[key]`` by the run's seed (runs without the value left out)."""
+    out = {}
+    for r in runs:
+        v = run_values(r)[key]
+        if v is not None:
+            out[int(r.config.get("seed", 0))] = float(v)
+    return out
 
 
 def group_table(groups: list[Group]) -> list[dict]:
@@ -349,6 +396,27 @@ def plot_loss(groups: list[Group], path) -> Path:
             if curve is not None:
                 _draw(ax, curve, g.label, _colour(i))
         _epoch_axis(ax, "cross-entropy", split)
+    _legend(axes)
+    return _save(fig, path)
+
+
+def plot_seed_bars(series: dict[str, dict[int, float]], path, title: str, ylabel: str = "accuracy (%)",
+                   note: str = "") -> Path:
+    """Grouped bars per seed (one colour per series, values in percent) with each series' mean as a
+    dashed line: a paired comparison readers can check seed by seed."""
+    seeds = sorted(set().union(*(set(v) for v in series.values()))) if series else []
+    fig, axes = _figure(1, title, max(5.0, 1.1 * len(seeds) + 2))
+    ax = axes[0]
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j, s in enumerate(seeds) if s in values]
+        ys = [100 * values[s] for s in seeds if s in values]
+        ax.bar(xs, ys, width, color=_colour(i), label=label)
+        if ys:
+            ax.axhline(float(np.mean(ys)), color=_colour(i), linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
+    ax.set(ylabel=ylabel, xlabel=note or None)
+    ax.grid(alpha=0.3, axis="y")
     _legend(axes)
     return _save(fig, path)
 
