@@ -4,7 +4,7 @@ TORCH ?= torch
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo compare test test-all bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -17,6 +17,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cli.demo --out demo-out
 
+compare: $(STAMP)
+	$(PY) -m cli.demo --compare --out compare-out
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -27,4 +30,4 @@ bench: $(STAMP)
 	$(PY) -m bench.run_all --out BENCHMARKS.md
 
 clean:
-	rm -rf .venv demo-out .pytest_cache
+	rm -rf .venv demo-out compare-out .pytest_cache

@@ -31,12 +31,14 @@ from ._ui import console, err_console, fail, handle_errors, table
 _SYNTH_MARKER = ".demo-synth.json"
 
 
-def _run(step: str, prog: str, args: list[str]) -> None:
+def _run(step: str, prog: str, args: list[str], note: str = "") -> None:
     """Run ``prog args`` (a click CLI of this package) in-process; stop the demo if it fails."""
     from . import avprep_cli, train_cli
 
     main = {"avprep": avprep_cli.main, "ogmge-train": train_cli.main}[prog]
     err_console.rule(f"[bold]{step}")
+    if note:
+        err_console.print(note)
     err_console.print(f"$ {prog} {shlex.join(args)}", style="dim")
     try:
         rc = main.main(args, prog_name=prog, standalone_mode=False)
@@ -145,13 +147,14 @@ def main(out, compare, clips, epochs, seeds, update_readme):
         if (arm, seed) in done_before:
             continue
         left = sum(1 for j in jobs[i:] if j not in done_before)
-        eta = (f"~{_duration(train_time / trained * left)} left for {left} trainings" if trained
-               else f"{left} trainings to go; an estimate follows the first")
+        eta = (f"ETA: ~{_duration(train_time / trained * left)} of training left ({left} runs), then probes"
+               if trained else f"{left} trainings to go; the ETA follows the first")
         t_run = time.monotonic()
-        _run(f"5/7 train {arm.name}, seed {seed} ({i + 1}/{len(jobs)}; {eta})", "ogmge-train", [
+        _run(f"5/7 train {arm.name}, seed {seed} ({i + 1}/{len(jobs)})", "ogmge-train", [
             "sweep", "--seeds", str(seed), "--shards", str(shards), "--out", str(runs / arm.name),
             "--preset", cfg.preset, "--epochs", str(cfg.epochs),
-            "--modulation-end", str(demo_lib.modulation_end(cfg)), *_flags(arm.settings), *_flags(cfg.train)])
+            "--modulation-end", str(demo_lib.modulation_end(cfg)), *_flags(arm.settings), *_flags(cfg.train)],
+             note=eta)
         trained += 1
         train_time += time.monotonic() - t_run
     lap("train")

@@ -139,7 +139,8 @@ def test_tiny_demo_end_to_end_twice(tmp_path):
     small = dataclasses.replace(DEMO, clips=60, epochs=1, seeds=(0, 1))
     n_test = demo.split_counts(small)["test"]
     assert f"The test split has {n_test} clips: one clip is {100 / n_test:.2f} points" in md
-    assert "5 trainings to go" not in res.output and "~" in res.output     # an ETA once one finished
+    assert "8 trainings to go; the ETA follows the first" in res.output
+    assert "ETA: ~" in res.output                                       # once one training finished
     for png in ("accuracy.png", "rho.png", "loss.png", "precondition.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads((out / "shards" / "test.manifest.json").read_text())
@@ -162,3 +163,32 @@ def test_tiny_demo_end_to_end_twice(tmp_path):
     assert (ckpt.stat().st_mtime_ns, probe.stat().st_mtime_ns) == stamps
     assert "train concat" not in again.output                 # no training ran
     assert _table_layout((out / "readme-block.md").read_text()) == _table_layout(block)
+
+
+def test_tiny_compare_end_to_end(tmp_path):
+    """`make compare` on tiny settings: every method this build has, per-method plots, the
+    precondition figure; methods this build lacks are named, not silently dropped."""
+    from click.testing import CliRunner
+
+    from cli.demo import main
+    from ogmge_train.demo import COMPARE
+
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(main, ["--compare", "--out", str(out), "--clips", "36", "--epochs", "1",
+                                    "--seeds", "0"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    runnable = [a.name for a in COMPARE.arms if demo.arm_problem(a) is None]
+    missing = [a.name for a in COMPARE.arms if demo.arm_problem(a) is not None]
+    md = (out / "report.md").read_text()
+    rows = [ln.split("|")[1].strip() for ln in md.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| run")]
+    assert rows == runnable and "concat+ogm" in runnable
+    said = " ".join(res.output.split())
+    for name in missing:
+        assert f"skipped {name}:" in said and name in md
+    assert "± 0.0" not in md                                  # one seed: no spread shown
+    for arm in runnable:
+        if arm not in ("concat", "audio-only", "visual-only"):
+            for png in ("accuracy.png", "rho.png"):
+                assert (out / "methods" / arm / png).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "precondition.png").read_bytes()[:4] == b"\x89PNG"
