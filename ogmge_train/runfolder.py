@@ -234,8 +234,9 @@ def expand_runs(paths) -> list[Path]:
         if is_run(p):
             out.append(p)
             continue
-        seeds = sorted((d for d in p.glob("seed-*") if SEED_DIR.match(d.name) and is_run(d)),
-                       key=lambda d: int(SEED_DIR.match(d.name).group(1)))
+        numbered = [(int(m.group(1)), d) for d in p.glob("seed-*")
+                    if (m := SEED_DIR.match(d.name)) is not None and is_run(d)]
+        seeds = [d for _k, d in sorted(numbered)]
         if not seeds:
             raise RunFolderError(f"{p}: neither a run folder ({CONFIG}) nor a sweep (seed-<k>/)")
         out.extend(seeds)

@@ -23,7 +23,7 @@ __all__ = ["parse_seeds", "seed_dir", "sweep", "aggregate"]
 
 def parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` or ``"0-2"`` (or a mix, e.g. ``"0-2,7"``) -> [0, 1, 2(, 7)]; seeds are >= 0."""
-    seeds = []
+    seeds: list[int] = []
     for part in str(text).split(","):
         lo, _, hi = part.strip().partition("-")
         try:
@@ -60,8 +60,9 @@ def sweep(cfg: TrainConfig, seeds, *, on_event: Callable[[dict], None] | None = 
         run = seed_dir(cfg.out, seed)
         if on_run is not None:
             on_run(i, len(seeds), seed, run)
-        if runfolder.finished(run, cfg.epochs):
-            summaries.append(runfolder.read_summary(run))
+        summary = runfolder.read_summary(run) if runfolder.finished(run, cfg.epochs) else None
+        if summary is not None:
+            summaries.append(summary)
             continue
         resume = runfolder.checkpoint_path(run, "last").exists()
         summaries.append(train(dataclasses.replace(cfg, seed=seed, out=str(run)), resume=resume,

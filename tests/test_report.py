@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,46 @@ def test_sweep_runs_can_be_evaluated_and_probed_from_any_directory(tiny_run, tmp
     assert 0.0 <= metrics["acc"] <= 1.0
     assert probe(seed0, "visual", steps=5).results["test"]["n"] == n_test
     assert (seed0 / "probe_visual.json").is_file()
+
+
+def _captured_figures(monkeypatch):
+    figs = {}
+    real = report._save
+
+    def save(fig, path):
+        figs[Path(path).name] = fig
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "_save", save)
+    return figs
+
+
+def test_legend_never_covers_a_panel_and_rho_marks_the_window(tmp_path, monkeypatch):
+    figs = _captured_figures(monkeypatch)
+    runs = [_write_run(tmp_path / "runs" / name, seed=0, modulation=m)
+            for name, m in (("base", "none"), ("ogm", "ogm-ge"), ("other", "ogm"))]
+    for r in runs[1:]:
+        cfg = json.loads((r / "config.json").read_text())
+        (r / "config.json").write_text(json.dumps({**cfg, "modulation_start": 0, "modulation_end": 1}))
+    report.write_report(runs, tmp_path / "out")
+    for name in ("accuracy.png", "rho.png", "loss.png"):
+        fig = figs[name]
+        fig.canvas.draw()
+        (legend,) = fig.legends
+        box = legend.get_window_extent()
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent()), f"{name}: the legend covers a panel"
+    ax = figs["rho.png"].axes[0]
+    # the fabricated steps have rho_a > 1: audio dominates, so rho_a is plotted
+    assert ax.get_ylabel() == "rho_a"
+    spans = [p for p in ax.patches if p.get_label().startswith("modulated")]
+    assert [p.get_label() for p in spans] == ["modulated (epochs 0–1)"]
+
+
+def test_rho_plot_follows_the_dominant_modality(tmp_path):
+    run = _write_run(tmp_path / "v", seed=0)
+    steps = [{"epoch": 0, "step": s, "loss": 1.0, "rho_a": 0.5, "rho_v": 2.0, "k_a": 1.0, "k_v": 0.3}
+             for s in range(4)]
+    (run / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    groups = report.group_runs([report.read_run(run)])
+    assert report.dominant_modality(groups) == "visual"
