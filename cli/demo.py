@@ -95,8 +95,10 @@ def _synth(cfg, raw: Path, kept: list[str]) -> None:
 @click.option("--seeds", help=f"Seeds, e.g. 0-4 [default: {','.join(map(str, demo_lib.DEMO.seeds))}].")
 @click.option("--update-readme", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Write the results block between the demo markers of this README.")
+@click.option("--note", default="", help="Text added after the wall times in the results block "
+              "(e.g. how loaded the machine was).")
 @handle_errors
-def main(out, compare, clips, epochs, seeds, update_readme):
+def main(out, compare, clips, epochs, seeds, update_readme, note):
     """Run the OGM-GE demo end to end on this CPU and write OUT/report.md."""
     from ogmge_train.sweep import parse_seeds
 
@@ -107,10 +109,14 @@ def main(out, compare, clips, epochs, seeds, update_readme):
     out = Path(out)
     raw, shards, runs, splits = out / "raw", out / "shards", out / "runs", out / "splits"
     seconds, kept, t0 = {}, [], time.monotonic()
+    # Stage times of the run that did the work: a resumed run keeps the earlier numbers of the
+    # stages it skipped, so the report's wall times describe the whole job.
+    times_file = out / "timings.json"
+    earlier = runfolder.read_json(times_file) if times_file.is_file() else {}
 
-    def lap(name):
+    def lap(name, did_work=True):
         nonlocal t0
-        seconds[name] = seconds.get(name, 0.0) + time.monotonic() - t0
+        seconds[name] = time.monotonic() - t0 if did_work or name not in earlier else earlier[name]
         t0 = time.monotonic()
 
     arms, skipped = [], []
@@ -122,19 +128,20 @@ def main(out, compare, clips, epochs, seeds, update_readme):
     cfg = dataclasses.replace(cfg, arms=tuple(arms))
 
     _synth(cfg, raw, kept)
-    lap("synth")
+    lap("synth", not kept)
     err_console.rule("[bold]2/7 split files")
     files = demo_lib.write_split_files(raw, splits, cfg)
     n = demo_lib.split_counts(cfg)
     err_console.print(f"{n['train']} train, {n['val']} val, {n['test']} test clips → {splits}")
-    if (shards / "dataset.json").is_file():
+    had_shards = (shards / "dataset.json").is_file()
+    if had_shards:
         kept.append("extracted shards")
     _run("3/7 extract shards (finished shards are kept)", "avprep", [
         "extract", "--dataset", "cremad", "--src", str(raw), "--out", str(shards),
         "--frame-size", str(cfg.frame_size), *_flags(cfg.spec), "--shard-size", str(cfg.shard_size),
         "--workers", str(cfg.extract_workers), *(x for s in ("train", "val", "test")
                                                  for x in ("--split-file", f"{s}={files[s]}"))])
-    lap("extract")
+    lap("extract", not had_shards)
     _run("4/7 verify shards", "avprep", ["verify", str(shards)])
     lap("verify")
 
@@ -157,7 +164,7 @@ def main(out, compare, clips, epochs, seeds, update_readme):
              note=eta)
         trained += 1
         train_time += time.monotonic() - t_run
-    lap("train")
+    lap("train", trained > 0)
 
     probed = 0
     for arm in cfg.arms:
@@ -175,7 +182,7 @@ def main(out, compare, clips, epochs, seeds, update_readme):
                 "probe", str(run), "--epochs", str(cfg.probe_steps)])
     if probed:
         kept.append(f"{probed} probed runs")
-    lap("probe")
+    lap("probe", probed < len(cfg.arms) * len(cfg.seeds))
 
     err_console.rule("[bold]7/7 report")
     folders = [runs / a.name for a in cfg.arms]
@@ -187,8 +194,10 @@ def main(out, compare, clips, epochs, seeds, update_readme):
                                   conclusion=findings)
     extra = _extra_plots(cfg, groups, rep, out, compare)
     lap("report")
+    out.mkdir(parents=True, exist_ok=True)
+    runfolder.atomic_write_json(times_file, seconds)
     block = demo_lib.readme_block(cfg, report_lib.markdown_table(rep.table), findings,
-                                  footer=f"Wall time on this machine: {_times(seconds)}.")
+                                  footer=f"Wall time on this machine: {_times(seconds)}." + (f" {note}" if note else ""))
     runfolder.atomic_write_text(out / "readme-block.md", block)
     if update_readme:
         demo_lib.update_readme(update_readme, block)
