@@ -153,8 +153,9 @@ def probe(run_dir, modality: str, *, split: str = "test", which: str = "best", s
     ``val`` and it is scored on ``split``. Raises ConfigError when the run has no such encoder
     or its shards no train split.
     """
+    # the training loop is heavy; import it only when probing
     from .data import make_loader, read_dataset
-    from .train import load_run     # the training loop is heavy; import it only when probing
+    from .train import load_run
 
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
