@@ -8,7 +8,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell printf '%s' '$(TORCH) $(TORCH_INDEX)' | tr -c 'A-Za-z0-9.' '_')
 LINTED := avprep ogmge_train cli
 
-.PHONY: demo test test-all lint bench install clean
+.PHONY: demo compare test test-all lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -26,6 +26,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m mypy
 
+compare: $(STAMP)
+	$(PY) -m cli.demo --compare --out compare-out
+
 test: lint
 	$(PY) -m pytest -q
 
@@ -36,4 +39,4 @@ bench: $(STAMP)
 	$(PY) -m bench.run_all --out BENCHMARKS.md
 
 clean:
-	rm -rf .venv demo-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv demo-out compare-out .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,6 @@ a slightly easier fit than training with augmentation would be.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from avprep.errors import ConfigError
 
+from . import runfolder
 from .metrics import accuracy, mean_average_precision
 
 __all__ = ["ProbeResult", "extract_features", "fit_linear", "evaluate_linear", "probe", "MODALITIES",
@@ -153,12 +153,14 @@ def probe(run_dir, modality: str, *, split: str = "test", which: str = "best", s
     ``val`` and it is scored on ``split``. Raises ConfigError when the run has no such encoder
     or its shards no train split.
     """
+    # the training loop is heavy; import it only when probing
     from .data import make_loader, read_dataset
-    from .train import load_run  # the training loop is heavy; import it only when probing
+    from .train import load_run
 
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
     run_dir = Path(run_dir)
+    runfolder.read_config(run_dir)      # a clear error for a folder that is not a run
     model, cfg, ckpt = load_run(run_dir, which, device=device)
     encoder = model.encoder(modality)
     if encoder is None:
@@ -194,8 +196,4 @@ def probe(run_dir, modality: str, *, split: str = "test", which: str = "best", s
         "steps": steps, "eval_split": split,
         **{s: evaluate_linear(lin, *xy) for s, xy in feats.items()},
     }
-    path = run_dir / f"probe_{modality}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return ProbeResult(modality, path, results)
+    return ProbeResult(modality, runfolder.write_probe(run_dir, modality, results), results)

@@ -11,20 +11,22 @@ plots draw the per-epoch / per-step mean over seeds. Nothing here trains or load
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import runfolder
+from .errors import RunFolderError
+
 __all__ = ["RunRecord", "Group", "Report", "COLUMNS", "read_run", "expand_runs", "group_runs",
            "mean_std", "format_cell", "run_values", "group_table", "markdown_table", "plot_accuracy",
-           "plot_rho", "plot_loss", "write_report"]
+           "plot_rho", "plot_loss", "write_report", "dominant_modality", "test_clips", "clips_sentence",
+           "t_quantile_975", "paired_difference", "per_seed", "plot_seed_bars"]
 
 # Config keys that do not change the experiment (so runs that differ only there are seeds).
 _NOT_EXPERIMENT = {"seed", "out", "resume", "shards", "s3_endpoint", "workers", "device",
                    "eval_splits"}
-_SEED_DIR = re.compile(r"^seed-(\d+)$")
 
 # (column title, key in run_values) — the table's columns after the "run" column.
 COLUMNS = (
@@ -39,8 +41,8 @@ COLUMNS = (
 )
 
 
-class ReportError(ValueError):
-    """A run folder is missing or unreadable (the message names the file)."""
+# A run folder is missing or unreadable (the message names the file); kept for callers.
+ReportError = RunFolderError
 
 
 @dataclass
@@ -57,7 +59,7 @@ class RunRecord:
     @property
     def name(self) -> str:
         """``sweep/seed-1`` -> ``sweep``; a plain run -> its folder name."""
-        if _SEED_DIR.match(self.path.name):
+        if runfolder.SEED_DIR.match(self.path.name):
             return self.path.parent.name
         return self.path.name
 
@@ -80,61 +82,16 @@ class Report:
 
 # ----------------------------------------------------------------------------- reading
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: missing") from None
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path}: unreadable JSON ({e})") from None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError as e:
-            if n == len(lines):     # a run killed mid-write leaves a torn last line
-                break
-            raise ReportError(f"{path}:{n}: not JSON ({e})") from None
-    return rows
-
-
 def read_run(path) -> RunRecord:
     """Read one run folder; ``summary.json`` may be absent (run still going)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ReportError(f"{path}: not a run folder (no config.json)")
-    summary = _read_json(path / "summary.json") if (path / "summary.json").exists() else None
-    probes = {}
-    for modality in ("audio", "visual"):
-        p = path / f"probe_{modality}.json"
-        if p.exists():
-            probes[modality] = _read_json(p)
-    return RunRecord(path, _read_json(path / "config.json"), _read_jsonl(path / "metrics.jsonl"),
-                     _read_jsonl(path / "steps.jsonl"), summary, probes)
+    config = runfolder.read_config(path)
+    probes = {m: p for m in ("audio", "visual") if (p := runfolder.read_probe(path, m)) is not None}
+    return RunRecord(path, config, runfolder.read_metrics(path), runfolder.read_steps(path),
+                     runfolder.read_summary(path), probes)
 
 
-def expand_runs(paths) -> list[Path]:
-    """Run folders named by ``paths``: a run folder itself, or a sweep folder's ``seed-<k>``."""
-    out = []
-    for p in map(Path, paths):
-        if (p / "config.json").is_file():
-            out.append(p)
-            continue
-        seeds = sorted((d for d in p.glob("seed-*") if _SEED_DIR.match(d.name)
-                        and (d / "config.json").is_file()),
-                       key=lambda d: int(_SEED_DIR.match(d.name).group(1)))
-        if not seeds:
-            raise ReportError(f"{p}: neither a run folder (config.json) nor a sweep (seed-<k>/)")
-        out.extend(seeds)
-    return out
+expand_runs = runfolder.expand_runs
 
 
 def _experiment_key(config: dict) -> str:
@@ -187,13 +144,60 @@ def run_values(run: RunRecord) -> dict:
 
 
 def mean_std(values) -> tuple[float | None, float | None]:
-    """Mean and sample std (ddof=1; 0.0 for one value) of the non-None values; (None, None) if none."""
+    """Mean and sample std (ddof=1) of the non-None values; (None, None) if none. One value has
+    no measured spread: its std is None (shown without "±")."""
     xs = [float(v) for v in values if v is not None]
     if not xs:
         return None, None
     if len(xs) == 1:
-        return xs[0], 0.0
+        return xs[0], None
     return float(np.mean(xs)), float(np.std(xs, ddof=1))
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (standard tables).
+_T975 = (12.70620, 4.30265, 3.18245, 2.77645, 2.57058, 2.44691, 2.36462, 2.30600, 2.26216, 2.22814,
+         2.20099, 2.17881, 2.16037, 2.14479, 2.13145, 2.11991, 2.10982, 2.10092, 2.09302, 2.08596,
+         2.07961, 2.07387, 2.06866, 2.06390, 2.05954, 2.05553, 2.05183, 2.04841, 2.04523, 2.04227)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (table to 30, then the
+    Cornish-Fisher expansion around the normal quantile, within 1e-3)."""
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_difference(base: dict, treated: dict) -> dict:
+    """``treated - base`` over the seeds both have (dicts seed -> value): ``n``, ``mean``,
+    ``ci`` (95% t-interval over seeds; None below two seeds), ``up``/``down`` (seeds that rose /
+    fell) and ``base``/``treated`` (mean, std) over those seeds."""
+    seeds = sorted(set(base) & set(treated))
+    out = {"n": len(seeds), "seeds": seeds}
+    if not seeds:
+        return {**out, "mean": None, "ci": None, "up": 0, "down": 0, "base": (None, None),
+                "treated": (None, None)}
+    d = np.array([treated[s] - base[s] for s in seeds], dtype=float)
+    mean = float(d.mean())
+    ci = None
+    if len(d) > 1:
+        half = t_quantile_975(len(d) - 1) * float(d.std(ddof=1)) / np.sqrt(len(d))
+        ci = (mean - half, mean + half)
+    return {**out, "mean": mean, "ci": ci, "up": int((d > 0).sum()), "down": int((d < 0).sum()),
+            "base": mean_std(base[s] for s in seeds), "treated": mean_std(treated[s] for s in seeds)}
+
+
+def per_seed(runs: list[RunRecord], key: str) -> dict[int, float]:
+    """``run_values(run)[key]`` by the run's seed (runs without the value left out)."""
+    out = {}
+    for r in runs:
+        v = run_values(r)[key]
+        if v is not None:
+            out[int(r.config.get("seed", 0))] = float(v)
+    return out
 
 
 def group_table(groups: list[Group]) -> list[dict]:
@@ -209,14 +213,17 @@ def group_table(groups: list[Group]) -> list[dict]:
 
 
 def format_cell(key: str, ms) -> str:
-    """``(mean, std)`` of column ``key`` as table text: percent for metrics, "—" for none."""
+    """``(mean, std)`` of column ``key`` as table text: percent for metrics, "—" for none, no
+    "±" when the std was not measured (one seed)."""
     mean, std = ms
     if mean is None:
         return "—"
     if key == "epoch":
-        return f"{mean:.0f}" if std == 0 else f"{mean:.1f} ± {std:.1f}"
+        if not std:
+            return f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.1f}"
+        return f"{mean:.1f} ± {std:.1f}"
     # metrics are fractions in [0, 1]; the table shows percent
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -327,20 +334,54 @@ def _step_curve(runs: list[RunRecord], key: str, smooth: int):
     return series[0][0][:n], ys.mean(axis=0), std
 
 
+def _multimodal(g: Group) -> bool:
+    return all(r.config.get("modality", "both") == "both" for r in g.runs)
+
+
+def dominant_modality(groups: list[Group]) -> str:
+    """"audio" or "visual": the modality whose rho (s_u / s_other) is above 1 on average (geometric
+    mean over every step of every multimodal run); ties and no data give "audio"."""
+    logs = [np.log(s["rho_a"]) for g in groups if _multimodal(g) for r in g.runs for s in r.steps
+            if s.get("rho_a") and s["rho_a"] > 0]
+    return "visual" if logs and float(np.mean(logs)) < 0 else "audio"
+
+
+def _modulation_window(groups: list[Group]):
+    """(first, last + 1) epochs in which some plotted group's method modulated, or None."""
+    spans = [(r.config.get("modulation_start", 0), r.config.get("modulation_end", 0) + 1)
+             for g in groups if _multimodal(g) for r in g.runs
+             if r.config.get("modulation") in ("ogm", "ge", "ogm-ge", "opm", "opm-ge")]
+    if not spans:
+        return None
+    return min(a for a, _ in spans), max(b for _, b in spans)
+
+
 def plot_rho(groups: list[Group], path, smooth: int = 5) -> Path:
-    """Paper Figure 3 style: the discrepancy ratio rho_a over training steps, one line per group."""
-    fig, axes = _figure(1, "rho_a = s_a / s_v per step (moving average, mean over seeds)", 7.0)
+    """Paper Figure 3 style: the discrepancy ratio of the dominant modality over training steps,
+    one line per multimodal group, the modulation window shaded."""
+    dom = dominant_modality(groups)
+    key = "rho_a" if dom == "audio" else "rho_v"
+    ratio = "s_a / s_v" if dom == "audio" else "s_v / s_a"
+    fig, axes = _figure(1, f"{key} = {ratio} ({dom} dominates) per step, moving average, mean over seeds",
+                        7.0)
     ax = axes[0]
+    last_epoch = 0.0
     for i, g in enumerate(groups):
-        if any(r.config.get("modality", "both") != "both" for r in g.runs):
+        if not _multimodal(g):
             continue        # unimodal runs have no discrepancy ratio
-        curve = _step_curve(g.runs, "rho_a", smooth)
+        curve = _step_curve(g.runs, key, smooth)
         if curve is None:
-            curve = _epoch_curve(g.runs, lambda m: m.get("rho_a"))
+            curve = _epoch_curve(g.runs, lambda m: m.get(key))
         if curve is not None:
             _draw(ax, curve, g.label, _colour(i))
+            last_epoch = max(last_epoch, float(curve[0][-1]) + 1)
+    window = _modulation_window(groups)
+    if window is not None:
+        lo, hi = window
+        ax.axvspan(lo, min(hi, last_epoch) if last_epoch else hi, color="grey", alpha=0.12,
+                   label=f"modulated (epochs {lo}–{hi - 1})")
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set(xlabel="epoch", ylabel="rho_a")
+    ax.set(xlabel="epoch", ylabel=key)
     ax.grid(alpha=0.3)
     _legend(axes)
     return _save(fig, path)
@@ -359,10 +400,38 @@ def plot_loss(groups: list[Group], path) -> Path:
     return _save(fig, path)
 
 
+def plot_seed_bars(series: dict[str, dict[int, float]], path, title: str, ylabel: str = "accuracy (%)",
+                   note: str = "") -> Path:
+    """Grouped bars per seed (one colour per series, values in percent) with each series' mean as a
+    dashed line: a paired comparison readers can check seed by seed."""
+    seeds = sorted(set().union(*(set(v) for v in series.values()))) if series else []
+    fig, axes = _figure(1, title, max(5.0, 1.1 * len(seeds) + 2))
+    ax = axes[0]
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j, s in enumerate(seeds) if s in values]
+        ys = [100 * values[s] for s in seeds if s in values]
+        ax.bar(xs, ys, width, color=_colour(i), label=label)
+        if ys:
+            ax.axhline(float(np.mean(ys)), color=_colour(i), linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
+    ax.set(ylabel=ylabel, xlabel=note or None)
+    ax.grid(alpha=0.3, axis="y")
+    _legend(axes)
+    return _save(fig, path)
+
+
 def _legend(axes):
+    """One legend for the figure, below the panels, so it never covers a curve."""
+    handles, labels = {}, []
     for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    if labels:
+        axes[0].figure.legend([handles[lab] for lab in labels], labels, loc="outside lower center",
+                              ncols=min(len(labels), 4), fontsize="small", frameon=False)
 
 
 def _save(fig, path) -> Path:
@@ -373,6 +442,28 @@ def _save(fig, path) -> Path:
 
 
 # ----------------------------------------------------------------------------- the report
+
+def test_clips(groups: list[Group], split: str = "test") -> int | None:
+    """Samples in ``split`` of the runs' shards (local folders only; None when unknown or when
+    the runs used different data)."""
+    counts = set()
+    for g in groups:
+        for r in g.runs:
+            shards = r.config.get("shards") or ""
+            path = Path(shards) / f"{split}.manifest.json"
+            if "://" in shards or not path.is_file():
+                return None
+            try:
+                counts.add(int(runfolder.read_json(path)["num_samples"]))
+            except (RunFolderError, KeyError, TypeError, ValueError):
+                return None
+    return counts.pop() if len(counts) == 1 else None
+
+
+def clips_sentence(n: int | None, split: str = "test") -> str:
+    if not n:
+        return ""
+    return f"The {split} split has {n} clips: one clip is {100 / n:.2f} points of accuracy."
 
 def write_report(paths, out, *, title: str = "Training runs", split: str = "test",
                  preamble: str = "", conclusion: str = "") -> Report:
@@ -395,11 +486,13 @@ def write_report(paths, out, *, title: str = "Training runs", split: str = "test
     parts.append("Test metrics at the epoch selected by validation accuracy, in percent, "
                  "mean ± sample std over seeds. Unimodal accuracies come from each modality's "
                  "own logits; probe accuracies from a linear classifier fitted on the frozen "
-                 "encoder's features.\n")
+                 "encoder's features. A cell without ± comes from one seed.\n")
+    sentence = clips_sentence(test_clips(groups))
+    if sentence:
+        parts.append(sentence + "\n")
     parts.append(markdown_table(rows))
     if conclusion:
         parts.append(conclusion.rstrip() + "\n")
     parts.append("\n".join(f"![{name}]({p.name})" for name, p in plots.items()) + "\n")
-    md = out / "report.md"
-    md.write_text("\n".join(parts))
+    md = runfolder.atomic_write_text(out / "report.md", "\n".join(parts))
     return Report(md, plots, rows, groups)

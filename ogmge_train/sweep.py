@@ -8,21 +8,22 @@ Seeds run one after the other: on one machine parallel runs only compete for the
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from avprep.errors import ConfigError
 
+from . import runfolder
 from .config import TrainConfig
-from .report import ReportError, expand_runs, group_runs, group_table, read_run
+from .errors import RunFolderError
+from .report import group_runs, group_table, read_run
 
 __all__ = ["parse_seeds", "seed_dir", "sweep", "aggregate"]
 
 
 def parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` or ``"0-2"`` (or a mix, e.g. ``"0-2,7"``) -> [0, 1, 2(, 7)]; seeds are >= 0."""
-    seeds = []
+    seeds: list[int] = []
     for part in str(text).split(","):
         lo, _, hi = part.strip().partition("-")
         try:
@@ -36,16 +37,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def seed_dir(out, seed: int) -> Path:
-    return Path(out) / f"seed-{seed}"
-
-
-def _finished(run: Path, epochs: int) -> bool:
-    try:
-        summary = json.loads((run / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return int(summary.get("epochs", -1)) >= epochs
+seed_dir = runfolder.seed_dir
 
 
 def sweep(cfg: TrainConfig, seeds, *, on_event: Callable[[dict], None] | None = None,
@@ -53,22 +45,26 @@ def sweep(cfg: TrainConfig, seeds, *, on_event: Callable[[dict], None] | None = 
     """Train ``cfg`` once per seed into ``cfg.out/seed-<k>``; returns the summaries in seed order.
 
     ``on_run(index, total, seed, folder)`` is called before each seed (also for skipped ones);
-    ``on_event`` is passed to ``train``. Finished seeds are not retrained.
+    ``on_event`` is passed to ``train``. Finished seeds are not retrained. A local ``shards``
+    folder is recorded as an absolute path, as ``train`` records it, so every seed folder can be
+    evaluated and probed from any directory.
     """
     from .train import train
 
     if not cfg.out:
         raise ConfigError("--out is required: the sweep folder (one seed-<k> folder per seed)")
+    cfg = dataclasses.replace(cfg, shards=runfolder.absolute_location(cfg.shards))
     seeds = list(seeds)
     summaries = []
     for i, seed in enumerate(seeds):
         run = seed_dir(cfg.out, seed)
         if on_run is not None:
             on_run(i, len(seeds), seed, run)
-        if _finished(run, cfg.epochs):
-            summaries.append(json.loads((run / "summary.json").read_text()))
+        summary = runfolder.read_summary(run) if runfolder.finished(run, cfg.epochs) else None
+        if summary is not None:
+            summaries.append(summary)
             continue
-        resume = (run / "last.pt").exists()
+        resume = runfolder.checkpoint_path(run, "last").exists()
         summaries.append(train(dataclasses.replace(cfg, seed=seed, out=str(run)), resume=resume,
                                on_event=on_event))
     return summaries
@@ -77,8 +73,8 @@ def sweep(cfg: TrainConfig, seeds, *, on_event: Callable[[dict], None] | None = 
 def aggregate(out) -> dict:
     """The mean ± std row (``report.group_table``) of the seeds in sweep folder ``out``."""
     try:   # numeric seed order, the same listing the report uses
-        seeds = [p for p in expand_runs([out]) if p != Path(out)]
-    except ReportError:
+        seeds = [p for p in runfolder.expand_runs([out]) if p != Path(out)]
+    except RunFolderError:
         seeds = []
     if not seeds:
         raise ConfigError(f"{out}: no seed-<k> run folders")

@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, dist, modulation, names
+from . import data, dist, modulation, names, runfolder
 from .config import TrainConfig
-from .errors import ConfigError, NonFiniteError, RunFolderError, RunWriteError
+from .errors import ConfigError, NonFiniteError, RunFolderError
 from .metrics import output_metrics
 from .models import AVModel, build_model
 
@@ -112,105 +109,57 @@ def _to_lists(x):
     return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
 
 
-# ---------------------------------------------------------------- run-folder files (one place)
-
-def _json_line(obj) -> str:
-    return json.dumps(obj, sort_keys=True, allow_nan=True) + "\n"
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename over ``path``; on any failure the temp file is removed and a
-    one-line ``RunWriteError`` names the file (disk full, read-only folder)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunWriteError(f"{path}: cannot write ({e.strerror or e}); the previous version is kept") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
+# ---------------------------------------------------------------- run-folder files
 
 class Recorder:
     """Every file of a run folder that training writes: config.json, metrics.jsonl, steps.jsonl,
-    last.pt/best.pt and summary.json (rank 0 only; the other ranks get ``enabled=False``)."""
+    last.pt/best.pt and summary.json (rank 0 only; the other ranks get ``enabled=False``).
+    The files themselves are owned by ``runfolder`` (names, atomic writes, torn-line readers)."""
 
     def __init__(self, out: Path, enabled: bool):
         self.out, self.enabled = out, enabled
 
     def has_history(self) -> bool:
-        return any((self.out / n).exists() for n in ("metrics.jsonl", "best.pt"))
+        return any((self.out / n).exists() for n in (runfolder.METRICS, runfolder.BEST))
 
     def has_last(self) -> bool:
-        return (self.out / "last.pt").is_file()
+        return (self.out / runfolder.LAST).is_file()
 
     def prepare(self, cfg: TrainConfig, resume: bool) -> None:
         if not self.enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         if not resume:
-            (self.out / "steps.jsonl").unlink(missing_ok=True)
-        text = json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n"
-        _write_atomic(self.out / "config.json", lambda p: p.write_text(text))
+            (self.out / runfolder.STEPS).unlink(missing_ok=True)
+        runfolder.write_config(self.out, cfg.to_dict())
 
     def truncate_after(self, last_epoch: int) -> None:
-        """Lines of epochs after the checkpoint we resume from are replayed (see ``_keep_lines``)."""
+        """Lines of epochs after the checkpoint we resume from are replayed."""
         if self.enabled:
-            for name in ("metrics.jsonl", "steps.jsonl"):
-                _keep_lines(self.out / name, last_epoch)
+            for name in (runfolder.METRICS, runfolder.STEPS):
+                runfolder.keep_epochs(self.out / name, last_epoch)
 
     def append_steps(self, steps: list[dict]) -> None:
         if self.enabled:
-            with open(self.out / "steps.jsonl", "a") as f:
-                f.writelines(_json_line(s) for s in steps)
+            runfolder.append_jsonl(self.out / runfolder.STEPS, steps)
 
     def append_metrics(self, record: dict) -> None:
         if self.enabled:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(_json_line(record))
+            runfolder.append_jsonl(self.out / runfolder.METRICS, [record])
 
     def save_checkpoint(self, ckpt: dict, best: bool) -> None:
         if not self.enabled:
             return
-        _write_atomic(self.out / "last.pt", lambda p: torch.save(ckpt, p))
+        runfolder.atomic_save(ckpt, self.out / runfolder.LAST)
         if best:
-            _write_atomic(self.out / "best.pt", lambda p: shutil.copyfile(self.out / "last.pt", p))
+            runfolder.atomic_copy(self.out / runfolder.LAST, self.out / runfolder.BEST)
 
     def write_summary(self, summary: dict) -> None:
         if self.enabled:
-            text = json.dumps(summary, indent=1, sort_keys=True) + "\n"
-            _write_atomic(self.out / "summary.json", lambda p: p.write_text(text))
+            runfolder.write_summary(self.out, summary)
 
     def record_of(self, epoch: int) -> dict | None:
-        path = self.out / "metrics.jsonl"
-        if epoch < 0 or not path.exists():
-            return None
-        for line in path.read_text().splitlines():
-            if line.strip() and json.loads(line)["epoch"] == epoch:
-                return json.loads(line)
-        return None
-
-
-def _keep_lines(path: Path, last_epoch: int) -> None:
-    """Drop the lines of epochs after ``last_epoch`` (written after the checkpoint we resume from).
-
-    A line a kill tore mid-write is dropped too: every line of a checkpointed epoch was complete
-    before that checkpoint was saved, so a torn one always belongs to an epoch that is replayed.
-    """
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            epoch = json.loads(line)["epoch"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if epoch <= last_epoch:
-            kept.append(line + "\n")
-    text = "".join(kept)
-    _write_atomic(path, lambda p: p.write_text(text))
+        return runfolder.record_of(self.out, epoch)
 
 
 def load_checkpoint(path) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,8 +60,9 @@ def test_report_writes_pngs_and_a_table_with_one_row_per_run(tmp_path):
                     "audio probe acc", "visual probe acc", "selected epoch"]
     assert [r[0] for r in rows] == ["base", "ogm"]
     # the selected epoch's test numbers (epoch 1), not the last epoch's
-    assert rows[0][2:7] == ["50.0 ± 0.0", "25.0 ± 0.0", "60.0 ± 0.0", "40.0 ± 0.0", "—"]
-    assert rows[1][7] == "45.0 ± 0.0" and rows[0][7] == "—"
+    # one seed: no "± 0.0", the spread was not measured
+    assert rows[0][2:7] == ["50.0", "25.0", "60.0", "40.0", "—"]
+    assert rows[1][7] == "45.0" and rows[0][7] == "—"
     assert rows[1][8] == "1"
     for name in ("accuracy", "rho", "loss"):
         png = rep.plots[name]
@@ -117,7 +119,11 @@ def test_bad_folders_name_the_file(tmp_path):
 
 def test_mean_std_edge_cases():
     assert report.mean_std([]) == (None, None)
-    assert report.mean_std([None, 0.4]) == (0.4, 0.0)
+    # one value: no measured spread, so no std (the table prints no "± 0.0")
+    assert report.mean_std([None, 0.4]) == (0.4, None)
+    assert report.format_cell("acc", (0.4, None)) == "40.0"
+    assert report.format_cell("acc", (0.4, 0.0)) == "40.0 ± 0.0"
+    assert report.format_cell("epoch", (3.0, None)) == "3"
 
 
 # ----------------------------------------------------------------------------- the linear probe
@@ -228,3 +234,69 @@ def test_sweep_runs_each_seed_once_and_aggregates(tiny_run, tmp_path):
     stamp = (tmp_path / "sw" / "seed-0" / "last.pt").stat().st_mtime_ns
     assert sweep(cfg, [0, 1]) == summaries
     assert (tmp_path / "sw" / "seed-0" / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_sweep_runs_can_be_evaluated_and_probed_from_any_directory(tiny_run, tmp_path, monkeypatch):
+    """A sweep given a relative --shards records it absolute, as train does (issue 13)."""
+    from ogmge_train.config import TrainConfig
+    from ogmge_train.probe import probe
+    from ogmge_train.sweep import sweep
+    from ogmge_train.train import evaluate
+
+    root = tiny_run.parent
+    cfg = TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text()))
+    monkeypatch.chdir(root)
+    sweep(dataclasses.replace(cfg, shards="shards", out=str(tmp_path / "sw")), [0])
+    seed0 = tmp_path / "sw" / "seed-0"
+    assert json.loads((seed0 / "config.json").read_text())["shards"] == str(root / "shards")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    n_test = json.loads((root / "shards" / "test.manifest.json").read_text())["num_samples"]
+    metrics = evaluate(seed0, split="test", device="cpu", workers=0)
+    assert 0.0 <= metrics["acc"] <= 1.0
+    assert probe(seed0, "visual", steps=5).results["test"]["n"] == n_test
+    assert (seed0 / "probe_visual.json").is_file()
+
+
+def _captured_figures(monkeypatch):
+    figs = {}
+    real = report._save
+
+    def save(fig, path):
+        figs[Path(path).name] = fig
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "_save", save)
+    return figs
+
+
+def test_legend_never_covers_a_panel_and_rho_marks_the_window(tmp_path, monkeypatch):
+    figs = _captured_figures(monkeypatch)
+    runs = [_write_run(tmp_path / "runs" / name, seed=0, modulation=m)
+            for name, m in (("base", "none"), ("ogm", "ogm-ge"), ("other", "ogm"))]
+    for r in runs[1:]:
+        cfg = json.loads((r / "config.json").read_text())
+        (r / "config.json").write_text(json.dumps({**cfg, "modulation_start": 0, "modulation_end": 1}))
+    report.write_report(runs, tmp_path / "out")
+    for name in ("accuracy.png", "rho.png", "loss.png"):
+        fig = figs[name]
+        fig.canvas.draw()
+        (legend,) = fig.legends
+        box = legend.get_window_extent()
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent()), f"{name}: the legend covers a panel"
+    ax = figs["rho.png"].axes[0]
+    # the fabricated steps have rho_a > 1: audio dominates, so rho_a is plotted
+    assert ax.get_ylabel() == "rho_a"
+    spans = [p for p in ax.patches if p.get_label().startswith("modulated")]
+    assert [p.get_label() for p in spans] == ["modulated (epochs 0–1)"]
+
+
+def test_rho_plot_follows_the_dominant_modality(tmp_path):
+    run = _write_run(tmp_path / "v", seed=0)
+    steps = [{"epoch": 0, "step": s, "loss": 1.0, "rho_a": 0.5, "rho_v": 2.0, "k_a": 1.0, "k_v": 0.3}
+             for s in range(4)]
+    (run / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    groups = report.group_runs([report.read_run(run)])
+    assert report.dominant_modality(groups) == "visual"

@@ -14,9 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from avprep import synth
-from avprep.config import ExtractConfig, spec_preset
-from avprep.extract import extract
+from ogmge_train import runfolder
 from ogmge_train import train as train_mod
 from ogmge_train.config import PRESETS, TrainConfig, resolve
 from ogmge_train.errors import (
@@ -311,7 +309,7 @@ def test_resume_drops_lines_after_the_checkpoint_and_torn_lines(tmp_path):
     path = tmp_path / "steps.jsonl"
     lines = [json.dumps({"epoch": e, "step": e}) for e in (0, 1, 2)]
     path.write_text("\n".join(lines) + "\n\n" + '{"epoch": 3, "st')
-    train_mod._keep_lines(path, 1)
+    runfolder.keep_epochs(path, 1)
     assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
 
 

@@ -1,0 +1,266 @@
+"""The run folder: the one owner of every file ``ogmge-train --out RUN`` and its tools write.
+
+Files (ARCHITECTURE.md "Run folder"): ``config.json``, ``metrics.jsonl`` (one line per epoch),
+``steps.jsonl`` (one line per optimizer step), ``summary.json``, ``last.pt`` / ``best.pt`` and
+``probe_<modality>.json``. A sweep folder holds ``seed-<k>`` run folders.
+
+Writes are atomic (temporary name, fsync, rename), so a kill never leaves a half-written JSON
+or checkpoint under its final name; jsonl lines are appended and fsynced. Readers tolerate a
+torn *last* line of a jsonl file (a kill mid-append) and raise ``RunFolderError`` naming the
+file for anything else. Nothing here imports torch at module level.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+from .errors import RunFolderError, RunWriteError
+
+__all__ = ["CONFIG", "METRICS", "STEPS", "SUMMARY", "LAST", "BEST", "SEED_DIR", "probe_path",
+           "checkpoint_path", "seed_dir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "atomic_save", "atomic_copy", "json_line", "append_jsonl", "read_json", "read_jsonl",
+           "keep_epochs", "read_config", "read_summary", "read_metrics", "read_steps", "read_probe",
+           "write_config", "write_summary", "write_probe", "record_of", "is_run", "expand_runs",
+           "finished", "absolute_location"]
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
+SUMMARY = "summary.json"
+LAST = "last.pt"
+BEST = "best.pt"
+SEED_DIR = re.compile(r"^seed-(\d+)$")
+
+
+def probe_path(run, modality: str) -> Path:
+    return Path(run) / f"probe_{modality}.json"
+
+
+def checkpoint_path(run, which: str) -> Path:
+    if which not in ("best", "last"):
+        raise RunFolderError(f"--which must be best or last, not {which!r}")
+    return Path(run) / (BEST if which == "best" else LAST)
+
+
+def seed_dir(out, seed: int) -> Path:
+    return Path(out) / f"seed-{seed}"
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:      # some file systems do not open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_atomic(path, write) -> Path:
+    """``write(tmp)``, fsync, rename over ``path`` (all or nothing). On any failure the temp file
+    is removed and the previous version kept; an OSError (disk full, read-only folder) becomes a
+    one-line ``RunWriteError`` naming the file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _commit(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunWriteError(f"{path}: cannot write ({e.strerror or e}); the previous version is kept") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via ``path.tmp``: fsync, then rename (all or nothing)."""
+    return _write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def atomic_save(obj, path) -> Path:
+    """``torch.save`` through the same tmp + fsync + rename."""
+    import torch
+
+    return _write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_copy(src, dst) -> Path:
+    """Copy ``src`` to ``dst`` atomically (best.pt from last.pt)."""
+    return atomic_write_bytes(dst, Path(src).read_bytes())
+
+
+def json_line(obj) -> str:
+    return json.dumps(obj, sort_keys=True, allow_nan=True) + "\n"
+
+
+def append_jsonl(path, rows: Iterable[dict]) -> None:
+    """Append one line per row and fsync (a kill can tear only the last line)."""
+    with open(path, "a") as f:
+        f.writelines(json_line(r) for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_json(path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunFolderError(f"{path}: missing") from None
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{path}: unreadable JSON ({e})") from None
+
+
+def read_jsonl(path) -> list[dict]:
+    """Rows of a jsonl file ([] when absent). A torn last line (kill mid-append) is dropped;
+    a bad line elsewhere is an error naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path}: unreadable ({e})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if n == len(lines):
+                break
+            raise RunFolderError(f"{path}:{n}: not JSON ({e})") from None
+    return rows
+
+
+def keep_epochs(path, last_epoch: int) -> None:
+    """Keep the jsonl lines of epochs <= ``last_epoch`` (resume replays the later ones).
+
+    Unlike the readers this drops *every* unparsable line: each line of a checkpointed epoch was
+    complete before that checkpoint was saved, so a torn one belongs to a replayed epoch."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if epoch <= last_epoch:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def is_run(path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def read_config(run) -> dict:
+    run = Path(run)
+    if not is_run(run):
+        raise RunFolderError(f"{run}: not a run folder (no {CONFIG})")
+    return read_json(run / CONFIG)
+
+
+def read_summary(run) -> dict | None:
+    """summary.json, or None while the run has not finished an epoch."""
+    path = Path(run) / SUMMARY
+    return read_json(path) if path.exists() else None
+
+
+def read_metrics(run) -> list[dict]:
+    return read_jsonl(Path(run) / METRICS)
+
+
+def read_steps(run) -> list[dict]:
+    return read_jsonl(Path(run) / STEPS)
+
+
+def read_probe(run, modality: str) -> dict | None:
+    path = probe_path(run, modality)
+    return read_json(path) if path.exists() else None
+
+
+def write_config(run, config: dict) -> Path:
+    return atomic_write_json(Path(run) / CONFIG, config)
+
+
+def write_summary(run, summary: dict) -> Path:
+    return atomic_write_json(Path(run) / SUMMARY, summary)
+
+
+def write_probe(run, modality: str, results: dict) -> Path:
+    return atomic_write_json(probe_path(run, modality), results)
+
+
+def record_of(run, epoch: int) -> dict | None:
+    """The metrics.jsonl line of ``epoch`` (None when absent)."""
+    if epoch < 0:
+        return None
+    for row in read_metrics(run):
+        if row.get("epoch") == epoch:
+            return row
+    return None
+
+
+def expand_runs(paths) -> list[Path]:
+    """Run folders named by ``paths``: a run folder itself, or a sweep folder's ``seed-<k>``
+    folders in numeric seed order."""
+    out = []
+    for p in map(Path, paths):
+        if is_run(p):
+            out.append(p)
+            continue
+        numbered = [(int(m.group(1)), d) for d in p.glob("seed-*")
+                    if (m := SEED_DIR.match(d.name)) is not None and is_run(d)]
+        seeds = [d for _k, d in sorted(numbered)]
+        if not seeds:
+            raise RunFolderError(f"{p}: neither a run folder ({CONFIG}) nor a sweep (seed-<k>/)")
+        out.extend(seeds)
+    return out
+
+
+def finished(run, epochs: int) -> bool:
+    """Whether the run's summary counts at least ``epochs`` epochs."""
+    try:
+        summary = read_summary(run)
+    except RunFolderError:
+        return False
+    return summary is not None and int(summary.get("epochs", -1)) >= epochs
+
+
+def absolute_location(shards: str) -> str:
+    """A local shard folder as an absolute path (URLs unchanged), so the config.json of a run
+    names data that evaluate/probe find from any directory."""
+    if not shards or "://" in shards:
+        return shards
+    return str(Path(shards).resolve())
