@@ -12,9 +12,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
 
 from . import outdir, shardformat
 from . import shards as shardlib
@@ -54,7 +54,7 @@ class ClipFailed:
     retryable: bool = False        # missing, empty or unreadable file: a rerun tries again
 
 
-ClipOutcome = Union[ClipDone, ClipFailed]
+ClipOutcome = ClipDone | ClipFailed
 
 
 @dataclass(frozen=True)

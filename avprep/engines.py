@@ -24,7 +24,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from .errors import AvprepError, ConfigError
 

@@ -16,9 +16,9 @@ call ``extract`` with more than one worker need the usual ``if __name__ == "__ma
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 from . import outdir
 from . import shards as shardlib

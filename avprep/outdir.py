@@ -21,10 +21,10 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from . import shardformat
 from . import shards as shardlib
@@ -48,7 +48,7 @@ class ShardState:
     retry: list[str] = field(default_factory=list)      # failed keys a rerun tries again
 
     @classmethod
-    def from_json(cls, d: dict) -> "ShardState":
+    def from_json(cls, d: dict) -> ShardState:
         return cls(**{k: d[k] for k in ("name", "split", "keys", "sha256", "bytes", "num_samples",
                                         "samples", "failures")}, retry=d.get("retry", []))
 
@@ -252,8 +252,11 @@ def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan]
     for split in shardlib.split_order({p.split for p in plans}):
         sts = [states[p.name] for p in plans if p.split == split]
         index = shardformat.SampleIndex.from_records(split, [r for st in sts for r in st.samples])
-        shards = [shardformat.ShardEntry(st.name, st.num_samples, st.bytes, st.sha256)
-                  for st in sts if st.sha256 is not None]
+        shards = []
+        for st in sts:
+            if st.sha256 is not None:
+                assert st.bytes is not None     # set together with sha256 when the shard was written
+                shards.append(shardformat.ShardEntry(st.name, st.num_samples, st.bytes, st.sha256))
         manifests[split] = shardformat.write_split_files(out, split, index, shards, list(classes),
                                                          functools.partial(write, sync_dir=False))
     meta = shardformat.DatasetMeta.build(options, list(classes), manifests,

@@ -26,9 +26,10 @@ import math
 import re
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Iterable, Iterator
+from typing import TypeGuard
 
 import numpy as np
 
@@ -280,8 +281,9 @@ class TarReader:
                       else f"bad header at byte {self.pos}")
         return n
 
-    def _pax(self, data: bytes) -> dict:
-        records, i = {}, 0
+    def _pax(self, data: bytes | bytearray) -> dict:
+        records: dict[str, str | int] = {}
+        i = 0
         try:
             while i < len(data) and data[i:i + 1] != b"\0":
                 space = data.index(b" ", i, i + 20)
@@ -294,15 +296,16 @@ class TarReader:
                 records[key.decode()] = value.decode("utf-8", "surrogateescape")
                 i += length
             if "size" in records:
-                records["size"] = int(records["size"])
-                if records["size"] < 0:
+                size = int(records["size"])
+                records["size"] = size
+                if size < 0:
                     raise ValueError("negative size")
         except (ValueError, UnicodeDecodeError):
             self.fail(f"bad pax header before byte {self.pos}")
         return records
 
 
-def _cstr(data: bytes) -> str:
+def _cstr(data: bytes | bytearray) -> str:
     return bytes(data).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
@@ -594,7 +597,7 @@ class Manifest:
                           "class_counts": self.class_counts, "shards": [asdict(s) for s in self.shards]}, indent=1)
 
     @classmethod
-    def from_json(cls, data: bytes, split: str, where: str) -> "Manifest":
+    def from_json(cls, data: bytes, split: str, where: str) -> Manifest:
         m = load_json(data, where)
         _need(isinstance(m, dict) and isinstance(m.get("shards"), list), where, "no shard list")
         _need(m.get("split") == split, where, f"split is {str(m.get('split'))[:40]!r}, expected {split!r}")
@@ -612,7 +615,7 @@ class Manifest:
         return cls(split, m["num_samples"], dict(counts), shards)
 
 
-def _is_int(v) -> bool:
+def _is_int(v) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
@@ -649,7 +652,7 @@ class SampleIndex:
         return b"".join(dump_json(e.to_dict()) for e in self.entries)
 
     @classmethod
-    def from_json(cls, data: bytes, split: str, where: str) -> "SampleIndex":
+    def from_json(cls, data: bytes, split: str, where: str) -> SampleIndex:
         entries = []
         for n, line in enumerate(bytes(data).splitlines(), 1):
             if not line.strip():
@@ -676,7 +679,7 @@ class SampleIndex:
                           n if _is_int(n) else 0)
 
     @classmethod
-    def from_records(cls, split: str, records: list[dict]) -> "SampleIndex":
+    def from_records(cls, split: str, records: list[dict]) -> SampleIndex:
         """From the writer's records (trusted: written by this process)."""
         return cls(split, [cls._entry(r) for r in records])
 
@@ -705,7 +708,7 @@ class DatasetMeta:
             return tuple(s)
         try:
             from .config import SpecConfig
-            return tuple(SpecConfig(**self.config["spec"]).shape)
+            return SpecConfig(**self.config["spec"]).shape
         except Exception:  # noqa: BLE001 - an older or foreign dataset.json: unknown
             return None
 
@@ -722,8 +725,8 @@ class DatasetMeta:
         return dump_json(self.raw, indent=1)
 
     @classmethod
-    def build(cls, options: dict, classes: list[str], manifests: dict[str, "Manifest"], records: list[dict],
-              num_failures: int, spec_shape: tuple[int, int]) -> "DatasetMeta":
+    def build(cls, options: dict, classes: list[str], manifests: dict[str, Manifest], records: list[dict],
+              num_failures: int, spec_shape: tuple[int, int]) -> DatasetMeta:
         """dataset.json of a finished extraction: ``options`` (name, config, tool_version), the
         classes, split sizes, spectrogram shape and dtype, frame counts."""
         config = options.get("config", {})
@@ -735,11 +738,11 @@ class DatasetMeta:
         return cls(str(options.get("name", "")), list(classes), dict(raw["splits"]), config, raw)
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> "DatasetMeta":
+    def from_json(cls, data: bytes, where: str) -> DatasetMeta:
         d = load_json(data, where)
         _need(isinstance(d, dict), where, "not a JSON object")
         classes = d.get("classes")
-        _need(isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes),
+        _need(isinstance(classes, list) and bool(classes) and all(isinstance(c, str) for c in classes),
               where, "no 'classes' list of names")
         splits = d.get("splits")
         if isinstance(splits, list):

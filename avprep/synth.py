@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import colorsys
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import av
 import numpy as np
@@ -216,9 +216,10 @@ def write_clip(path, *, duration: float, label_index: int, num_classes: int,
     ``.avi`` MJPEG + PCM; ``video_codec`` overrides the video codec. ``audio=False`` writes no
     audio stream. ``audio_path`` also writes the waveform as 16-bit PCM WAV at ``sample_rate``
     (CREMA-D's AudioWAV; the clip's own track has the same samples unless FLV changed the
-    rate). ``audio_layout`` ("mono", "stereo", "5.1") repeats the waveform on every channel. ``rotation`` stores a display matrix (degrees CCW). Odd
-    sizes are encoded as H.264 4:4:4. Frame ``i`` has pts ``i/fps``; the video has
-    ``max(1, round(duration*fps))`` frames and the audio ``round(duration*rate)`` samples.
+    rate). ``audio_layout`` ("mono", "stereo", "5.1") repeats the waveform on every channel.
+    ``rotation`` stores a display matrix (degrees CCW). Odd sizes are encoded as H.264 4:4:4.
+    Frame ``i`` has pts ``i/fps``; the video has ``max(1, round(duration*fps))`` frames and the
+    audio ``round(duration*rate)`` samples.
     """
     path = Path(path)
     suffix = path.suffix.lower()

@@ -17,7 +17,7 @@ import json
 import re
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -181,14 +181,16 @@ class _Schema:
         try:
             cfg = ds["config"]
             splits = split_order(ds["splits"])      # a list, or {"train": count, ...}
+            shape: tuple[int, int]
             if "spec" in cfg:
-                shape = tuple(SpecConfig(**cfg["spec"]).shape)
+                shape = SpecConfig(**cfg["spec"]).shape
                 if "spec_shape" in ds and ds["spec_shape"] != list(shape):
                     raise ValueError(f"spec_shape {ds['spec_shape']!r} but the spec config gives {list(shape)}")
             else:       # written by another tool: the recorded shape is all there is
-                shape = tuple(int(x) for x in ds["spec_shape"])
-                if len(shape) != 2:
+                dims = tuple(int(x) for x in ds["spec_shape"])
+                if len(dims) != 2:
                     raise ValueError(f"spec_shape {ds['spec_shape']!r} is not 2-D")
+                shape = (dims[0], dims[1])
             return cls(list(ds["classes"]), splits, shape, cfg.get("spec_dtype", "float16"),
                        int(cfg.get("frame_size", 0)))
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
@@ -417,6 +419,7 @@ def _check_samples(reader, url, shard, split, schema, seen, problems, entries) -
     listed = {e.key: (e.offset, e.length, e.crc32) for e in entries or ()}
     done: set[str] = set()
     count, spans = 0, 0
+    not_a_tar = False
     outer = problems
     try:
         for s in sf.read_shard_samples(None, url, tar=tar):
@@ -459,13 +462,13 @@ def _check_samples(reader, url, shard, split, schema, seen, problems, entries) -
     except sf.ShardDataError as e:
         problems = outer
         problems.append(Problem(shard, "", "tar", str(e).removeprefix(f"{url}: ")))
-        count = None if spans == 0 else count
+        not_a_tar = spans == 0
     problems = outer
     if indexed is not None:
         while tee.read(_CHUNK):     # the rest of the shard, for the samples the tar pass did not reach
             indexed.flush()
         indexed.flush(final=True)
-    return count
+    return None if not_a_tar else count
 
 
 # ---------------------------------------------------------------- one sample
@@ -519,7 +522,7 @@ def _check_json(data, key, split, label_index, schema, bad) -> dict:
     return meta
 
 
-def _check_frames(frames: list[tuple[int, bytes]], meta: dict, schema, bad):
+def _check_frames(frames: Sequence[tuple[int, bytes | bytearray]], meta: dict, schema, bad):
     if not frames:
         bad("members", "no frames")
         return
@@ -536,7 +539,7 @@ def _check_frames(frames: list[tuple[int, bytes]], meta: dict, schema, bad):
             bad("frame", f"f{i:03d}.jpg: {problem}")
 
 
-def _frame_problem(data: bytes, frame_size: int, expected: tuple[int, int] | None) -> str:
+def _frame_problem(data: bytes | bytearray, frame_size: int, expected: tuple[int, int] | None) -> str:
     """Why ``data`` is not a decodable RGB JPEG of the recorded size ("" when it is).
     The size is checked from the header first, so an oversized frame is never decoded."""
     try:

@@ -73,8 +73,9 @@ def _parse_bytes(ctx, param, value):
               help="Local folder for an s3:// output [default: one per URL in the temp folder].")
 @_ui.handle_errors
 def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_length, center, duration,
-                resampler, fps, frame_rule, frame_size, jpeg_quality, spec_dtype, shard_size, shard_max_bytes, workers,
-                engine, ray_address, retry_failed, split_files, split_by, seed, max_failures, overwrite, s3_endpoint, staging):
+                resampler, fps, frame_rule, frame_size, jpeg_quality, spec_dtype, shard_size, shard_max_bytes,
+                workers, engine, ray_address, retry_failed, split_files, split_by, seed, max_failures, overwrite,
+                s3_endpoint, staging):
     """Extract a raw dataset into WebDataset shards with manifests (resumable)."""
     from avprep.datasets import get
     from avprep.extract import extract

@@ -196,8 +196,8 @@ def main(out, compare, clips, epochs, seeds, update_readme, note):
     lap("report")
     out.mkdir(parents=True, exist_ok=True)
     runfolder.atomic_write_json(times_file, seconds)
-    block = demo_lib.readme_block(cfg, report_lib.markdown_table(rep.table), findings,
-                                  footer=f"Wall time on this machine: {_times(seconds)}." + (f" {note}" if note else ""))
+    footer = f"Wall time on this machine: {_times(seconds)}." + (f" {note}" if note else "")
+    block = demo_lib.readme_block(cfg, report_lib.markdown_table(rep.table), findings, footer=footer)
     runfolder.atomic_write_text(out / "readme-block.md", block)
     if update_readme:
         demo_lib.update_readme(update_readme, block)

@@ -34,10 +34,10 @@ import multiprocessing as mp
 import random
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
-from typing import Callable
 
 import numpy as np
 import torch
@@ -101,8 +101,8 @@ class DatasetInfo:
                                      check="index") from None
             entries = sf.SampleIndex.from_json(data, split, where).entries
             counts: dict[str, int] = {}
-            for e in entries:
-                counts[e.shard] = counts.get(e.shard, 0) + 1
+            for entry in entries:
+                counts[entry.shard] = counts.get(entry.shard, 0) + 1
             listed = {s.name: s.num_samples for s in sp.shards}
             if counts != {k: v for k, v in listed.items() if v}:
                 raise ShardDataError(f"{where}: does not match {sf.manifest_name(split)} (samples per shard "
@@ -325,7 +325,7 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
         try:
             label, spec, images = decode_sample(s, num_classes=num_classes,
                                                 spec_shape=spec_shape if audio is None else tuple(audio.shape[2:]))
-            if audio is None:
+            if audio is None or visual is None:       # both set by the first decoded sample
                 audio = _empty(len(samples), 1, *spec.shape)
                 visual = _empty(len(samples), len(s.frames), 3, image_size, image_size, dtype=visual_dtype)
             audio[j, 0].copy_(torch.from_numpy(spec))
@@ -340,7 +340,7 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
         keys.append(s.key)
         metas.append(meta)
         j += 1
-    if audio is None:       # nothing decodable: an empty batch of unknown spectrogram shape
+    if audio is None or visual is None:       # nothing decodable: an empty batch of unknown spectrogram shape
         audio = _empty(0, 1, 0, 0)
         visual = _empty(0, 0, 3, image_size, image_size, dtype=visual_dtype)
     batch = {"audio": audio[:j], "visual": visual[:j], "label": torch.tensor(labels, dtype=torch.int64),

@@ -11,7 +11,8 @@ FUSIONS = ("concat", "sum", "film", "gated")
 MODALITIES = ("both", "audio", "visual")
 HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
-METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto", "agm")
+METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
+           "agm")
 # methods that train a separate linear classifier per modality (the model gets aux_heads)
 AUX_HEAD_METHODS = ("gradient-blending", "mmpareto")
 # methods that work with some fusion heads only (the others work with every head)

@@ -19,9 +19,9 @@ import hashlib
 import os
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -89,7 +89,7 @@ class Adapter:
     layout: str                     # one-line description of the raw layout (avprep datasets)
     num_classes: int | None         # fixed class count, None when derived from the data
     default_duration: float         # clip length of the paper's presets (3 s CREMA-D, 10 s others)
-    discover: Callable[..., "Discovery"]
+    discover: Callable[..., Discovery]
     synth: SynthLayout
 
 

@@ -30,7 +30,8 @@ from .ogm_ge import OGMGE
 from .opm import OPM, OPMGE
 from .pmr import PMR
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 

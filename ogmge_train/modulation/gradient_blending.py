@@ -94,12 +94,14 @@ class GradientBlending(Method):
     @torch.no_grad()
     def _losses(self, twin, which: str, start: EpochStart) -> tuple[float, float]:
         twin.eval()
-        sums = None
+        assert start.keyed_batches is not None, "gradient-blending needs keyed training batches"
+        sums: torch.Tensor | None = None
         for audio, visual, labels, keys in start.keyed_batches(start.epoch):
             held = self._held(keys).to(labels.device)
             ce = F.cross_entropy(output_logits(twin(audio, visual), which).float(), labels, reduction="none").double()
             part = torch.stack([ce[~held].sum(), (~held).sum().double(), ce[held].sum(), held.sum().double()])
             sums = part if sums is None else sums + part
+        assert sums is not None, "gradient-blending: no training batches"
         sums = start.reduce(sums)
         if sums[3] == 0 or sums[1] == 0:
             raise ConfigError(f"gradient-blending: {int(sums[3])} held-out and {int(sums[1])} train samples; "
@@ -107,6 +109,8 @@ class GradientBlending(Method):
         return (sums[0] / sums[1]).item(), (sums[2] / sums[3]).item()
 
     def _train_twin(self, twin, which: str, start: EpochStart, world: float) -> None:
+        assert start.keyed_batches is not None and start.make_optimizer is not None, \
+            "gradient-blending needs keyed training batches and an optimizer factory"
         opt = start.make_optimizer(list(twin.parameters()))
         for k in range(self.super_epoch):
             twin.train()
@@ -146,7 +150,11 @@ class GradientBlending(Method):
         if out.aux_a is None or out.aux_v is None:
             return F.cross_entropy(out.logits.float(), step.labels)
         w = self.weights.to(out.logits.device).float()
-        return sum(w[i] * F.cross_entropy(output_logits(out, m).float(), step.labels) for i, m in enumerate(OUTPUTS))
+        terms = [w[i] * F.cross_entropy(output_logits(out, m).float(), step.labels) for i, m in enumerate(OUTPUTS)]
+        loss = terms[0]
+        for term in terms[1:]:
+            loss = loss + term
+        return loss
 
     def after_backward(self, model, out, labels, *, epoch: int, all_reduce=None, generator=None):
         stats = super().after_backward(model, out, labels, epoch=epoch, all_reduce=all_reduce, generator=generator)

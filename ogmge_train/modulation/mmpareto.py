@@ -19,10 +19,15 @@ multimodal gradient) besides OGM's rho (k stays 1).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 
 from .base import Method, Step
+
+if TYPE_CHECKING:
+    from ..models import AVModel
 
 GAMMA = 1.5
 
@@ -52,7 +57,7 @@ class MMPareto(Method):
             return l_m
         l_a, l_v = F.cross_entropy(out.aux_a.float(), labels), F.cross_entropy(out.aux_v.float(), labels)
         if self.active(step.epoch):
-            model = step.model
+            model = cast("AVModel", step.model)     # the unwrapped AVModel (see Step)
             groups = [[p for _, p in model.modulated_parameters(m, "all")] for m in ("audio", "visual")]
             flat = []
             for params, l_u in zip(groups, (l_a, l_v)):

@@ -19,10 +19,15 @@ additive sum head has the same exact unimodal logits, so both are allowed; film 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 
 from ..names import METHOD_FUSIONS
 from .base import Method, Step, unimodal_scores
+
+if TYPE_CHECKING:
+    from ..models import AVModel
 
 
 def drop_probabilities(scores: torch.Tensor, q_base: float, lam: float) -> torch.Tensor:
@@ -61,7 +66,8 @@ class OPM(Method):
         if not training or step is None or not self.active(step.epoch):
             return feat_a, feat_v
         with torch.no_grad():
-            logits_a, logits_v = step.model.unimodal_logits(feat_a.detach(), feat_v.detach())
+            model = cast("AVModel", step.model)     # the unwrapped AVModel (see Step)
+            logits_a, logits_v = model.unimodal_logits(feat_a.detach(), feat_v.detach())
             scores = step.reduce(unimodal_scores(logits_a, logits_v, step.labels))
             q = drop_probabilities(scores, self.q_base, self.lam).float()
         # the step-level coin first (CPU global RNG: no device sync), then the per-sample masks

@@ -17,10 +17,15 @@ loss weights ``beta``, ``lam`` (when the method is active).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 
 from .base import EpochStart, Method, Step
+
+if TYPE_CHECKING:
+    from ..models import AVModel
 
 
 def prototype_logits(feat: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
@@ -51,15 +56,16 @@ class PMR(Method):
 
     @torch.no_grad()
     def begin_epoch(self, start: EpochStart) -> None:
-        model = start.model
+        model = cast("AVModel", start.model)     # the unwrapped AVModel (see EpochStart)
         if model.modality != "both":
             return
         was_training = model.training
         model.eval()
-        sums = counts = None
+        sums: torch.Tensor | None = None
+        counts: torch.Tensor | None = None
         for audio, visual, labels in start.batches(max(1, start.steps // 10)):
             out = model(audio, visual)
-            if sums is None:
+            if sums is None or counts is None:      # both set by the first batch
                 c = model.num_classes
                 sums = torch.zeros(2, c, out.feat_a.shape[1], dtype=torch.float64, device=labels.device)
                 counts = torch.zeros(c, dtype=torch.float64, device=labels.device)
@@ -67,6 +73,7 @@ class PMR(Method):
             sums[1].index_add_(0, labels, out.feat_v.double())
             counts += torch.bincount(labels, minlength=len(counts)).double()
         model.train(was_training)
+        assert sums is not None and counts is not None, "pmr: no training batches for the prototypes"
         both = start.reduce(torch.cat([sums.flatten(), counts]))
         sums, counts = both[: sums.numel()].view_as(sums), both[sums.numel():]
         seen = (counts > 0).view(1, -1, 1)
@@ -74,6 +81,7 @@ class PMR(Method):
         if self.proto_a is None:
             self.proto_a, self.proto_v = new[0], new[1]
             return
+        assert self.proto_v is not None     # set together with proto_a
         old = torch.stack([self.proto_a.to(new.device), self.proto_v.to(new.device)])
         mixed = torch.where(seen, (1 - self.momentum) * new + self.momentum * old, old)
         self.proto_a, self.proto_v = mixed[0], mixed[1]
@@ -85,6 +93,7 @@ class PMR(Method):
         self._stats = {"rho_a": 1.0, "rho_v": 1.0, "k_a": 0.0, "k_v": 0.0}
         if out.feat_a is None or out.feat_v is None or self.proto_a is None or not self.active(step.epoch):
             return loss
+        assert self.proto_v is not None     # set together with proto_a
         sim_a = prototype_logits(out.feat_a, self.proto_a)
         sim_v = prototype_logits(out.feat_v, self.proto_v)
         scores = step.reduce(torch.stack([true_class_score(sim_a, step.labels), true_class_score(sim_v, step.labels)]))
@@ -93,7 +102,8 @@ class PMR(Method):
         # [beta, lam] as tensors: no host sync before backward
         weights = torch.stack([torch.where(r < 1, a, 0.0), torch.where(r > 1, a, 0.0)]).float()
         self._weights = torch.cat([torch.stack([r, 1 / r]).float(), weights])
-        return loss + weights[0] * F.cross_entropy(sim_a, step.labels) + weights[1] * F.cross_entropy(sim_v, step.labels)
+        return (loss + weights[0] * F.cross_entropy(sim_a, step.labels)
+                + weights[1] * F.cross_entropy(sim_v, step.labels))
 
     def after_backward(self, model, out, labels, *, epoch: int, all_reduce=None, generator=None):
         if self._weights is None:
@@ -107,6 +117,7 @@ class PMR(Method):
     def state_dict(self) -> dict:
         if self.proto_a is None:
             return {}
+        assert self.proto_v is not None     # set together with proto_a
         return {"proto_a": self.proto_a.cpu(), "proto_v": self.proto_v.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
