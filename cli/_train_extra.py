@@ -1,4 +1,5 @@
-"""`ogmge-train probe | report | sweep`: front-ends of ogmge_train.probe / report / sweep."""
+"""`ogmge-train probe | report | sweep | reproduce`: front-ends of ogmge_train.probe / report / sweep /
+reproduce."""
 from __future__ import annotations
 
 import click
@@ -10,7 +11,7 @@ from ogmge_train.probe import MODALITIES
 from . import _ui
 from ._train_ui import TrainProgress, absolute_shards, choice, summary_table, train_options
 
-__all__ = ["probe_cmd", "report_cmd", "sweep_cmd", "summary_table"]
+__all__ = ["probe_cmd", "report_cmd", "reproduce_cmd", "sweep_cmd", "summary_table"]
 
 # cli/demo.py imported the table helper from here under its old name
 _summary_table = summary_table
@@ -125,3 +126,46 @@ def sweep_cmd(seeds, as_json, preset, **explicit):
         _ui.print_json(row)
     else:
         _ui.console.print(summary_table(f"{cfg.out}: mean ± std over seeds {seeds}", [row]))
+
+
+# ----------------------------------------------------------------------------- reproduce
+
+# Each row of a table fixes these; the other training options apply to every row.
+_ROW_OPTIONS = ("--seed", "--out", "--fusion", "--modulation", "--drop-modality", "--modality")
+
+
+@click.command("reproduce")
+@click.option("--table", type=click.Choice(["1", "2"]), required=True,
+              help="The OGM-GE paper's table: 1 (fusion heads with and without OGM-GE) or 2 (concat vs "
+                   "Modality-Drop audio/visual, Gradient-Blending, OGM, OGM-GE).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder of the table: runs/<row>/seed-<k>, report.md, reproduce.json.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of every row, e.g. 0,1,2 or 0-4.")
+@click.option("--missing", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="Rows this build cannot run: skip them (listed in the report) or refuse before training.")
+@train_options(exclude=_ROW_OPTIONS)
+@_ui.handle_errors(interrupt_hint=SWEEP_INTERRUPTED)
+def reproduce_cmd(table, out, seeds, missing, preset, **explicit):
+    """Run a paper table's rows x seeds with the paper's settings; report ours next to the paper's.
+
+    The preset is the dataset's paper preset unless --preset is given; other options (e.g.
+    --epochs for a trial) apply to every row. Finished seeds are kept, so re-running resumes."""
+    from ogmge_train.reproduce import reproduce
+    from ogmge_train.sweep import parse_seeds
+
+    if not explicit.get("shards"):
+        raise ConfigError("--shards is required (the folder or URL written by `avprep extract`)")
+    overrides = {k: v for k, v in explicit.items() if v is not None and k != "shards"}
+
+    def on_event(e: dict) -> None:
+        if e["event"] == "skip":
+            _ui.warn(f"row {e['row']} skipped: {e['reason']}")
+        elif e["event"] == "run":
+            _ui.err_console.print(f"[bold]{e['row']}[/], seed {e['seed']} ({e['index'] + 1}/{e['total']})")
+        else:
+            progress(e)
+
+    with TrainProgress() as progress:
+        result = reproduce(int(table), absolute_shards(explicit["shards"]), out, seeds=parse_seeds(seeds),
+                           overrides=overrides, on_event=on_event, preset=preset, missing=missing)
+    _ui.err_console.print(f"wrote {result.report} and {result.numbers}")

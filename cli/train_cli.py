@@ -4,7 +4,7 @@
 first argument that starts with ``-`` and is not --help/--version means ``train``; a first
 argument that is no subcommand is a typo (``No such command 'evalute'. Did you mean
 'evaluate'?``). Commands: ``train``, ``evaluate`` (cli/_train_commands.py), ``probe``,
-``report``, ``sweep`` (cli/_train_extra.py), each registered here once.
+``report``, ``sweep``, ``reproduce`` (cli/_train_extra.py), each registered here once.
 
 Multi-process training: ``torchrun --nproc-per-node N -m cli.train_cli ...`` runs this module
 (the library has no ``__main__``: it never imports the CLI); only rank 0 draws.
@@ -15,7 +15,7 @@ import click
 
 from . import _ui
 from ._train_commands import evaluate_cmd, train_cmd
-from ._train_extra import probe_cmd, report_cmd, sweep_cmd
+from ._train_extra import probe_cmd, report_cmd, reproduce_cmd, sweep_cmd
 
 _TOP_LEVEL = ("-h", "--help", "--version")
 
@@ -39,7 +39,7 @@ def main():
     """
 
 
-for _cmd in (train_cmd, evaluate_cmd, probe_cmd, report_cmd, sweep_cmd):
+for _cmd in (train_cmd, evaluate_cmd, probe_cmd, report_cmd, sweep_cmd, reproduce_cmd):
     main.add_command(_cmd)
 
 if __name__ == "__main__":
