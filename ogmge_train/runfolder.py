@@ -17,6 +17,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from avprep.shards import fsync_dir
+
 from .errors import RunFolderError, RunWriteError
 
 __all__ = ["CONFIG", "METRICS", "STEPS", "SUMMARY", "LAST", "BEST", "SEED_DIR", "probe_path",
@@ -51,22 +53,9 @@ def seed_dir(out, seed: int) -> Path:
 
 # ----------------------------------------------------------------------------- writing
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:      # some file systems do not open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _commit(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_atomic(path, write) -> Path:
