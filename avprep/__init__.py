@@ -1,4 +1,4 @@
-"""avprep: raw audio-visual datasets → verified WebDataset shards (SPEC §2–4).
+"""avprep: raw audio-visual datasets → verified WebDataset shards (README: Preparing data).
 
 Public API::
 

@@ -1,4 +1,4 @@
-"""Extraction settings: spectrogram presets (SPEC §3) and the per-run extraction config.
+"""Extraction settings: spectrogram presets (README: What is extracted) and the per-run extraction config.
 
 Both are frozen dataclasses; ``to_dict`` is what goes into dataset.json, and a resumed
 extraction compares it to the stored one.
@@ -119,7 +119,7 @@ class ExtractConfig:
     fps: int = 1
     frame_size: int = 256          # short side in pixels; 0 keeps the original size
     jpeg_quality: int = 90
-    # "middle": the frame shown at t = (i + 0.5) / fps (SPEC §3); "start": at t = i / fps,
+    # "middle": the frame shown at t = (i + 0.5) / fps (README: What is extracted); "start": at t = i / fps,
     # partial last interval included (the released OGM-GE CREMA-D frame script)
     frame_rule: str = "middle"
     spec_dtype: str = "float16"

@@ -1,4 +1,4 @@
-"""`extract`: raw dataset → WebDataset shards + manifests (SPEC §3–4), resumable.
+"""`extract`: raw dataset → WebDataset shards + manifests (README: What is extracted, Output), resumable.
 
 The steps (``extract``): discover the clips → plan the shards (membership from sorted keys
 only) → keep the shards a killed run already finished → cut the rest into small clip tasks
@@ -31,7 +31,7 @@ from .errors import ConfigError, DatasetLayoutError
 from .outdir import STATE_DIR, tool_version  # noqa: F401  (public names)
 
 # Discovery problems that count against --max-failures ("missing" does not: VGGSound always
-# misses videos, SPEC §2).
+# misses videos, README: Datasets).
 _COUNTED_PROBLEMS = {"label", "duplicate"}
 
 

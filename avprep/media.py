@@ -1,4 +1,4 @@
-"""Decoding with PyAV (SPEC §3): 1-fps JPEG frames, mono resampled audio, duration fitting.
+"""Decoding with PyAV (README: What is extracted): 1-fps JPEG frames, mono resampled audio, duration fitting.
 
 Speed: video is read sequentially (seeking per frame costs a GOP each time), but only what
 the kept frames need is decoded: GOPs that end before the next kept frame are skipped

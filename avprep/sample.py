@@ -1,4 +1,4 @@
-"""One clip → the members of one WebDataset sample (SPEC §3–4, ARCHITECTURE "Sample schema")."""
+"""One clip → the members of one WebDataset sample (README: What is extracted, Output, ARCHITECTURE "Sample schema")."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,4 @@
-"""The shard format (SPEC §4), owned here and nowhere else.
+"""The shard format (README: Output), owned here and nowhere else.
 
 Everything that names, orders, parses or describes what ``avprep extract`` writes lives in this
 module: member names and their order, the key/extension rule, the frame pattern, the refused

@@ -1,4 +1,4 @@
-"""Shard planning and deterministic, atomic tar writing (SPEC §4).
+"""Shard planning and deterministic, atomic tar writing (README: Output).
 
 A shard's membership is decided before any media is decoded, from the sorted clip keys
 alone, so a shard's bytes depend only on its clips and the options, never on worker count

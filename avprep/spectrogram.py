@@ -1,4 +1,4 @@
-"""Audio -> 2-D array for each spectrogram preset (SPEC §3).
+"""Audio -> 2-D array for each spectrogram preset (README: What is extracted).
 
 STFT presets (``kind == "stft"``): numpy's real FFT over frames with a periodic Hann window
 of ``win_length`` (zero-padded to ``n_fft`` in the middle, as librosa does), ``center``

@@ -1,4 +1,4 @@
-"""Synthetic raw datasets in each real layout (SPEC §2), with real encoded media.
+"""Synthetic raw datasets in each real layout (README: Datasets), with real encoded media.
 
 Every clip carries two class cues whose strength is set separately, so tests and demos can
 make one modality dominant (the imbalance OGM-GE is about):
@@ -286,7 +286,7 @@ def make_dataset(name: str, out, clips: int, *, seed: int = 0, audio_snr: float 
                  duration: float | None = None, fps: int = 10, size: tuple[int, int] = (96, 72),
                  missing: int = 0, split_folders: bool = False,
                  on_progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a raw dataset ``name`` (SPEC §2 layout) of ``clips`` clips under ``out``; returns ``out``.
+    """Write a raw dataset ``name`` (README: Datasets layout) of ``clips`` clips under ``out``; returns ``out``.
 
     Labels are balanced over the first ``num_classes`` classes of the dataset's class list
     (default: all of CREMA-D / KS / AVE, 10 VGGSound labels, 5 folder classes); the cue of a

@@ -1,4 +1,4 @@
-"""Verify an extracted dataset (SPEC §4) without trusting it.
+"""Verify an extracted dataset (README: Output) without trusting it.
 
 Shards come from outside, so every check treats them as hostile: tar members are read as
 bytes and never extracted to disk, ``.npy`` headers are inspected before loading (and loaded

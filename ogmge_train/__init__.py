@@ -1,4 +1,4 @@
-"""ogmge_train: stream avprep shards into audio-visual models and train them with OGM-GE (SPEC §5).
+"""ogmge_train: stream avprep shards into audio-visual models and train them with OGM-GE (README: Training).
 
 Public API (imported lazily, so ``import ogmge_train.config`` stays cheap)::
 

@@ -1,4 +1,4 @@
-"""Training settings (SPEC §5): one frozen ``TrainConfig`` and the ``--preset`` values.
+"""Training settings (README: Training): one frozen ``TrainConfig`` and the ``--preset`` values.
 
 Precedence, lowest first: field defaults < preset < explicit settings. Two defaults depend on
 the dataset (``alpha`` and ``frames``); they stay ``None`` until ``with_dataset`` fills them from
@@ -27,7 +27,7 @@ CHOICES = {
     "amp": names.AMPS,
 }
 
-# alpha per dataset (SPEC §5: the OGM-GE reference values; 0.3 elsewhere).
+# alpha per dataset (README: Training: the OGM-GE reference values; 0.3 elsewhere).
 _ALPHA = {"cremad": 0.8, "vggsound": 0.1}
 _ALPHA_OTHER = 0.3
 # Frames per clip (the paper: 1 for CREMA-D, 3 for the others).

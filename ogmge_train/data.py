@@ -1,4 +1,4 @@
-"""Samples of extracted shards (SPEC §4) as batches for training and evaluation (SPEC §5).
+"""Samples of extracted shards (README: Output) as batches for training and evaluation (README: Training).
 
 The sample index (``<split>.samples.jsonl``: shard, byte offset, length and CRC-32 of every
 sample) makes the sample, not the shard, the unit of work: any number of ranks × DataLoader

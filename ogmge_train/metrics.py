@@ -1,4 +1,4 @@
-"""Accuracy and macro mAP (SPEC §5), for the fused output and each modality's unimodal logits.
+"""Accuracy and macro mAP (README: Training), for the fused output and each modality's unimodal logits.
 
 mAP follows the OGM-GE evaluation: per class, the average precision of the softmax probability
 of that class against one-vs-rest targets, with sklearn's definition

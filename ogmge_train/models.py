@@ -1,4 +1,4 @@
-"""Audio and visual encoders, fusion heads and the two-stream model (SPEC §5).
+"""Audio and visual encoders, fusion heads and the two-stream model (README: Training).
 
 Encoders return pooled feature vectors: ResNet-18 (512-d) or a small CNN for CPU demos (128-d).
 The audio encoder reads (B, 1, F, T) spectrograms; the visual encoder runs on each of the n frames
@@ -326,7 +326,7 @@ class AVModel(nn.Module):
 
 def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both",
                 head_init: str = "xavier", aux_heads: bool = False) -> AVModel:
-    """The model of SPEC §5, randomly initialised (no pretrained weights).
+    """The model of README: Training, randomly initialised (no pretrained weights).
 
     ``head_init``: ``xavier`` (the reference code: xavier-normal weights, zero bias, every Linear
     of the head) or ``torch`` (PyTorch's default Linear initialisation).

@@ -1,4 +1,4 @@
-"""The training loop (SPEC §5): epochs of OGM-GE-modulated SGD, evaluation, checkpoints, resume.
+"""The training loop (README: Training): epochs of OGM-GE-modulated SGD, evaluation, checkpoints, resume.
 
 One code path for 1 and N processes (torchrun): every rank streams its own part of the shards,
 DDP averages gradients, the modulation all-reduces its batch scores and draws GE noise from a

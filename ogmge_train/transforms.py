@@ -1,4 +1,4 @@
-"""Frame sampling and image transforms (SPEC §5) with PIL + numpy + torch only (no torchvision).
+"""Frame sampling and image transforms (README: Training) with PIL + numpy + torch only (no torchvision).
 
 Train: RandomResizedCrop(image_size, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip (p=0.5);
 eval: Resize((image_size, image_size)); then ImageNet mean/std normalisation. Resizing uses PIL

@@ -1,4 +1,4 @@
-"""Dataset adapters (SPEC §2): one module per raw layout, all with the interface of ``_base``.
+"""Dataset adapters (README: Datasets): one module per raw layout, all with the interface of ``_base``.
 
 Each module defines one ``Adapter`` (``ADAPTER``: name, layout, class count, the paper's clip
 length, ``discover`` and its synthetic layout). ``ADAPTERS`` is the one registry: every name to

@@ -110,7 +110,7 @@ def hash_fraction(name: str, seed: int = 0) -> float:
 
 
 def hash_split(name: str, seed: int = 0, test: float = 0.1, val_of_rest: float = 0.1) -> str:
-    """SPEC §2: hold out ``test``, then split the rest ``1-val_of_rest : val_of_rest`` into train/val."""
+    """README: Datasets: hold out ``test``, then split the rest ``1-val_of_rest : val_of_rest`` into train/val."""
     x = hash_fraction(name, seed)
     if x < test:
         return "test"

@@ -1,4 +1,4 @@
-"""AVE: ``RAW/Annotations.txt`` + ``RAW/AVE/<VideoID>.mp4`` (SPEC §2).
+"""AVE: ``RAW/Annotations.txt`` + ``RAW/AVE/<VideoID>.mp4`` (README: Datasets).
 
 Lines are ``Category&VideoID&Quality&StartTime&EndTime`` (categories contain commas and
 spaces, so fields are split from the right). The header line is optional, as are trailing

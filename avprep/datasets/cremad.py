@@ -1,4 +1,4 @@
-"""CREMA-D: ``RAW/VideoFlash/<clip>.flv`` + ``RAW/AudioWAV/<clip>.wav`` (SPEC §2).
+"""CREMA-D: ``RAW/VideoFlash/<clip>.flv`` + ``RAW/AudioWAV/<clip>.wav`` (README: Datasets).
 
 Clip names are ``<actor>_<sentence>_<EMO>_<level>``; the label is the EMO field. Audio comes
 from the WAV when there is one, else from the FLV's own track (``Clip.audio = None``).

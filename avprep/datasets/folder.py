@@ -1,4 +1,4 @@
-"""Any class-per-folder tree: ``RAW/<class>/<file>`` or ``RAW/<split>/<class>/<file>`` (SPEC §2).
+"""Any class-per-folder tree: ``RAW/<class>/<file>`` or ``RAW/<split>/<class>/<file>`` (README: Datasets).
 
 The split layout is used when every top-level folder is a split name (train, val/valid/
 validation, test); a mix of split and other folders is a layout error (is ``test`` a class?).

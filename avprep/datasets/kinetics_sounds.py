@@ -1,4 +1,4 @@
-"""Kinetics-Sounds: the 31 KS classes of a Kinetics tree (SPEC §2).
+"""Kinetics-Sounds: the 31 KS classes of a Kinetics tree (README: Datasets).
 
 Layout ``RAW/<split>/<class_name>/<youtube_id>_<start:06d>_<end:06d>.mp4`` with split folders
 ``train``, ``val``/``validation``, ``test``; class folders may use spaces for underscores.

@@ -1,4 +1,4 @@
-"""Readers of the published split files (SPEC §2), so published experiments can be reproduced.
+"""Readers of the published split files (README: Datasets), so published experiments can be reproduced.
 
 Formats (detected from the content, not the name):
 

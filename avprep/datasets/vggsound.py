@@ -1,4 +1,4 @@
-"""VGGSound: ``RAW/vggsound.csv`` + videos anywhere under RAW (SPEC §2).
+"""VGGSound: ``RAW/vggsound.csv`` + videos anywhere under RAW (README: Datasets).
 
 The CSV has no header; rows are ``youtube_id,start_seconds,label,split`` with split ``train``
 or ``test`` (labels with commas are quoted, hence the csv module). Videos are named

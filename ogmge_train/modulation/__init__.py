@@ -1,4 +1,4 @@
-"""Modulation methods (SPEC §5), one module each behind ``Method`` (see ``base.py``).
+"""Modulation methods (README: Training), one module each behind ``Method`` (see ``base.py``).
 
 ``build(name, alpha=..., start_epoch=..., end_epoch=..., **options)`` makes one; the names are
 ``ogmge_train.names.METHODS`` (torch-free, shared with the config and the CLI). Each class lists
