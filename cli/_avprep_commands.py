@@ -32,15 +32,18 @@ def _parse_bytes(ctx, param, value):
 @click.option("--out", required=True, help="Output folder, or s3://bucket/prefix.")
 @click.option("--spec", "spec", type=click.Choice(PRESET_NAMES), default="paper", show_default=True,
               help="Spectrogram preset (README: What is extracted).")
-@click.option("--sample-rate", type=int, help="Override the preset's sample rate.")
-@click.option("--n-fft", type=int, help="Override the preset's FFT size.")
-@click.option("--hop-length", type=int, help="Override the preset's hop.")
-@click.option("--win-length", type=int, help="Override the preset's window length.")
-@click.option("--center/--no-center", default=None, help="Override the preset's STFT centring.")
-@click.option("--duration", type=float, help="Override the preset's audio duration (seconds).")
+@click.option("--sample-rate", type=int, show_default="the preset's", help="Override the preset's sample rate.")
+@click.option("--n-fft", type=int, show_default="the preset's", help="Override the preset's FFT size.")
+@click.option("--hop-length", type=int, show_default="the preset's", help="Override the preset's hop.")
+@click.option("--win-length", type=int, show_default="the preset's", help="Override the preset's window length.")
+@click.option("--center/--no-center", default=None, show_default="the preset's",
+              help="Override the preset's STFT centring.")
+@click.option("--duration", type=float, show_default="the preset's: 3 s CREMA-D, 10 s others",
+              help="Override the preset's audio duration (seconds).")
 @click.option("--resampler", type=click.Choice(RESAMPLERS),
-              help="Audio resampler [default: the preset's reference pipeline: soxr (librosa.load) "
-                   "for paper, paper-scipy, ogmge-code; ffmpeg for fbank].")
+              show_default="the preset's reference pipeline: soxr (librosa.load) for paper, paper-scipy, "
+                           "ogmge-code; ffmpeg for fbank",
+              help="Audio resampler.")
 @click.option("--fps", type=click.IntRange(min=1), default=1, show_default=True, help="Frames per second kept.")
 @click.option("--frame-rule", type=click.Choice(FRAME_RULES), default="middle", show_default=True,
               help="Frames at t = i + 0.5 s (middle) or at t = i s with a partial last second "
@@ -50,27 +53,30 @@ def _parse_bytes(ctx, param, value):
 @click.option("--spec-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the spectrograms.")
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard (at most).")
-@click.option("--shard-max-bytes", callback=_parse_bytes, help="Also cap shards by estimated size, e.g. 1G.")
+@click.option("--shard-max-bytes", callback=_parse_bytes, show_default="no size cap",
+              help="Also cap shards by estimated size, e.g. 1G.")
 @click.option("--workers", type=click.IntRange(min=1),
-              help="Parallel workers [default: all cores; with --engine ray, the cluster's CPUs].")
+              show_default="all cores; with --engine ray, the cluster's CPUs", help="Parallel workers.")
 @click.option("--engine", type=click.Choice(["serial", "local", "ray"]),
-              help="Where clips are extracted: this process, local worker processes, or a Ray "
-                   "cluster [default: serial for --workers 1, else local; ray with --ray-address].")
-@click.option("--ray-address", help="Ray cluster to use (auto, host:6379, ray://host:10001) "
-                                    "[default: a local Ray for the run].")
+              show_default="serial for --workers 1, else local; ray with --ray-address",
+              help="Where clips are extracted: this process, local worker processes, or a Ray cluster.")
+@click.option("--ray-address", show_default="a local Ray for the run",
+              help="Ray cluster to use (auto, host:6379, ray://host:10001).")
 @click.option("--retry-failed", is_flag=True,
               help="Extract again the clips that failed in an earlier run (clips that failed to open "
                    "are always retried).")
-@click.option("--split-file", "split_files", multiple=True,
+@click.option("--split-file", "split_files", multiple=True, show_default="none: the dataset's own splits or a hash",
               help="Published split file, PATH or SPLIT=PATH (repeatable).")
-@click.option("--split-by", help="Group for disjoint splits, e.g. speaker (CREMA-D).")
+@click.option("--split-by", show_default="none: by clip name",
+              help="Group for disjoint splits, e.g. speaker (CREMA-D).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of hash splits.")
 @click.option("--max-failures", type=click.FloatRange(0, 1), default=0.05, show_default=True,
               help="Exit 1 when more than this fraction of clips fails.")
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
-@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint for s3:// outputs.")
-@click.option("--staging", type=click.Path(file_okay=False),
-              help="Local folder for an s3:// output [default: one per URL in the temp folder].")
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
+              help="S3-compatible endpoint for s3:// outputs.")
+@click.option("--staging", type=click.Path(file_okay=False), show_default="one per URL in the temp folder",
+              help="Local folder for an s3:// output.")
 @_ui.handle_errors
 def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_length, center, duration,
                 resampler, fps, frame_rule, frame_size, jpeg_quality, spec_dtype, shard_size, shard_max_bytes,

@@ -76,8 +76,6 @@ def _options(group):
 @pytest.mark.parametrize("group", [main, avprep_main], ids=["ogmge-train", "avprep"])
 def test_every_option_has_help_and_shows_its_default(group):
     for name, opt in _options(group):
-        if group is avprep_main and name == "extract":
-            continue        # extract's flags are documented in README "What is extracted"
         where = f"{name} {opt.opts[0]}"
         assert opt.help, f"{where}: no help text"
         shown = opt.is_flag or opt.required or isinstance(opt.show_default, str) or \
