@@ -227,8 +227,9 @@ def info_cmd(out, as_json, s3_endpoint):
     shown = {"dataset": dataset.name, "tool version": dataset.raw.get("tool_version"),
              "classes": len(dataset.classes), "spec preset": spec.get("preset"),
              "spec shape": "×".join(map(str, shape)) if shape else "?", "spec dtype": cfg.get("spec_dtype"),
-             "sample rate": spec.get("sample_rate"), "audio duration": spec.get("duration"),
-             "fps": cfg.get("fps"), "frame size": cfg.get("frame_size"), "jpeg quality": cfg.get("jpeg_quality"),
+             "sample rate": spec.get("sample_rate"), "resampler": spec.get("resampler"),
+             "audio duration": spec.get("duration"), "fps": cfg.get("fps"), "frame rule": cfg.get("frame_rule"),
+             "frame size": cfg.get("frame_size"), "jpeg quality": cfg.get("jpeg_quality"),
              "max frames": dataset.max_frames, "failures": dataset.raw.get("num_failures")}
     extra = cfg.get("extra") if isinstance(cfg.get("extra"), dict) else {}
     for k, v in sorted(extra.items()):
