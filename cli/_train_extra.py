@@ -11,10 +11,7 @@ from ogmge_train.probe import MODALITIES
 from . import _ui
 from ._train_ui import TrainProgress, absolute_shards, choice, summary_table, train_options
 
-__all__ = ["probe_cmd", "report_cmd", "reproduce_cmd", "sweep_cmd", "summary_table"]
-
-# cli/demo.py imported the table helper from here under its old name
-_summary_table = summary_table
+__all__ = ["probe_cmd", "report_cmd", "reproduce_cmd", "sweep_cmd"]
 
 
 # ----------------------------------------------------------------------------- probe

@@ -41,9 +41,6 @@ COLUMNS = (
 )
 
 
-# A run folder is missing or unreadable (the message names the file); kept for callers.
-ReportError = RunFolderError
-
 
 @dataclass
 class RunRecord:

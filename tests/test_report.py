@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from ogmge_train import report
+from ogmge_train.errors import RunFolderError
 
 
 def _write_run(path, *, seed, modulation="ogm-ge", test_acc=0.5, epochs=3, probe_v=None,
@@ -106,11 +107,11 @@ def test_selection_falls_back_to_best_val_epoch_without_summary(tmp_path):
 
 
 def test_bad_folders_name_the_file(tmp_path):
-    with pytest.raises(report.ReportError, match="not a run folder|neither"):
+    with pytest.raises(RunFolderError, match="not a run folder|neither"):
         report.write_report([tmp_path], tmp_path / "out")
     run = _write_run(tmp_path / "r", seed=0)
     (run / "metrics.jsonl").write_text('{"epoch": 0}\nnot json\n{"epoch": 2}\n')
-    with pytest.raises(report.ReportError, match=r"metrics.jsonl:2"):
+    with pytest.raises(RunFolderError, match=r"metrics.jsonl:2"):
         report.read_run(run)
     # a torn last line (run killed mid-write) is dropped, not an error
     (run / "metrics.jsonl").write_text('{"epoch": 0}\n{"epo')
