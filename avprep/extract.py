@@ -23,12 +23,11 @@ from pathlib import Path
 from . import outdir
 from . import shards as shardlib
 from .clipwork import Assembler, ClipWorker, failure, make_tasks
-from .clipwork import relative_text as _relative_text  # noqa: F401  (tests use it)
 from .config import ExtractConfig
 from .datasets._base import Discovery
 from .engines import Engine, make_engine
 from .errors import ConfigError, DatasetLayoutError
-from .outdir import STATE_DIR, tool_version  # noqa: F401  (public names)
+from .outdir import tool_version
 
 # Discovery problems that count against --max-failures ("missing" does not: VGGSound always
 # misses videos, README: Datasets).

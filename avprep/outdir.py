@@ -53,11 +53,6 @@ class ShardState:
                                         "samples", "failures")}, retry=d.get("retry", []))
 
 
-def json_bytes(obj, indent: int | None = None) -> bytes:
-    return (json.dumps(obj, sort_keys=True, indent=indent, ensure_ascii=False,
-                       separators=(",", ": ") if indent else (",", ":")) + "\n").encode("utf-8")
-
-
 def tool_version() -> str:
     try:
         from importlib.metadata import version
@@ -172,7 +167,7 @@ def prepare(out: Path, options: dict, overwrite: bool) -> None:
             for p in folder.glob(f"*{shardlib.TMP_MARK}*"):
                 p.unlink(missing_ok=True)
         if not (state / "options.json").exists():
-            shardlib.atomic_write_bytes(state / "options.json", json_bytes(options, indent=1))
+            shardlib.atomic_write_bytes(state / "options.json", shardformat.dump_json(options, indent=1))
 
 
 def finished_state(out: Path, plan: shardlib.ShardPlan) -> ShardState | None:
@@ -200,7 +195,7 @@ def finished_state(out: Path, plan: shardlib.ShardPlan) -> ShardState | None:
 def save_state(out: Path, st: ShardState) -> None:
     # no fsync: after a crash a lost or torn state file only means the shard is redone
     with writing(out / STATE_DIR):
-        shardlib.atomic_write_bytes(out / STATE_DIR / f"{st.name}.json", json_bytes(asdict(st)),
+        shardlib.atomic_write_bytes(out / STATE_DIR / f"{st.name}.json", shardformat.dump_json(asdict(st)),
                                     durable=False)
 
 
@@ -247,7 +242,7 @@ def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan]
         with writing(path):
             shardlib.atomic_write_bytes(path, data, **kw)
 
-    write(out / "failures.jsonl", b"".join(json_bytes(f) for f in failures), sync_dir=False)
+    write(out / "failures.jsonl", b"".join(shardformat.dump_json(f) for f in failures), sync_dir=False)
     manifests: dict[str, shardformat.Manifest] = {}
     for split in shardlib.split_order({p.split for p in plans}):
         sts = [states[p.name] for p in plans if p.split == split]

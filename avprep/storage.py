@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from .errors import ConfigError, StorageError
+from .shardformat import TMP_MARK
 
 # Written last by upload_folder, in this order: readers open dataset.json/manifests first,
 # so once those are visible every shard they name is already there.
@@ -37,7 +38,6 @@ _LAST_SUFFIXES = (".samples.jsonl", ".manifest.json")
 _LAST_NAME = "dataset.json"
 _CHUNK = 1 << 20
 _READ = 1 << 16
-_TMP_MARK = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -370,8 +370,6 @@ class HttpLocation(Location):
 
 
 # -- s3 ------------------------------------------------------------------------------------------
-_S3_PERMANENT = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                 "403", "404", "400", "InvalidRange", "PreconditionFailed", "412"}
 _S3_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                  "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "429"}
 
@@ -505,7 +503,7 @@ def upload_order(names) -> list[str]:
 
 def _uploadable(rel: Path) -> bool:
     # dot folders hold resume state; ".tmp-" marks a shard still being written
-    return not any(part.startswith(".") for part in rel.parts) and _TMP_MARK not in rel.name
+    return not any(part.startswith(".") for part in rel.parts) and TMP_MARK not in rel.name
 
 
 def upload_folder(local_dir: str | os.PathLike, s3_url: str, *, s3_endpoint: str | None = None,

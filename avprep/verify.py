@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,7 +30,6 @@ from .storage import Location
 
 _CHUNK = 1 << 20
 _ENTRY_TYPES = {"name": str, "num_samples": int, "bytes": int, "sha256": str}
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")     # object addresses would make reports differ run to run
 
 
 @dataclass(frozen=True, order=True)

@@ -201,8 +201,6 @@ def summary_table(title: str, rows: list[dict]):
 
 def absolute_shards(shards: str | None) -> str | None:
     """config.json records an absolute shard folder, so evaluate/probe work from any directory."""
-    from pathlib import Path
+    from ogmge_train.runfolder import absolute_location
 
-    if shards and "://" not in shards:
-        return str(Path(shards).resolve())
-    return shards
+    return absolute_location(shards) if shards else shards

@@ -26,7 +26,8 @@ from ogmge_train import demo as demo_lib
 from ogmge_train import report as report_lib
 from ogmge_train import runfolder
 
-from ._ui import console, err_console, fail, handle_errors, table
+from ._train_ui import summary_table
+from ._ui import console, err_console, fail, handle_errors
 
 _SYNTH_MARKER = ".demo-synth.json"
 
@@ -203,7 +204,7 @@ def main(out, compare, clips, epochs, seeds, update_readme, note):
         demo_lib.update_readme(update_readme, block)
         err_console.print(f"updated the results block of {update_readme}")
 
-    console.print(_table(cfg, rep.table))
+    console.print(summary_table("results (test %, mean ± std over seeds)", rep.table))
     console.print(findings)
     if kept:
         err_console.print("kept from an earlier run: " + ", ".join(kept))
@@ -213,14 +214,6 @@ def main(out, compare, clips, epochs, seeds, update_readme, note):
 
 def _times(seconds: dict[str, float]) -> str:
     return ", ".join(f"{k} {_duration(v)}" for k, v in seconds.items())
-
-
-def _table(cfg, rows: list[dict]):
-    head = ["run", *(t for t, _ in report_lib.COLUMNS)]
-    body = ([r["label"], r["n"], *(report_lib.format_cell(k, r[k]) for _t, k in report_lib.COLUMNS[1:])]
-            for r in rows)
-    return table("results (test %, mean ± std over seeds)", head, body,
-                 numeric=set(range(1, len(report_lib.COLUMNS) + 1)))
 
 
 def _extra_plots(cfg, groups, rep, out: Path, compare: bool) -> list[Path]:

@@ -43,11 +43,11 @@ import numpy as np
 import torch
 
 from avprep import shardformat as sf
-from avprep.errors import ConfigError, StorageError
+from avprep.errors import StorageError
 from avprep.shardformat import ShardDataError
 from avprep.storage import Location, Retry, open_location
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .transforms import normalize_, select_frames, transform_clip
 
 ShardInfo = sf.ShardEntry
@@ -177,16 +177,6 @@ def default_run(entries: list) -> int:
         return 1
     mean = sum(e.length for e in entries) / len(entries)
     return max(1, min(64, int(RUN_BYTES // max(mean, 1))))
-
-
-def assign_shards(shards: list, *, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
-                  train: bool = False, seed: int = 0, epoch: int = 0) -> list:
-    """Kept for callers of the shard-granular loader: the shards one consumer would read
-    (split by rank, then worker; shuffled with (seed, epoch) when training)."""
-    order = list(shards)
-    if train:
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order[rank::world_size][worker::num_workers]
 
 
 # -- reading samples -----------------------------------------------------------------------------

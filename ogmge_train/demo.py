@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import runfolder
 from .errors import RunFolderError
-from .report import RunRecord, paired_difference, per_seed
+from .report import RunRecord, format_cell, paired_difference, per_seed
 
 __all__ = ["Arm", "DemoConfig", "DEMO", "COMPARE", "README_BEGIN", "README_END", "modulation_end",
            "split_counts", "assign_splits", "write_split_files", "arm_problem", "precondition",
@@ -146,13 +146,8 @@ def write_split_files(raw, folder, cfg: DemoConfig) -> dict[str, Path]:
 
 # ----------------------------------------------------------------------------- findings
 
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
-
-
 def _ms(ms) -> str:
-    mean, std = ms
-    return _pct(mean) + ("" if std is None or mean is None else f" ± {100 * std:.1f}")
+    return format_cell("acc", ms)
 
 
 def _interval(d: dict) -> str:

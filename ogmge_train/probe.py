@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from avprep.errors import ConfigError
-
 from . import runfolder
+from .errors import ConfigError
 from .metrics import accuracy, mean_average_precision
 
 __all__ = ["ProbeResult", "extract_features", "fit_linear", "evaluate_linear", "probe", "MODALITIES",

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from avprep.errors import ConfigError
-
 from . import runfolder
+from .errors import ConfigError
 
 __all__ = ["Row", "TABLE_ROWS", "PRESET_OF_DATASET", "paper_values", "unavailable", "reproduce",
            "ReproduceResult"]
@@ -99,7 +98,7 @@ def reproduce(table: int, shards: str, out, *, seeds=(0, 1, 2), overrides: dict 
     training and every training event (``train.train``'s) in between.
     """
     from .config import resolve
-    from .report import paired_difference, per_seed, read_run, write_report
+    from .report import mean_std, paired_difference, per_seed, read_run, write_report
     from .sweep import sweep
 
     if table not in TABLE_ROWS:
@@ -155,7 +154,7 @@ def reproduce(table: int, shards: str, out, *, seeds=(0, 1, 2), overrides: dict 
                  "paper": paper.get(row.name, {"acc": None, "map": None})}
         for key in ("acc", "map"):
             vals = per_seed(runs, key)
-            entry[key] = _mean_std(list(vals.values()))
+            entry[key] = mean_std(list(vals.values()))
         ref = base if base is not None else _table1_reference(row)
         if ref is not None and ref != row.name and ref in groups:
             d = paired_difference(per_seed(groups[ref], "acc"), per_seed(runs, "acc"))
@@ -175,17 +174,10 @@ def _table1_reference(row: Row) -> str | None:
     return row.settings["fusion"] if row.settings.get("modulation") == "ogm-ge" else None
 
 
-def _mean_std(xs: list[float]):
-    from .report import mean_std
-
-    return mean_std(xs)
-
-
 def _cell(ms) -> str:
-    mean, std = ms
-    if mean is None:
-        return "—"
-    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+    from .report import format_cell
+
+    return format_cell("acc", ms)
 
 
 def _paper(x) -> str:

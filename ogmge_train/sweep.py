@@ -11,11 +11,9 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from avprep.errors import ConfigError
-
 from . import runfolder
 from .config import TrainConfig
-from .errors import RunFolderError
+from .errors import ConfigError, RunFolderError
 from .report import group_runs, group_table, read_run
 
 __all__ = ["parse_seeds", "seed_dir", "sweep", "aggregate"]

@@ -16,10 +16,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from avprep.errors import ConfigError, StorageError
+from avprep.errors import StorageError
+from ogmge_train.errors import ConfigError
 from avprep.storage import Retry, upload_folder
 from ogmge_train import transforms as T
-from ogmge_train.data import ShardDataError, assign_shards, make_loader, read_dataset
+from ogmge_train.data import ShardDataError, make_loader, read_dataset
 from tests._servers import MotoS3, write_shard_folder
 
 SHARDS = {"train": [5, 3, 4, 2], "val": [3, 3, 2]}
@@ -114,20 +115,6 @@ def test_train_frames_one_per_segment(data):
     assert all(a in (0, 1, 2) and b in (2, 3, 4) for a, b in picks)  # segments [0, 2.5) and [2.5, 5)
     assert {a for a, _ in picks} == {0, 1, 2} and {b for _, b in picks} == {2, 3, 4}
 
-
-# -- splitting -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("train", [False, True])
-def test_assign_shards_disjoint_and_covering(train):
-    shards = [f"s{i}" for i in range(11)]
-    for world, workers in [(1, 1), (2, 2), (3, 2), (4, 3)]:
-        parts = [assign_shards(shards, rank=r, world_size=world, worker=w, num_workers=workers, train=train,
-                               seed=3, epoch=5)
-                 for r in range(world) for w in range(workers)]
-        flat = [s for p in parts for s in p]
-        assert sorted(flat) == sorted(shards) and len(flat) == len(set(flat))
-    a = assign_shards(shards, rank=0, world_size=2, train=True, seed=3, epoch=5)
-    b = assign_shards(shards, rank=0, world_size=2, train=True, seed=3, epoch=6)
-    assert a != b and a == assign_shards(shards, rank=0, world_size=2, train=True, seed=3, epoch=5)
 
 
 def test_eval_ranks_cover_all_samples_disjointly(data):

@@ -19,7 +19,8 @@ from avprep.config import ExtractConfig, spec_preset
 from avprep.datasets import get as get_adapter
 from avprep.datasets._base import Clip
 from avprep.errors import ConfigError
-from avprep.extract import STATE_DIR, extract
+from avprep.extract import extract
+from avprep.outdir import STATE_DIR
 from avprep.shards import ShardWriter, estimate_sample_bytes, plan_shards, write_shard
 
 N_CLIPS = 8
@@ -225,7 +226,7 @@ def test_output_does_not_depend_on_where_the_raw_data_lives(bad_raw, tmp_path):
 
 
 def test_relative_text_takes_out_whole_path_components_only():
-    from avprep.extract import _relative_text
+    from avprep.clipwork import relative_text as _relative_text
 
     assert _relative_text("raw/x.flv: bad; also data/raw/y and rawer/z", Path("raw")) == \
         "x.flv: bad; also data/raw/y and rawer/z"

@@ -202,7 +202,7 @@ def test_fit_linear_matches_an_independent_logistic_regression():
 
 
 def test_probe_refuses_a_missing_encoder(tiny_run, tmp_path):
-    from avprep.errors import ConfigError
+    from ogmge_train.errors import ConfigError
     from ogmge_train.config import TrainConfig
     from ogmge_train.probe import probe
     from ogmge_train.train import train

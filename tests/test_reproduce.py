@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from avprep.errors import ConfigError
+from ogmge_train.errors import ConfigError
 from ogmge_train import reproduce as rp
 
 TINY = {"epochs": 1, "batch_size": 8, "image_size": 24, "arch": "small", "workers": 0, "device": "cpu"}

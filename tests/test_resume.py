@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from avprep import synth
-from avprep.extract import STATE_DIR
+from avprep.outdir import STATE_DIR
 from avprep.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
