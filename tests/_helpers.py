@@ -49,3 +49,25 @@ def torchrun() -> list[str]:
 
     exe = Path(sys.executable).parent / "torchrun"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def raw_header(name: str, size_field: bytes, kind: bytes = b"0") -> bytes:
+    """One ustar header with any size field and a valid checksum (what tarfile refuses to write)."""
+    h = bytearray(512)
+    h[:len(name)], h[100:108], h[124:136], h[156:157] = name.encode(), b"0000644\0", size_field, kind
+    h[257:263], h[148:156] = b"ustar\0", b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def publish(out: Path, name: str, http_server, s3_server) -> dict[str, str]:
+    """The shard folder ``out`` served locally, over HTTP and from a fresh S3 bucket, as
+    ``{"local"|"http"|"s3": location}``."""
+    import shutil
+
+    from avprep.storage import upload_folder
+
+    shutil.copytree(out, http_server.root / name, dirs_exist_ok=True)
+    bucket = s3_server.new_bucket()
+    upload_folder(out, f"s3://{bucket}/{name}", s3_endpoint=s3_server.endpoint)
+    return {"local": str(out), "http": f"{http_server.url}/{name}", "s3": f"s3://{bucket}/{name}"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import pickle
 import random
-import shutil
 import tarfile
 import threading
 import time
@@ -17,10 +16,11 @@ import webdataset as wds
 from PIL import Image
 
 from avprep.errors import StorageError
-from ogmge_train.errors import ConfigError
 from avprep.storage import Retry, upload_folder
 from ogmge_train import transforms as T
 from ogmge_train.data import ShardDataError, make_loader, read_dataset
+from ogmge_train.errors import ConfigError
+from tests._helpers import publish, raw_header
 from tests._servers import MotoS3, write_shard_folder
 
 SHARDS = {"train": [5, 3, 4, 2], "val": [3, 3, 2]}
@@ -37,11 +37,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sources(data, http_server, s3_server):
-    out, _ = data
-    shutil.copytree(out, http_server.root / "data", dirs_exist_ok=True)
-    bucket = s3_server.new_bucket()
-    upload_folder(out, f"s3://{bucket}/data", s3_endpoint=s3_server.endpoint)
-    return {"local": str(out), "http": f"{http_server.url}/data", "s3": f"s3://{bucket}/data"}
+    return publish(data[0], "data", http_server, s3_server)
 
 
 def _keys(loader):
@@ -450,28 +446,19 @@ def test_corrupt_and_compressed_shards_are_errors():
         _read_all(gzip.compress(_tar_bytes(_sample_members("a"))), True)
 
 
-def _raw_header(name: str, size_field: bytes, kind: bytes = b"0") -> bytes:
-    """One ustar header with any size field and a valid checksum (what tarfile refuses to write)."""
-    h = bytearray(512)
-    h[:len(name)], h[100:108], h[124:136], h[156:157] = name.encode(), b"0000644\0", size_field, kind
-    h[257:263], h[148:156] = b"ustar\0", b" " * 8
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
-
 @pytest.mark.parametrize("seekable", [True, False])
 def test_hostile_sizes_are_errors_not_endless_loops(seekable):
     """A negative size (``int(.., 8)`` accepts a sign) would seek backwards onto the same header
     forever; a pax record of length 0 would never advance. Both are bad headers."""
-    negative = _raw_header("a.xyz", b"-0000001000\0") + bytes(1024)
+    negative = raw_header("a.xyz", b"-0000001000\0") + bytes(1024)
     with pytest.raises(ShardDataError, match=r"bad header at byte 0"):
         _read_all(negative, seekable)
     record = b"0 path=x\n"
-    pax = _raw_header("p", b"%011o\0" % len(record), b"x") + record.ljust(512, b"\0") + bytes(1024)
+    pax = raw_header("p", b"%011o\0" % len(record), b"x") + record.ljust(512, b"\0") + bytes(1024)
     with pytest.raises(ShardDataError, match=r"bad pax header"):
         _read_all(pax, seekable)
     negative_pax = b"13 size=-512\n"
-    pax = _raw_header("p", b"%011o\0" % len(negative_pax), b"x") + negative_pax.ljust(512, b"\0") + bytes(1024)
+    pax = raw_header("p", b"%011o\0" % len(negative_pax), b"x") + negative_pax.ljust(512, b"\0") + bytes(1024)
     with pytest.raises(ShardDataError, match=r"bad pax header"):
         _read_all(pax, seekable)
 

@@ -18,7 +18,6 @@ from avprep.config import ExtractConfig, spec_preset
 from avprep.engines import LocalEngine, RayEngine, SerialEngine, make_engine
 from avprep.extract import extract
 from avprep.verify import verify
-from tests._servers import aws_env, s3_server  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_CLIPS = 12

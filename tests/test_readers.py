@@ -15,9 +15,10 @@ from PIL import Image
 from avprep import shardformat as sf
 from avprep.errors import StorageError
 from avprep.storage import Retry
-from ogmge_train.data import make_loader, read_dataset
+from ogmge_train.data import read_dataset
+from tests._helpers import raw_header
 from tests._mutants import assert_agree, verdict
-from tests._servers import http_server, write_shard_folder  # noqa: F401
+from tests._servers import write_shard_folder
 
 FAST = Retry(tries=2, base_delay=0.1, max_delay=0.2, budget_s=2.0, connect_timeout=2.0, read_timeout=5.0)
 
@@ -39,16 +40,8 @@ def _patch(out, shard, at, data: bytes):
     p.write_bytes(bytes(b))
 
 
-def _header(name: str, size_field: bytes, kind: bytes = b"0") -> bytes:
-    h = bytearray(512)
-    h[:len(name)], h[100:108], h[124:136], h[156:157] = name.encode(), b"0000644\0", size_field, kind
-    h[257:263], h[148:156] = b"ustar\0", b" " * 8
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
-
 def _pax(records: bytes, name="PaxHeader") -> bytes:
-    return _header(name, b"%011o\0" % len(records), b"x") + records.ljust(-(-len(records) // 512) * 512, b"\0")
+    return raw_header(name, b"%011o\0" % len(records), b"x") + records.ljust(-(-len(records) // 512) * 512, b"\0")
 
 
 def _check_bounded(v, seconds=20):
@@ -167,7 +160,7 @@ def test_info_on_hostile_dataset_json_is_one_line(out, content):
 
 def test_reader_time_is_bounded_by_real_bytes():
     """A stream whose header declares 2**40 bytes ends at the real end, after a bounded read."""
-    data = _header("a.spec.npy", b"%011o\0" % (2**33 - 1)) + bytes(4096)
+    data = raw_header("a.spec.npy", b"%011o\0" % (2**33 - 1)) + bytes(4096)
     start = time.perf_counter()
     with pytest.raises(sf.ShardDataError, match="limit is 256 MiB"):
         list(sf.read_shard_samples(io.BytesIO(data), "x.tar"))

@@ -18,10 +18,10 @@ from avprep import shardformat as sf
 from avprep.shards import index_dataset
 from avprep.storage import Retry, upload_folder
 from avprep.verify import verify
-from ogmge_train.data import (_worker_steps, make_loader, plan_eval, plan_train, read_dataset, run_starts,
-                              to_device)
+from ogmge_train.data import _worker_steps, make_loader, plan_eval, plan_train, read_dataset, run_starts, to_device
 from ogmge_train.errors import DataError
-from tests._servers import aws_env, http_server, s3_server, write_shard_folder  # noqa: F401
+from tests._helpers import publish
+from tests._servers import write_shard_folder
 
 FAST = Retry(tries=4, base_delay=0.1, max_delay=0.5, budget_s=5.0, connect_timeout=2.0, read_timeout=5.0)
 SHARDS = {"train": [5, 4, 6, 3, 5], "val": [4, 3]}
@@ -82,11 +82,7 @@ def test_partition_property(world, workers, shards):
 
 @pytest.fixture(scope="module")
 def remote(ds, http_server, s3_server):
-    out, _ = ds
-    shutil.copytree(out, http_server.root / "sf", dirs_exist_ok=True)
-    bucket = s3_server.new_bucket()
-    upload_folder(out, f"s3://{bucket}/sf", s3_endpoint=s3_server.endpoint)
-    return {"local": str(out), "http": f"{http_server.url}/sf", "s3": f"s3://{bucket}/sf"}
+    return publish(ds[0], "sf", http_server, s3_server)
 
 
 @pytest.mark.parametrize("kind", ["local", "http", "s3"])

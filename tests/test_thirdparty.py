@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from tests._servers import aws_env, s3_server  # noqa: F401  (fixtures)
-
 
 @pytest.fixture(scope="module")
 def out(raw_dataset, tmp_path_factory):
