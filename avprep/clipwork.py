@@ -1,10 +1,12 @@
 """The extraction's unit of work (a short run of clips of one shard) and the shard assembler.
 
-Workers turn a ``ClipTask`` into a ``TaskResult``: per clip, its sample members or a
-failure value (never an exception for a clip's own fault). The ``Assembler`` in the parent
-writes the results into shards in plan order, whatever order they finish in, so a shard's
-bytes are fixed by the plan: identical for every engine and worker count. Tasks are small
-(a few clips), so N workers keep N cores busy even on a one-shard split and the tail balances.
+Workers turn a ``ClipTask`` into a ``TaskResult``: per clip, its sample already encoded as
+tar bytes (headers, payloads, padding; ``shards.encode_sample``) or a failure value (never an
+exception for a clip's own fault). The ``Assembler`` in the parent appends the results to
+shards in plan order, whatever order they finish in, so a shard's bytes are fixed by the
+plan: identical for every engine and worker count. Its share per clip is one write and one
+hash update (its cost bounds a cluster run). Tasks are small (a few clips), so N workers keep
+N cores busy even on a one-shard split and the tail balances.
 """
 from __future__ import annotations
 
@@ -43,8 +45,8 @@ class ClipTask:
 @dataclass(frozen=True)
 class ClipDone:
     key: str
-    members: dict[str, bytes]      # in tar order, without the key prefix
-    record: dict                   # the sample index line
+    sample: shardlib.EncodedSample   # its tar bytes, encoded by the worker
+    record: dict                     # the sample index line, but for its place in the shard
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ class ClipWorker:
                                                 f"{source}: {type(e).__name__}: {e}", self.src))
         record = {"key": clip.key, "label": clip.label, "label_index": self.label_index[clip.label],
                   "shard": shard, "source": source,
-                  "duration": json.loads(members["json"])["duration"]}
-        return ClipDone(clip.key, members, record)
+                  "duration": json.loads(members["json"])["duration"],
+                  "n_frames": sum(1 for m in members if shardformat.FRAME.fullmatch(m))}
+        return ClipDone(clip.key, shardlib.encode_sample(clip.key, members), record)
 
 
 def failure(key: str, source: str, stage: str, error: str, src) -> dict:
@@ -153,9 +156,8 @@ class Assembler:
                 with outdir.writing(path):
                     if self.writer is None:
                         self.writer = shardlib.ShardWriter(path)
-                    span = self.writer.add(outcome.key, outcome.members)  # offset, length, crc32
-                self.samples.append({**outcome.record, **span,
-                                     "n_frames": sum(1 for m in outcome.members if shardformat.FRAME.fullmatch(m))})
+                    span = self.writer.add_encoded(outcome.sample)  # offset, length, crc32
+                self.samples.append({**outcome.record, **span})
                 self.on_clip(task.shard, outcome.key, None, None)
             else:
                 self.failures.append(outcome.failure)

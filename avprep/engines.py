@@ -41,6 +41,30 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+_M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3      # glibc mallopt parameters
+_heap_kept = False
+
+
+def keep_heap() -> None:
+    """Make this process serve allocations up to 32 MB from its heap and keep 64 MB of freed
+    heap for reuse (glibc ``mallopt``; a no-op elsewhere). A clip's arrays (10 s of 44.1 kHz
+    stereo, its STFT) are megabytes allocated and freed once per clip; by default glibc maps
+    them afresh or hands the memory back, and page-faults it in again for the next clip: ~15%
+    of the work on cheap-to-decode clips. Called by every engine in the processes that
+    extract (the calling process for ``serial``); the cost is up to 64 MB held per process."""
+    global _heap_kept
+    if _heap_kept:
+        return
+    _heap_kept = True
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TOP_PAD, 64 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 class Engine:
     """Base of the strategies: ``map`` over ``_start``/``_submit``/``_wait``/``_stop``."""
 
@@ -95,6 +119,7 @@ class SerialEngine(Engine):
     name = "serial"
 
     def _start(self, fn):
+        keep_heap()
         self.fn, self.queue = fn, []
 
     def _submit(self, i, task):
@@ -123,7 +148,9 @@ def _mp_context():
 
 
 def _die_with(parent: int) -> None:
-    """Pool worker initialiser: end this process when ``parent`` (the extracting process) ends."""
+    """Pool worker initialiser: end this process when ``parent`` (the extracting process) ends;
+    keep freed heap (``keep_heap``)."""
+    keep_heap()
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -221,6 +248,7 @@ def _ray():
 
 
 def _call(fn, task):
+    keep_heap()
     return fn(task)
 
 

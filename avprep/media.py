@@ -425,13 +425,72 @@ class _AudioCollector:
         return np.concatenate(waves).astype(np.float32, copy=False)
 
 
+# WAVE format tags read natively: PCM integers and IEEE floats (the subformat of an
+# extensible header); bits per sample -> FFmpeg's sample format name
+_WAV_PCM = {(1, 8): "u8", (1, 16): "s16", (1, 32): "s32", (3, 32): "flt", (3, 64): "dbl"}
+
+
+def read_pcm_wav(path) -> tuple[np.ndarray, int] | None:
+    """(float32 samples of each of at most two channels, rate) of a plain PCM/float WAV, read
+    with numpy, or None for anything else: other codecs, 24-bit, more channels (whose layout
+    matters for the downmix), RF64, a damaged header, no samples. FFmpeg then decodes the file
+    as any other, with its error messages.
+
+    Opening a WAV through FFmpeg costs ~0.7 ms, ten times reading it: on CREMA-D that is a
+    tenth of a clip's work. The samples are exactly what FFmpeg gives (integers divided by
+    their full scale, u8 centred; tested against it)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    fmt, pos = None, 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        body = pos + 8
+        if cid == b"fmt " and size >= 16:
+            tag, channels, rate = (int.from_bytes(data[body + a:body + b], "little")
+                                   for a, b in ((0, 2), (2, 4), (4, 8)))
+            align, bits = (int.from_bytes(data[body + a:body + b], "little") for a, b in ((12, 14), (14, 16)))
+            if tag == 0xFFFE and size >= 40:         # WAVE_FORMAT_EXTENSIBLE: the subformat's tag
+                tag = int.from_bytes(data[body + 24:body + 26], "little")
+            fmt = (_WAV_PCM.get((tag, bits)), channels, rate, align)
+        elif cid == b"data":
+            if fmt is None or fmt[0] is None or fmt[1] not in (1, 2) or fmt[2] <= 0 \
+                    or fmt[3] != fmt[1] * _FORMAT_BYTES[fmt[0]]:
+                return None
+            name, channels, rate, align = fmt
+            end = len(data) if size in (0, 0xFFFFFFFF) else min(len(data), body + size)
+            end -= (end - body) % align             # whole sample frames only
+            if end <= body:
+                return None
+            samples = _to_float(data[body:end], name)
+            return samples.reshape(-1, channels).T if channels > 1 else samples[None], rate
+        pos = body + size + (size & 1)               # chunks are word-aligned
+    return None
+
+
+_FORMAT_BYTES = {"u8": 1, "s16": 2, "s32": 4, "flt": 4, "dbl": 8}
+
+
 def decode_audio(path, sample_rate: int, resampler: str = "soxr") -> np.ndarray:
     """The first audio stream of ``path`` as float32 mono at ``sample_rate`` (any layout/rate).
 
     Downmix: see ``downmix`` (stereo: the mean). Resampling (``resample``): ``resampler``
     "soxr" (as librosa.load) or "ffmpeg". Mono audio already at ``sample_rate`` is only
-    converted to float (integer PCM divided by its full scale, as FFmpeg does).
+    converted to float (integer PCM divided by its full scale, as FFmpeg does). Plain PCM
+    WAVs are read without FFmpeg (``read_pcm_wav``).
     """
+    pcm = read_pcm_wav(path)
+    if pcm is not None:
+        planes, rate = pcm
+        try:
+            return resample(downmix(list(planes), "stereo" if len(planes) == 2 else "mono"),
+                            rate, sample_rate, resampler)
+        except (av.error.FFmpegError, ValueError) as e:
+            raise ClipError("audio", f"{path}: cannot resample: {_one_line(e)}") from None
     container = open_media(path)
     with container:
         collector = _AudioCollector(sample_rate, path, resampler)

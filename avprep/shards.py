@@ -8,7 +8,6 @@ final name complete (tmp + fsync + rename) or does not exist.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import tarfile
@@ -86,27 +85,24 @@ def plan_shards(clips: Iterable[Clip], cfg: ExtractConfig) -> list[ShardPlan]:
     return plans
 
 
-class _HashingWriter:
-    """File wrapper that hashes and counts what tarfile writes, so no second read is needed."""
-
-    def __init__(self, f):
-        self._f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-        self.crc = 0        # CRC-32 of the bytes since the current sample began (the sample index's)
-
-    def write(self, data) -> int:
-        self._f.write(data)
-        self.sha.update(data)
-        self.crc = zlib.crc32(data, self.crc)
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
+_PAD = b"\0" * tarfile.BLOCKSIZE
 
 
-def _member(name: str, size: int) -> tarfile.TarInfo:
+def _member(name: str, size: int) -> bytes:
+    """The tar header of a regular file ``name`` of ``size`` bytes, with fixed metadata, as
+    tarfile's PAX writer makes it (a pax record first for names it cannot store plainly)."""
+    raw = name.encode("ascii", "replace")
+    if len(raw) > 100 or not name.isascii() or size >= 8 ** 11:
+        return _tarfile_member(name, size)
+    # tarfile's header, ~10x faster: only the name, size and checksum fields differ
+    header = bytearray(_HEADER)
+    header[0:len(raw)] = raw
+    header[124:136] = b"%011o\0" % size
+    header[148:155] = b"%06o\0" % sum(header)     # over the checksum field as 8 spaces
+    return bytes(header)
+
+
+def _tarfile_member(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -114,7 +110,34 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     info.type = tarfile.REGTYPE
-    return info
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_HEADER = bytearray(_tarfile_member("", 0))
+_HEADER[148:156] = b" " * 8
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """One sample as the bytes it occupies in a shard: each member's header, payload and
+    padding, contiguous. A tar member does not depend on where it lies in the archive, so
+    workers encode samples and the shard writer only appends them (one write, no re-encoding)."""
+
+    key: str
+    data: bytes
+    crc32: int                  # of ``data``: the sample index's checksum
+
+
+def encode_sample(key: str, members: Mapping[str, bytes]) -> EncodedSample:
+    """``members`` (extension -> payload, in tar order) of sample ``key`` as tar bytes, exactly
+    what ``tarfile`` writes for them in PAX format with fixed headers."""
+    if "." in key or not key:
+        raise ValueError(f"sample key {key!r} must be non-empty and hold no dot")
+    parts = []
+    for ext, payload in members.items():
+        parts += [_member(f"{key}.{ext}", len(payload)), payload, _PAD[:-len(payload) % tarfile.BLOCKSIZE]]
+    data = b"".join(parts)
+    return EncodedSample(key, data, zlib.crc32(data))
 
 
 def fsync_dir(path: Path) -> None:
@@ -163,40 +186,47 @@ class ShardWriter:
         self.path = Path(path)
         self.tmp = tmp_path(self.path)
         self._file = open(self.tmp, "wb")
-        self._out = _HashingWriter(self._file)
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.PAX_FORMAT)
+        self._sha = hashlib.sha256()
+        self.size = 0
         self._last_key: str | None = None
         self.num_samples = 0
 
     def add(self, key: str, members: Mapping[str, bytes]) -> dict[str, int]:
-        """One sample: its members contiguous, in the given order, with fixed headers.
+        """One sample: its members contiguous, in the given order, with fixed headers (see
+        ``add_encoded``)."""
+        return self.add_encoded(encode_sample(key, members))
 
-        Returns its sample-index fields (``shardformat.INDEX_FIELDS``): the offset of its first
-        header, its length up to the next sample, and the CRC-32 of those bytes (tarfile writes
-        each member's header, payload and padding straight through, so the span is exact)."""
-        if self._last_key is not None and key <= self._last_key:
-            raise ValueError(f"sample keys must increase: {key!r} after {self._last_key!r}")
-        if "." in key or not key:
-            raise ValueError(f"sample key {key!r} must be non-empty and hold no dot")
-        offset, self._out.crc = self._out.size, 0
-        for ext, data in members.items():
-            self._tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
-        self._last_key = key
+    def add_encoded(self, sample: EncodedSample) -> dict[str, int]:
+        """Append a sample encoded by ``encode_sample`` (possibly in another process). Returns
+        its sample-index fields (``shardformat.INDEX_FIELDS``): the offset of its first header,
+        its length up to the next sample, and the CRC-32 of those bytes."""
+        if self._last_key is not None and sample.key <= self._last_key:
+            raise ValueError(f"sample keys must increase: {sample.key!r} after {self._last_key!r}")
+        offset = self.size
+        self._file.write(sample.data)
+        self._sha.update(sample.data)
+        self.size += len(sample.data)
+        self._last_key = sample.key
         self.num_samples += 1
-        return dict(zip(shardformat.INDEX_FIELDS, (offset, self._out.size - offset, self._out.crc)))
+        return dict(zip(shardformat.INDEX_FIELDS, (offset, len(sample.data), sample.crc32)))
 
     def commit(self, sync_dir: bool = True) -> WrittenShard:
-        """Close, fsync and rename to the final name. ``sync_dir=False`` leaves the folder's
-        fsync (which makes the rename survive a power loss) to the caller, to do once for
-        many shards; the name never shows a partial file either way."""
-        self._tar.close()
+        """Write the end of the archive, fsync and rename to the final name. ``sync_dir=False``
+        leaves the folder's fsync (which makes the rename survive a power loss) to the caller,
+        to do once for many shards; the name never shows a partial file either way."""
+        # as tarfile closes an archive: two zero blocks, then zeros up to a whole record
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(self.size + end) % tarfile.RECORDSIZE
+        self._file.write(bytes(end))
+        self._sha.update(bytes(end))
+        self.size += end
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
         if sync_dir:
             fsync_dir(self.path.parent)
-        return WrittenShard(self.path.name, self.num_samples, self._out.size, self._out.sha.hexdigest())
+        return WrittenShard(self.path.name, self.num_samples, self.size, self._sha.hexdigest())
 
     def abort(self) -> None:
         try:

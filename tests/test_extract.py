@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -324,6 +325,51 @@ def test_write_shard_is_deterministic_and_atomic(tmp_path):
             writer.add("b", {"cls": b"1"})
             writer.add("a", {"cls": b"0"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t-000000.tar", "u-000000.tar"]
+
+
+def _tarfile_reference(samples: dict) -> bytes:
+    """What Python's tarfile writes for ``samples`` in PAX format with fixed headers."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("sizes", [[0], [511, 512, 513], [10240 - 3 * 512], [3000] * 7],
+                         ids=["empty", "block-edges", "record-edge", "many"])
+def test_encoded_samples_are_byte_identical_to_tarfile(tmp_path, sizes):
+    """Workers encode samples (headers, payload, padding) and the writer only appends them and
+    closes the archive: the shard is byte for byte what tarfile writes, long (pax) names included."""
+    from avprep.shards import encode_sample
+    rng = np.random.default_rng(len(sizes))
+    samples = {f"k{i:02d}" + "x" * (120 if i == 1 else 0): {"cls": b"1", f"f{i:03d}.jpg": rng.bytes(n)}
+               for i, n in enumerate(sizes)}
+    with ShardWriter(tmp_path / "s.tar") as writer:
+        spans = [writer.add_encoded(encode_sample(k, m)) for k, m in samples.items()]
+        written = writer.commit()
+    data = (tmp_path / "s.tar").read_bytes()
+    assert data == _tarfile_reference(samples)
+    assert (written.bytes, written.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    for span, (k, m) in zip(spans, samples.items()):
+        chunk = data[span["offset"]:span["offset"] + span["length"]]
+        assert chunk == _tarfile_reference({k: m})[:len(chunk)] and zlib.crc32(chunk) == span["crc32"]
+
+
+def test_member_headers_are_tarfiles_at_the_edges():
+    """The fast header builder equals tarfile's for names up to and past 100 bytes, non-ASCII
+    names (pax records) and sizes up to and past what 11 octal digits hold."""
+    from avprep.shards import _member
+    for name in ["a", "k.cls", "x" * 99, "x" * 100, "x" * 101, "clé.f000.jpg"]:
+        for size in [0, 1, 511, 512, 8 ** 11 - 1, 8 ** 11]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0
+            info.uname = info.gname = ""
+            assert _member(name, size) == info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
 def test_one_extraction_per_folder(raw, out1, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import av
 import numpy as np
@@ -132,7 +133,7 @@ def test_jpeg_quality_is_applied(make_clip):
 
 
 def test_rotation_metadata_is_applied(make_clip):
-    import cv2   # an independent decoder that applies the display matrix itself
+    import cv2  # an independent decoder that applies the display matrix itself
 
     path = make_clip(duration=1.0, rotation=90, audio=False)      # 96x72 coded
     frames, _ = media.decode_frames(path, frame_size=0)
@@ -299,6 +300,76 @@ def test_mono_pcm_at_the_target_rate_is_exact(tmp_path, width):
         ffmpeg = np.concatenate([f.to_ndarray().reshape(-1) for frame in c.decode(audio=0)
                                  for f in resampler.resample(frame)])
     np.testing.assert_array_equal(wave_, ffmpeg)
+
+
+def _wav(path, payload: bytes, tag: int, channels: int, rate: int, bits: int, *, extensible=False,
+         extra_chunk=b"", data_size=None) -> Path:
+    """A WAV written byte by byte (no FFmpeg, no ``wave`` module: they cannot write floats)."""
+    align = channels * bits // 8
+    fmt = (tag if not extensible else 0xFFFE).to_bytes(2, "little") + channels.to_bytes(2, "little") \
+        + rate.to_bytes(4, "little") + (rate * align).to_bytes(4, "little") + align.to_bytes(2, "little") \
+        + bits.to_bytes(2, "little")
+    if extensible:      # cbSize, valid bits, channel mask, subformat GUID (tag first)
+        mask = 3 if channels == 2 else 4
+        fmt += (22).to_bytes(2, "little") + bits.to_bytes(2, "little") + mask.to_bytes(4, "little") \
+            + tag.to_bytes(2, "little") + bytes.fromhex("000000001000800000aa00389b71")
+    body = b"WAVE" + b"fmt " + len(fmt).to_bytes(4, "little") + fmt + extra_chunk \
+        + b"data" + (len(payload) if data_size is None else data_size).to_bytes(4, "little") + payload
+    Path(path).write_bytes(b"RIFF" + (len(body)).to_bytes(4, "little") + body)
+    return Path(path)
+
+
+def _ffmpeg_path(path, rate):
+    """``decode_audio`` through FFmpeg only (the native WAV reader switched off)."""
+    real = media.read_pcm_wav
+    media.read_pcm_wav = lambda p: None
+    try:
+        return media.decode_audio(path, rate)
+    finally:
+        media.read_pcm_wav = real
+
+
+@pytest.mark.parametrize("tag,bits,dtype", [(1, 8, "u1"), (1, 16, "<i2"), (1, 32, "<i4"), (3, 32, "<f4"),
+                                            (3, 64, "<f8")], ids=["u8", "s16", "s32", "f32", "f64"])
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("rate", [16000, 22050])
+def test_native_wav_reader_equals_ffmpeg(tmp_path, tag, bits, dtype, channels, rate):
+    """Plain PCM/float WAVs are read with numpy; the samples, downmix and resampling must be
+    exactly FFmpeg's path, with extensible headers, odd-sized chunks before the data and a
+    trailing half sample frame."""
+    rng = np.random.default_rng(bits + channels)
+    n = 4000 * channels
+    if dtype == "u1":
+        raw = rng.integers(0, 256, n).astype("u1")
+    elif dtype[1] == "i":
+        info = np.iinfo(dtype)
+        raw = rng.integers(info.min, info.max, n, endpoint=True).astype(dtype)
+    else:
+        raw = (rng.uniform(-1, 1, n)).astype(dtype)
+    for i, layout in enumerate([{}, {"extensible": True}, {"extra_chunk": b"JUNK\x03\x00\x00\x00abc\x00"}]):
+        path = _wav(tmp_path / f"{i}.wav", raw.tobytes() + b"\x01", tag, channels, rate, bits, **layout)
+        planes, got_rate = media.read_pcm_wav(path)
+        whole = 4000 + (channels * bits == 8)          # the odd byte is a whole u8 mono sample
+        assert got_rate == rate and planes.shape == (channels, whole)
+        np.testing.assert_array_equal(media.decode_audio(path, 16000), _ffmpeg_path(path, 16000))
+
+
+@pytest.mark.parametrize("case", ["24-bit", "5.1", "adpcm", "no-data", "empty-data", "rf64", "not-wav"])
+def test_native_wav_reader_leaves_the_rest_to_ffmpeg(tmp_path, case):
+    """Anything but plain PCM/float in one or two channels goes to FFmpeg, with its messages."""
+    pcm = np.zeros(600, "<i2").tobytes()
+    path = {
+        "24-bit": lambda: _wav(tmp_path / "a.wav", bytes(900), 1, 1, 16000, 24),
+        "5.1": lambda: _wav(tmp_path / "a.wav", bytes(1200), 1, 6, 16000, 16),
+        "adpcm": lambda: _wav(tmp_path / "a.wav", bytes(256), 2, 1, 16000, 4),
+        "no-data": lambda: _wav(tmp_path / "a.wav", b"", 1, 1, 16000, 16, data_size=0)
+        .write_bytes(_wav(tmp_path / "b.wav", b"", 1, 1, 16000, 16).read_bytes()[:36]) and tmp_path / "a.wav",
+        "empty-data": lambda: _wav(tmp_path / "a.wav", b"", 1, 1, 16000, 16),
+        "rf64": lambda: (tmp_path / "a.wav").write_bytes(b"RF64" + _wav(tmp_path / "b.wav", pcm, 1, 1, 16000, 16)
+                                                          .read_bytes()[4:]) and tmp_path / "a.wav",
+        "not-wav": lambda: (tmp_path / "a.wav").write_bytes(b"RIFF\x10\x00\x00\x00AVI LIST") and tmp_path / "a.wav",
+    }[case]()
+    assert media.read_pcm_wav(path) is None
 
 
 def test_encoded_audio_length(make_clip):
