@@ -66,15 +66,20 @@ class TaskResult:
 
 
 def make_tasks(plans: list[shardlib.ShardPlan], workers: int) -> list[ClipTask]:
-    """Cut each shard into runs of clips, small enough for ``workers`` to share the work
-    (about 4 tasks per worker overall) and at most ``MAX_TASK_CLIPS`` long."""
-    total = sum(len(p.clips) for p in plans)
-    size = max(1, min(MAX_TASK_CLIPS, total // (4 * max(1, workers))))
+    """Cut each shard into runs of consecutive clips, in plan order. A run is a quarter of
+    each worker's share of the clips still to come, at most ``MAX_TASK_CLIPS`` and at least
+    one: long runs while there is much left (few tasks, little overhead), single clips at the
+    end, so no worker idles long while another finishes (guided self-scheduling)."""
+    remaining = sum(len(p.clips) for p in plans)
     tasks = []
     for p in plans:
-        n = math.ceil(len(p.clips) / size)
-        for j in range(n):
-            tasks.append(ClipTask(p.name, p.split, p.clips[j * size:(j + 1) * size], j == n - 1))
+        start = 0
+        while start < len(p.clips):
+            size = max(1, min(MAX_TASK_CLIPS, -(-remaining // (4 * max(1, workers)))))
+            clips = p.clips[start:start + size]
+            start += len(clips)
+            remaining -= len(clips)
+            tasks.append(ClipTask(p.name, p.split, clips, start == len(p.clips)))
     return tasks
 
 

@@ -41,7 +41,8 @@ Variants, each timed over every clip:
   (the ``ffmpeg -i clip.mp4 clip.wav`` step of those scripts, here with PyAV), because
   librosa cannot read MP4 without an ffmpeg binary.
 
-Every variant but ``avprep-2`` runs on one core (OpenCV held to one thread). Each rep runs
+Every variant but ``avprep-2`` runs on one core (OpenCV held to one thread), and all run
+with the heap kept as extraction keeps it in its processes (``engines.keep_heap``). Each rep runs
 every variant once in a rotating order (load drift on a shared machine hits all alike); the
 fastest rep of each variant is reported; the load average before and after is in the output.
 Ratios: ``extract_over_floor`` = avprep-1 / floor (target <= 1.25 where the ceiling
@@ -284,18 +285,20 @@ def _cpu() -> float:
 
 
 def assembler_seconds_per_clip(dataset: str, src: Path, cfg: ExtractConfig, work: Path, n: int = 200) -> float:
-    """What the parent (the assembler) spends per clip: one real sample's members written
-    ``n`` times into a shard (tar headers, sha256, write, one fsync), no decoding."""
+    """What the parent (the assembler) spends per clip: one real sample, encoded as workers
+    encode it, appended ``n`` times to a shard (one write, one sha256 update, one fsync at the
+    end), no decoding and no encoding."""
     from avprep.sample import extract_clip
-    from avprep.shards import ShardWriter
+    from avprep.shards import EncodedSample, ShardWriter, encode_sample
 
     disc = get_adapter(dataset).discover(src)
     clip = disc.clips[0]
-    members = extract_clip(clip, disc.classes.index(clip.label), clip.split, cfg, src)
+    data = encode_sample("k", extract_clip(clip, disc.classes.index(clip.label), clip.split, cfg, src)).data
+    samples = [EncodedSample(f"k{i:06d}", data, 0) for i in range(n)]
     t0 = time.perf_counter()
     with ShardWriter(work / "assembler.tar") as writer:
-        for i in range(n):
-            writer.add(f"k{i:06d}", members)
+        for sample in samples:
+            writer.add_encoded(sample)
         writer.commit()
     return (time.perf_counter() - t0) / n
 

@@ -216,3 +216,22 @@ def test_keep_heap_stops_page_faulting_each_clips_arrays_in_again():
                                        text=True, cwd=ROOT).stdout) for mode in ("default", "keep")}
     assert faults["default"] > 20 * 2000          # megabytes handed back and faulted in each time
     assert faults["keep"] < faults["default"] / 10
+
+
+@pytest.mark.parametrize("shard_sizes, workers", [([24], 2), ([1000], 64), ([3, 50, 7], 4), ([5], 1)])
+def test_tasks_cover_the_plan_in_order_and_shrink_towards_the_end(shard_sizes, workers):
+    from avprep.clipwork import MAX_TASK_CLIPS, make_tasks
+    from avprep.datasets._base import Clip
+    from avprep.shards import ShardPlan
+    plans = [ShardPlan(f"s-{i:06d}.tar", "train", tuple(Clip(f"{i}-{k:04d}", "a", "train", Path("x"))
+                                                        for k in range(n))) for i, n in enumerate(shard_sizes)]
+    tasks = make_tasks(plans, workers)
+    assert [c for t in tasks for c in t.clips] == [c for p in plans for c in p.clips]
+    for p in plans:
+        mine = [t for t in tasks if t.shard == p.name]
+        assert [t.last for t in mine] == [False] * (len(mine) - 1) + [True]
+        assert [c for t in mine for c in t.clips] == list(p.clips)     # no task spans two shards
+    sizes = [len(t.clips) for t in tasks]
+    assert max(sizes) <= MAX_TASK_CLIPS
+    if workers > 1:       # the end of the run is single clips: the tail balances
+        assert sizes[-workers:] == [1] * workers
