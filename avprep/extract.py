@@ -3,8 +3,9 @@
 The steps (``extract``): discover the clips → plan the shards (membership from sorted keys
 only) → keep the shards a killed run already finished → cut the rest into small clip tasks
 → run them on an engine (``engines``: serial, local processes, Ray) → assemble the results
-into shards in plan order (``clipwork``) → write failures.jsonl, the sample indexes, the
-manifests and dataset.json last (``outdir``) → upload when the output is s3://.
+into shards in plan order (``clipwork``), each uploaded in the background as soon as it is
+committed when the output is s3:// (``storage.ShardUploader``) → write failures.jsonl, the
+sample indexes, the manifests and dataset.json last (``outdir``), uploaded after every shard.
 
 Same inputs and options give byte-identical output under every engine and worker count.
 Failure records name files relative to ``src`` (also inside error messages), so the output
@@ -15,10 +16,12 @@ call ``extract`` with more than one worker need the usual ``if __name__ == "__ma
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import outdir
 from . import shards as shardlib
@@ -28,6 +31,9 @@ from .datasets._base import Discovery
 from .engines import Engine, make_engine
 from .errors import ConfigError, DatasetLayoutError
 from .outdir import tool_version
+
+if TYPE_CHECKING:
+    from .storage import S3Location, ShardUploader
 
 # Discovery problems that count against --max-failures ("missing" does not: VGGSound always
 # misses videos, README: Datasets).
@@ -102,7 +108,9 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
             on_event: OnEvent | None = None, staging: str | Path | None = None,
             s3_endpoint: str | None = None) -> ExtractResult:
     """Extract dataset ``dataset`` from the raw folder ``src`` into ``out`` (a folder, or an
-    ``s3://bucket/prefix`` reached through a local ``staging`` folder, uploaded at the end).
+    ``s3://bucket/prefix`` reached through a local ``staging`` folder: each shard is uploaded
+    in the background as soon as it is finished, the indexes, manifests and dataset.json after
+    the last one).
 
     Same inputs and options give byte-identical output whatever the engine and ``workers``:
     shard membership is fixed from sorted keys before decoding. Clips that fail are listed
@@ -114,12 +122,15 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
     for one worker, else local); ``workers`` defaults to all cores (Ray: the cluster's).
     Raises ConfigError when ``out`` holds an extraction made with other options,
     DatasetLayoutError from the adapter, OutputError when ``out`` cannot be written,
-    StorageError from the upload. ``staging`` defaults to a fixed folder per URL under the
-    temp dir (kept, so an interrupted run resumes; the upload skips the resume state).
+    StorageError from an upload (the run stops there). ``staging`` defaults to a fixed folder
+    per URL under the temp dir (kept, so an interrupted run resumes; the resume state is never
+    uploaded); a rerun sends again only the kept shards missing from the bucket or of another
+    size there, and everything it extracts.
     """
     t0 = time.monotonic()
     emit = on_event or (lambda e: None)
     remote = str(out) if str(out).startswith("s3://") else None
+    loc = _s3_location(remote, s3_endpoint) if remote else None     # a bad URL fails before any work
     out = Path(staging or outdir.staging_dir(remote)) if remote else Path(out)
     src = Path(src)
     adapter = _adapter(dataset)
@@ -137,13 +148,13 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
         raise DatasetLayoutError(_nothing_found(src, adapter, disc))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
-    with outdir.exclusive(out):
+    with outdir.exclusive(out), _uploader(loc, out) as uploader:
         outdir.prepare(out, options, overwrite)
         result = _extract_into(src, out, adapter.name, disc, cfg, options, runner, emit,
-                               max_failures, retry_failed)
+                               max_failures, retry_failed, uploader)
+        if uploader is not None:
+            uploader.finish()       # waits for the shards; then the indexes, manifests, dataset.json last
     result.out = remote or str(out)
-    if remote:
-        _upload(out, remote, s3_endpoint)
     result.wall_time = time.monotonic() - t0
     emit(ExtractEvent("finish", result.num_clips, result.num_clips - result.num_samples,
                       result.num_clips))
@@ -152,8 +163,9 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
 
 def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: ExtractConfig,
                   options: dict, engine: Engine, emit: OnEvent, max_failures: float,
-                  retry_failed: bool) -> ExtractResult:
-    """Plan, keep the intact shards, extract the rest, then write the indexes (``out`` locked)."""
+                  retry_failed: bool, uploader: ShardUploader | None = None) -> ExtractResult:
+    """Plan, keep the intact shards, extract the rest, then write the indexes (``out`` locked).
+    Every shard file, kept or new, goes to ``uploader`` when there is one."""
     plans = shardlib.plan_shards(disc.clips, cfg)
     kept = {p.name: s for p in plans if (s := outdir.finished_state(out, p)) is not None}
     retried = {n for n, s in kept.items() if _worth_retrying(s, retry_failed)}
@@ -172,12 +184,16 @@ def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: Extr
     for p in plans:
         if p.name in kept:
             progress.add(len(p.clips), len(kept[p.name].failures))
+            if uploader is not None and kept[p.name].sha256 is not None:
+                uploader.submit(p.name, unless_present=True)    # may be in the bucket already
             progress.event("resumed", shard=p.name)
 
     states = dict(kept)
 
     def shard_done(st: outdir.ShardState) -> None:
         states[st.name] = st
+        if uploader is not None and st.sha256 is not None:     # None: every clip failed, no file
+            uploader.submit(st.name)
         progress.event("shard", shard=st.name)
 
     tasks = make_tasks(todo, engine.workers)
@@ -259,6 +275,16 @@ def _failures(disc: Discovery, states: list[outdir.ShardState], src: Path) -> li
     return sorted(rows, key=lambda r: (r["key"], r["stage"], r["source"], r["error"]))
 
 
-def _upload(local: Path, remote: str, s3_endpoint: str | None) -> None:
-    from .storage import upload_folder
-    upload_folder(local, remote, s3_endpoint=s3_endpoint)    # skips .avprep-state; manifests and dataset.json last
+def _s3_location(remote: str, s3_endpoint: str | None) -> S3Location:
+    from .storage import S3Location, open_location
+    loc = open_location(remote, s3_endpoint=s3_endpoint)
+    assert isinstance(loc, S3Location)      # the URL starts with s3://
+    return loc
+
+
+def _uploader(loc: S3Location | None, staging: Path) -> contextlib.AbstractContextManager[ShardUploader | None]:
+    """The run's shard uploader for an s3:// output; none (no threads) for a local one."""
+    if loc is None:
+        return contextlib.nullcontext()
+    from .storage import ShardUploader
+    return ShardUploader(loc, staging)

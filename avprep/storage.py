@@ -4,7 +4,9 @@ One small API for all three (``Location``): ``url``, ``read_bytes``, ``read_json
 ``exists``, ``size``. Remote reads retry transient failures (connection refused or reset,
 timeouts, HTTP 5xx/429, S3 throttling) with exponential backoff inside a bounded budget
 (``Retry``: 5 tries and at most ~30 s by default); permanent failures (404, 403, NoSuchKey,
-missing credentials) raise ``StorageError`` naming the URL at once.
+missing credentials) raise ``StorageError`` naming the URL at once. Uploads to S3
+(``upload_folder``, and ``ShardUploader`` during an extraction) retry the same way and send
+shards first, manifests and dataset.json last.
 
 ``open`` streams: a shard is never buffered whole in memory. When a stream breaks mid-read it
 resumes with a ranged request from the byte offset reached (HTTP ``Range`` / S3 ``Range``,
@@ -25,6 +27,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
@@ -408,6 +411,11 @@ class S3Location(Location):
     def url(self, name: str) -> str:
         return f"s3://{self.bucket}/{self.key(name)}"
 
+    def put_file(self, name: str, path: str | os.PathLike) -> None:
+        """Upload the local file ``path`` as ``name`` (boto3's transfer manager: multipart for big
+        files), with the same retries and one-line StorageError as reads."""
+        self._with_retry(self.url(name), lambda: self.client.upload_file(os.fspath(path), self.bucket, self.key(name)))
+
     def _read(self, name: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
 
@@ -506,6 +514,11 @@ def _uploadable(rel: Path) -> bool:
     return not any(part.startswith(".") for part in rel.parts) and TMP_MARK not in rel.name
 
 
+def _folder_files(root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_file() and _uploadable(p.relative_to(root))]
+
+
 def upload_folder(local_dir: str | os.PathLike, s3_url: str, *, s3_endpoint: str | None = None,
                   on_progress: Callable[[int, int, str], None] | None = None,
                   retry: Retry | None = None) -> list[str]:
@@ -524,15 +537,82 @@ def upload_folder(local_dir: str | os.PathLike, s3_url: str, *, s3_endpoint: str
     root = Path(local_dir)
     if not root.is_dir():
         raise ConfigError(f"{root}: not a folder")
-    files = [p.relative_to(root).as_posix() for p in root.rglob("*")
-             if p.is_file() and _uploadable(p.relative_to(root))]
-    order = upload_order(files)
+    order = upload_order(_folder_files(root))
     total, done = sum((root / n).stat().st_size for n in order), 0
     for name in order:
         path = root / name
-        loc._with_retry(loc.url(name),
-                        lambda path=path, name=name: loc.client.upload_file(str(path), loc.bucket, loc.key(name)))
+        loc.put_file(name, path)
         done += path.stat().st_size
         if on_progress is not None:
             on_progress(done, total, name)
     return order
+
+
+class ShardUploader:
+    """Uploads an extraction's shards from its local ``staging`` folder while the run goes on.
+
+    ``submit(name)`` hands a committed shard to a few threads (boto3 clients are thread-safe),
+    so decoding and assembly continue during the upload. At most ``max_pending`` uploads are
+    unfinished: past that ``submit`` waits, so a slow store slows the run down instead of piling
+    up work. ``submit`` raises the first failed upload's StorageError (the run stops early: later
+    uploads would most likely fail too; the staging folder keeps everything for a rerun).
+    ``finish()`` waits for every shard, then uploads the folder's other files in ``upload_order``
+    (dataset.json last), so a reader never sees a manifest naming a missing shard. Used as a
+    context manager: leaving on an exception cancels the uploads not yet started and waits for
+    the running ones.
+
+    ``submit(name, unless_present=True)`` (a shard kept from an earlier run) first asks the store
+    for the object's size and skips the upload when an object of the local file's size is there:
+    S3 objects appear only whole, and a shard's bytes are fixed by its plan, so an equal size is
+    taken as the same shard (no hash is stored remotely to compare).
+    """
+
+    def __init__(self, loc: S3Location, staging: str | os.PathLike, *, threads: int = 3,
+                 max_pending: int = 4):
+        self.loc, self.root, self.max_pending = loc, Path(staging), max(1, max_pending)
+        self.uploaded: list[str] = []           # names actually sent, in completion order
+        self._submitted: set[str] = set()
+        self._pending: set[Future] = set()
+        _ = loc.client                          # made here: lazy creation from several threads races
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="avprep-upload")
+
+    def __enter__(self) -> ShardUploader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, name: str, *, unless_present: bool = False) -> None:
+        self._reap(self.max_pending - 1)
+        self._submitted.add(name)
+        self._pending.add(self._pool.submit(self._put, name, unless_present))
+
+    def finish(self) -> list[str]:
+        """Wait for the shards, then upload every other file (indexes, manifests, dataset.json
+        last). Returns the names uploaded by this uploader, in order (skipped shards left out)."""
+        self._reap(0)
+        for name in upload_order(n for n in _folder_files(self.root) if n not in self._submitted):
+            self.loc.put_file(name, self.root / name)
+            self.uploaded.append(name)
+        return list(self.uploaded)
+
+    def _reap(self, most: int) -> None:
+        """Collect finished uploads (raising the first failure), waiting while more than ``most``
+        are unfinished."""
+        while True:
+            done = {f for f in self._pending if f.done()}
+            self._pending -= done
+            for f in done:
+                f.result()
+            if len(self._pending) <= most:
+                return
+            wait(self._pending, return_when=FIRST_COMPLETED)
+
+    def _put(self, name: str, unless_present: bool) -> None:
+        path = self.root / name
+        if unless_present:
+            st = self.loc._with_retry(self.loc.url(name), lambda: self.loc._stat(name))
+            if st is not None and st[0] == path.stat().st_size:
+                return
+        self.loc.put_file(name, path)
+        self.uploaded.append(name)              # list.append is atomic
