@@ -11,7 +11,6 @@ N cores busy even on a one-shard split and the tail balances.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable
