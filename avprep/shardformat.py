@@ -27,7 +27,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import TypeGuard
 
@@ -635,9 +635,11 @@ class IndexEntry:
     n_frames: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # not dataclasses.asdict: its deep copy of every value showed in profiles (one per sample)
+        return {f: getattr(self, f) for f in _ENTRY_FIELDS}
 
 
+_ENTRY_FIELDS = tuple(f.name for f in fields(IndexEntry))
 INDEX_FIELDS = ("offset", "length", "crc32")
 
 

@@ -136,7 +136,8 @@ def split_alias(name: str) -> str | None:
 
 def is_media_name(name: str) -> bool:
     """A plausible media file name: not hidden, has an extension, not an obvious non-media one."""
-    suffix = Path(name).suffix.lower()
+    i = name.rfind(".")             # Path(name).suffix, without building a Path (hot in discovery)
+    suffix = name[i:].lower() if 0 < i < len(name) - 1 else ""
     return not name.startswith(".") and bool(suffix) and suffix not in NOT_MEDIA
 
 
