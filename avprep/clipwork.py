@@ -1,20 +1,32 @@
-"""The extraction's unit of work (a short run of clips of one shard) and the shard assembler.
+"""The extraction's unit of work (a short run of clips of one shard) and the shard writers.
 
 Workers turn a ``ClipTask`` into a ``TaskResult``: per clip, its sample already encoded as
 tar bytes (headers, payloads, padding; ``shards.encode_sample``) or a failure value (never an
-exception for a clip's own fault). The ``Assembler`` in the parent appends the results to
-shards in plan order, whatever order they finish in, so a shard's bytes are fixed by the
-plan: identical for every engine and worker count. Its share per clip is one write and one
-hash update (its cost bounds a cluster run). Tasks are small (a few clips), so N workers keep
-N cores busy even on a one-shard split and the tail balances.
+exception for a clip's own fault). ``ShardBuild`` appends one shard's outcomes in plan order,
+whatever order the tasks finished in, so a shard's bytes are fixed by the plan: identical for
+every engine and worker count. Two owners drive it:
+
+- ``Assembler``, in the extracting process (serial and local engines): results stream in,
+  each is written as soon as the ones before it are, and clip events follow each clip. Its
+  share per clip is one write and one hash update, so on a cluster it would bound the run.
+- ``ShardBuilder``, a picklable callable run as one task per shard (Ray): it gets the shard's
+  task results on its node, writes the shard into the output folder (storage every node
+  sees) or, for an s3:// output, into a temp folder of its node that it uploads and deletes,
+  and returns only the ``ShardState`` (``BuiltShard``). The driver derives the clip events
+  from the state (``clip_reports``). The trade-off: a builder holds its shard's samples in
+  memory (about a shard's size), and clip events arrive a shard at a time.
+
+Tasks are small (a few clips), so N workers keep N cores busy even on a one-shard split and
+the tail balances.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import outdir, shardformat
@@ -126,11 +138,73 @@ def relative_text(text: str, src) -> str:
     return re.sub(rf"(?<![\w./-]){root}(?![\w/-]|\.\w)", "<src>", text)
 
 
-class Assembler:
-    """Writes task results into shards in task (= plan) order; holds back early finishers.
+def report(outcome: ClipOutcome) -> tuple[str, str | None, str | None]:
+    """``(key, stage, error)`` of a clip event: stage and error None for a written sample."""
+    if isinstance(outcome, ClipDone):
+        return outcome.key, None, None
+    return outcome.key, outcome.failure["stage"], outcome.failure["error"]
 
-    ``on_clip(shard, key, stage, error)`` is called per clip and ``on_shard(state)`` per
-    finished shard, both in plan order, so progress events are the same under every engine."""
+
+def clip_reports(st: outdir.ShardState) -> Iterator[tuple[str, str | None, str | None]]:
+    """The ``report`` of each of a finished shard's clips, in plan order, from its state alone
+    (what the driver gets back from a ``ShardBuilder``)."""
+    failed = {f["key"]: f for f in st.failures}
+    for key in st.keys:
+        f = failed.get(key)
+        yield (key, None, None) if f is None else (key, f["stage"], f["error"])
+
+
+class ShardBuild:
+    """One shard being written at ``path``: outcomes appended in plan order (``ShardWriter``:
+    a temp file, fsynced and renamed on ``commit``), its index lines, failures and keys kept
+    for its ``ShardState``. No file is made for a shard whose clips all failed."""
+
+    def __init__(self, path: Path, split: str):
+        self.path, self.split = path, split
+        self.writer: shardlib.ShardWriter | None = None
+        self.samples: list[dict] = []
+        self.failures: list[dict] = []
+        self.keys: list[str] = []
+        self.retry: list[str] = []
+
+    def add(self, outcome: ClipOutcome) -> None:
+        self.keys.append(outcome.key)
+        if isinstance(outcome, ClipDone):
+            with outdir.writing(self.path):
+                if self.writer is None:
+                    self.writer = shardlib.ShardWriter(self.path)
+                span = self.writer.add_encoded(outcome.sample)  # offset, length, crc32
+            self.samples.append({**outcome.record, **span})
+        else:
+            self.failures.append(outcome.failure)
+            if outcome.retryable:
+                self.retry.append(outcome.key)
+
+    def commit(self) -> outdir.ShardState:
+        written = None
+        if self.writer is not None:
+            with outdir.writing(self.path):
+                # the folder is fsynced once for all renames, before dataset.json
+                written = self.writer.commit(sync_dir=False)
+            self.writer = None
+        return outdir.ShardState(self.path.name, self.split, self.keys,
+                                 written.sha256 if written else None, written.bytes if written else None,
+                                 len(self.samples), self.samples, self.failures, self.retry)
+
+    def abort(self) -> None:
+        """Drop the temp file of a shard that will not be committed."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+class Assembler:
+    """Writes task results into shards in task (= plan) order, in this process; holds back
+    early finishers.
+
+    ``on_clip(shard, key, stage, error)`` is called per clip as soon as it is written and
+    ``on_shard(state)`` per committed shard, both in plan order, so progress events are the
+    same under every engine. The caller saves the state (``outdir.save_state``)."""
 
     def __init__(self, out: Path, tasks: list[ClipTask],
                  on_clip: Callable[[str, str, str | None, str | None], None],
@@ -138,11 +212,7 @@ class Assembler:
         self.out, self.tasks, self.on_clip, self.on_shard = out, tasks, on_clip, on_shard
         self.waiting: dict[int, TaskResult] = {}
         self.next = 0
-        self.writer: shardlib.ShardWriter | None = None
-        self.samples: list[dict] = []
-        self.failures: list[dict] = []
-        self.keys: list[str] = []
-        self.retry: list[str] = []
+        self.shard: ShardBuild | None = None
         self.pids: set[int] = set()
 
     def add(self, i: int, result: TaskResult) -> None:
@@ -153,40 +223,69 @@ class Assembler:
             self.next += 1
 
     def _consume(self, task: ClipTask, result: TaskResult) -> None:
-        path = self.out / task.shard
+        if self.shard is None:
+            self.shard = ShardBuild(self.out / task.shard, task.split)
         for outcome in result.clips:
-            self.keys.append(outcome.key)
-            if isinstance(outcome, ClipDone):
-                with outdir.writing(path):
-                    if self.writer is None:
-                        self.writer = shardlib.ShardWriter(path)
-                    span = self.writer.add_encoded(outcome.sample)  # offset, length, crc32
-                self.samples.append({**outcome.record, **span})
-                self.on_clip(task.shard, outcome.key, None, None)
-            else:
-                self.failures.append(outcome.failure)
-                if outcome.retryable:
-                    self.retry.append(outcome.key)
-                self.on_clip(task.shard, outcome.key, outcome.failure["stage"], outcome.failure["error"])
+            self.shard.add(outcome)
+            self.on_clip(task.shard, *report(outcome))
         if task.last:
-            self._finish(task)
-
-    def _finish(self, task: ClipTask) -> None:
-        written = None
-        if self.writer is not None:       # no file for a shard of failures only
-            with outdir.writing(self.writer.path):
-                # the folder is fsynced once for all renames, before dataset.json
-                written = self.writer.commit(sync_dir=False)
-            self.writer = None
-        st = outdir.ShardState(task.shard, task.split, self.keys, written.sha256 if written else None,
-                               written.bytes if written else None, len(self.samples), self.samples,
-                               self.failures, self.retry)
-        outdir.save_state(self.out, st)
-        self.samples, self.failures, self.keys, self.retry = [], [], [], []
-        self.on_shard(st)
+            st, self.shard = self.shard.commit(), None
+            self.on_shard(st)
 
     def close(self) -> None:
         """Drop an unfinished shard's temp file (the run stopped)."""
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
+        if self.shard is not None:
+            self.shard.abort()
+            self.shard = None
+
+
+@dataclass(frozen=True)
+class BuiltShard:
+    """What a ``ShardBuilder`` sends back: small, whatever the shard's size."""
+
+    state: outdir.ShardState
+    pids: frozenset[int]           # the processes that extracted its clips
+    writer: int                    # the process that wrote it
+
+
+@dataclass(frozen=True)
+class ShardBuilder:
+    """The picklable callable that writes one whole shard where it runs (a Ray task):
+    ``(shard, split, its tasks' results in plan order)`` → ``BuiltShard``.
+
+    Without ``bucket`` the shard goes into the folder ``out``, which must be storage every node
+    sees (on one machine, the output folder itself). With ``bucket`` (the output's s3:// URL;
+    ``s3_endpoint`` as for ``storage.open_location``, credentials from the node's environment)
+    it is written in a temp folder of the node, uploaded with ``S3Location.put_file`` and
+    deleted: the shard then exists only in the bucket (``ShardState.in_bucket``). The state is
+    saved by the driver. A builder killed mid-write leaves its ``.tmp-<pid>`` file (in ``out``:
+    removed by ``outdir.remove_strays``; in the node's temp folder: left to the OS)."""
+
+    out: str
+    bucket: str | None = None
+    s3_endpoint: str | None = None
+
+    def __call__(self, shard: str, split: str, results: Iterable[TaskResult]) -> BuiltShard:
+        if self.bucket is None:
+            return self._write(Path(self.out) / shard, split, results)
+        from .storage import S3Location, open_location
+        loc = open_location(self.bucket, s3_endpoint=self.s3_endpoint)
+        assert isinstance(loc, S3Location)      # the output's s3:// URL
+        with tempfile.TemporaryDirectory(prefix="avprep-shard-") as tmp:
+            built = self._write(Path(tmp) / shard, split, results)
+            if built.state.sha256 is None:          # every clip failed: nothing to send
+                return built
+            loc.put_file(shard, Path(tmp) / shard)
+        return replace(built, state=replace(built.state, in_bucket=True))
+
+    @staticmethod
+    def _write(path: Path, split: str, results: Iterable[TaskResult]) -> BuiltShard:
+        build, pids = ShardBuild(path, split), set()
+        try:
+            for result in results:
+                pids.add(result.pid)
+                for outcome in result.clips:
+                    build.add(outcome)
+            return BuiltShard(build.commit(), frozenset(pids), os.getpid())
+        finally:
+            build.abort()           # a no-op once committed

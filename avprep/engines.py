@@ -1,10 +1,17 @@
 """Distributors: where the extraction's tasks run. One small interface, three strategies.
 
-An engine runs a picklable callable ``fn`` over a list of tasks and yields ``(index, result)``
-as tasks finish (``Engine.map``). It never sees what a task is: the caller assembles results
-into shards in plan order, so the output does not depend on the engine, the worker count or
-completion order. ``map`` submits task ``i`` only while ``i`` is less than ``ahead`` past the
-first unfinished task, which bounds the results the caller must hold back.
+``Engine.map`` runs a picklable callable ``fn`` over a list of tasks and yields ``(index,
+result)`` as tasks finish. It never sees what a task is; it submits task ``i`` only while
+``i`` is less than ``ahead`` past the first unfinished task, which bounds the results the
+caller must hold back.
+
+``Engine.build_shards`` is the extraction's use of it: run the clip tasks and write each
+shard (``clipwork``), reporting clips and shards in plan order, so the output and the events
+do not depend on the engine, the worker count or completion order. By default the results
+come back to this process and an ``Assembler`` writes them (serial, local). Ray overrides it:
+each shard is written (and, for s3://, uploaded) by a ``ShardBuilder`` task on the cluster
+that takes its clip tasks' results straight from them, and this process only gets each
+shard's ``ShardState`` back, so its own CPU and link no longer bound the cluster.
 
 - ``serial``: in this process, one task after the other (``--workers 1``).
 - ``local``: a process pool on this machine. A task whose worker dies (out of memory, a
@@ -13,8 +20,8 @@ first unfinished task, which bounds the results the caller must hold back.
   thread watches the extracting process, so ``kill -9`` of ``avprep extract`` leaves no
   forkserver, worker or resource-tracker process behind.
 - ``ray``: tasks on a Ray cluster (``--ray-address``, or a local Ray started for the run),
-  retried by Ray when their worker dies. Needs ``pip install avprep-ogmge[ray]`` and avprep
-  importable on every node.
+  retried by Ray when their worker dies: clip tasks, and one task per shard that writes it.
+  Needs ``pip install avprep-ogmge[ray]`` and avprep importable on every node.
 """
 from __future__ import annotations
 
@@ -25,9 +32,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+from .clipwork import Assembler, ClipTask, ShardBuilder, clip_reports
 from .errors import AvprepError, ConfigError
+from .outdir import ShardState
+
+OnClip = Callable[[str, str, str | None, str | None], None]
+OnShard = Callable[[ShardState], None]
 
 ENGINES = ("serial", "local", "ray")
 DEFAULT_RETRIES = 3
@@ -92,6 +105,23 @@ class Engine:
                     first_open += 1
         finally:
             self._stop()
+
+    def build_shards(self, fn: Callable, tasks: list[ClipTask], build: ShardBuilder, on_clip: OnClip,
+                     on_shard: OnShard) -> set[int]:
+        """Run ``fn`` (a ``ClipWorker``) over ``tasks`` (``clipwork.make_tasks``) and write each
+        shard; call ``on_clip(shard, key, stage, error)`` per clip and ``on_shard(state)`` per
+        finished shard, in plan order. Returns the ids of the processes that extracted clips.
+
+        Here: in this process (an ``Assembler``), into the folder ``build.out``; a state with
+        a file (``sha256``) has it there even for an s3:// output (``build.bucket``), whose
+        upload is the caller's (in the background while the run goes on)."""
+        assembler = Assembler(Path(build.out), tasks, on_clip, on_shard)
+        try:
+            for i, result in self.map(fn, tasks):
+                assembler.add(i, result)
+        finally:
+            assembler.close()
+        return assembler.pids
 
     def _start(self, fn: Callable) -> None:
         raise NotImplementedError
@@ -252,6 +282,10 @@ def _call(fn, task):
     return fn(task)
 
 
+def _build(build, shard, split, *results):
+    return build(shard, split, results)
+
+
 class RayEngine(Engine):
     """Tasks on a Ray cluster: the one this process is connected to, the one at ``address``
     (``auto``, ``ray://host:10001``, ``host:6379``), or a local one started (and stopped)
@@ -283,6 +317,61 @@ class RayEngine(Engine):
     def _submit(self, i, task):
         self.refs[self.remote.remote(self.fn_ref, task)] = (i, task)
 
+    def build_shards(self, fn, tasks, build, on_clip, on_shard):
+        """Each shard's clip tasks, then one ``ShardBuilder`` task taking their ObjectRefs as
+        arguments: Ray runs it once they are done, on a node it picks by where their results
+        are, and hands it the results there; it writes (and, for s3://, uploads) the shard and
+        returns a ``BuiltShard``. This process gets only those, and reports each in plan order
+        (early finishers wait). Shards are submitted whole while their clip tasks, counted from
+        the first unfinished shard, are fewer than ``4 * workers``, and at least two at a time
+        (one building while the next extracts): that bounds the results waiting in the object
+        store. A builder, like a clip task, is retried by Ray when its worker dies."""
+        shards: list[list[ClipTask]] = []
+        for task in tasks:
+            if not shards or shards[-1][-1].last:
+                shards.append([])
+            shards[-1].append(task)
+        if not shards:
+            return set()
+        self._start(fn)
+        ray, pids = self.ray, set()
+        builder = ray.remote(num_cpus=1, max_retries=self.retries)(_build)
+        build_ref = ray.put(build)
+        clips: dict[int, list] = {}       # a shard's clip task refs, cancelled if the run stops
+        try:
+            submitted, first_open, built = 0, 0, {}
+            while first_open < len(shards):
+                while submitted < len(shards) and (
+                        submitted < first_open + 2
+                        or sum(map(len, shards[first_open:submitted])) < 4 * self.workers):
+                    group = shards[submitted]
+                    clips[submitted] = [self.remote.remote(self.fn_ref, t) for t in group]
+                    ref = builder.remote(build_ref, group[0].shard, group[0].split, *clips[submitted])
+                    self.refs[ref] = (submitted, group[0].shard)
+                    submitted += 1
+                for i, result in self._wait():
+                    built[i] = result
+                    del clips[i]
+                while first_open in built:
+                    result = built.pop(first_open)
+                    pids |= result.pids
+                    for report in clip_reports(result.state):
+                        on_clip(result.state.name, *report)
+                    on_shard(result.state)
+                    first_open += 1
+        finally:
+            for refs in clips.values():
+                for ref in refs:
+                    self._cancel(ref)
+            self._stop()
+        return pids
+
+    def _cancel(self, ref) -> None:
+        try:
+            self.ray.cancel(ref, force=True)
+        except Exception:
+            pass
+
     def _wait(self):
         ray = self.ray
         ready, rest = ray.wait(list(self.refs), num_returns=1)
@@ -300,17 +389,14 @@ class RayEngine(Engine):
                     raise cause from None
                 raise _task_error(task, cause) from None
             except ray.exceptions.RayError as e:     # worker died past the retries, node lost
-                raise AvprepError(f"{getattr(task, 'label', i)}: Ray task failed: "
+                raise AvprepError(f"{getattr(task, 'label', task)}: Ray task failed: "
                                   f"{' '.join(str(e).split())[:300]}; finished shards are kept, "
                                   "re-run the same command to resume") from None
         return out
 
     def _stop(self):
         for ref in self.refs:
-            try:
-                self.ray.cancel(ref, force=True)
-            except Exception:
-                pass
+            self._cancel(ref)
         self.refs.clear()
         if self.owned:
             self.ray.shutdown()

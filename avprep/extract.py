@@ -2,10 +2,11 @@
 
 The steps (``extract``): discover the clips → plan the shards (membership from sorted keys
 only) → keep the shards a killed run already finished → cut the rest into small clip tasks
-→ run them on an engine (``engines``: serial, local processes, Ray) → assemble the results
-into shards in plan order (``clipwork``), each uploaded in the background as soon as it is
-committed when the output is s3:// (``storage.ShardUploader``) → write failures.jsonl, the
-sample indexes, the manifests and dataset.json last (``outdir``), uploaded after every shard.
+→ run them on an engine (``engines``: serial, local processes, Ray) → write the results into
+shards in plan order (``clipwork``: here, each uploaded in the background as soon as it is
+committed when the output is s3://, ``storage.ShardUploader``; under Ray by a task per shard
+on the cluster, which uploads it itself) → write failures.jsonl, the sample indexes, the
+manifests and dataset.json last (``outdir``), uploaded after every shard.
 
 Same inputs and options give byte-identical output under every engine and worker count.
 Failure records name files relative to ``src`` (also inside error messages), so the output
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from . import outdir
 from . import shards as shardlib
-from .clipwork import Assembler, ClipWorker, failure, make_tasks
+from .clipwork import ClipWorker, ShardBuilder, failure, make_tasks
 from .config import ExtractConfig
 from .datasets._base import Discovery
 from .engines import Engine, make_engine
@@ -151,7 +152,7 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
     with outdir.exclusive(out), _uploader(loc, out) as uploader:
         outdir.prepare(out, options, overwrite)
         result = _extract_into(src, out, adapter.name, disc, cfg, options, runner, emit,
-                               max_failures, retry_failed, uploader)
+                               max_failures, retry_failed, uploader, loc)
         if uploader is not None:
             uploader.finish()       # waits for the shards; then the indexes, manifests, dataset.json last
     result.out = remote or str(out)
@@ -163,11 +164,13 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
 
 def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: ExtractConfig,
                   options: dict, engine: Engine, emit: OnEvent, max_failures: float,
-                  retry_failed: bool, uploader: ShardUploader | None = None) -> ExtractResult:
+                  retry_failed: bool, uploader: ShardUploader | None = None,
+                  loc: S3Location | None = None) -> ExtractResult:
     """Plan, keep the intact shards, extract the rest, then write the indexes (``out`` locked).
-    Every shard file, kept or new, goes to ``uploader`` when there is one."""
+    Every shard file in ``out``, kept or new, goes to ``uploader`` when there is one; shards
+    the engine built and uploaded elsewhere (``ShardState.in_bucket``) are only in ``loc``."""
     plans = shardlib.plan_shards(disc.clips, cfg)
-    kept = {p.name: s for p in plans if (s := outdir.finished_state(out, p)) is not None}
+    kept = {p.name: s for p in plans if (s := outdir.finished_state(out, p, loc)) is not None}
     retried = {n for n, s in kept.items() if _worth_retrying(s, retry_failed)}
     kept = {n: s for n, s in kept.items() if n not in retried}
     todo = [p for p in plans if p.name not in kept]
@@ -184,7 +187,7 @@ def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: Extr
     for p in plans:
         if p.name in kept:
             progress.add(len(p.clips), len(kept[p.name].failures))
-            if uploader is not None and kept[p.name].sha256 is not None:
+            if uploader is not None and kept[p.name].sha256 is not None and not kept[p.name].in_bucket:
                 uploader.submit(p.name, unless_present=True)    # may be in the bucket already
             progress.event("resumed", shard=p.name)
 
@@ -192,29 +195,29 @@ def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: Extr
 
     def shard_done(st: outdir.ShardState) -> None:
         states[st.name] = st
-        if uploader is not None and st.sha256 is not None:     # None: every clip failed, no file
+        outdir.save_state(out, st)
+        if st.in_bucket:        # an older copy here would be uploaded over it by uploader.finish
+            (out / st.name).unlink(missing_ok=True)
+        elif uploader is not None and st.sha256 is not None:     # None: every clip failed, no file
             uploader.submit(st.name)
         progress.event("shard", shard=st.name)
 
     tasks = make_tasks(todo, engine.workers)
     worker = ClipWorker({c: i for i, c in enumerate(disc.classes)}, cfg, src)
-    assembler = Assembler(out, tasks, progress.clip, shard_done)
-    try:
-        for i, result in engine.map(worker, tasks):
-            assembler.add(i, result)
-    finally:
-        assembler.close()
+    builder = ShardBuilder(str(out), f"s3://{loc.bucket}/{loc.prefix}" if loc else None,
+                           loc.endpoint if loc else None)
+    pids = engine.build_shards(worker, tasks, builder, progress.clip, shard_done)
 
     outdir.remove_strays(out, {p.name for p in plans})
     failures = _failures(disc, [states[p.name] for p in plans], src)
-    samples = outdir.write_outputs(out, disc.classes, plans, states, failures, options, cfg.spec.shape)
+    samples = outdir.write_outputs(out, disc.classes, plans, states, failures, options, cfg.spec.shape, loc)
     return ExtractResult(
         out=str(out), name=dataset, classes=list(disc.classes), samples=samples,
         failures=failures, failures_by_stage=outdir.count(f["stage"] for f in failures),
         skipped=dict(disc.skipped), notes=notes,
         num_clips=len(disc.clips), num_shards=len(plans), resumed_shards=len(kept),
         wall_time=0.0, max_failures=max_failures, engine=engine.name,
-        worker_pids=assembler.pids)
+        worker_pids=pids)
 
 
 def _worth_retrying(st: outdir.ShardState, retry_failed: bool) -> bool:

@@ -3,7 +3,9 @@
 Resume: ``OUT/.avprep-state/options.json`` records the options at the start of a run, and
 ``OUT/.avprep-state/<shard>.json`` each finished shard (a ``ShardState``). A re-run keeps the
 shards whose bytes still match their state file and redoes the rest, so a run that was killed
-at any moment ends byte-identical to one that was not. ``.avprep-state/lock`` keeps a second
+at any moment ends byte-identical to one that was not. A shard built and uploaded on a cluster
+node (``ShardState.in_bucket``) has no local file: it is kept while the bucket holds an object
+of its size (``finished_state``). ``.avprep-state/lock`` keeps a second
 extraction out of the same folder.
 
 Durability costs one fsync per shard (its data, before the rename) plus a few per run: a
@@ -25,10 +27,14 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import shardformat
 from . import shards as shardlib
 from .errors import ConfigError, OutputError
+
+if TYPE_CHECKING:
+    from .storage import Location
 
 STATE_DIR = ".avprep-state"
 
@@ -46,6 +52,7 @@ class ShardState:
     samples: list[dict] = field(default_factory=list)   # sample index lines
     failures: list[dict] = field(default_factory=list)  # failures.jsonl lines
     retry: list[str] = field(default_factory=list)      # failed keys a rerun tries again
+    in_bucket: bool = False                             # built on a node, uploaded, no local file
 
     def to_dict(self) -> dict:
         # shallow (its lists hold JSON values already): asdict's deep copy cost ~0.5 ms a sample
@@ -54,7 +61,8 @@ class ShardState:
     @classmethod
     def from_json(cls, d: dict) -> ShardState:
         return cls(**{k: d[k] for k in ("name", "split", "keys", "sha256", "bytes", "num_samples",
-                                        "samples", "failures")}, retry=d.get("retry", []))
+                                        "samples", "failures")}, retry=d.get("retry", []),
+                   in_bucket=bool(d.get("in_bucket", False)))
 
 
 _STATE_FIELDS = tuple(f.name for f in fields(ShardState))
@@ -177,8 +185,12 @@ def prepare(out: Path, options: dict, overwrite: bool) -> None:
             shardlib.atomic_write_bytes(state / "options.json", shardformat.dump_json(options, indent=1))
 
 
-def finished_state(out: Path, plan: shardlib.ShardPlan) -> ShardState | None:
-    """The state of ``plan``'s shard when it is complete and intact, else None."""
+def finished_state(out: Path, plan: shardlib.ShardPlan, bucket: Location | None = None) -> ShardState | None:
+    """The state of ``plan``'s shard when it is complete and intact, else None. Intact: the
+    file in ``out`` has the state's size and sha256, or, for a shard that exists only in the
+    output's ``bucket`` (``in_bucket``), the bucket holds an object of the state's size (one
+    HEAD; S3 objects appear only whole and a shard's bytes are fixed by its plan, as for
+    ``storage.ShardUploader``). Raises StorageError when the bucket cannot be asked."""
     path = out / STATE_DIR / f"{plan.name}.json"
     try:
         st = ShardState.from_json(json.loads(path.read_text(encoding="utf-8")))
@@ -191,6 +203,8 @@ def finished_state(out: Path, plan: shardlib.ShardPlan) -> ShardState | None:
     shard = out / plan.name
     if st.sha256 is None:      # every clip failed: no file expected
         return None if shard.exists() else st
+    if st.in_bucket:
+        return st if bucket is not None and bucket.present_size(plan.name) == st.bytes else None
     try:
         if shard.stat().st_size != st.bytes or shardlib.sha256_file(shard) != st.sha256:
             return None
@@ -213,11 +227,15 @@ def invalidate(out: Path) -> None:
 
 
 def remove_strays(out: Path, planned: set[str]) -> None:
-    """Shards (and their state) from an earlier plan that the current one does not have."""
+    """Shards (and their state) from an earlier plan that the current one does not have, and
+    temp files of shard writers that died (a Ray builder retried after its worker was killed).
+    Called once every shard is written."""
     with writing(out):
         for p in out.glob("*.tar"):
             if p.name not in planned:
                 p.unlink()
+        for p in out.glob(f"*.tar{shardlib.TMP_MARK}*"):
+            p.unlink(missing_ok=True)
         for p in (out / STATE_DIR).glob("*.tar.json"):
             if p.name[:-len(".json")] not in planned:
                 p.unlink()
@@ -239,9 +257,10 @@ def count(items: Iterable[str]) -> dict[str, int]:
 
 def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan],
                   states: dict[str, ShardState], failures: list[dict], options: dict,
-                  spec_shape: tuple[int, int]) -> dict:
+                  spec_shape: tuple[int, int], bucket: Location | None = None) -> dict:
     """failures.jsonl, then per split the sample index and manifest, dataset.json last.
-    Returns ``{split: {label: samples}}``.
+    Returns ``{split: {label: samples}}``. A shard that exists only in the output's ``bucket``
+    (``in_bucket``) is read from there for the dataset card's example.
 
     Each file is fsynced before its rename; one directory fsync before dataset.json makes the
     renames of the whole run (shards included) durable, so dataset.json never outlives them."""
@@ -264,7 +283,12 @@ def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan]
     meta = shardformat.DatasetMeta.build(options, list(classes), manifests,
                                          [r for st in states.values() for r in st.samples],
                                          num_failures=len(failures), spec_shape=spec_shape)
-    shardformat.write_card(out, meta, manifests, functools.partial(write, sync_dir=False))
+    def open_shard(name: str):
+        if states[name].in_bucket and bucket is not None:
+            return bucket.open(name)
+        return open(out / name, "rb")
+
+    shardformat.write_card(out, meta, manifests, functools.partial(write, sync_dir=False), open_shard)
     shardlib.fsync_dir(out)
     write(out / "dataset.json", meta.to_json())
     return {split: m.class_counts for split, m in manifests.items()}

@@ -844,15 +844,16 @@ def dataset_card(meta: DatasetMeta, manifests: dict[str, Manifest], example: dic
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def write_card(out, meta: DatasetMeta, manifests: dict[str, Manifest], write) -> None:
-    """``OUT/README.md``, its json struct taken from the first sample of the first shard."""
+def write_card(out, meta: DatasetMeta, manifests: dict[str, Manifest], write, open_shard=None) -> None:
+    """``OUT/README.md``, its json struct taken from the first sample of the first shard, read
+    with ``open_shard(name)`` (a binary stream; default: the file in ``out``)."""
     from pathlib import Path
 
     example = None
     for m in manifests.values():
         if m.shards:
             path = Path(out) / m.shards[0].name
-            with open(path, "rb") as f:
+            with (open_shard(path.name) if open_shard else open(path, "rb")) as f:
                 for s in read_shard_samples(f, str(path), crc=False, keep=lambda ext: ext == JSON):
                     try:
                         example = json.loads(bytes(s.members.get(JSON, b"{}")))

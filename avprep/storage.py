@@ -123,10 +123,15 @@ class Location:
         return self._with_retry(self.url(name), lambda: self._stat(name)) is not None
 
     def size(self, name: str) -> int:
-        st = self._with_retry(self.url(name), lambda: self._stat(name))
-        if st is None:
+        size = self.present_size(name)
+        if size is None:
             raise StorageError(f"{self.url(name)}: not found")
-        return st[0]
+        return size
+
+    def present_size(self, name: str) -> int | None:
+        """The object's size, or None when there is none (one HEAD, retried)."""
+        st = self._with_retry(self.url(name), lambda: self._stat(name))
+        return None if st is None else st[0]
 
     # -- implemented by subclasses -------------------------------------------------------------
     def _read(self, name: str) -> bytes:
@@ -291,6 +296,10 @@ class LocalLocation(Location):
             return Path(self.url(name)).stat().st_size
         except OSError as e:
             raise StorageError(f"{self.url(name)}: {e.strerror or e}") from None
+
+    def present_size(self, name: str) -> int | None:
+        path = Path(self.url(name))
+        return path.stat().st_size if path.is_file() else None
 
 
 # -- http(s) -------------------------------------------------------------------------------------
@@ -610,9 +619,7 @@ class ShardUploader:
 
     def _put(self, name: str, unless_present: bool) -> None:
         path = self.root / name
-        if unless_present:
-            st = self.loc._with_retry(self.loc.url(name), lambda: self.loc._stat(name))
-            if st is not None and st[0] == path.stat().st_size:
-                return
+        if unless_present and self.loc.present_size(name) == path.stat().st_size:
+            return
         self.loc.put_file(name, path)
         self.uploaded.append(name)              # list.append is atomic

@@ -1,7 +1,10 @@
 """Engines: serial, a local process pool and Ray give the same bytes, events and resume; a worker
-killed mid-task is retried; `avprep extract` killed with SIGKILL leaves no process behind.
+killed mid-task is retried; `avprep extract` killed with SIGKILL leaves no process behind. Under
+Ray each shard is written (and, for s3://, uploaded) by a task on the cluster: the driver gets
+only shard states back, never sample bytes.
 
-Ray runs as a local 2-CPU cluster started once for the module (``ray.init`` in this process)."""
+Ray runs as a local 2-CPU cluster started once for the module (``ray.init`` in this process,
+after the fake AWS credentials are set, so its workers can reach the moto server)."""
 from __future__ import annotations
 
 import os
@@ -9,14 +12,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from avprep import synth
+from avprep.clipwork import BuiltShard, ClipDone, ShardBuilder
 from avprep.config import ExtractConfig, spec_preset
 from avprep.engines import LocalEngine, RayEngine, SerialEngine, make_engine
 from avprep.extract import extract
+from avprep.outdir import STATE_DIR
+from avprep.shards import ShardWriter
 from avprep.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +62,17 @@ def serial(raw, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def serial3(raw, tmp_path_factory) -> dict[str, bytes]:
+    """The reference with several shards (3 clips each)."""
+    out = tmp_path_factory.mktemp("serial3")
+    extract("folder", raw, out, _cfg(shard_size=3), engine="serial", max_failures=1.0)
+    files = _files(out)
+    assert sum(n.endswith(".tar") for n in files) >= 4
+    return files
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(aws_env):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
@@ -100,37 +117,130 @@ def test_local_worker_killed_mid_task_is_retried(raw, serial, tmp_path):
     assert _files(tmp_path / "out") == _files(serial[0])
 
 
-def test_ray_matches_serial_bytes_and_events(raw, serial, ray_cluster, tmp_path):
+class _Gets:
+    """Wraps ``ray.get``: every value the driver receives from Ray."""
+
+    def __init__(self, ray, monkeypatch):
+        self.values: list = []
+        real = ray.get
+
+        def get(*args, **kwargs):
+            value = real(*args, **kwargs)
+            self.values.append(value)
+            return value
+
+        monkeypatch.setattr(ray, "get", get)
+
+
+def test_ray_matches_serial_bytes_and_events(raw, serial, ray_cluster, tmp_path, monkeypatch):
+    gets = _Gets(ray_cluster, monkeypatch)
     events = []
     result = extract("folder", raw, tmp_path, _cfg(), engine="ray", max_failures=1.0, on_event=events.append)
     assert result.engine == "ray" and os.getpid() not in result.worker_pids
     assert _files(tmp_path) == _files(serial[0])
     assert _events(events) == _events(serial[1])
     assert ray_cluster.is_initialized()        # a cluster it did not start is left running
+    # the driver got shard states only: no sample bytes, the shard written by another process
+    assert gets.values and all(isinstance(v, BuiltShard) for v in gets.values)
+    assert all(v.writer != os.getpid() and not v.state.in_bucket for v in gets.values)
+    assert {v.state.name for v in gets.values} == {n for n in _files(serial[0]) if n.endswith(".tar")}
+    assert not list(tmp_path.glob("*.tmp-*"))
 
 
-def test_ray_worker_killed_mid_task_still_completes(raw, serial, ray_cluster, tmp_path):
+def test_ray_worker_killed_mid_task_still_completes(raw, serial3, ray_cluster, tmp_path):
     engine = _killing(RayEngine, tmp_path / "killed")
     out = tmp_path / "out"
     result = extract("folder", raw, out, _cfg(shard_size=3), engine=engine, max_failures=1.0)
     assert (tmp_path / "killed").exists() and result.num_samples == N_CLIPS
     assert verify(out).ok
-    reference = tmp_path / "ref"
-    extract("folder", raw, reference, _cfg(shard_size=3), engine="serial", max_failures=1.0)
-    assert _files(out) == _files(reference)
+    assert _files(out) == serial3
 
 
-def test_ray_and_local_to_s3_match_serial(raw, serial, ray_cluster, s3_server, tmp_path):  # noqa: F811
-    bucket = s3_server.new_bucket()
+@dataclass(frozen=True)
+class _KillFirstBuilder(ShardBuilder):
+    """The first build (over all processes) writes one sample into its temp file and SIGKILLs
+    its own process: a shard writer dying mid-write."""
+
+    marker: str = ""
+
+    def __call__(self, shard, split, results):
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return super().__call__(shard, split, results)
+        writer = ShardWriter(Path(self.out) / shard)
+        writer.add_encoded(next(o for r in results for o in r.clips if isinstance(o, ClipDone)).sample)
+        writer._file.flush()
+        assert writer.tmp.stat().st_size > 0
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_ray_builder_killed_mid_write_is_retried_and_leaves_no_temp_file(raw, serial3, ray_cluster, tmp_path):
+    marker = str(tmp_path / "killed")
+
+    class KillingBuilder(RayEngine):
+        def build_shards(self, fn, tasks, build, on_clip, on_shard):
+            build = _KillFirstBuilder(build.out, build.bucket, build.s3_endpoint, marker=marker)
+            return super().build_shards(fn, tasks, build, on_clip, on_shard)
+
+    out = tmp_path / "out"
+    result = extract("folder", raw, out, _cfg(shard_size=3), engine=KillingBuilder(), max_failures=1.0)
+    assert Path(marker).exists() and result.num_samples == N_CLIPS
+    assert not list(out.glob("*.tmp-*"))        # the dead writer's temp file is gone
+    assert verify(out).ok
+    assert _files(out) == serial3
+
+
+def _bucket(s3_server, bucket: str, prefix: str) -> dict[str, bytes]:
     client = s3_server.client()
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"][len(prefix):]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+            for o in listing}
+
+
+def test_ray_and_local_to_s3_match_serial(raw, serial, ray_cluster, s3_server, tmp_path, monkeypatch):  # noqa: F811
+    bucket = s3_server.new_bucket()
     for engine in ("ray", "local"):
-        url = f"s3://{bucket}/{engine}"
-        extract("folder", raw, url, _cfg(), engine=engine, workers=2, max_failures=1.0,
+        gets = _Gets(ray_cluster, monkeypatch)
+        extract("folder", raw, f"s3://{bucket}/{engine}", _cfg(), engine=engine, workers=2, max_failures=1.0,
                 staging=tmp_path / engine, s3_endpoint=s3_server.endpoint)
-        listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{engine}/")["Contents"]
-        got = {o["Key"].split("/", 1)[1]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-               for o in listing}
-        assert got == _files(serial[0])
+        assert _bucket(s3_server, bucket, f"{engine}/") == _files(serial[0])
+        staged = sorted(p.name for p in (tmp_path / engine).glob("*.tar"))
+        if engine == "ray":         # built and uploaded on the cluster: never in the staging folder
+            assert staged == [] and gets.values
+            assert all(isinstance(v, BuiltShard) and v.state.in_bucket for v in gets.values)
+        else:
+            assert staged == sorted(n for n in _files(serial[0]) if n.endswith(".tar"))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_ray_to_s3_resumes_keeping_the_shards_built_on_the_cluster(raw, serial3, ray_cluster, s3_server,
+                                                                    tmp_path):
+    bucket, staging = s3_server.new_bucket(), tmp_path / "stage"
+    url = f"s3://{bucket}/ds"
+
+    def stop_at_first_shard(e):
+        if e.kind == "shard":
+            raise _Stop(e.shard)
+
+    with pytest.raises(_Stop) as stopped:
+        extract("folder", raw, url, _cfg(shard_size=3), engine="ray", max_failures=1.0, staging=staging,
+                s3_endpoint=s3_server.endpoint, on_event=stop_at_first_shard)
+    first = str(stopped.value)
+    assert first in _bucket(s3_server, bucket, "ds/") and not list(staging.glob("*.tar"))
+    assert (staging / STATE_DIR / f"{first}.json").is_file()
+
+    events = []
+    result = extract("folder", raw, url, _cfg(shard_size=3), engine="ray", max_failures=1.0, staging=staging,
+                     s3_endpoint=s3_server.endpoint, on_event=events.append)
+    assert result.resumed_shards == 1
+    assert ("resumed", first) in {(e.kind, e.shard) for e in events}
+    assert not [e for e in events if e.shard == first and e.kind != "resumed"]    # not built again
+    assert _bucket(s3_server, bucket, "ds/") == serial3
+    assert not list(staging.glob("*.tar"))
 
 
 def test_make_engine_defaults():

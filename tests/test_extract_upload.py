@@ -252,3 +252,23 @@ def test_uploader_skips_a_present_object_of_the_same_size(tmp_path, s3_server):
         up.submit("b.tar", unless_present=True)
         assert up.finish() == ["b.tar"]
     assert _objects(s3_server, bucket, "p/") == {"a.tar": b"abcd", "b.tar": b"efgh"}
+
+
+def test_a_shard_only_in_the_bucket_is_kept_while_the_bucket_holds_its_size(tmp_path, s3_server):
+    """A shard built and uploaded on a cluster node has a state but no staged file."""
+    from avprep.datasets._base import Clip
+    from avprep.outdir import ShardState, finished_state, save_state
+    from avprep.shards import ShardPlan
+    plan = ShardPlan("train-000000.tar", "train", (Clip("a", "x", "train", Path("a.mp4")),))
+    (tmp_path / STATE_DIR).mkdir()
+    st = ShardState(plan.name, "train", ["a"], "0" * 64, 4, 1, in_bucket=True)
+    save_state(tmp_path, st)
+    bucket = s3_server.new_bucket()
+    loc = open_location(f"s3://{bucket}/p", s3_endpoint=s3_server.endpoint)
+    assert isinstance(loc, S3Location)
+    assert finished_state(tmp_path, plan, loc) is None                  # not there
+    s3_server.client().put_object(Bucket=bucket, Key=f"p/{plan.name}", Body=b"ab")
+    assert finished_state(tmp_path, plan, loc) is None                  # of another size
+    s3_server.client().put_object(Bucket=bucket, Key=f"p/{plan.name}", Body=b"abcd")
+    assert finished_state(tmp_path, plan, loc) == st
+    assert finished_state(tmp_path, plan) is None                       # no bucket to ask
