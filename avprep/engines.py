@@ -172,7 +172,7 @@ def _mp_context():
     # start), and never from a parent that may hold torch/OpenMP threads (fork would be unsafe).
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["avprep.sample"])
+        ctx.set_forkserver_preload(["avprep._preload"])
         return ctx
     return mp.get_context("spawn")
 

@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clips", type=int, help="number of clips [see KINDS]")
     ap.add_argument("--size", help="source frame size WxH [480x360 CREMA-D, 340x256 others]")
     ap.add_argument("--src-fps", type=int, help="source frame rate [30 CREMA-D, 25 others]")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "avprep-bench",
                     help="cache folder for the synthetic clips")
     ap.add_argument("--json", action="store_true", help="print one JSON document on stdout")
