@@ -243,6 +243,33 @@ def test_ray_to_s3_resumes_keeping_the_shards_built_on_the_cluster(raw, serial3,
     assert not list(staging.glob("*.tar"))
 
 
+@pytest.mark.parametrize("first, then", [("local", "ray"), ("ray", "serial")])
+def test_s3_run_resumed_under_another_engine(raw, serial3, ray_cluster, s3_server, tmp_path, first, then):
+    """A run to s3:// stopped after its first shard and resumed with another engine keeps that
+    shard, whether it was written here (and uploaded) or built in the bucket by a Ray task, and
+    ends byte-identical to serial; only shards written here are in the staging folder."""
+    bucket, staging = s3_server.new_bucket(), tmp_path / "stage"
+    url = f"s3://{bucket}/ds"
+
+    def stop_at_first_shard(e):
+        if e.kind == "shard":
+            raise _Stop(e.shard)
+
+    with pytest.raises(_Stop) as stopped:
+        extract("folder", raw, url, _cfg(shard_size=3), engine=first, workers=2, max_failures=1.0,
+                staging=staging, s3_endpoint=s3_server.endpoint, on_event=stop_at_first_shard)
+    kept = str(stopped.value)
+    events = []
+    result = extract("folder", raw, url, _cfg(shard_size=3), engine=then, workers=2, max_failures=1.0,
+                     staging=staging, s3_endpoint=s3_server.endpoint, on_event=events.append)
+    assert result.resumed_shards == 1 and ("resumed", kept) in {(e.kind, e.shard) for e in events}
+    assert not [e for e in events if e.shard == kept and e.kind != "resumed"]
+    assert _bucket(s3_server, bucket, "ds/") == serial3
+    local = {p.name for p in staging.glob("*.tar")}
+    built_here = {n for n in serial3 if n.endswith(".tar")} - {kept} if then != "ray" else set()
+    assert local == built_here | ({kept} if first != "ray" else set())
+
+
 def test_make_engine_defaults():
     assert isinstance(make_engine(None, 1), SerialEngine)
     assert isinstance(make_engine(None, 3), LocalEngine) and make_engine(None, 3).workers == 3
