@@ -270,6 +270,30 @@ def test_s3_run_resumed_under_another_engine(raw, serial3, ray_cluster, s3_serve
     assert local == built_here | ({kept} if first != "ray" else set())
 
 
+def test_a_shard_redone_on_the_cluster_replaces_its_staged_copy(raw, serial3, ray_cluster, s3_server, tmp_path):
+    """A shard written here with a clip that failed for an empty file is redone by a Ray task
+    once the file is whole: the bucket ends with the new shard, not the stale copy that the
+    staging folder held (it is removed there, so the final upload cannot send it over)."""
+    import shutil
+    src = tmp_path / "raw"
+    shutil.copytree(raw, src)
+    clip = next(p for p in sorted((src / "alpha").glob("*.mp4")) if p.name != "broken.mp4")
+    whole = clip.read_bytes()
+    clip.write_bytes(b"")                      # a download not finished yet: retried by a rerun
+    bucket, staging = s3_server.new_bucket(), tmp_path / "stage"
+    url = f"s3://{bucket}/ds"
+    first = extract("folder", src, url, _cfg(shard_size=3), engine="local", workers=2, max_failures=1.0,
+                    staging=staging, s3_endpoint=s3_server.endpoint)
+    stale = [f for f in first.failures if f["stage"] == "open" and "empty" in f["error"]]
+    assert len(stale) == 1 and _bucket(s3_server, bucket, "ds/") != serial3
+    clip.write_bytes(whole)
+    extract("folder", src, url, _cfg(shard_size=3), engine="ray", max_failures=1.0, staging=staging,
+            s3_endpoint=s3_server.endpoint)
+    assert _bucket(s3_server, bucket, "ds/") == serial3
+    redone = {n for n, data in serial3.items() if n.endswith(".tar") and stale[0]["key"].encode() in data}
+    assert len(redone) == 1 and not redone & {p.name for p in staging.glob("*.tar")}
+
+
 def test_make_engine_defaults():
     assert isinstance(make_engine(None, 1), SerialEngine)
     assert isinstance(make_engine(None, 3), LocalEngine) and make_engine(None, 3).workers == 3
