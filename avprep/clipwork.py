@@ -28,12 +28,16 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import outdir, shardformat
 from . import shards as shardlib
 from .config import ExtractConfig
 from .datasets._base import Clip, safe_text
 from .errors import ClipError
+
+if TYPE_CHECKING:
+    from .storage import S3Location
 
 # a task is at most this many clips: enough to amortise a task's overhead (~1 ms on Ray)
 MAX_TASK_CLIPS = 8
@@ -254,28 +258,25 @@ class ShardBuilder:
     ``(shard, split, its tasks' results in plan order)`` → ``BuiltShard``.
 
     Without ``bucket`` the shard goes into the folder ``out``, which must be storage every node
-    sees (on one machine, the output folder itself). With ``bucket`` (the output's s3:// URL;
-    ``s3_endpoint`` as for ``storage.open_location``, credentials from the node's environment)
-    it is written in a temp folder of the node, uploaded with ``S3Location.put_file`` and
-    deleted: the shard then exists only in the bucket (``ShardState.in_bucket``). The state is
-    saved by the driver. A builder killed mid-write leaves its ``.tmp-<pid>`` file (in ``out``:
-    removed by ``outdir.remove_strays``; in the node's temp folder: left to the OS)."""
+    sees (on one machine, the output folder itself). With ``bucket`` (the output's
+    ``S3Location``: it pickles without its client, which each node makes from its own
+    environment's credentials) it is written in a temp folder of the node, uploaded with
+    ``S3Location.put_file`` and deleted: the shard then exists only in the bucket
+    (``ShardState.in_bucket``). The state is saved by the driver. A builder killed mid-write
+    leaves its ``.tmp-<pid>`` file (in ``out``: removed by ``outdir.remove_strays``; in the
+    node's temp folder: left to the OS)."""
 
     out: str
-    bucket: str | None = None
-    s3_endpoint: str | None = None
+    bucket: S3Location | None = None
 
     def __call__(self, shard: str, split: str, results: Iterable[TaskResult]) -> BuiltShard:
         if self.bucket is None:
             return self._write(Path(self.out) / shard, split, results)
-        from .storage import S3Location, open_location
-        loc = open_location(self.bucket, s3_endpoint=self.s3_endpoint)
-        assert isinstance(loc, S3Location)      # the output's s3:// URL
         with tempfile.TemporaryDirectory(prefix="avprep-shard-") as tmp:
             built = self._write(Path(tmp) / shard, split, results)
             if built.state.sha256 is None:          # every clip failed: nothing to send
                 return built
-            loc.put_file(shard, Path(tmp) / shard)
+            self.bucket.put_file(shard, Path(tmp) / shard)
         return replace(built, state=replace(built.state, in_bucket=True))
 
     @staticmethod

@@ -204,8 +204,7 @@ def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: Extr
 
     tasks = make_tasks(todo, engine.workers)
     worker = ClipWorker({c: i for i, c in enumerate(disc.classes)}, cfg, src)
-    builder = ShardBuilder(str(out), f"s3://{loc.bucket}/{loc.prefix}" if loc else None,
-                           loc.endpoint if loc else None)
+    builder = ShardBuilder(str(out), loc)
     pids = engine.build_shards(worker, tasks, builder, progress.clip, shard_done)
 
     outdir.remove_strays(out, {p.name for p in plans})
