@@ -459,7 +459,7 @@ def read_pcm_wav(path) -> tuple[np.ndarray, int] | None:
             fmt = (_WAV_PCM.get((tag, bits)), channels, rate, align)
         elif cid == b"data":
             if fmt is None or fmt[0] is None or fmt[1] not in (1, 2) or fmt[2] <= 0 \
-                    or fmt[3] != fmt[1] * _FORMAT_BYTES[fmt[0]]:
+                    or fmt[3] != fmt[1] * np.dtype(_FORMATS[fmt[0]][0]).itemsize:
                 return None
             name, channels, rate, align = fmt
             end = len(data) if size in (0, 0xFFFFFFFF) else min(len(data), body + size)
@@ -470,9 +470,6 @@ def read_pcm_wav(path) -> tuple[np.ndarray, int] | None:
             return samples.reshape(-1, channels).T if channels > 1 else samples[None], rate
         pos = body + size + (size & 1)               # chunks are word-aligned
     return None
-
-
-_FORMAT_BYTES = {"u8": 1, "s16": 2, "s32": 4, "flt": 4, "dbl": 8}
 
 
 def decode_audio(path, sample_rate: int, resampler: str = "soxr") -> np.ndarray:

@@ -180,7 +180,7 @@ def test_ray_builder_killed_mid_write_is_retried_and_leaves_no_temp_file(raw, se
 
     class KillingBuilder(RayEngine):
         def build_shards(self, fn, tasks, build, on_clip, on_shard):
-            build = _KillFirstBuilder(build.out, build.bucket, build.s3_endpoint, marker=marker)
+            build = _KillFirstBuilder(build.out, build.bucket, marker=marker)
             return super().build_shards(fn, tasks, build, on_clip, on_shard)
 
     out = tmp_path / "out"
@@ -217,14 +217,16 @@ class _Stop(Exception):
     pass
 
 
+def stop_at_first_shard(e) -> None:
+    """``on_event`` that stops a run at its first finished shard (``_Stop`` names it)."""
+    if e.kind == "shard":
+        raise _Stop(e.shard)
+
+
 def test_ray_to_s3_resumes_keeping_the_shards_built_on_the_cluster(raw, serial3, ray_cluster, s3_server,
                                                                     tmp_path):
     bucket, staging = s3_server.new_bucket(), tmp_path / "stage"
     url = f"s3://{bucket}/ds"
-
-    def stop_at_first_shard(e):
-        if e.kind == "shard":
-            raise _Stop(e.shard)
 
     with pytest.raises(_Stop) as stopped:
         extract("folder", raw, url, _cfg(shard_size=3), engine="ray", max_failures=1.0, staging=staging,
@@ -250,10 +252,6 @@ def test_s3_run_resumed_under_another_engine(raw, serial3, ray_cluster, s3_serve
     ends byte-identical to serial; only shards written here are in the staging folder."""
     bucket, staging = s3_server.new_bucket(), tmp_path / "stage"
     url = f"s3://{bucket}/ds"
-
-    def stop_at_first_shard(e):
-        if e.kind == "shard":
-            raise _Stop(e.shard)
 
     with pytest.raises(_Stop) as stopped:
         extract("folder", raw, url, _cfg(shard_size=3), engine=first, workers=2, max_failures=1.0,
