@@ -19,6 +19,12 @@ AUX_HEAD_METHODS = ("gradient-blending", "mmpareto")
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum")}
 SCOPES = ("conv", "all")
 DROP_MODALITIES = ("either", "audio", "visual")
+# modality-drop: zero the dropped modality's pooled features, or its input (the paper's Table 2)
+DROP_AT = ("features", "input")
+# which frames of a clip a run feeds the visual encoder (README: Training): random per segment in
+# training and segment middles in evaluation; the first ones (OGM-GE's CREMA-D and VGGSound loaders);
+# fixed ones at seg * i (its KS/AVE loader)
+FRAME_PICKS = ("segment", "first", "fixed")
 ON_NONFINITE = ("stop", "skip")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")

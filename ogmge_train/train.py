@@ -206,7 +206,7 @@ def _loader(cfg: TrainConfig, split: str, *, train: bool, epoch: int, info: dist
                             frames=cfg.frames, image_size=cfg.image_size, workers=cfg.workers, seed=cfg.seed,
                             epoch=epoch, rank=info.rank, world_size=info.world_size, s3_endpoint=cfg.s3_endpoint,
                             pin_memory=cuda, visual_dtype=torch.uint8 if cuda else torch.float32,
-                            on_bad_sample=on_bad_sample)
+                            on_bad_sample=on_bad_sample, frame_pick=cfg.frame_pick)
 
 
 def _read_dataset(cfg: TrainConfig):
@@ -372,7 +372,7 @@ class _Setup:
             scope=cfg.modulation_scope, fusion=cfg.fusion if cfg.modality == "both" else None,
             **{k: getattr(cfg, k) for k in ("drop_p", "drop_modality", "opm_q_base", "opm_lam", "opm_p_exe",
                                            "pmr_alpha", "pmr_momentum", "gb_super_epoch", "gb_holdout",
-                                           "agm_alpha")})
+                                           "agm_alpha", "drop_at", "pmr_entropy", "pmr_entropy_epochs")})
         self.opt = _optimizer(cfg, self.model.parameters())
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         self.global_step = 0
