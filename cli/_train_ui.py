@@ -110,6 +110,9 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--device", dict(type=choice("device"), show_default=_default("device", "auto: CUDA when available"),
                       help="Training device.")),
     ("--amp", dict(type=choice("amp"), show_default=_default("amp"), help="bf16 autocast on the training device.")),
+    ("--select-on", dict(type=choice("select_on"), show_default=_default("select_on", "selection is not a preset's"),
+                         help="Split whose accuracy selects the best epoch: val, or test (the reference code's "
+                              "protocol; every output made with it says 'best test epoch, as the reference code').")),
     ("--seed", dict(type=int, show_default=_default("seed"), help="Seed of weights, data order and noise.")),
     ("--s3-endpoint", dict(envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
                            help="Endpoint URL of an S3-compatible store.")),
@@ -209,7 +212,8 @@ def metrics_table(title: str, rows: dict[str, dict]):
 def summary_table(title: str, rows: list[dict]):
     """The report's mean ± std rows as a rich table."""
     head = ["run", *(t for t, _ in report_lib.COLUMNS)]
-    body = ([r["label"], r["n"], *(report_lib.format_cell(k, r[k]) for _t, k in report_lib.COLUMNS[1:])]
+    body = ([r["label"], r["n"],
+             *(report_lib.format_cell(k, r[k], r.get("selection")) for _t, k in report_lib.COLUMNS[1:])]
             for r in rows)
     return _ui.table(title, head, body, numeric=set(range(1, len(report_lib.COLUMNS) + 1)))
 

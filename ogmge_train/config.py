@@ -26,6 +26,7 @@ CHOICES = {
     "arch": names.ARCHS,
     "device": names.DEVICES,
     "amp": names.AMPS,
+    "select_on": names.SELECT_ON,
     "frame_pick": names.FRAME_PICKS,
 }
 
@@ -85,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     s3_endpoint: str | None = None
     eval_splits: tuple[str, ...] = ("val", "test")
+    select_on: str = "val"                # the split whose accuracy selects the best epoch
     dataset: str = ""                     # dataset.json's name, filled by with_dataset
 
     def __post_init__(self):

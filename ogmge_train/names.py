@@ -25,6 +25,11 @@ DROP_AT = ("features", "input")
 # training and segment middles in evaluation; the first ones (OGM-GE's CREMA-D and VGGSound loaders);
 # fixed ones at seg * i (its KS/AVE loader)
 FRAME_PICKS = ("segment", "first", "fixed")
+# the split whose accuracy selects a run's best epoch; "test" is the reference code's protocol
+SELECT_ON = ("val", "test")
+# the words every output puts next to a number selected that way
+SELECTION_LABELS = {"val": "selected on validation accuracy", "test": "best test epoch, as the reference code",
+                    "last": "last epoch (no split to select on)"}
 ON_NONFINITE = ("stop", "skip")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")

@@ -190,7 +190,7 @@ def test_training_passes_drop_at_and_frame_pick_through(train_shards, tmp_path, 
     assert seen_drop and set(seen_drop) == {"input"}
     assert seen_pick and set(seen_pick) == {"fixed"}
     stored = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (stored["drop_at"], stored["frame_pick"]) == ("input", "fixed")
+    assert (stored["drop_at"], stored["frame_pick"], stored["select_on"]) == ("input", "fixed", "val")
 
 
 # ----------------------------------------------------------------------------- frame rules
