@@ -73,6 +73,8 @@ TABLE_ROWS: dict[int, tuple[Row, ...]] = {
         Row("b64-lr1e-3", _CONCAT),
         Row("b128-lr1e-3", _CONCAT, vs="b64-lr1e-3", scale={"batch_size": 2}),
         Row("b256-lr1e-3", _CONCAT, vs="b64-lr1e-3", scale={"batch_size": 4}),
+        # GE with the reference code's noise; a paper-noise variant (eq. 13's covariance) belongs
+        # beside it once TrainConfig has ge_noise (issue 19 item 4)
         Row("b64-lr1e-3+ge", {"fusion": "concat", "modulation": "ge"}, vs="b64-lr1e-3")),
 }
 # Tables this build cannot run, and why.
