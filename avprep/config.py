@@ -17,7 +17,9 @@ class SpecConfig:
     "scipy-psd" (the paper-time script: ``scipy.signal.spectrogram`` PSD with a Tukey(0.25)
     window and constant detrend, ``log(S + 1e-7)``, per-clip z-score; freq × time) or "fbank"
     (Kaldi fbank, time × mel). ``resampler``: "soxr" (librosa's default, soxr_hq) or "ffmpeg"
-    (swresample), used when the source rate differs."""
+    (swresample), used when the source rate differs. ``crop_from`` > 0: the audio is first fitted
+    to that many seconds, then one ``duration``-second window is cut from it at an offset drawn per
+    clip (``spectrogram.crop_start``); 0: no crop."""
 
     preset: str
     kind: str
@@ -35,10 +37,17 @@ class SpecConfig:
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
     num_frames: int = 1024
+    crop_from: float = 0.0
 
     @property
     def num_samples(self) -> int:
+        """Samples of the audio the array is computed from."""
         return int(round(self.sample_rate * self.duration))
+
+    @property
+    def fit_samples(self) -> int:
+        """Samples the decoded audio is tiled or cut to before any crop."""
+        return int(round(self.sample_rate * self.crop_from)) if self.crop_from else self.num_samples
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -55,15 +64,18 @@ class SpecConfig:
         return (self.n_fft // 2 + 1, frames)
 
     def to_dict(self) -> dict:
-        """The fields this kind uses (what dataset.json records)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k in _FIELDS[self.kind]}
+        """The fields this kind uses (what dataset.json records); ``crop_from`` only when set."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k in _FIELDS[self.kind]}
+        if self.crop_from:
+            d["crop_from"] = self.crop_from
+        return d
 
 
 _COMMON = {"preset", "kind", "sample_rate", "duration", "resampler"}
 _FIELDS = {"stft": _COMMON | {"n_fft", "win_length", "hop_length", "center", "pad_mode"},
            "scipy-psd": _COMMON | {"n_fft", "win_length", "hop_length"},
            "fbank": _COMMON | {"num_mel_bins", "frame_length_ms", "frame_shift_ms", "num_frames"}}
-PRESET_NAMES = ("paper", "paper-scipy", "ogmge-code", "fbank")
+PRESET_NAMES = ("paper", "paper-scipy", "ogmge-code", "ogmge-code-vggsound", "fbank")
 RESAMPLERS = ("soxr", "ffmpeg")
 FRAME_RULES = ("middle", "start")
 
@@ -88,6 +100,9 @@ def spec_preset(name: str, dataset: str = "", **overrides) -> SpecConfig:
         cfg = SpecConfig("paper-scipy", "scipy-psd", 16000, _dataset_duration(dataset), 512, 512, 159)
     elif name == "ogmge-code":
         cfg = SpecConfig("ogmge-code", "stft", 22050, 3.0, 512, 512, 353, True)
+    elif name == "ogmge-code-vggsound":
+        # the released VGGSound loader: 16 kHz, tiled to 10 s, a random 5 s window, n_fft 256, hop 128
+        cfg = SpecConfig("ogmge-code-vggsound", "stft", 16000, 5.0, 256, 256, 128, True, crop_from=10.0)
     elif name == "fbank":
         cfg = SpecConfig("fbank", "fbank", 16000, 10.0, resampler="ffmpeg")
     else:
@@ -105,6 +120,8 @@ def spec_preset(name: str, dataset: str = "", **overrides) -> SpecConfig:
         raise ConfigError(f"invalid STFT settings: n_fft={cfg.n_fft} win_length={cfg.win_length} hop={cfg.hop_length}")
     if cfg.sample_rate <= 0 or cfg.duration <= 0:
         raise ConfigError("sample rate and duration must be positive")
+    if cfg.crop_from and cfg.crop_from < cfg.duration:
+        raise ConfigError(f"crop_from ({cfg.crop_from} s) must be 0 or at least the duration ({cfg.duration} s)")
     if min(cfg.shape) < 1:       # e.g. a non-centred STFT of fewer than n_fft samples
         raise ConfigError(f"spectrogram settings give an empty array (shape {cfg.shape[0]}x{cfg.shape[1]}): "
                           f"duration {cfg.duration} s at {cfg.sample_rate} Hz is too short, or a size is 0")

@@ -16,7 +16,7 @@ from .errors import ClipError
 # Keys the extractor owns; a clip's meta cannot override them.
 _CORE_KEYS = ("key", "label", "label_index", "split", "source", "audio_source", "duration",
               "sample_rate", "fps", "n_frames", "frame_times", "frame_size", "spec_shape",
-              "spec_preset")
+              "spec_preset", "audio_crop_start")
 
 
 def npy_bytes(array: np.ndarray, dtype: str) -> bytes:
@@ -46,7 +46,10 @@ def extract_clip(clip: Clip, label_index: int, split: str, cfg: ExtractConfig,
         raise ClipError("video", f"{clip.video}: no video frames decoded")
     if wave is None or wave.size == 0:
         raise ClipError("audio", f"{audio_path}: no audio samples decoded")
-    wave = media.fit_duration(wave, cfg.spec.num_samples)
+    wave = media.fit_duration(wave, cfg.spec.fit_samples)
+    crop = spectrogram.crop_start(clip.key, cfg.spec) if cfg.spec.crop_from else None
+    if crop is not None:
+        wave = wave[crop:crop + cfg.spec.num_samples]
     try:
         spec = spectrogram.compute(wave, cfg.spec)
     except ClipError:
@@ -66,6 +69,8 @@ def extract_clip(clip: Clip, label_index: int, split: str, cfg: ExtractConfig,
         n_frames=len(frames), frame_times=[round(t, 6) for t in decoded.frame_times],
         frame_size=list(decoded.frame_size), spec_shape=list(cfg.spec.shape), spec_preset=cfg.spec.preset,
     )
+    if crop is not None:
+        meta["audio_crop_start"] = crop      # the window's first sample, at sample_rate
     return shardformat.ordered_members(
         str(int(label_index)).encode("ascii"),
         json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True,

@@ -26,16 +26,24 @@ loads it; Kaldi's own tools use the int16 scale, which would only add the consta
 2*ln(32768) to every value) and has its mean removed first. Frames are zero-padded or cut to
 ``num_frames`` (AST pads 998 -> 1024 for 10 s); shape (num_frames, num_mel_bins). No
 normalisation by dataset statistics: that belongs to the loader.
+
+Cropping presets (``crop_from`` > 0, ``ogmge-code-vggsound``): the released VGGSound loader tiles
+the audio to 10 s and cuts a 5 s window at ``random.randint(0, 5 * sr)`` each time a sample is
+read. Shards hold one array per clip, so ``crop_start`` draws that offset once per clip, uniform
+over the same 0..(crop_from - duration) * sr (inclusive), from a generator seeded by the clip's
+key: reruns, engines and worker counts give the same window. The per-read re-draw (an augmentation
+of train and, in the reference, also of test) is not reproduced.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numpy as np
 
 from .config import SpecConfig
 
-__all__ = ["compute", "mel_banks", "LOG_EPS"]
+__all__ = ["compute", "crop_start", "mel_banks", "LOG_EPS"]
 
 LOG_EPS = 1e-7
 
@@ -56,6 +64,15 @@ def compute(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
         raise ValueError(f"unknown spectrogram kind {spec.kind!r}")
     assert out.shape == spec.shape, (out.shape, spec.shape)
     return out
+
+
+def crop_start(key: str, spec: SpecConfig) -> int:
+    """The first sample of a cropping preset's window for clip ``key`` (0 without a crop)."""
+    last = spec.fit_samples - spec.num_samples
+    if last <= 0:
+        return 0
+    seed = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    return int(np.random.default_rng(seed).integers(0, last, endpoint=True))
 
 
 def _stft(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:

@@ -42,7 +42,7 @@ def _parse_bytes(ctx, param, value):
               help="Override the preset's audio duration (seconds).")
 @click.option("--resampler", type=click.Choice(RESAMPLERS),
               show_default="the preset's reference pipeline: soxr (librosa.load) for paper, paper-scipy, "
-                           "ogmge-code; ffmpeg for fbank",
+                           "ogmge-code, ogmge-code-vggsound; ffmpeg for fbank",
               help="Audio resampler.")
 @click.option("--fps", type=click.IntRange(min=1), default=1, show_default=True, help="Frames per second kept.")
 @click.option("--frame-rule", type=click.Choice(FRAME_RULES), default="middle", show_default=True,

@@ -8,6 +8,7 @@ import click
 
 from ogmge_train.config import resolve
 from ogmge_train.errors import ConfigError
+from ogmge_train.names import SELECTION_LABELS
 
 from . import _ui
 from ._train_ui import TrainProgress, absolute_shards, choice, metrics_table, train_options
@@ -38,7 +39,8 @@ def train_cmd(preset, resume, as_json, **explicit):
     if as_json:
         _ui.print_json(summary)
     else:
-        how = "by val accuracy" if summary.get("selection") == "val_acc" else "last epoch (no val split)"
+        how = {"val_acc": "by val accuracy", "test_acc": SELECTION_LABELS["test"]}.get(
+            summary.get("selection"), "last epoch (no split to select on)")
         rows = {s: summary[s] for s in ("val", "test") if summary.get(s)}
         _ui.console.print(metrics_table(f"selected epoch {summary['selected_epoch']} ({how})", rows))
 
@@ -57,7 +59,7 @@ def _stored_config(out: str) -> dict | None:
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--split", default="test", show_default=True, help="Split to score.")
 @click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Checkpoint: best.pt (selected on val) or last.pt.")
+              help="Checkpoint: best.pt (the selected epoch) or last.pt.")
 @click.option("--shards", show_default="the run's own",
               help="Evaluate on these shards (folder or URL) instead of the run's own.")
 @click.option("--device", type=choice("device"), default="auto", show_default=True, help="Evaluation device.")

@@ -127,29 +127,39 @@ def sweep_cmd(seeds, as_json, preset, **explicit):
 
 # ----------------------------------------------------------------------------- reproduce
 
-# Each row of a table fixes these; the other training options apply to every row.
+# Each row of a table fixes these; the other training options apply to every row (reproduce refuses
+# an option a row of the chosen table sets, e.g. --optimizer for Table 6).
 _ROW_OPTIONS = ("--seed", "--out", "--fusion", "--modulation", "--drop-modality", "--modality")
 
 
 @click.command("reproduce")
-@click.option("--table", type=click.Choice(["1", "2"]), required=True,
-              help="The OGM-GE paper's table: 1 (fusion heads with and without OGM-GE) or 2 (concat vs "
-                   "Modality-Drop audio/visual, Gradient-Blending, OGM, OGM-GE).")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
+@click.option("--table", type=click.Choice([str(t) for t in range(1, 8)]), show_default="required unless --list",
+              help="The OGM-GE paper's table: 1 (fusion heads with and without OGM-GE, and unimodal), 2 "
+                   "(concat vs Modality-Drop audio/visual, Gradient-Blending, OGM, OGM-GE), 6 (SGD vs Adam, "
+                   "with and without OGM-GE), 7 (batch size x lr, and GE alone); 3-5 are listed, not runnable.")
+@click.option("--list", "show_list", is_flag=True,
+              help="Print every table, row and dataset with the paper's value and whether this build runs it.")
+@click.option("--out", type=click.Path(file_okay=False), show_default="required unless --list",
               help="Folder of the table: runs/<row>/seed-<k>, report.md, reproduce.json.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of every row, e.g. 0,1,2 or 0-4.")
 @click.option("--missing", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="Rows this build cannot run: skip them (listed in the report) or refuse before training.")
 @train_options(exclude=_ROW_OPTIONS)
 @_ui.handle_errors(interrupt_hint=SWEEP_INTERRUPTED)
-def reproduce_cmd(table, out, seeds, missing, preset, **explicit):
+def reproduce_cmd(table, show_list, out, seeds, missing, preset, **explicit):
     """Run a paper table's rows x seeds with the paper's settings; report ours next to the paper's.
 
     The preset is the dataset's paper preset unless --preset is given; other options (e.g.
-    --epochs for a trial) apply to every row. Finished seeds are kept, so re-running resumes."""
+    --epochs for a trial, --select-on test for the reference code's protocol) apply to every row.
+    Finished seeds are kept (and named), so re-running resumes."""
     from ogmge_train.reproduce import reproduce
     from ogmge_train.sweep import parse_seeds
 
+    if show_list:
+        _print_listing()
+        return
+    if table is None or not out:
+        raise ConfigError("--table and --out are required (or --list to see the tables)")
     if not explicit.get("shards"):
         raise ConfigError("--shards is required (the folder or URL written by `avprep extract`)")
     overrides = {k: v for k, v in explicit.items() if v is not None and k != "shards"}
@@ -158,11 +168,28 @@ def reproduce_cmd(table, out, seeds, missing, preset, **explicit):
         if e["event"] == "skip":
             _ui.warn(f"row {e['row']} skipped: {e['reason']}")
         elif e["event"] == "run":
-            _ui.err_console.print(f"[bold]{e['row']}[/], seed {e['seed']} ({e['index'] + 1}/{e['total']})")
+            what = ": kept (finished by an earlier run)" if e["kept"] else ""
+            _ui.err_console.print(f"[bold]{e['row']}[/], seed {e['seed']} ({e['index'] + 1}/{e['total']}){what}")
         else:
             progress(e)
 
     with TrainProgress() as progress:
         result = reproduce(int(table), absolute_shards(explicit["shards"]), out, seeds=parse_seeds(seeds),
                            overrides=overrides, on_event=on_event, preset=preset, missing=missing)
+    if result.kept:
+        _ui.err_console.print(f"kept {len(result.kept)} finished row/seed run(s): "
+                              + ", ".join(f"{r} seed {s}" for r, s in result.kept))
     _ui.err_console.print(f"wrote {result.report} and {result.numbers}")
+
+
+def _print_listing() -> None:
+    """One table per paper table: its rows with the paper's values per dataset column."""
+    from ogmge_train.reproduce import listing
+
+    for t in listing():
+        where = "reproduce runs it" if t["reason"] is None else f"not runnable yet: {t['reason']}"
+        rows = [[r["name"], r["label"], *(f"{v:.1f}" for v in r["values"].values()),
+                 "yes" if r["reason"] is None else "no"] for r in t["rows"]]
+        _ui.console.print(f"[bold]Table {t['table']}[/]: {t['title']}; {where}", soft_wrap=True)
+        _ui.console.print(_ui.table(None, ["row", "paper's row", *t["columns"], "runs here"], rows,
+                                    numeric=set(range(2, 2 + len(t["columns"])))))

@@ -40,7 +40,9 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
                       help="Fusion head (README: Training).")),
     ("--modulation", dict(type=choice("modulation"), show_default=_default("modulation"),
                           help="Balancing method applied during training.")),
-    ("--alpha", dict(type=float, show_default="per dataset: 0.8 CREMA-D, 0.1 VGGSound, 0.3 others",
+    ("--alpha", dict(type=float,
+                     show_default="per dataset: 0.8 CREMA-D and Kinetics-Sounds, 0.1 VGGSound, 0.2 AVE, "
+                                  "0.3 others (sources: README)",
                      help="OGM strength: k = 1 - tanh(alpha * rho) for the dominant modality.")),
     ("--modulation-start", dict(type=int, show_default=_default("modulation_start"),
                                 help="First modulated epoch (0-based, inclusive).")),
@@ -54,6 +56,9 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--drop-modality", dict(type=choice("drop_modality"), show_default=_default("drop_modality"),
                              help="modality-drop: the modality a dropped sample loses (the paper's two rows: audio, "
                                   "visual; either: a fair coin).")),
+    ("--drop-at", dict(type=choice("drop_at"), show_default=_default("drop_at"),
+                       help="modality-drop: zero the dropped modality's pooled features, or its input (the paper's "
+                            "Modality-Drop; reproduce's Table 2 rows use input).")),
     ("--opm-q-base", dict(type=float, show_default=_default("opm_q_base"),
                           help="opm/opm-ge: base drop probability of the dominant modality (TPAMI q_base).")),
     ("--opm-lam", dict(type=float, show_default=_default("opm_lam"),
@@ -64,6 +69,12 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
                          help="pmr: weight of the weaker modality's prototype loss.")),
     ("--pmr-momentum", dict(type=float, show_default=_default("pmr_momentum"),
                             help="pmr: prototype momentum (weight of the previous prototype).")),
+    ("--pmr-entropy", dict(type=float, show_default=_default("pmr_entropy"),
+                           help="pmr: mu of the prototypical entropy regularisation of the dominant modality "
+                                "(PMR paper eq. 13; not in its released code); 0 turns it off.")),
+    ("--pmr-entropy-epochs", dict(type=int, show_default=_default("pmr_entropy_epochs"),
+                                  help="pmr: PER applies in the first this many epochs from --modulation-start "
+                                       "(the paper: 'the first few epochs', no number).")),
     ("--gb-super-epoch", dict(type=int, show_default=_default("gb_super_epoch"),
                               help="gradient-blending: epochs between two estimates of the loss weights.")),
     ("--gb-holdout", dict(type=float, show_default=_default("gb_holdout"),
@@ -88,6 +99,10 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--lr-gamma", dict(type=float, show_default=_default("lr_gamma"), help="StepLR factor.")),
     ("--frames", dict(type=int, show_default="per dataset: 1 CREMA-D, 3 others",
                       help="Frames per clip fed to the visual encoder.")),
+    ("--frame-pick", dict(type=choice("frame_pick"), show_default=_default("frame_pick"),
+                          help="Which frames of a clip: segment (random per segment in training, segment middles in "
+                               "evaluation), first (the first frames, as OGM-GE's CREMA-D/VGGSound loaders), fixed "
+                               "(frames seg*i in training and evaluation, as its KS/AVE loader).")),
     ("--image-size", dict(type=int, show_default=_default("image_size"), help="Crop size of the frames in pixels.")),
     ("--arch", dict(type=choice("arch"), show_default=_default("arch"), help="Encoder architecture.")),
     ("--workers", dict(type=int, show_default=_default("workers"),
@@ -95,6 +110,9 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--device", dict(type=choice("device"), show_default=_default("device", "auto: CUDA when available"),
                       help="Training device.")),
     ("--amp", dict(type=choice("amp"), show_default=_default("amp"), help="bf16 autocast on the training device.")),
+    ("--select-on", dict(type=choice("select_on"), show_default=_default("select_on", "selection is not a preset's"),
+                         help="Split whose accuracy selects the best epoch: val, or test (the reference code's "
+                              "protocol; every output made with it says 'best test epoch, as the reference code').")),
     ("--seed", dict(type=int, show_default=_default("seed"), help="Seed of weights, data order and noise.")),
     ("--s3-endpoint", dict(envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
                            help="Endpoint URL of an S3-compatible store.")),
@@ -194,7 +212,8 @@ def metrics_table(title: str, rows: dict[str, dict]):
 def summary_table(title: str, rows: list[dict]):
     """The report's mean ± std rows as a rich table."""
     head = ["run", *(t for t, _ in report_lib.COLUMNS)]
-    body = ([r["label"], r["n"], *(report_lib.format_cell(k, r[k]) for _t, k in report_lib.COLUMNS[1:])]
+    body = ([r["label"], r["n"],
+             *(report_lib.format_cell(k, r[k], r.get("selection")) for _t, k in report_lib.COLUMNS[1:])]
             for r in rows)
     return _ui.table(title, head, body, numeric=set(range(1, len(report_lib.COLUMNS) + 1)))
 

@@ -18,6 +18,7 @@ CHOICES = {
     "modulation": names.METHODS,
     "modulation_scope": names.SCOPES,
     "drop_modality": names.DROP_MODALITIES,
+    "drop_at": names.DROP_AT,
     "modality": names.MODALITIES,
     "head_init": names.HEAD_INITS,
     "on_nonfinite": names.ON_NONFINITE,
@@ -25,11 +26,16 @@ CHOICES = {
     "arch": names.ARCHS,
     "device": names.DEVICES,
     "amp": names.AMPS,
+    "select_on": names.SELECT_ON,
+    "frame_pick": names.FRAME_PICKS,
 }
 
-# alpha per dataset (README: Training: the OGM-GE reference values; 0.3 elsewhere).
-_ALPHA = {"cremad": 0.8, "vggsound": 0.1}
-_ALPHA_OTHER = 0.3
+# alpha per dataset, each from a released script of the paper's group (README: Training, "alpha per
+# dataset"): CREMA-D 0.8 and VGGSound 0.1 (OGM-GE README, "Tips"), Kinetics-Sounds 0.8 (the TPAMI
+# code's KS script, BML_TPAMI2024 scripts/train_ogm.sh), AVE 0.2 (PMR's bash.sh, its OGM-GE runs on
+# AVE). Any other dataset: 0.3, our choice, with no source.
+ALPHA_OF_DATASET = {"cremad": 0.8, "vggsound": 0.1, "kinetics-sounds": 0.8, "ave": 0.2}
+ALPHA_OTHER = 0.3
 # Frames per clip (the paper: 1 for CREMA-D, 3 for the others).
 _FRAMES = {"cremad": 1}
 _FRAMES_OTHER = 3
@@ -49,11 +55,14 @@ class TrainConfig:
     modulation_scope: str = "conv"
     drop_p: float = 0.5                   # modality-drop probability
     drop_modality: str = "either"         # modality-drop: which modality a dropped sample loses
+    drop_at: str = "features"             # modality-drop: zero the pooled features or the input
     opm_q_base: float = 0.5               # opm/opm-ge: base drop probability (TPAMI code: q_base)
     opm_lam: float = 0.5                  # opm/opm-ge: growth with the discrepancy (lam)
     opm_p_exe: float = 0.7                # opm/opm-ge: probability that a step drops at all (p_exe)
     pmr_alpha: float = 1.0                # pmr: weight of the weaker modality's prototype loss
     pmr_momentum: float = 0.2             # pmr: prototype momentum (weight of the old prototype)
+    pmr_entropy: float = 0.0              # pmr: mu of the prototypical entropy regularisation (0: off)
+    pmr_entropy_epochs: int = 10          # pmr: PER in the first this many modulated epochs
     gb_super_epoch: int = 10              # gradient-blending: epochs between weight estimates
     gb_holdout: float = 0.08              # gradient-blending: part of train held out to estimate the weights
     agm_alpha: float = 0.1                # agm: strength of the gradient coefficients
@@ -68,6 +77,7 @@ class TrainConfig:
     lr_step: int = 70
     lr_gamma: float = 0.1
     frames: int | None = None             # None: per dataset
+    frame_pick: str = "segment"           # which frames of a clip (names.FRAME_PICKS)
     image_size: int = 224
     arch: str = "resnet18"
     workers: int = 2
@@ -76,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     s3_endpoint: str | None = None
     eval_splits: tuple[str, ...] = ("val", "test")
+    select_on: str = "val"                # the split whose accuracy selects the best epoch
     dataset: str = ""                     # dataset.json's name, filled by with_dataset
 
     def __post_init__(self):
@@ -98,6 +109,8 @@ class TrainConfig:
         _check(self.gb_super_epoch >= 1, "gb_super_epoch", "must be >= 1")
         _check(0.0 < self.gb_holdout < 1.0, "gb_holdout", "must be in (0, 1)")
         _check(0.0 <= self.pmr_momentum <= 1.0, "pmr_momentum", "must be in [0, 1]")
+        _check(self.pmr_entropy >= 0, "pmr_entropy", "must be >= 0")
+        _check(self.pmr_entropy_epochs >= 0, "pmr_entropy_epochs", "must be >= 0")
         allowed = names.METHOD_FUSIONS.get(self.modulation)
         if allowed is not None and self.modality == "both" and self.fusion not in allowed:
             raise ConfigError(f"--modulation {self.modulation} works with --fusion {' or '.join(allowed)}, "
@@ -113,7 +126,7 @@ class TrainConfig:
         return dataclasses.replace(
             self,
             dataset=name,
-            alpha=_ALPHA.get(name, _ALPHA_OTHER) if self.alpha is None else self.alpha,
+            alpha=ALPHA_OF_DATASET.get(name, ALPHA_OTHER) if self.alpha is None else self.alpha,
             frames=_FRAMES.get(name, _FRAMES_OTHER) if self.frames is None else self.frames,
         )
 
@@ -138,11 +151,21 @@ FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 _PAPER = dict(arch="resnet18", epochs=100, batch_size=64, lr=1e-3, optimizer="sgd",
               lr_step=70, lr_gamma=0.1, image_size=224)
+# Every epoch (MMPareto's official code has no modulation window).
+_EVERY_EPOCH = 1_000_000
 PRESETS: dict[str, dict] = {
-    "paper-cremad": dict(_PAPER, alpha=0.8, frames=1),
-    "paper-ks": dict(_PAPER, alpha=0.3, frames=3),
-    "paper-vggsound": dict(_PAPER, alpha=0.1, frames=3),
-    "paper-ave": dict(_PAPER, alpha=0.3, frames=3),
+    "paper-cremad": dict(_PAPER, alpha=ALPHA_OF_DATASET["cremad"], frames=1),
+    "paper-ks": dict(_PAPER, alpha=ALPHA_OF_DATASET["kinetics-sounds"], frames=3),
+    "paper-vggsound": dict(_PAPER, alpha=ALPHA_OF_DATASET["vggsound"], frames=3),
+    "paper-ave": dict(_PAPER, alpha=ALPHA_OF_DATASET["ave"], frames=3),
+    # PMR as its released scripts run it (fanyunfeng-bit/Modal-Imbalance-PMR, bash.sh: alpha 2.0,
+    # momentum_coef 0.0, modulation epochs 0-70, 3 frames on CREMA-D, lr 1e-3, SGD as the paper's)
+    "pmr-code": dict(_PAPER, modulation="pmr", pmr_alpha=2.0, pmr_momentum=0.0, modulation_start=0,
+                     modulation_end=70, frames=3),
+    # MMPareto as its official code runs it (GeWu-Lab/MMPareto_ICML2024, MMPareto.py defaults: 50
+    # epochs, SGD lr 2e-3 x0.1 every 30 epochs, every step modulated, 2 frames, PyTorch's head init)
+    "mmpareto-code": dict(_PAPER, modulation="mmpareto", epochs=50, lr=2e-3, lr_step=30, lr_gamma=0.1,
+                          modulation_start=0, modulation_end=_EVERY_EPOCH, frames=2, head_init="torch"),
     # Minutes on a laptop CPU: small CNN encoders on small images, a few epochs.
     "demo": dict(arch="small", image_size=64, epochs=8, batch_size=16, lr=1e-3,
                  optimizer="adam", lr_step=100, workers=0, modulation_end=100),

@@ -226,7 +226,8 @@ def _keep(keep_json: bool):
     return lambda ext: ext in ("cls", "spec.npy") or bool(sf.FRAME.fullmatch(ext)) or (keep_json and ext == "json")
 
 
-def read_run(location: Location, run: list, *, frames: int, train: bool, rng=None, keep_json: bool = False):
+def read_run(location: Location, run: list, *, frames: int, train: bool, rng=None, keep_json: bool = False,
+             frame_pick: str = "segment"):
     """Samples (or ``BadSample`` for corrupt ones) of one run of consecutive index entries, read
     with one byte-range request; each checked against its CRC-32 and parsed by shardformat."""
     shard = run[0].shard
@@ -252,12 +253,13 @@ def read_run(location: Location, run: list, *, frames: int, train: bool, rng=Non
             yield BadSample(url, e.key, str(err).removeprefix(f"{url}: "))
             continue
         found = s.frames
-        picked = select_frames(len(found), frames, train, rng)
+        picked = select_frames(len(found), frames, train, rng, frame_pick)
         members = {k: v for k, v in s.members.items() if not sf.FRAME.fullmatch(k)}
         yield Sample(e.key, url, members, [(sf.frame_name(i), found[i]) for i in picked])
 
 
-def read_samples(stream, url: str, *, frames: int, train: bool, rng=None, keep_json: bool = False):
+def read_samples(stream, url: str, *, frames: int, train: bool, rng=None, keep_json: bool = False,
+                 frame_pick: str = "segment"):
     """The samples of one whole shard stream (no index needed), for tools; raises on corruption."""
     for s in sf.read_shard_samples(stream, url, crc=False, keep=_keep(keep_json)):
         try:
@@ -267,7 +269,8 @@ def read_samples(stream, url: str, *, frames: int, train: bool, rng=None, keep_j
         found = s.frames
         members = {k: v for k, v in s.members.items() if not sf.FRAME.fullmatch(k)}
         yield Sample(s.key, url, members,
-                     [(sf.frame_name(i), found[i]) for i in select_frames(len(found), frames, train, rng)])
+                     [(sf.frame_name(i), found[i]) for i in select_frames(len(found), frames, train, rng,
+                                                                           frame_pick)])
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -373,7 +376,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  image_size: int, seed: int, epoch: int, rank: int, world_size: int, num_workers: int,
                  shuffle_buffer: int, drop_last: bool, steps: int | None, run: int, num_classes: int,
                  per_frame: bool = False, with_meta: bool = False, visual_dtype=torch.float32,
-                 spec_shape: tuple[int, int] | None = None):
+                 spec_shape: tuple[int, int] | None = None, frame_pick: str = "segment"):
         super().__init__()
         self.location, self.entries = location, entries
         self.train, self.batch_size, self.frames, self.image_size = train, batch_size, frames, image_size
@@ -381,7 +384,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.drop_last, self.steps, self.run = shuffle_buffer, drop_last, steps, run
         self.num_classes, self.per_frame, self.with_meta, self.visual_dtype = \
             num_classes, per_frame, with_meta, visual_dtype
-        self.spec_shape = spec_shape
+        self.spec_shape, self.frame_pick = spec_shape, frame_pick
         # shared with (persistent) workers so set_epoch reaches them
         self.epoch = mp.RawValue("q", epoch)
 
@@ -402,7 +405,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         positions = self.positions(worker, epoch)
         samples = (s for run in _runs(self.entries, positions)
                    for s in read_run(self.location, run, frames=self.frames, train=self.train, rng=frame_rng,
-                                     keep_json=self.with_meta))
+                                     keep_json=self.with_meta, frame_pick=self.frame_pick))
         if self.train:
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(f"buffer:{tag}"))
         decode = partial(decode_batch, train=self.train, image_size=self.image_size, rng=random.Random(f"aug:{tag}"),
@@ -496,7 +499,7 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
                 prefetch_factor: int | None = None, per_frame: bool = False, with_meta: bool = False,
                 retry: Retry | None = None, visual_dtype: torch.dtype = torch.float32,
                 on_bad_sample: Callable[[str, str, str], None] | None = None,
-                max_bad_samples: float = 0.01, run: int | None = None) -> ShardLoader:
+                max_bad_samples: float = 0.01, run: int | None = None, frame_pick: str = "segment") -> ShardLoader:
     """A loader over ``split`` of ``source`` (folder, URL, or a ``DatasetInfo`` from read_dataset).
 
     Batches: ``{"audio": float32 (B,1,F,T) ((B,1,T,mel) for fbank), "visual": (B,n,3,S,S) float32
@@ -510,7 +513,8 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
     smaller) and reported to ``on_bad_sample(url, key, message)``; more than ``max_bad_samples``
     (a fraction of this rank's samples per epoch when < 1, else a count) raises ``DataError``.
     The shuffle buffer holds encoded samples: each training worker keeps up to ``shuffle_buffer``
-    × (spectrogram + selected JPEG bytes) in memory.
+    × (spectrogram + selected JPEG bytes) in memory. ``frame_pick`` chooses a clip's ``frames``
+    frames (``transforms.select_frames``: per segment, or the reference code's fixed rules).
     """
     info = read_dataset(source, s3_endpoint=s3_endpoint, retry=retry)
     info.split(split)
@@ -550,7 +554,7 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
                          steps=steps, run=run or default_run(entries), num_classes=info.num_classes,
                          per_frame=per_frame, with_meta=with_meta, visual_dtype=visual_dtype,
-                         spec_shape=_spec_shape(info.meta))
+                         spec_shape=_spec_shape(info.meta), frame_pick=frame_pick)
     extra = {}
     if workers > 0:
         extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor or 2}

@@ -79,8 +79,9 @@ DEMO = DemoConfig()
 def _compare_arms() -> tuple:
     from .reproduce import TABLE_ROWS
 
-    extra = tuple(Arm(f"concat+{row.name}", {"fusion": "concat", **row.settings})
-                  for row in TABLE_ROWS[2] if row.name not in ("concat", "ogm-ge"))
+    # Table 2's other rows; Modality-Drop as these arms were measured (pooled features, not input)
+    extra = tuple(Arm(row.name, {k: v for k, v in row.settings.items() if k != "drop_at"})
+                  for row in TABLE_ROWS[2] if row.name not in ("concat", "concat+ogm-ge"))
     more = tuple(Arm(f"concat+{m}", {"fusion": "concat", "modulation": m})
                  for m in ("opm", "opm-ge", "mmpareto", "pmr", "agm"))
     return (*DEMO.arms, *extra, *more)

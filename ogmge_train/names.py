@@ -19,6 +19,17 @@ AUX_HEAD_METHODS = ("gradient-blending", "mmpareto")
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum")}
 SCOPES = ("conv", "all")
 DROP_MODALITIES = ("either", "audio", "visual")
+# modality-drop: zero the dropped modality's pooled features, or its input (the paper's Table 2)
+DROP_AT = ("features", "input")
+# which frames of a clip a run feeds the visual encoder (README: Training): random per segment in
+# training and segment middles in evaluation; the first ones (OGM-GE's CREMA-D and VGGSound loaders);
+# fixed ones at seg * i (its KS/AVE loader)
+FRAME_PICKS = ("segment", "first", "fixed")
+# the split whose accuracy selects a run's best epoch; "test" is the reference code's protocol
+SELECT_ON = ("val", "test")
+# the words every output puts next to a number selected that way
+SELECTION_LABELS = {"val": "selected on validation accuracy", "test": "best test epoch, as the reference code",
+                    "last": "last epoch (no split to select on)"}
 ON_NONFINITE = ("stop", "skip")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")

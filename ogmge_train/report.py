@@ -18,11 +18,12 @@ import numpy as np
 
 from . import runfolder
 from .errors import RunFolderError
+from .names import SELECTION_LABELS
 
 __all__ = ["RunRecord", "Group", "Report", "COLUMNS", "read_run", "expand_runs", "group_runs",
            "mean_std", "format_cell", "run_values", "group_table", "markdown_table", "plot_accuracy",
            "plot_rho", "plot_loss", "write_report", "dominant_modality", "test_clips", "clips_sentence",
-           "t_quantile_975", "paired_difference", "per_seed", "plot_seed_bars"]
+           "t_quantile_975", "paired_difference", "per_seed", "plot_seed_bars", "selection"]
 
 # Config keys that do not change the experiment (so runs that differ only there are seeds).
 _NOT_EXPERIMENT = {"seed", "out", "resume", "shards", "s3_endpoint", "workers", "device",
@@ -116,14 +117,23 @@ def group_runs(runs: list[RunRecord]) -> list[Group]:
 
 # ----------------------------------------------------------------------------- numbers
 
+def selection(run: RunRecord) -> str:
+    """How the run picks its epoch: "val", "test" (the reference code's protocol) or "last"."""
+    if run.summary and run.summary.get("selection"):
+        return {"val_acc": "val", "test_acc": "test"}.get(run.summary["selection"], "last")
+    return run.config.get("select_on", "val")
+
+
 def _selected(run: RunRecord) -> tuple[int | None, dict, dict]:
-    """(selected epoch, val metrics, test metrics): summary.json, else best val acc so far."""
+    """(selected epoch, val metrics, test metrics): summary.json, else the best epoch so far on
+    the run's selection split."""
     if run.summary:
         return run.summary.get("selected_epoch"), run.summary.get("val") or {}, run.summary.get("test") or {}
-    rows = [m for m in run.metrics if (m.get("val") or {}).get("acc") is not None]
+    on = selection(run)
+    rows = [m for m in run.metrics if (m.get(on) or {}).get("acc") is not None]
     if not rows:
         return None, {}, {}
-    best = max(rows, key=lambda m: m["val"]["acc"])     # first maximum, as selection does
+    best = max(rows, key=lambda m: m[on]["acc"])     # first maximum, as selection does
     return best.get("epoch"), best.get("val") or {}, best.get("test") or {}
 
 
@@ -202,16 +212,25 @@ def group_table(groups: list[Group]) -> list[dict]:
     rows = []
     for g in groups:
         per_run = [run_values(r) for r in g.runs]
-        row = {"label": g.label, "n": len(g.runs)}
+        kinds = {selection(r) for r in g.runs}
+        row = {"label": g.label, "n": len(g.runs), "selection": kinds.pop() if len(kinds) == 1 else "mixed"}
         for _title, key in COLUMNS[1:]:
             row[key] = mean_std(v[key] for v in per_run)
         rows.append(row)
     return rows
 
 
-def format_cell(key: str, ms) -> str:
+def format_cell(key: str, ms, selection: str | None = None) -> str:
     """``(mean, std)`` of column ``key`` as table text: percent for metrics, "—" for none, no
-    "±" when the std was not measured (one seed)."""
+    "±" when the std was not measured (one seed). A value selected on test (``selection`` "test")
+    says so next to it."""
+    text = _format(key, ms)
+    if selection == "test" and text != "—":
+        text += f" ({SELECTION_LABELS['test']})"
+    return text
+
+
+def _format(key: str, ms) -> str:
     mean, std = ms
     if mean is None:
         return "—"
@@ -229,7 +248,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["label"].replace("|", "\\|"), str(row["n"])]
-        cells += [format_cell(key, row[key]) for _t, key in COLUMNS[1:]]
+        cells += [format_cell(key, row[key], row.get("selection")) for _t, key in COLUMNS[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -480,7 +499,12 @@ def write_report(paths, out, *, title: str = "Training runs", split: str = "test
     parts = [f"# {title}\n"]
     if preamble:
         parts.append(preamble.rstrip() + "\n")
-    parts.append("Test metrics at the epoch selected by validation accuracy, in percent, "
+    test_selected = [r["label"] for r in rows if r.get("selection") in ("test", "mixed")]
+    how = "the epoch selected by validation accuracy"
+    if test_selected:
+        how += (f" (for {', '.join(test_selected)}: the {SELECTION_LABELS['test']}, the epoch with the highest "
+                "test accuracy, which overstates it; such cells say so)")
+    parts.append(f"Test metrics at {how}, in percent, "
                  "mean ± sample std over seeds. Unimodal accuracies come from each modality's "
                  "own logits; probe accuracies from a linear classifier fitted on the frozen "
                  "encoder's features. A cell without ± comes from one seed.\n")

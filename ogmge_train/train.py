@@ -206,7 +206,7 @@ def _loader(cfg: TrainConfig, split: str, *, train: bool, epoch: int, info: dist
                             frames=cfg.frames, image_size=cfg.image_size, workers=cfg.workers, seed=cfg.seed,
                             epoch=epoch, rank=info.rank, world_size=info.world_size, s3_endpoint=cfg.s3_endpoint,
                             pin_memory=cuda, visual_dtype=torch.uint8 if cuda else torch.float32,
-                            on_bad_sample=on_bad_sample)
+                            on_bad_sample=on_bad_sample, frame_pick=cfg.frame_pick)
 
 
 def _read_dataset(cfg: TrainConfig):
@@ -356,8 +356,9 @@ class _Setup:
             raise ConfigError(f"{self.cfg.shards}: {n} train samples, fewer than one batch of {batch} "
                               f"({self.info.world_size} process(es)); lower --batch-size")
         self.eval_splits = [s for s in self.cfg.eval_splits if self._num(s) > 0]
-        # Model selection uses val only; without one, the last epoch is selected (never test).
-        self.select_on = "val" if "val" in self.eval_splits else None
+        # Model selection on val (or, with select_on="test", on test as the reference code does);
+        # without that split the last epoch is selected.
+        self.select_on = self.cfg.select_on if self.cfg.select_on in self.eval_splits else None
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -372,7 +373,7 @@ class _Setup:
             scope=cfg.modulation_scope, fusion=cfg.fusion if cfg.modality == "both" else None,
             **{k: getattr(cfg, k) for k in ("drop_p", "drop_modality", "opm_q_base", "opm_lam", "opm_p_exe",
                                            "pmr_alpha", "pmr_momentum", "gb_super_epoch", "gb_holdout",
-                                           "agm_alpha")})
+                                           "agm_alpha", "drop_at", "pmr_entropy", "pmr_entropy_epochs")})
         self.opt = _optimizer(cfg, self.model.parameters())
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         self.global_step = 0
@@ -544,7 +545,8 @@ class _Recording:
         self.s = setup
 
     def checkpoint(self, epoch: int, record: dict) -> bool:
-        """Write last.pt (and best.pt when val accuracy improved); returns whether best improved."""
+        """Write last.pt (and best.pt when the selection split's accuracy improved); returns whether
+        best improved."""
         s = self.s
         bad = [n for n, t in [*s.model.named_parameters(), *s.model.named_buffers()]
                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -568,7 +570,8 @@ class _Recording:
         s = self.s
         record_of_best = s.rec.record_of(s.best["epoch"]) or {}
         summary = {"selected_epoch": s.best["epoch"],
-                   "selection": "val_acc" if s.select_on else "last_epoch",
+                   "selection": f"{s.select_on}_acc" if s.select_on else "last_epoch",
+                   "selection_label": names.SELECTION_LABELS[s.select_on or "last"],
                    "epochs": epochs_done, "dataset": s.cfg.dataset, "world_size": s.info.world_size,
                    **{split: record_of_best.get(split, {}) for split in ("val", "test")}}
         s.rec.write_summary(summary)

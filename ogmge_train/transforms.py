@@ -30,16 +30,27 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def select_frames(n_available: int, n: int, train: bool, rng=None) -> list[int]:
-    """Indices of ``n`` frames out of ``n_available``: split [0, n_available) into n equal
-    segments; train picks a uniform random point in each segment, eval its middle.
+def select_frames(n_available: int, n: int, train: bool, rng=None, pick: str = "segment") -> list[int]:
+    """Indices of ``n`` frames out of ``n_available``, in time order.
 
-    With fewer frames than segments, segments share frames (3 out of 2 gives [0, 1, 1]), so
-    the output always has n indices in time order. ``rng`` needs ``.random()``
-    (``random.Random`` or ``numpy.random.Generator``); eval ignores it and is deterministic.
+    ``pick="segment"``: split [0, n_available) into n equal segments; train picks a uniform random
+    point in each segment, eval its middle. With fewer frames than segments, segments share
+    frames (3 out of 2 gives [0, 1, 1]). ``rng`` needs ``.random()`` (``random.Random`` or
+    ``numpy.random.Generator``); eval ignores it and is deterministic.
+    The reference code's rules, the same in train and eval (no rng): ``"first"``, the first n
+    frames (OGM-GE's CREMA-D and VGGSound loaders take the first n files ``os.listdir`` lists;
+    the last frame repeats when a clip has fewer); ``"fixed"``, frames ``seg * i`` with
+    ``seg = n_available // n`` (its KS/AVE loader's ``frame_0000{seg*i+1}.jpg``, files numbered
+    from 1 as FFmpeg numbers them).
     """
     if n_available < 1 or n < 1:
         raise ValueError(f"cannot select {n} frame(s) out of {n_available}")
+    if pick == "first":
+        return [min(i, n_available - 1) for i in range(n)]
+    if pick == "fixed":
+        return [(n_available // n) * i for i in range(n)]
+    if pick != "segment":
+        raise ValueError(f"unknown frame pick {pick!r}")
     width = n_available / n
     offsets = [rng.random() for _ in range(n)] if train else [0.5] * n
     return [min(n_available - 1, int(math.floor((i + u) * width))) for i, u in enumerate(offsets)]

@@ -11,7 +11,13 @@ Per step: ``sim_u = -||feat_u - p_u[c]||`` (B x C), ``s_u = sum_i softmax(sim_u)
 (all-reduced), ``r = s_a / s_v``. In the active epochs the loss is
 ``CE(fused) + beta * CE(sim_a) + lam * CE(sim_v)`` with ``lam = alpha, beta = 0`` if ``r > 1``,
 ``beta = alpha, lam = 0`` if ``r < 1``, both 0 if ``r == 1``: the weaker modality's prototype
-loss is added. Gradients are not modulated. Works with every fusion (it reads pooled features
+loss is added (the released code's weights; the paper's eq. 11 scales them by
+``clip(0, r - 1, 1)`` or ``clip(0, 1/r - 1, 1)``). With ``pmr_entropy`` = mu > 0, the
+prototypical entropy regularisation (PER, the paper's eq. 13, not in the released code) is
+subtracted in the first ``pmr_entropy_epochs`` active epochs: ``- mu * H(softmax(sim_u))`` for the
+dominant modality u (``r > 1``: audio), H the entropy over classes, averaged over the batch
+(as the CE terms are), so the dominant modality is kept from converging early. Gradients are
+not modulated. Works with every fusion (it reads pooled features
 only). ``rho_a``/``rho_v`` in the step stats are the prototype ratios ``r``, ``1/r``; ``k_*`` the
 loss weights ``beta``, ``lam`` (when the method is active).
 """
@@ -34,19 +40,27 @@ def prototype_logits(feat: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     return -diff.pow(2).sum(dim=2).sqrt()
 
 
+def mean_entropy(sim: torch.Tensor) -> torch.Tensor:
+    """Batch mean of the entropy of ``softmax(sim)`` over classes (PER's H)."""
+    logp = sim.log_softmax(dim=1)
+    return -(logp.exp() * logp).sum(dim=1).mean()
+
+
 def true_class_score(sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return sim.detach().softmax(dim=1).gather(1, labels.view(-1, 1)).double().sum()
 
 
 class PMR(Method):
     name = "pmr"
-    options = ("pmr_alpha", "pmr_momentum")
+    options = ("pmr_alpha", "pmr_momentum", "pmr_entropy", "pmr_entropy_epochs")
 
-    def __init__(self, *, pmr_alpha: float = 1.0, pmr_momentum: float = 0.2, **kwargs):
+    def __init__(self, *, pmr_alpha: float = 1.0, pmr_momentum: float = 0.2, pmr_entropy: float = 0.0,
+                 pmr_entropy_epochs: int = 10, **kwargs):
         super().__init__(**kwargs)
-        if pmr_alpha < 0 or not 0.0 <= pmr_momentum <= 1.0:
-            raise ValueError("pmr_alpha must be >= 0 and pmr_momentum in [0, 1]")
+        if pmr_alpha < 0 or not 0.0 <= pmr_momentum <= 1.0 or pmr_entropy < 0 or pmr_entropy_epochs < 0:
+            raise ValueError("pmr_alpha, pmr_entropy and pmr_entropy_epochs must be >= 0 and pmr_momentum in [0, 1]")
         self.pmr_alpha, self.momentum = float(pmr_alpha), float(pmr_momentum)
+        self.entropy, self.entropy_epochs = float(pmr_entropy), int(pmr_entropy_epochs)
         self.proto_a: torch.Tensor | None = None
         self.proto_v: torch.Tensor | None = None
         self._stats = {"rho_a": 1.0, "rho_v": 1.0, "k_a": 1.0, "k_v": 1.0}
@@ -102,8 +116,12 @@ class PMR(Method):
         # [beta, lam] as tensors: no host sync before backward
         weights = torch.stack([torch.where(r < 1, a, 0.0), torch.where(r > 1, a, 0.0)]).float()
         self._weights = torch.cat([torch.stack([r, 1 / r]).float(), weights])
-        return (loss + weights[0] * F.cross_entropy(sim_a, step.labels)
+        loss = (loss + weights[0] * F.cross_entropy(sim_a, step.labels)
                 + weights[1] * F.cross_entropy(sim_v, step.labels))
+        if self.entropy > 0 and step.epoch < self.start_epoch + self.entropy_epochs:
+            dominant = torch.stack([r > 1, r < 1]).float()          # [audio, visual]
+            loss = loss - self.entropy * (dominant[0] * mean_entropy(sim_a) + dominant[1] * mean_entropy(sim_v))
+        return loss
 
     def after_backward(self, model, out, labels, *, epoch: int, all_reduce=None, generator=None):
         if self._weights is None:
