@@ -98,9 +98,11 @@ def _stored_options(out: Path) -> dict | None:
     for path in (out / STATE_DIR / "options.json", out / "dataset.json"):
         if path.exists():
             try:
-                d = json.loads(path.read_text(encoding="utf-8"))
+                data = path.read_bytes()
+                d = (json.loads(data) if path.parent.name == STATE_DIR
+                     else shardformat.DatasetMeta.from_json(data, str(path)).raw)
                 return {k: d.get(k) for k in ("name", "config", "tool_version")}
-            except (OSError, ValueError, AttributeError) as e:
+            except (OSError, ValueError, AttributeError, shardformat.ShardDataError) as e:
                 raise ConfigError(f"{path}: unreadable ({e}); use --overwrite to start over") from None
     return None
 

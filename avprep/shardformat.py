@@ -29,11 +29,15 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
-from typing import TypeGuard
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
-from .errors import AvprepError
+from .datasets._base import SPLITS
+from .errors import AvprepError, StorageError
+
+if TYPE_CHECKING:
+    from .storage import Location, Retry
 
 # ---------------------------------------------------------------- names
 
@@ -692,31 +696,39 @@ class SampleIndex:
         return out
 
 
+def index_records(data: bytes, where: str) -> dict[str, dict]:
+    """The records of a sample index by key, with or without byte offsets (an older avprep
+    wrote none), lines that are no record skipped: for re-indexing, which keeps their fields."""
+    records = {}
+    for line in bytes(data).splitlines():
+        r = load_json(line, where, check="index") if line.strip() else None
+        if isinstance(r, dict) and isinstance(r.get("key"), str):
+            records[r["key"]] = r
+    return records
+
+
 @dataclass
 class DatasetMeta:
     """``dataset.json``: classes, splits (sample counts), extraction config, tool version, and the
-    shape facts a schema needs (``spec_shape``, ``spec_dtype``, ``max_frames``, frame histogram)."""
+    shape facts a schema needs (``spec_shape``, ``spec_dtype``, ``frame_size``, ``max_frames``,
+    frame histogram). ``from_json`` checks every one of them, so whoever opens a dataset sees
+    the same verdict on it."""
 
     name: str
     classes: list[str]
     splits: dict[str, int]
     config: dict
     raw: dict
-
-    @property
-    def spec_shape(self) -> tuple[int, int] | None:
-        s = self.raw.get("spec_shape")
-        if isinstance(s, list) and len(s) == 2 and all(_is_int(x) for x in s):
-            return tuple(s)
-        try:
-            from .config import SpecConfig
-            return SpecConfig(**self.config["spec"]).shape
-        except Exception:  # noqa: BLE001 - an older or foreign dataset.json: unknown
-            return None
+    spec_shape: tuple[int, int]
 
     @property
     def spec_dtype(self) -> str:
         return str(self.config.get("spec_dtype", "float16"))
+
+    @property
+    def frame_size(self) -> int:
+        """The frames' short side (0: kept as decoded)."""
+        return self.config.get("frame_size", 0)
 
     @property
     def max_frames(self) -> int | None:
@@ -737,7 +749,8 @@ class DatasetMeta:
                "spec_shape": list(spec_shape),
                "spec_dtype": config.get("spec_dtype", "float16"),
                **frame_stats(r.get("n_frames", 0) for r in records)}
-        return cls(str(options.get("name", "")), list(classes), dict(raw["splits"]), config, raw)
+        return cls(str(options.get("name", "")), list(classes), dict(raw["splits"]), config, raw,
+                   (spec_shape[0], spec_shape[1]))
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> DatasetMeta:
@@ -751,15 +764,137 @@ class DatasetMeta:
             splits = {s: 0 for s in splits}
         _need(isinstance(splits, dict) and all(isinstance(s, str) and s and "/" not in s and "\0" not in s
                                                for s in splits), where, "no 'splits'")
-        config = d.get("config") if isinstance(d.get("config"), dict) else {}
+        config = d.get("config", {})
+        _need(isinstance(config, dict), where, "'config' is not an object")
+        _need(_is_int(config.get("frame_size", 0)), where, f"frame_size {str(config.get('frame_size'))[:40]!r} "
+              "is not a size")
+        dtype = config.get("spec_dtype", "float16")
+        _need(dtype in ("float16", "float32"), where, f"spec_dtype {str(dtype)[:40]!r} is not float16 or float32")
         return cls(str(d.get("name", "")), list(classes), {s: int(v) if _is_int(v) else 0 for s, v in splits.items()},
-                   config, d)
+                   config, d, _spec_shape(d, config, where))
+
+
+def _spec_shape(d: dict, config: dict, where: str) -> tuple[int, int]:
+    """The spectrogram shape of dataset.json: the one its spec config gives (a recorded
+    ``spec_shape`` must agree), or, written by another tool (no spec config), the recorded one."""
+    recorded = d.get("spec_shape")
+    _need(recorded is None or (isinstance(recorded, list) and len(recorded) == 2 and all(_is_int(x) for x in recorded)),
+          where, f"spec_shape {str(recorded)[:40]} is not a 2-D shape")
+    if "spec" not in config:
+        if recorded is None:
+            raise ShardDataError(f"{where}: no spectrogram shape (neither spec_shape nor config.spec)",
+                                 check="manifest", shard=where.rpartition("/")[2])
+        return (recorded[0], recorded[1])
+    from .config import SpecConfig
+
+    try:
+        shape = SpecConfig(**config["spec"]).shape
+    except Exception as e:  # noqa: BLE001 - hostile values raise TypeError, ZeroDivisionError, ConfigError ...
+        raise ShardDataError(f"{where}: config.spec gives no spectrogram shape ({type(e).__name__}: {str(e)[:80]})",
+                             check="manifest", shard=where.rpartition("/")[2]) from None
+    _need(recorded is None or tuple(recorded) == shape, where,
+          f"spec_shape {recorded} but the spec config gives {list(shape)}")
+    return shape
 
 
 def frame_stats(frame_counts: Iterable[int]) -> dict:
     """``max_frames`` and the frame-count histogram for dataset.json."""
     hist = Counter(frame_counts)
     return {"max_frames": max(hist, default=0), "frame_histogram": {str(k): hist[k] for k in sorted(hist)}}
+
+
+def split_order(splits: Iterable[str]) -> list[str]:
+    """train, val, test first, then any other split names alphabetically."""
+    splits = set(splits)
+    return [s for s in SPLITS if s in splits] + sorted(splits - set(SPLITS))
+
+
+# ---------------------------------------------------------------- a dataset, opened
+
+
+@dataclass
+class Dataset:
+    """An extracted dataset as its side files describe it (:func:`open_dataset`): ``meta``
+    (dataset.json), ``splits`` (each split's manifest, in split order) and, read on first use,
+    each split's sample index (``index``). The loader, ``avprep verify``, ``avprep info`` and
+    ``avprep index`` all open datasets here, so they accept and refuse the same files."""
+
+    location: Location
+    meta: DatasetMeta
+    splits: dict[str, Manifest]
+    _indexes: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta.classes)
+
+    def index(self, split: str, problems: list[ShardDataError] | None = None) -> list[IndexEntry]:
+        """The sample index of ``split`` (one of ``splits``) in shard order, then byte order,
+        checked against its manifest: the same shards with the same number of samples each.
+        Raises ShardDataError when it is missing or malformed. A mismatch with the manifest
+        raises too, or, with ``problems``, is appended there and the entries are returned anyway
+        (so verify can check each one)."""
+        if split not in self._indexes:
+            self._indexes[split] = self._read_index(split)
+        entries, mismatch = self._indexes[split]
+        if mismatch is not None:
+            if problems is None:
+                raise mismatch
+            problems.append(mismatch)
+        return entries
+
+    def _read_index(self, split: str) -> tuple[list[IndexEntry], ShardDataError | None]:
+        name = index_name(split)
+        where = self.location.url(name)
+        try:
+            data = self.location.read_bytes(name)
+        except StorageError as e:
+            raise ShardDataError(f"{where}: no sample index ({e}); add it with `avprep index OUT`", check="index",
+                                 shard=name) from None
+        entries = SampleIndex.from_json(data, split, where).entries
+        manifest = self.splits[split]
+        mismatch = None
+        if Counter(e.shard for e in entries) != {s.name: s.num_samples for s in manifest.shards if s.num_samples}:
+            mismatch = ShardDataError(f"{where}: does not match {manifest_name(split)} (samples per shard differ); "
+                                      "rebuild it with `avprep index`", check="index", shard=name)
+        order = {s.name: i for i, s in enumerate(manifest.shards)}
+        entries.sort(key=lambda e: (order.get(e.shard, len(order)), e.offset))
+        return entries, mismatch
+
+
+def open_dataset(source, *, s3_endpoint: str | None = None, retry: Retry | None = None,
+                 problems: list[ShardDataError] | None = None) -> Dataset:
+    """The dataset at ``source`` (a folder, ``http(s)://`` or ``s3://`` prefix, or a
+    ``storage.Location``): dataset.json and every split's manifest, parsed by the typed readers
+    of this module.
+
+    Raises StorageError when dataset.json cannot be read (no dataset there) and ShardDataError
+    when it is malformed. A manifest that is malformed raises ShardDataError (one that cannot
+    be read, StorageError); with ``problems``, either is appended there as a ShardDataError
+    instead and its split left out, which is what ``avprep verify`` reports."""
+    from .storage import Location, open_location  # storage imports this module
+
+    loc = source if isinstance(source, Location) else open_location(source, s3_endpoint=s3_endpoint, retry=retry)
+    meta = DatasetMeta.from_json(loc.read_bytes("dataset.json"), loc.url("dataset.json"))
+    splits = {}
+    for split in split_order(meta.splits):
+        name = manifest_name(split)
+        try:
+            splits[split] = Manifest.from_json(loc.read_bytes(name), split, loc.url(name))
+        except (StorageError, ShardDataError) as e:
+            if problems is None:
+                raise
+            problems.append(e if isinstance(e, ShardDataError) else
+                            ShardDataError(f"{loc.url(name)}: cannot read: {e}", check="manifest", shard=name))
+    return Dataset(loc, meta, splits)
 
 
 def wids_index(split: str, shards: list[ShardEntry], base: str = "") -> bytes:

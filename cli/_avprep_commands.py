@@ -6,7 +6,7 @@ import time
 import click
 
 from avprep.config import FRAME_RULES, PRESET_NAMES, RESAMPLERS, ExtractConfig, spec_preset
-from avprep.errors import AvprepError, ConfigError
+from avprep.errors import ConfigError
 
 from . import _ui
 
@@ -183,26 +183,16 @@ def datasets_cmd(as_json):
 
 
 def _read_output(location: str, s3_endpoint: str | None = None):
-    """dataset.json and the split manifests of a local folder or URL (typed, via shardformat)."""
+    """The dataset (dataset.json and the split manifests) at a local folder or URL."""
     from avprep import shardformat as sf
-    from avprep.shards import split_order
-    from avprep.storage import open_location
-
-    loc = open_location(location, s3_endpoint=s3_endpoint)
-
-    def read(name):
-        try:
-            return loc.read_bytes(name)
-        except (OSError, AvprepError) as e:
-            raise ConfigError(f"{location}: cannot read {name} ({e}); is the extraction finished?") from None
+    from avprep.errors import StorageError
 
     try:
-        dataset = sf.DatasetMeta.from_json(read("dataset.json"), loc.url("dataset.json"))
-        manifests = {s: sf.Manifest.from_json(read(sf.manifest_name(s)), s, loc.url(sf.manifest_name(s)))
-                     for s in split_order(dataset.splits)}
+        return sf.open_dataset(location, s3_endpoint=s3_endpoint)
+    except StorageError as e:
+        raise ConfigError(f"{location}: cannot read ({e}); is the extraction finished?") from None
     except sf.ShardDataError as e:
         raise ConfigError(str(e)) from None
-    return dataset, manifests
 
 
 @click.command("info")
@@ -216,7 +206,8 @@ def info_cmd(out, as_json, s3_endpoint):
     and class counts."""
     import json
 
-    dataset, manifests = _read_output(out, s3_endpoint)
+    opened = _read_output(out, s3_endpoint)
+    dataset, manifests = opened.meta, opened.splits
     if as_json:
         _ui.print_json({"dataset": dataset.raw,
                         "manifests": {s: json.loads(m.to_json()) for s, m in manifests.items()}})
@@ -253,6 +244,7 @@ def info_cmd(out, as_json, s3_endpoint):
 def index_cmd(out):
     """Add the sample index (byte offset, length and CRC-32 of every sample) to a dataset
     extracted by an older avprep, reading each shard once and rewriting none."""
+    from avprep.errors import StorageError
     from avprep.shardformat import ShardDataError
     from avprep.shards import index_dataset
 
@@ -263,6 +255,8 @@ def index_cmd(out):
                 task, completed=done, total=total, description=f"index {name}"))
         except ShardDataError as e:
             raise ConfigError(f"{e}; run `avprep verify {out}`") from None
+        except StorageError as e:
+            raise ConfigError(f"{out}: cannot read ({e}); is the extraction finished?") from None
     _ui.console.print(", ".join(f"{s}: {n} samples indexed" for s, n in counts.items()))
 
 

@@ -17,8 +17,10 @@ from click.testing import CliRunner
 
 from avprep import synth
 from avprep.config import ExtractConfig, spec_preset
+from avprep.shardformat import ShardDataError
 from avprep.verify import verify
 from cli._verify_command import verify_cmd
+from ogmge_train.data import read_dataset
 from tests._helpers import KS_CLASSES, read_tar, small_config, write_ks_clip  # noqa: F401
 
 TRAIN0 = "train-000000.tar"
@@ -52,24 +54,25 @@ def write_tar(path: Path, members) -> None:
 
 
 def rehash(out: Path, shard: str) -> None:
-    """Make the manifest (size and sha256) and the sample index (offsets, lengths, CRC-32 of the
-    samples the tar holds, as far as it reads) agree with the shard's bytes again."""
+    """Make the manifest (size, sha256, sample counts) and the sample index (offsets, lengths,
+    CRC-32 of the samples the tar holds, as far as it reads) agree with the shard's bytes again."""
     from avprep import shardformat as sf
 
     split = shard.rsplit("-", 1)[0]
-    path = out / f"{split}.manifest.json"
-    m = json.loads(path.read_text())
     data = (out / shard).read_bytes()
-    for entry in m["shards"]:
-        if entry["name"] == shard:
-            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    path.write_text(json.dumps(m))
     spans = {}
     try:
         for s in sf.read_shard_samples(io.BytesIO(data), shard):
             spans.setdefault(s.key, (s.offset, s.length, s.crc32))
     except sf.ShardDataError:
         pass
+    path = out / f"{split}.manifest.json"
+    m = json.loads(path.read_text())
+    for entry in m["shards"]:
+        if entry["name"] == shard:
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), num_samples=len(spans))
+    m["num_samples"] = sum(e["num_samples"] for e in m["shards"])
+    path.write_text(json.dumps(m))
     index = out / f"{split}.samples.jsonl"
     records = [r for r in map(json.loads, index.read_text().splitlines()) if r["shard"] != shard]
     for key, (offset, length, crc) in spans.items():
@@ -161,20 +164,27 @@ def _edit_manifest(field):
     return edit
 
 
-@pytest.mark.parametrize("damage, expected, quick_catches", [
-    (_flip, {"sha256"}, True),
-    (_truncate, {"size", "sha256", "tar"}, True),
-    (_delete, {"missing"}, True),
-    (_edit_manifest("num_samples"), {"count"}, False),
-    (_edit_manifest("sha256"), {"sha256"}, True),
+@pytest.mark.parametrize("damage, expected, quick_catches, index_refused", [
+    (_flip, {"sha256"}, True, False),
+    (_truncate, {"size", "sha256", "tar"}, True, False),
+    (_delete, {"missing"}, True, False),
+    (_edit_manifest("num_samples"), {"count"}, False, True),
+    (_edit_manifest("sha256"), {"sha256"}, True, False),
 ], ids=["flip-byte", "truncate", "delete", "manifest-count", "manifest-hash"])
-def test_damage_is_caught_and_names_the_shard(out, damage, expected, quick_catches):
+def test_damage_is_caught_and_names_the_shard(out, damage, expected, quick_catches, index_refused):
     damage(out)
     code, text = run_cli(out)
     assert code == 1
     assert TRAIN0 in text
     report = verify(out)
-    assert {p.shard for p in report.problems} == {TRAIN0}
+    # a manifest count the sample index disagrees with: the loader refuses the index, verify says so
+    index = {"train.samples.jsonl"} if index_refused else set()
+    assert {p.shard for p in report.problems} == {TRAIN0} | index
+    if index_refused:
+        assert [p.message for p in report.problems if p.shard in index] == [
+            "does not match train.manifest.json (samples per shard differ); rebuild it with `avprep index`"]
+        with pytest.raises(ShardDataError, match="does not match train.manifest.json"):
+            read_dataset(out).index("train")
     assert expected <= {p.check for p in report.problems}
     quick = verify(out, quick=True)
     assert (not quick.ok) == quick_catches
