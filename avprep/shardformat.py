@@ -41,6 +41,16 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------- names
 
+# The files of an output folder. dataset.json is written last: it marks a complete output.
+DATASET = "dataset.json"
+CARD = "README.md"                      # the Hugging Face dataset card
+FAILURES = "failures.jsonl"             # one line per clip that failed (written by outdir)
+SHARD_SUFFIX = ".tar"                   # <split>-NNNNNN.tar
+INDEX_SUFFIX = ".samples.jsonl"         # <split>.samples.jsonl, the sample index
+WIDS_SUFFIX = ".wids.json"              # <split>.wids.json
+MANIFEST_SUFFIX = ".manifest.json"      # <split>.manifest.json
+SPLIT_FILE_SUFFIXES = (INDEX_SUFFIX, WIDS_SUFFIX, MANIFEST_SUFFIX)     # a split's side files, in writing order
+# The members of a sample: <key>.cls, <key>.json, <key>.spec.npy, then <key>.f000.jpg, ...
 CLS, JSON, SPEC = "cls", "json", "spec.npy"
 CORE_MEMBERS = (CLS, JSON, SPEC)        # in tar order, then the frames
 FRAME = re.compile(r"f(\d{3,})\.jpg")
@@ -60,19 +70,25 @@ def frame_name(i: int) -> str:
 
 
 def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
+    return f"{split}-{index:06d}{SHARD_SUFFIX}"
 
 
 def index_name(split: str) -> str:
-    return f"{split}.samples.jsonl"
+    return split + INDEX_SUFFIX
 
 
 def manifest_name(split: str) -> str:
-    return f"{split}.manifest.json"
+    return split + MANIFEST_SUFFIX
 
 
 def wids_name(split: str) -> str:
-    return f"{split}.wids.json"
+    return split + WIDS_SUFFIX
+
+
+def is_output_file(name: str) -> bool:
+    """A file ``avprep extract`` writes into an output folder (or a temporary one of a writer)."""
+    return (name in (DATASET, FAILURES, CARD) or name.endswith((SHARD_SUFFIX, *SPLIT_FILE_SUFFIXES))
+            or TMP_MARK in name)
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -883,7 +899,7 @@ def open_dataset(source, *, s3_endpoint: str | None = None, retry: Retry | None 
     from .storage import Location, open_location  # storage imports this module
 
     loc = source if isinstance(source, Location) else open_location(source, s3_endpoint=s3_endpoint, retry=retry)
-    meta = DatasetMeta.from_json(loc.read_bytes("dataset.json"), loc.url("dataset.json"))
+    meta = DatasetMeta.from_json(loc.read_bytes(DATASET), loc.url(DATASET))
     splits = {}
     for split in split_order(meta.splits):
         name = manifest_name(split)
@@ -996,4 +1012,4 @@ def write_card(out, meta: DatasetMeta, manifests: dict[str, Manifest], write, op
                         example = None
                     break
             break
-    write(Path(out) / "README.md", dataset_card(meta, manifests, example if isinstance(example, dict) else None))
+    write(Path(out) / CARD, dataset_card(meta, manifests, example if isinstance(example, dict) else None))

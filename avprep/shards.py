@@ -267,6 +267,7 @@ def index_dataset(out: Path, *, on_progress=None) -> dict[str, int]:
 
     out = Path(out)
     dataset = shardformat.open_dataset(out)
+    label_members = {shardformat.CLS, shardformat.JSON}      # all a record needs
     meta, manifests = dataset.meta, dataset.splits
     total = sum(len(m.shards) for m in manifests.values())
     done, counts = 0, {}
@@ -277,18 +278,19 @@ def index_dataset(out: Path, *, on_progress=None) -> dict[str, int]:
         for entry in manifest.shards:
             url = str(out / entry.name)
             with open(url, "rb") as f:
-                samples = list(shardformat.read_shard_samples(
-                    f, url, size=os.fstat(f.fileno()).st_size, keep=lambda ext: ext in ("cls", "json")))
+                samples = list(shardformat.read_shard_samples(f, url, size=os.fstat(f.fileno()).st_size,
+                                                              keep=label_members.__contains__))
             if len(samples) != entry.num_samples:
                 raise shardformat.ShardDataError(f"{url}: {len(samples)} samples, the manifest says "
                                                  f"{entry.num_samples}; run avprep verify", check="count")
             for s in samples:
                 r = dict(old.get(s.key) or {})
                 if "label_index" not in r:
-                    r["label_index"] = shardformat.parse_cls(s.members.get("cls", b"x"), len(meta.classes))
+                    r["label_index"] = shardformat.parse_cls(s.members.get(shardformat.CLS, b"x"),
+                                                               len(meta.classes))
                     r["label"] = meta.classes[r["label_index"]]
                     try:
-                        j = json.loads(bytes(s.members.get("json", b"{}")))
+                        j = json.loads(bytes(s.members.get(shardformat.JSON, b"{}")))
                     except ValueError:
                         j = {}
                     r.setdefault("source", j.get("source", "") if isinstance(j, dict) else "")

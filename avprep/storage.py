@@ -33,12 +33,12 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from .errors import ConfigError, StorageError
-from .shardformat import TMP_MARK
+from .shardformat import DATASET, INDEX_SUFFIX, MANIFEST_SUFFIX, TMP_MARK
 
 # Written last by upload_folder, in this order: readers open dataset.json/manifests first,
 # so once those are visible every shard they name is already there.
-_LAST_SUFFIXES = (".samples.jsonl", ".manifest.json")
-_LAST_NAME = "dataset.json"
+_LAST_SUFFIXES = (INDEX_SUFFIX, MANIFEST_SUFFIX)
+_LAST_NAME = DATASET
 _CHUNK = 1 << 20
 _READ = 1 << 16
 

@@ -101,7 +101,7 @@ def verify(location, *, quick: bool = False, on_progress: ProgressFn | None = No
     try:
         dataset = sf.open_dataset(loc, problems=refused)
     except (StorageError, OSError) as e:
-        raise ConfigError(f"not an avprep dataset (an extraction writes dataset.json last): "
+        raise ConfigError(f"not an avprep dataset (an extraction writes {sf.DATASET} last): "
                           f"cannot read {e}") from None
     except sf.ShardDataError as e:
         problems.append(_refused(loc, e.shard, e))
@@ -150,7 +150,7 @@ def _check_class_counts(manifests: dict[str, sf.Manifest], shards, seen: _Seen, 
 
 
 def _root_url(loc: Location) -> str:
-    return loc.url("dataset.json").rpartition("/")[0] or "."
+    return loc.url(sf.DATASET).rpartition("/")[0] or "."
 
 
 def _refused(loc: Location, name: str, e: sf.ShardDataError) -> Problem:
@@ -184,7 +184,7 @@ def _check_strays(loc, listed: set[str], problems):
     for name in sorted(p.name for p in loc.root.iterdir() if p.is_file()):
         if TMP_MARK in name:
             problems.append(Problem(name, "", "stray", "temporary file of an interrupted write"))
-        elif name.endswith(".tar") and name not in listed:
+        elif name.endswith(sf.SHARD_SUFFIX) and name not in listed:
             problems.append(Problem(name, "", "stray", "shard not listed in any manifest"))
 
 
@@ -458,7 +458,7 @@ def _check_frames(frames: Sequence[tuple[int, bytes | bytearray]], meta: dict, s
     for i, data in frames:
         problem = _frame_problem(data, schema.frame_size, expected)
         if problem:
-            bad("frame", f"f{i:03d}.jpg: {problem}")
+            bad("frame", f"{sf.frame_name(i)}: {problem}")
 
 
 def _frame_problem(data: bytes | bytearray, frame_size: int, expected: tuple[int, int] | None) -> str:

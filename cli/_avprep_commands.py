@@ -5,6 +5,7 @@ import time
 
 import click
 
+from avprep import shardformat as sf
 from avprep.config import FRAME_RULES, PRESET_NAMES, RESAMPLERS, ExtractConfig, spec_preset
 from avprep.errors import ConfigError
 
@@ -102,7 +103,7 @@ def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_len
     _print_summary(result, on_event)
     if not result.ok:
         _ui.error(f"{result.failed_fraction:.1%} of clips failed (more than --max-failures "
-                  f"{max_failures:.1%}); see {result.out}/failures.jsonl")
+                  f"{max_failures:.1%}); see {result.out}/{sf.FAILURES}")
         raise click.exceptions.Exit(_ui.EXIT_PROBLEMS)
 
 
@@ -162,7 +163,7 @@ def _print_summary(result, progress: _ExtractProgress) -> None:
                       f"{failed} failed → {result.out}  ({result.wall_time:.1f} s, {progress.rate()})")
     first = [f for f in result.failures if f["stage"] != "missing"][:5] or result.failures[:5]
     if first:
-        _ui.console.print(_ui.table(f"first failures (of {len(result.failures)}, all in failures.jsonl)",
+        _ui.console.print(_ui.table(f"first failures (of {len(result.failures)}, all in {sf.FAILURES})",
                                     ["key", "stage", "error"], [(f["key"], f["stage"], f["error"]) for f in first]))
 
 
@@ -197,7 +198,7 @@ def _read_output(location: str, s3_endpoint: str | None = None):
 
 @click.command("info")
 @click.argument("out")
-@click.option("--json", "as_json", is_flag=True, help="Print dataset.json and the manifests as one JSON document.")
+@click.option("--json", "as_json", is_flag=True, help=f"Print {sf.DATASET} and the manifests as one JSON document.")
 @click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
               help="S3-compatible endpoint for s3:// locations.")
 @_ui.handle_errors
@@ -272,8 +273,8 @@ def upload_cmd(out, url, s3_endpoint):
 
     from avprep.storage import upload_folder
 
-    if not (Path(out) / "dataset.json").exists():
-        raise ConfigError(f"{out}: no dataset.json; is the extraction finished?")
+    if not (Path(out) / sf.DATASET).exists():
+        raise ConfigError(f"{out}: no {sf.DATASET}; is the extraction finished?")
     with _ui.make_progress("bytes") as progress:
         task = progress.add_task("upload", total=None)
         names = upload_folder(out, url, s3_endpoint=s3_endpoint,

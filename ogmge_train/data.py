@@ -60,7 +60,7 @@ class DatasetInfo(sf.Dataset):
 
     def split(self, name: str) -> sf.Manifest:
         if name not in self.splits:
-            raise ConfigError(f"{self.location.url('dataset.json')}: no split {name!r} "
+            raise ConfigError(f"{self.location.url(sf.DATASET)}: no split {name!r} "
                               f"(have {', '.join(self.splits) or 'none'})")
         return self.splits[name]
 
@@ -177,7 +177,7 @@ def _runs(entries: list, positions, max_bytes: int = MAX_RUN_BYTES):
 
 
 def _keep(keep_json: bool):
-    return lambda ext: ext in ("cls", "spec.npy") or bool(sf.FRAME.fullmatch(ext)) or (keep_json and ext == "json")
+    return lambda ext: ext in (sf.CLS, sf.SPEC) or bool(sf.FRAME.fullmatch(ext)) or (keep_json and ext == sf.JSON)
 
 
 def read_run(location: Location, run: list, *, frames: int, train: bool, rng=None, keep_json: bool = False):
@@ -237,8 +237,8 @@ def _empty(*shape: int, dtype=torch.float32) -> torch.Tensor:
 def decode_sample(s: Sample, *, num_classes: int | None, spec_shape=None) -> tuple[int, np.ndarray, list]:
     """(label, spectrogram, frame images) of one sample; raises ``ShardDataError`` naming it."""
     try:
-        label = sf.parse_cls(s.members["cls"], num_classes)
-        spec = sf.parse_spec(s.members["spec.npy"], shape=spec_shape)
+        label = sf.parse_cls(s.members[sf.CLS], num_classes)
+        spec = sf.parse_spec(s.members[sf.SPEC], shape=spec_shape)
         images = [sf.open_jpeg(data) for _, data in s.frames]
     except ShardDataError as e:
         raise ShardDataError(f"{s.where}: {e}", check=e.check, shard=s.url.rpartition("/")[2], key=s.key) from None
@@ -298,7 +298,7 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
 
 def _meta(s: Sample) -> dict:
     try:
-        meta = json.loads(s.members["json"]) if "json" in s.members else {}
+        meta = json.loads(s.members[sf.JSON]) if sf.JSON in s.members else {}
     except (ValueError, RecursionError):
         raise ShardDataError(f"{s.key}.json is not valid JSON", check="json") from None
     if not isinstance(meta, dict):

@@ -3,12 +3,15 @@ partition of samples among ranks × workers, corrupt-sample handling over local/
 refused-member list for verify and loader, and the `avprep index` command."""
 from __future__ import annotations
 
+import ast
 import io
 import json
+import re
 import shutil
 import tarfile
 import zlib
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,3 +344,69 @@ def test_missing_index_names_the_fix(tmp_path):
     index_dataset(tmp_path)
     assert len([k for b in make_loader(tmp_path, "val", train=False, batch_size=2, frames=1, image_size=8,
                                        workers=0) for k in b["key"]]) == 2
+
+
+# -- one owner of the names ---------------------------------------------------------------------
+# What avprep writes and reads is spelled in avprep/shardformat only: file names of an output folder
+# and sample member names, found in any string of the package sources outside it (docstrings aside).
+_OUTPUT_NAMES = re.compile(r"dataset\.json|README\.md|failures\.jsonl|\.manifest\.json|\.samples\.jsonl|\.wids\.json"
+                           r"|\.tar\b|spec\.npy|\.npy\b|\.jpg\b")
+_MEMBERS = {sf.CLS, sf.JSON}     # also problem checks ("json", "cls"): a member where used as a key or compared
+_NOT_OURS = {("avprep/datasets/_base.py", "NOT_MEDIA")}     # raw files discovery skips, not our outputs
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _spelled_names(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    parents = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    rel = path.relative_to(_ROOT).as_posix()
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Constant) or not isinstance(node.value, str) or id(node) in docstrings:
+            continue
+        statement = parents.get(id(node))
+        while statement is not None and not isinstance(statement, ast.stmt):
+            statement = parents.get(id(statement))
+        if isinstance(statement, ast.Assign) and any((rel, getattr(t, "id", "")) in _NOT_OURS
+                                                     for t in statement.targets):
+            continue
+        parent = parents.get(id(node))
+        while isinstance(parent, (ast.Tuple, ast.List, ast.Set, ast.JoinedStr)):
+            parent = parents.get(id(parent))
+        as_member = node.value in _MEMBERS and (
+            isinstance(parent, (ast.Subscript, ast.Compare))
+            or isinstance(parent, ast.Call) and getattr(parent.func, "attr", "") in ("get", "pop"))
+        if as_member or _OUTPUT_NAMES.search(node.value):
+            found.append(f"{rel}:{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_only_shardformat_spells_the_output_names():
+    sources = [p for pkg in ("avprep", "ogmge_train", "cli") for p in sorted((_ROOT / pkg).rglob("*.py"))
+               if p.relative_to(_ROOT).parts[:2] != ("avprep", "shardformat") and p.name != "shardformat.py"]
+    assert len(sources) > 40
+    assert [hit for p in sources for hit in _spelled_names(p)] == []
+
+
+def test_the_names_check_sees_what_it_must(tmp_path):
+    """The check above flags a spelled name in code, an f-string, a member key and a comparison,
+    and leaves docstrings and problem check labels alone."""
+    (tmp_path / "avprep").mkdir()
+    probe = tmp_path / "avprep" / "probe.py"
+    probe.write_text('"""Writes dataset.json."""\n'
+                     'A = out / "dataset.json"\n'
+                     'B = f"{split}.manifest.json"\n'
+                     'C = members["cls"]\n'
+                     'D = ext == "json"\n'
+                     'E = bad("json", "no frames")\n'
+                     'F = f"frame f{i:03d}.jpg"\n')
+    global _ROOT
+    root, _ROOT = _ROOT, tmp_path
+    try:
+        hits = _spelled_names(probe)
+    finally:
+        _ROOT = root
+    assert [h.split(":")[1] for h in hits] == ["2", "3", "4", "5", "7"]
