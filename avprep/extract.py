@@ -4,7 +4,7 @@ The steps (``extract``): discover the clips → plan the shards (membership from
 only) → keep the shards a killed run already finished → cut the rest into small clip tasks
 → run them on an engine (``engines``: serial, local processes, Ray) → write the results into
 shards in plan order (``clipwork``: here, each uploaded in the background as soon as it is
-committed when the output is s3://, ``storage.ShardUploader``; under Ray by a task per shard
+committed when the output is s3://, ``upload.ShardUploader``; under Ray by a task per shard
 on the cluster, which uploads it itself) → write failures.jsonl, the sample indexes, the
 manifests and dataset.json last (``outdir``), uploaded after every shard.
 
@@ -34,7 +34,8 @@ from .errors import ConfigError, DatasetLayoutError
 from .outdir import tool_version
 
 if TYPE_CHECKING:
-    from .storage import S3Location, ShardUploader
+    from .storage import S3Location
+    from .upload import ShardUploader
 
 # Discovery problems that count against --max-failures ("missing" does not: VGGSound always
 # misses videos, README: Datasets).
@@ -288,5 +289,5 @@ def _uploader(loc: S3Location | None, staging: Path) -> contextlib.AbstractConte
     """The run's shard uploader for an s3:// output; none (no threads) for a local one."""
     if loc is None:
         return contextlib.nullcontext()
-    from .storage import ShardUploader
+    from .upload import ShardUploader
     return ShardUploader(loc, staging)

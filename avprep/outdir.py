@@ -190,7 +190,7 @@ def finished_state(out: Path, plan: shardlib.ShardPlan, bucket: Location | None 
     file in ``out`` has the state's size and sha256, or, for a shard that exists only in the
     output's ``bucket`` (``in_bucket``), the bucket holds an object of the state's size (one
     HEAD; S3 objects appear only whole and a shard's bytes are fixed by its plan, as for
-    ``storage.ShardUploader``). Raises StorageError when the bucket cannot be asked."""
+    ``upload.ShardUploader``). Raises StorageError when the bucket cannot be asked."""
     path = _state_path(out, plan.name)
     try:
         st = ShardState.from_json(json.loads(path.read_text(encoding="utf-8")))

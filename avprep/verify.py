@@ -339,58 +339,64 @@ def _check_samples(reader, url, shard, split, schema, seen, problems, entries) -
     tar = sf.TarReader(tee, url, crc=True)
     indexed = _Indexed(entries, tee, url, shard, split, schema, problems) if entries is not None else None
     listed = {e.key: (e.offset, e.length, e.crc32) for e in entries or ()}
-    done: set[str] = set()
-    count, spans = 0, 0
-    not_a_tar = False
-    outer = problems
+    done: set[str] = set()      # keys checked (and counted) as samples
+    spans, tar_broken = 0, False
     try:
         for s in sf.read_shard_samples(None, url, tar=tar):
             spans += 1
-            span = (s.offset, s.length, s.crc32)
-            problems = []
-            if indexed is not None:
-                if s.key not in listed:
-                    problems.append(Problem(shard, s.key, "index", "in the shard but not in the sample index"))
-                elif listed[s.key] != span:
-                    problems.append(Problem(shard, s.key, "index", "offset/length/crc32 {}/{}/{} in the shard, the "
-                                            "index says {}/{}/{}".format(*span, *listed[s.key])))
-                else:
-                    indexed.matched[s.key] = span
-            if s.key in done:       # already checked and counted as a sample; only look for payloads
-                problems.append(Problem(shard, s.key, "contiguity", "members of this sample are not contiguous"))
-                for check, message in s.problems:
-                    problems.append(Problem(shard, s.key, check, message))
-            else:
-                if s.key in seen.keys:
-                    other_split, other_shard = seen.keys[s.key]
-                    check = "duplicate" if other_split == split else "leakage"
-                    where = f"{other_shard}" if other_split == split else f"split {other_split} ({other_shard})"
-                    problems.append(Problem(shard, s.key, check, f"key also in {where}"))
-                else:
-                    seen.keys[s.key] = (split, shard)
-                done.add(s.key)
-                count += 1
-                label = _check_sample(shard, split, s, schema, problems)
-                if label is not None:
-                    seen.labels.setdefault(split, Counter())[label] += 1
-            if indexed is not None and s.key in listed and listed[s.key] != span:
+            found = _index_problems(s, shard, listed, indexed) if indexed is not None else []
+            found += _sample_problems(s, shard, split, schema, seen, done)
+            if s.key in listed and listed[s.key] != (s.offset, s.length, s.crc32):
                 # not the bytes the index (and the loader) has for this key: the key is judged from
                 # its indexed bytes; what this pass saw is the shard's problem
-                problems = [Problem(shard, "", p.check, f"sample {p.key}: {p.message}") for p in problems]
-            outer.extend(problems)
+                found = [Problem(shard, "", p.check, f"sample {p.key}: {p.message}") for p in found]
+            problems.extend(found)
             if indexed is not None:
                 indexed.done_to = s.offset + s.length
                 indexed.flush()
     except sf.ShardDataError as e:
-        problems = outer
         problems.append(Problem(shard, "", "tar", str(e).removeprefix(f"{url}: ")))
-        not_a_tar = spans == 0
-    problems = outer
+        tar_broken = True
     if indexed is not None:
         while tee.read(_CHUNK):     # the rest of the shard, for the samples the tar pass did not reach
             indexed.flush()
         indexed.flush(final=True)
-    return None if not_a_tar else count
+    return None if tar_broken and spans == 0 else len(done)
+
+
+def _index_problems(s: sf.RawSample, shard: str, listed: dict, indexed: _Indexed) -> list[Problem]:
+    """Where the sample index says ``s`` is, against where the tar has it."""
+    span = (s.offset, s.length, s.crc32)
+    if s.key not in listed:
+        return [Problem(shard, s.key, "index", "in the shard but not in the sample index")]
+    if listed[s.key] != span:
+        return [Problem(shard, s.key, "index", "offset/length/crc32 {}/{}/{} in the shard, the "
+                        "index says {}/{}/{}".format(*span, *listed[s.key]))]
+    indexed.matched[s.key] = span
+    return []
+
+
+def _sample_problems(s: sf.RawSample, shard: str, split: str, schema: sf.DatasetMeta, seen: _Seen,
+                     done: set[str]) -> list[Problem]:
+    """The problems of one sample of the tar pass: its content, its key seen before (in this
+    shard: members not contiguous; elsewhere: a duplicate, or leakage across splits)."""
+    problems: list[Problem] = []
+    if s.key in done:       # already checked and counted as a sample; only look for payloads
+        problems.append(Problem(shard, s.key, "contiguity", "members of this sample are not contiguous"))
+        problems += [Problem(shard, s.key, check, message) for check, message in s.problems]
+        return problems
+    if s.key in seen.keys:
+        other_split, other_shard = seen.keys[s.key]
+        check = "duplicate" if other_split == split else "leakage"
+        where = f"{other_shard}" if other_split == split else f"split {other_split} ({other_shard})"
+        problems.append(Problem(shard, s.key, check, f"key also in {where}"))
+    else:
+        seen.keys[s.key] = (split, shard)
+    done.add(s.key)
+    label = _check_sample(shard, split, s, schema, problems)
+    if label is not None:
+        seen.labels.setdefault(split, Counter())[label] += 1
+    return problems
 
 
 # ---------------------------------------------------------------- one sample

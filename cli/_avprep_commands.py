@@ -271,7 +271,7 @@ def upload_cmd(out, url, s3_endpoint):
     """Upload an extracted folder to s3://bucket/prefix (shards first, manifests last)."""
     from pathlib import Path
 
-    from avprep.storage import upload_folder
+    from avprep.upload import upload_folder
 
     if not (Path(out) / sf.DATASET).exists():
         raise ConfigError(f"{out}: no {sf.DATASET}; is the extraction finished?")

@@ -65,7 +65,7 @@ def publish(out: Path, name: str, http_server, s3_server) -> dict[str, str]:
     ``{"local"|"http"|"s3": location}``."""
     import shutil
 
-    from avprep.storage import upload_folder
+    from avprep.upload import upload_folder
 
     shutil.copytree(out, http_server.root / name, dirs_exist_ok=True)
     bucket = s3_server.new_bucket()

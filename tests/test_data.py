@@ -16,7 +16,8 @@ import webdataset as wds
 from PIL import Image
 
 from avprep.errors import StorageError
-from avprep.storage import Retry, upload_folder
+from avprep.storage import Retry
+from avprep.upload import upload_folder
 from ogmge_train import transforms as T
 from ogmge_train.data import ShardDataError, make_loader, read_dataset
 from ogmge_train.errors import ConfigError

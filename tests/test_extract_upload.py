@@ -20,7 +20,8 @@ from avprep.config import ExtractConfig, spec_preset
 from avprep.errors import StorageError
 from avprep.extract import extract
 from avprep.outdir import STATE_DIR
-from avprep.storage import S3Location, ShardUploader, open_location
+from avprep.storage import S3Location, open_location
+from avprep.upload import ShardUploader
 
 N_CLIPS = 12
 

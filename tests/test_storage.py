@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from avprep.errors import ConfigError, StorageError
-from avprep.storage import HttpLocation, LocalLocation, Retry, S3Location, open_location, upload_folder, upload_order
+from avprep.storage import HttpLocation, LocalLocation, Retry, S3Location, open_location
+from avprep.upload import upload_folder, upload_order
 from tests._servers import FlakyProxy, MotoS3, write_shard_folder
 
 FAST = Retry(tries=8, base_delay=0.2, max_delay=1.0, budget_s=10.0, connect_timeout=2.0, read_timeout=5.0)
@@ -96,7 +97,7 @@ def test_upload_progress_and_order_helper(tmp_path, s3_server):
 
 
 def test_read_api(location, folder):
-    manifest = location.read_json("train.manifest.json")
+    manifest = json.loads(location.read_bytes("train.manifest.json"))
     assert manifest == json.loads((folder / "train.manifest.json").read_text())
     for shard in manifest["shards"]:
         assert location.exists(shard["name"])
@@ -128,7 +129,7 @@ def test_connection_refused_gives_up_within_budget():
 
     loc = open_location(f"http://127.0.0.1:{free_port()}/x", retry=retry)
     with pytest.raises(StorageError, match=r"gave up after 3 tries") as info:
-        loc.read_json("dataset.json")
+        loc.read_bytes("dataset.json")
     assert "127.0.0.1" in str(info.value)
 
 
@@ -232,11 +233,11 @@ def test_http_5xx_is_retried_and_403_is_not(folder, http_folder, http_server, mo
     monkeypatch.setattr("avprep.storage.time.sleep", sleeps.append)
     loc = open_location(http_folder, retry=FAST)
     http_server.faults[:] = [503, 500]
-    assert loc.read_json("val.manifest.json")["num_samples"] == 2
+    assert json.loads(loc.read_bytes("val.manifest.json"))["num_samples"] == 2
     assert len(sleeps) == 2
     http_server.faults[:] = [503, 403]
     with pytest.raises(StorageError, match=r"403.*val.manifest.json|val.manifest.json.*403"):
-        loc.read_json("val.manifest.json")
+        loc.read_bytes("val.manifest.json")
     assert len(sleeps) == 3 and http_server.faults == []
 
 

@@ -82,7 +82,7 @@ def test_webdataset_pipe_from_s3(out, s3_server):
     wds = pytest.importorskip("webdataset")
     import sys
 
-    from avprep.storage import upload_folder
+    from avprep.upload import upload_folder
     bucket = s3_server.new_bucket()
     upload_folder(out, f"s3://{bucket}/d", s3_endpoint=s3_server.endpoint)
     # the same as `pipe:aws s3 cp s3://.../train-000000.tar -`, with boto3 (no aws CLI needed here)

@@ -486,7 +486,7 @@ def test_verify_over_http_matches_local(out, http_server):
 
 
 def test_verify_s3_through_cli(out, s3_server):
-    from avprep.storage import upload_folder
+    from avprep.upload import upload_folder
 
     bucket = s3_server.new_bucket()
     upload_folder(out, f"s3://{bucket}/ds", s3_endpoint=s3_server.endpoint)
