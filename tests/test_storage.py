@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -159,11 +160,19 @@ def test_s3_stream_resumes_after_server_outage(folder, s3_folder, s3_server):
     bucket, _ = s3_folder
     proxy = FlakyProxy(s3_server.port)
     proxy.start()
+    cut_at = 300_000
     try:
         loc = open_location(f"s3://{bucket}/ds", s3_endpoint=proxy.url, retry=FAST)
-        _read_through_outage(loc, "big.bin", (folder / "big.bin").read_bytes(), proxy, cut_at=300_000)
+        _read_through_outage(loc, "big.bin", (folder / "big.bin").read_bytes(), proxy, cut_at=cut_at)
     finally:
         proxy.close()
+    gets = [r for m, path, r in proxy.requests if m == "GET" and path.startswith(f"/{bucket}/ds/big.bin")]
+    # one GET of the whole object, then one resumed from the offset reached: what the client had
+    # before the cut (the cut came after cut_at bytes, response headers included; the bytes of the
+    # one read that broke are fetched again), never from byte 0
+    assert len(gets) == 2 and gets[0] is None, gets
+    start = int(re.fullmatch(r"bytes=(\d+)-", gets[1] or "").group(1))
+    assert cut_at - 2 * (1 << 16) < start < cut_at, gets
 
 
 def test_outage_longer_than_budget_raises_not_truncates(folder, http_folder, http_server):

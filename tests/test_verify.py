@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from avprep import synth
 from avprep.config import ExtractConfig, spec_preset
 from avprep.shardformat import ShardDataError
 from avprep.verify import verify
 from cli._verify_command import verify_cmd
 from ogmge_train.data import read_dataset
 from tests._helpers import KS_CLASSES, read_tar, small_config, write_ks_clip  # noqa: F401
+from tests._servers import write_shard_folder
 
 TRAIN0 = "train-000000.tar"
 def build_clean_dataset(root: Path) -> Path:
@@ -514,3 +514,21 @@ def test_fbank_shape_is_time_by_mel(tmp_path):
     [problem] = verify(out).problems
     assert (problem.shard, problem.check) == (shard, "spec")
     assert "shape (128, 1024), the dataset's is (1024, 128)" in problem.message
+
+
+# ------------------------------------------------------------------ the sample index
+
+
+def test_verify_catches_a_wrong_offset(tmp_path):
+    write_shard_folder(tmp_path, {"train": [3], "val": [2]}, n_frames=1)
+    path = tmp_path / "train.samples.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines[1]["offset"] += 512
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    report = verify(tmp_path)
+    key = lines[1]["key"]
+    # the key is judged by the bytes the index points at (what the loader would read) ...
+    assert [(p.shard, p.key, p.check) for p in report.problems if p.key] == [("train-000000.tar", key, "checksum")]
+    # ... and the shard reports where the sample really is
+    assert any(p.check == "index" and f"sample {key}: offset/length/crc32" in p.message for p in report.problems)
+    assert {p.shard for p in report.problems} == {"train-000000.tar"}

@@ -236,7 +236,7 @@ class DatasetMeta:
                                                for s in splits), where, "no 'splits'")
         config = d.get("config", {})
         _need(isinstance(config, dict), where, "'config' is not an object")
-        _need(_is_int(config.get("frame_size", 0)), where, f"frame_size {str(config.get('frame_size'))[:40]!r} "
+        _need(_is_int(config.get("frame_size", 0)), where, f"frame_size {str(config.get('frame_size'))[:40]} "
               "is not a size")
         dtype = config.get("spec_dtype", "float16")
         _need(dtype in ("float16", "float32"), where, f"spec_dtype {str(dtype)[:40]!r} is not float16 or float32")
