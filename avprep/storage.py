@@ -410,6 +410,30 @@ class S3Location(Location):
         files), with the same retries and one-line StorageError as reads."""
         self._with_retry(self.url(name), lambda: self.client.upload_file(os.fspath(path), self.bucket, self.key(name)))
 
+    def has_bucket(self) -> bool:
+        """Whether the bucket exists (one HEAD, retried). A bucket we may not look at counts as
+        there: uploading into it says what is wrong."""
+        from botocore.exceptions import ClientError
+
+        def head() -> bool:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as e:
+                if _s3_code(e) in ("404", "NoSuchBucket", "NotFound"):
+                    return False
+                if _s3_code(e) in ("403", "AccessDenied"):
+                    return True
+                raise
+            return True
+
+        return self._with_retry(f"s3://{self.bucket}", head)
+
+    def create_bucket(self) -> None:
+        """Create the bucket (in the client's region), with the same retries as uploads."""
+        region = self.client.meta.region_name
+        where = {} if region in (None, "us-east-1") else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+        self._with_retry(f"s3://{self.bucket}", lambda: self.client.create_bucket(Bucket=self.bucket, **where))
+
     def _read(self, name: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
 

@@ -17,22 +17,37 @@ from . import shardformat as sf
 from .errors import ConfigError
 from .storage import Retry, S3Location, open_location
 
-# Uploaded last, in this order: readers open dataset.json and the manifests first, so once
-# those are visible every shard they name is already there.
-_LAST = (sf.INDEX_SUFFIX, sf.MANIFEST_SUFFIX)
+# After the shards, in this order: each of these names shards (dataset.json names the whole
+# output), and readers open dataset.json and the manifests first, so once one is visible
+# everything it names is already there. Other files (failures.jsonl) go right after the shards.
+_AFTER_SHARDS = (sf.WIDS_SUFFIX, sf.INDEX_SUFFIX, sf.MANIFEST_SUFFIX, sf.CARD, sf.DATASET)
 
 
 def upload_order(names) -> list[str]:
-    """Shards (and anything else) first, then sample indexes, manifests, and dataset.json last."""
+    """Shards first, then other files, then wids and sample indexes, manifests, the dataset card,
+    and dataset.json last."""
     def rank(name: str) -> int:
-        if name == sf.DATASET:
-            return len(_LAST) + 1
-        for i, suffix in enumerate(_LAST, start=1):
-            if name.endswith(suffix):
+        if name.endswith(sf.SHARD_SUFFIX):
+            return 0
+        for i, last in enumerate(_AFTER_SHARDS, start=2):
+            if name == last or (last.startswith(".") and name.endswith(last)):
                 return i
-        return 0
+        return 1
 
     return sorted(names, key=lambda n: (rank(n), n))
+
+
+def check_bucket(loc: S3Location, *, create: bool = False, offer_create: bool = True) -> None:
+    """The bucket of ``loc`` exists, or is created with ``create``; else one ``ConfigError`` line
+    that says so and how to create it (``--create-bucket`` too, with ``offer_create``)."""
+    if loc.has_bucket():
+        return
+    if create:
+        loc.create_bucket()
+        return
+    endpoint = f" --endpoint-url {loc.endpoint}" if loc.endpoint else ""
+    raise ConfigError(f"s3://{loc.bucket}: no such bucket; create it first (aws s3 mb s3://{loc.bucket}{endpoint})"
+                      + (" or pass --create-bucket" if offer_create else ""))
 
 
 def _uploadable(rel: Path) -> bool:
@@ -47,15 +62,16 @@ def _folder_files(root: Path) -> list[str]:
 
 def upload_folder(local_dir: str | os.PathLike, s3_url: str, *, s3_endpoint: str | None = None,
                   on_progress: Callable[[int, int, str], None] | None = None,
-                  retry: Retry | None = None) -> list[str]:
+                  retry: Retry | None = None, create_bucket: bool = False) -> list[str]:
     """Upload every file of ``local_dir`` (recursively, skipping dotfiles and unfinished ``.tmp-``
     files) under ``s3_url``.
 
-    Shards go first and the files that name them (sample index, manifests, dataset.json) last,
-    so a concurrent reader never sees a manifest naming a missing shard; the trade-off is that
-    an interrupted upload leaves shards without a manifest (rerun it: uploads overwrite).
-    ``on_progress(bytes_done, bytes_total, name)`` is called after each file. Returns the
-    uploaded names in upload order.
+    Shards go first and the files that name them (``upload_order``: indexes, manifests, the card,
+    dataset.json last), so a concurrent reader never sees a manifest naming a missing shard; the
+    trade-off is that an interrupted upload leaves shards without a manifest (rerun it: uploads
+    overwrite). A bucket that does not exist is a ``ConfigError`` (``check_bucket``), or is
+    created with ``create_bucket``. ``on_progress(bytes_done, bytes_total, name)`` is called
+    after each file. Returns the uploaded names in upload order.
     """
     loc = open_location(s3_url, s3_endpoint=s3_endpoint, retry=retry)
     if not isinstance(loc, S3Location):
@@ -63,6 +79,7 @@ def upload_folder(local_dir: str | os.PathLike, s3_url: str, *, s3_endpoint: str
     root = Path(local_dir)
     if not root.is_dir():
         raise ConfigError(f"{root}: not a folder")
+    check_bucket(loc, create=create_bucket)
     order = upload_order(_folder_files(root))
     total, done = sum((root / n).stat().st_size for n in order), 0
     for name in order:

@@ -266,9 +266,10 @@ def index_cmd(out):
 @click.argument("url")
 @click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
               help="S3-compatible endpoint.")
+@click.option("--create-bucket", is_flag=True, help="Create the bucket when it does not exist.")
 @_ui.handle_errors
-def upload_cmd(out, url, s3_endpoint):
-    """Upload an extracted folder to s3://bucket/prefix (shards first, manifests last)."""
+def upload_cmd(out, url, s3_endpoint, create_bucket):
+    """Upload an extracted folder to s3://bucket/prefix (shards first, manifests and dataset.json last)."""
     from pathlib import Path
 
     from avprep.upload import upload_folder
@@ -277,6 +278,6 @@ def upload_cmd(out, url, s3_endpoint):
         raise ConfigError(f"{out}: no {sf.DATASET}; is the extraction finished?")
     with _ui.make_progress("bytes") as progress:
         task = progress.add_task("upload", total=None)
-        names = upload_folder(out, url, s3_endpoint=s3_endpoint,
+        names = upload_folder(out, url, s3_endpoint=s3_endpoint, create_bucket=create_bucket,
                               on_progress=lambda done, total, name: progress.update(task, completed=done, total=total))
     _ui.console.print(f"uploaded {len(names)} file(s) → {url}")

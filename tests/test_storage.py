@@ -26,6 +26,7 @@ def folder(tmp_path_factory):
     write_shard_folder(out, {"train": [3, 2], "val": [2]})
     # one big object so a stream spans many reads and a cut lands mid-object
     (out / "big.bin").write_bytes(np.random.default_rng(1).bytes(3 << 20))
+    (out / "README.md").write_text("---\n---\n# a dataset card\n")
     return out
 
 
@@ -65,15 +66,21 @@ def test_open_location_kinds(tmp_path, monkeypatch):
         open_location(tmp_path).url("../etc/passwd")
 
 
-def test_upload_writes_manifests_last(folder, s3_folder, s3_server):
+def _kind(name: str) -> str:
+    for kind, end in (("shard", ".tar"), ("wids", ".wids.json"), ("index", ".samples.jsonl"),
+                      ("manifest", ".manifest.json"), ("card", "README.md"), ("dataset", "dataset.json")):
+        if name.endswith(end):
+            return kind
+    return "other"
+
+
+def test_upload_sends_shards_first_and_dataset_json_last(folder, s3_folder, s3_server):
+    """The documented order: shards, other files, then what names the shards (wids and sample
+    indexes, manifests, the card) and dataset.json last."""
     bucket, order = s3_folder
-    files = sorted(p.name for p in folder.iterdir())
-    assert sorted(order) == files
-    tail = order[-5:]
-    assert tail[-1] == "dataset.json"
-    assert set(tail[:2]) == {"train.samples.jsonl", "val.samples.jsonl"}
-    assert set(tail[2:4]) == {"train.manifest.json", "val.manifest.json"}
-    assert all(n.endswith((".tar", ".bin", ".wids.json", "README.md")) for n in order[:-5])
+    assert sorted(order) == sorted(p.name for p in folder.iterdir())
+    assert [_kind(n) for n in order] == ["shard"] * 3 + ["other"] + ["wids"] * 2 + ["index"] * 2 + [
+        "manifest"] * 2 + ["card", "dataset"]
     # the bytes arrived intact
     body = s3_server.client().get_object(Bucket=bucket, Key="ds/train-000000.tar")["Body"].read()
     assert body == (folder / "train-000000.tar").read_bytes()
@@ -91,10 +98,23 @@ def test_upload_progress_and_order_helper(tmp_path, s3_server):
                   on_progress=lambda done, total, name: seen.append((done, total, name)))
     assert [s[2] for s in seen] == ["z-000000.tar", "a.manifest.json", "dataset.json"]
     assert seen[-1][0] == seen[-1][1] == 14
-    assert upload_order(["dataset.json", "x.samples.jsonl", "b.tar", "x.manifest.json"]) == [
-        "b.tar", "x.samples.jsonl", "x.manifest.json", "dataset.json"]
+    assert upload_order(["dataset.json", "README.md", "x.samples.jsonl", "failures.jsonl", "b.tar",
+                         "x.manifest.json"]) == [
+        "b.tar", "failures.jsonl", "x.samples.jsonl", "x.manifest.json", "README.md", "dataset.json"]
     with pytest.raises(ConfigError):
         upload_folder(tmp_path, str(tmp_path / "elsewhere"))
+
+
+def test_upload_into_a_missing_bucket_is_one_line_or_creates_it(tmp_path, s3_server):
+    (tmp_path / "a-000000.tar").write_bytes(b"x" * 10)
+    (tmp_path / "dataset.json").write_text("{}")
+    url = f"s3://nobucket-{tmp_path.name[-6:].lower().replace('_', '-')}/p"
+    with pytest.raises(ConfigError, match=r"^s3://nobucket-\S+: no such bucket; create it first \(aws s3 mb "
+                                          r"s3://nobucket-\S+ --endpoint-url http\S+\) or pass --create-bucket$"):
+        upload_folder(tmp_path, url, s3_endpoint=s3_server.endpoint)
+    assert upload_folder(tmp_path, url, s3_endpoint=s3_server.endpoint, create_bucket=True) == [
+        "a-000000.tar", "dataset.json"]
+    assert upload_folder(tmp_path, url, s3_endpoint=s3_server.endpoint, create_bucket=True)   # there now: kept
 
 
 def test_read_api(location, folder):

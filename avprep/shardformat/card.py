@@ -4,9 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .names import CARD, JSON, frame_name
+from .names import CARD, CLS, INDEX_SUFFIX, JSON, SPEC, WIDS_SUFFIX, frame_name
 from .samples import read_shard_samples
 from .sidefiles import DatasetMeta, Manifest
+
+# Hugging Face's split names where ours differ: ``datasets`` users (and its own builders) call the
+# held-out split "validation". The card maps it; file names keep ours (val-000000.tar, ...).
+HF_SPLITS = {"val": "validation"}
+
+
+def hf_split(split: str) -> str:
+    """The name of ``split`` in the dataset card (and so in ``datasets.load_dataset(OUT)``)."""
+    return HF_SPLITS.get(split, split)
 
 
 def _hf_type(value) -> str | None:
@@ -38,8 +47,9 @@ def _hf_json_struct(example: dict) -> list[str]:
 
 def dataset_card(meta: DatasetMeta, manifests: dict[str, Manifest], example: dict | None = None) -> bytes:
     """``README.md``, a Hugging Face dataset card. One config whose ``data_files`` list each split's
-    shards (so the side files are never taken for data), and the features, so ``datasets`` needs
-    no inference: ``cls`` a ``ClassLabel`` with the class names, ``json`` a struct (its fields from
+    shards (so the side files are never taken for data), under Hugging Face's split names
+    (``hf_split``: ``val`` is ``validation``), and the features, so ``datasets`` needs no
+    inference: ``cls`` a ``ClassLabel`` with the class names, ``json`` a struct (its fields from
     ``example``, one sample's metadata), ``spec.npy`` an ``Array2D`` of the spectrogram's shape and
     dtype (``datasets`` decodes ``.npy`` without pickle), and frames ``f000.jpg`` .. up to
     ``max_frames`` as ``Image``: a sample with fewer frames has None in the others, which is how
@@ -47,25 +57,30 @@ def dataset_card(meta: DatasetMeta, manifests: dict[str, Manifest], example: dic
     on varying frame counts)."""
     lines = ["---", "configs:", "- config_name: default", "  data_files:"]
     for split, m in manifests.items():
-        lines += [f"  - split: {split}", "    path:"] + [f"    - {s.name}" for s in m.shards]
-    lines += ["dataset_info:", "  features:", "  - name: cls", "    dtype:", "      class_label:", "        names:"]
+        lines += [f"  - split: {hf_split(split)}", "    path:"] + [f"    - {s.name}" for s in m.shards]
+    lines += ["dataset_info:", "  features:", f"  - name: {CLS}", "    dtype:", "      class_label:", "        names:"]
     lines += [f"          '{i}': {json.dumps(c)}" for i, c in enumerate(meta.classes)]
     struct = _hf_json_struct(example or {})
-    lines += (["  - name: json", "    struct:"] + struct) if struct else ["  - name: json", "    dtype: binary"]
+    lines += ([f"  - name: {JSON}", "    struct:"] + struct) if struct else [f"  - name: {JSON}", "    dtype: binary"]
     if meta.spec_shape:
-        lines += ["  - name: spec.npy", "    dtype:", "      array2_d:",
+        lines += [f"  - name: {SPEC}", "    dtype:", "      array2_d:",
                   f"        shape: [{meta.spec_shape[0]}, {meta.spec_shape[1]}]", f"        dtype: {meta.spec_dtype}"]
     for i in range(max(1, meta.max_frames or 1)):
         lines += [f"  - name: {frame_name(i)}", "    dtype: image"]
     lines += ["  - name: __key__", "    dtype: string", "  - name: __url__", "    dtype: string", "  splits:"]
     for split, m in manifests.items():
-        lines += [f"  - name: {split}", f"    num_bytes: {sum(s.bytes for s in m.shards)}",
+        lines += [f"  - name: {hf_split(split)}", f"    num_bytes: {sum(s.bytes for s in m.shards)}",
                   f"    num_examples: {m.num_samples}"]
+    renamed = [f"`{s}` is `{hf_split(s)}`" for s in manifests if hf_split(s) != s]
     lines += ["---", "", f"# {meta.name or 'dataset'}", "",
-              ("Written by `avprep extract`: WebDataset shards, one sample per clip (`cls` label index, "
-               f"`json` metadata, `spec.npy` {meta.spec_dtype} spectrogram of shape {list(meta.spec_shape or [])}, "
-               f"frames `f000.jpg`...; at most {meta.max_frames} frames). Sample index with byte offsets: "
-               "`<split>.samples.jsonl`; wids index: `<split>.wids.json`."), ""]
+              (f"Written by `avprep extract`: WebDataset shards, one sample per clip (`{CLS}` label index, "
+               f"`{JSON}` metadata, `{SPEC}` {meta.spec_dtype} spectrogram of shape {list(meta.spec_shape or [])}, "
+               f"frames `{frame_name(0)}`...; at most {meta.max_frames} frames). Sample index with byte offsets: "
+               f"`<split>{INDEX_SUFFIX}`; wids index: `<split>{WIDS_SUFFIX}`."), ""]
+    if renamed:
+        lines += [(f"Splits here have Hugging Face's names ({', '.join(renamed)}: `datasets.load_dataset` gives "
+                   f"{', '.join(hf_split(s) for s in manifests)}); the files keep avprep's "
+                   f"(`{next(s for s in manifests if hf_split(s) != s)}-000000.tar`, ...)."), ""]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
