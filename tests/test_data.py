@@ -38,7 +38,7 @@ from ogmge_train.data import (
     to_device,
 )
 from ogmge_train.errors import ConfigError, DataError
-from tests._helpers import publish
+from tests._helpers import npy_bytes, publish, sample_members, tar_bytes
 from tests._servers import MotoS3, write_shard_folder
 
 SHARDS = {"train": [5, 3, 4, 2], "val": [3, 3, 2]}
@@ -581,34 +581,6 @@ def test_loader_reads_what_extract_wrote(raw_dataset, tmp_path):
 
 
 # -- whole-shard reads and batch decoding -------------------------------------------------
-def _jpg(value: int, wh=(20, 12)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", wh, (value,) * 3).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
-
-
-def _tar_bytes(members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _sample_members(key: str, n_frames: int = 3, label: int = 1) -> list[tuple[str, bytes]]:
-    spec = np.arange(12, dtype=np.float16).reshape(3, 4)
-    return ([(f"{key}.cls", str(label).encode()), (f"{key}.json", b'{"k": 1}'), (f"{key}.spec.npy", _npy(spec))]
-            + [(f"{key}.f{j:03d}.jpg", _jpg(20 * j + 10)) for j in range(n_frames)])
-
-
 def _read_all(data: bytes, **kw):
     """The loader's samples of a whole shard held in ``data`` (``read_samples``: no index)."""
     from ogmge_train.data import read_samples
@@ -618,18 +590,18 @@ def _read_all(data: bytes, **kw):
 
 
 def test_tar_reader_keeps_only_selected_frames_in_time_order():
-    members = _sample_members("k", n_frames=5)
+    members = sample_members("k", n_frames=5)
     members = members[:3] + members[3:][::-1]    # frames stored out of order
-    (s,) = _read_all(_tar_bytes(members), frames=3)
+    (s,) = _read_all(tar_bytes(members), frames=3)
     assert [e for e, _ in s.frames] == ["f000.jpg", "f002.jpg", "f004.jpg"]
-    (s,) = _read_all(_tar_bytes(members), frames=2, train=True, rng=random.Random(0))
+    (s,) = _read_all(tar_bytes(members), frames=2, train=True, rng=random.Random(0))
     assert [e for e, _ in s.frames][0] in ("f000.jpg", "f001.jpg", "f002.jpg")
 
 
 def _decode(members, **kw):
     from ogmge_train.data import decode_batch
 
-    samples = _read_all(_tar_bytes(members))
+    samples = _read_all(tar_bytes(members))
     return decode_batch(samples, **{"train": False, "image_size": 8, **kw})
 
 
@@ -637,7 +609,7 @@ def _decode(members, **kw):
                                  np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
                                  np.arange(12, dtype=np.float16).reshape(3, 4)])
 def test_spec_layouts_decode_exactly(arr):
-    members = [(n, _npy(arr) if n.endswith("spec.npy") else b) for n, b in _sample_members("a")]
+    members = [(n, npy_bytes(arr) if n.endswith("spec.npy") else b) for n, b in sample_members("a")]
     batch = _decode(members)
     assert batch["audio"].shape == (1, 1, 3, 4) and batch["audio"].dtype == torch.float32
     assert torch.equal(batch["audio"][0, 0], torch.from_numpy(arr.astype(np.float32)))
@@ -645,19 +617,19 @@ def test_spec_layouts_decode_exactly(arr):
 
 def test_bad_spec_members_are_errors():
     def with_spec(data):
-        return [(n, data if n.endswith("spec.npy") else b) for n, b in _sample_members("a")]
+        return [(n, data if n.endswith("spec.npy") else b) for n, b in sample_members("a")]
 
-    whole = _npy(np.zeros((3, 4), np.float32))
+    whole = npy_bytes(np.zeros((3, 4), np.float32))
     for data, problem in [(whole[:-4], "holds 44 data bytes, not the 48"), (b"garbage", "not a .npy file"),
                           (whole + b"\0" * 4, "holds 52 data bytes, not the 48"),
-                          (_npy(np.zeros(5, np.float32)), "expected a 2-D float array"),
-                          (_npy(np.zeros((2, 2), np.int32)), "expected a 2-D float array")]:
+                          (npy_bytes(np.zeros(5, np.float32)), "expected a 2-D float array"),
+                          (npy_bytes(np.zeros((2, 2), np.int32)), "expected a 2-D float array")]:
         with pytest.raises(ShardDataError, match=rf"mem\.tar: sample a: spec\.npy .*{problem}"):
             _decode(with_spec(data))
-    other = [(n.replace("b.", "b."), _npy(np.zeros((4, 4), np.float16)) if n.endswith("spec.npy") else d)
-             for n, d in _sample_members("b")]
+    other = [(n.replace("b.", "b."), npy_bytes(np.zeros((4, 4), np.float16)) if n.endswith("spec.npy") else d)
+             for n, d in sample_members("b")]
     with pytest.raises(ShardDataError, match=r"sample b: spec\.npy shape \(4, 4\), the dataset's is \(3, 4\)"):
-        _decode(_sample_members("a") + other)
+        _decode(sample_members("a") + other)
 
 
 def test_decoded_frames_equal_the_straightforward_transform():
@@ -665,7 +637,7 @@ def test_decoded_frames_equal_the_straightforward_transform():
     decode -> resize -> (x / 255 - mean) / std computed directly."""
     buf = io.BytesIO()
     _noise_image(48, 36).save(buf, format="JPEG", quality=90)
-    members = [(n, buf.getvalue() if n.endswith(".jpg") else b) for n, b in _sample_members("a", n_frames=1)]
+    members = [(n, buf.getvalue() if n.endswith(".jpg") else b) for n, b in sample_members("a", n_frames=1)]
     batch = _decode(members, image_size=24)
     img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").resize((24, 24), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)

@@ -12,9 +12,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from avprep import shardformat as sf
 from avprep.errors import StorageError
@@ -22,7 +20,7 @@ from avprep.shards import index_dataset
 from avprep.storage import Retry
 from avprep.verify import verify
 from ogmge_train.data import make_loader
-from tests._helpers import publish, raw_header
+from tests._helpers import publish, raw_header, sample_members, tar_bytes
 from tests._servers import write_shard_folder
 
 FAST = Retry(tries=4, base_delay=0.1, max_delay=0.5, budget_s=5.0, connect_timeout=2.0, read_timeout=5.0)
@@ -37,34 +35,6 @@ def ds(tmp_path_factory):
 
 
 # -- the streaming tar reader --------------------------------------------------------------------
-def _jpg(value: int, wh=(20, 12)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", wh, (value,) * 3).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
-
-
-def _tar_bytes(members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _sample_members(key: str, n_frames: int = 3, label: int = 1) -> list[tuple[str, bytes]]:
-    spec = np.arange(12, dtype=np.float16).reshape(3, 4)
-    return ([(f"{key}.cls", str(label).encode()), (f"{key}.json", b'{"k": 1}'), (f"{key}.spec.npy", _npy(spec))]
-            + [(f"{key}.f{j:03d}.jpg", _jpg(20 * j + 10)) for j in range(n_frames)])
-
-
 class _Unseekable(io.RawIOBase):
     """A network-like stream: reads only, no seek (the reader must read-and-discard)."""
 
@@ -95,8 +65,8 @@ def test_tar_reader_matches_tarfile(fmt, seekable):
     its bytes in the tar."""
     long_dir = "d" * 60 + "/" + "e" * 60   # > 100 characters with the file name
     keys = [f"{long_dir}/clip_{i}" for i in range(3)] + (["clïp_ü"] if fmt != tarfile.USTAR_FORMAT else [])
-    members = [m for k in keys for m in _sample_members(k)] + [("README", b"no extension: not a sample")]
-    data = _tar_bytes(members, fmt)
+    members = [m for k in keys for m in sample_members(k)] + [("README", b"no extension: not a sample")]
+    data = tar_bytes(members, fmt)
     samples = _read_all(data, seekable)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         ref = {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}
@@ -117,7 +87,7 @@ def test_tar_reader_matches_tarfile(fmt, seekable):
 def test_truncated_shard_is_an_error(seekable, cut):
     """A shard cut anywhere (also exactly between two members, where tarfile would stop quietly)
     raises instead of silently dropping samples from an evaluation."""
-    data = _tar_bytes(_sample_members("a") + _sample_members("b"))
+    data = tar_bytes(sample_members("a") + sample_members("b"))
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         one = tar.getmember("b.cls").offset   # the boundary between the two samples' members
     data = {"member": data[:one + 700], "boundary": data[:one], "empty": b""}[cut]
@@ -126,7 +96,7 @@ def test_truncated_shard_is_an_error(seekable, cut):
 
 
 def test_corrupt_and_compressed_shards_are_errors():
-    data = bytearray(_tar_bytes(_sample_members("a")))
+    data = bytearray(tar_bytes(sample_members("a")))
     data[1024 + 50] ^= 0xFF   # inside the second header (the 1-byte .cls payload fills 512..1024)
     with pytest.raises(sf.ShardDataError, match=r"mem\.tar: not a readable tar shard \(bad header at byte 1024\)"):
         _read_all(bytes(data), True)
@@ -135,7 +105,7 @@ def test_corrupt_and_compressed_shards_are_errors():
     with pytest.raises(sf.ShardDataError, match=r"a member of 8589934592 bytes at byte 0; the limit is 256 MiB"):
         _read_all(huge.tobuf(tarfile.GNU_FORMAT), True)
     with pytest.raises(sf.ShardDataError, match="gzip-compressed"):
-        _read_all(gzip.compress(_tar_bytes(_sample_members("a"))), True)
+        _read_all(gzip.compress(tar_bytes(sample_members("a"))), True)
 
 
 @pytest.mark.parametrize("seekable", [True, False])
@@ -184,7 +154,7 @@ class _CountingReads(io.RawIOBase):
 def test_pickle_member_refused_by_name_before_reading(ext):
     """A refused member is a ``security`` problem of its sample, and its payload is never read."""
     payload = b"\x80\x04" + b"P" * 5000
-    data = _tar_bytes(_sample_members("a") + [(f"a.{ext}", payload)] + _sample_members("b"))
+    data = tar_bytes(sample_members("a") + [(f"a.{ext}", payload)] + sample_members("b"))
     at = data.index(payload)
     raw = _CountingReads(data)
     a, b = list(sf.read_shard_samples(raw, "mem.tar", size=len(data), crc=False))    # skips by seeking
@@ -195,7 +165,7 @@ def test_pickle_member_refused_by_name_before_reading(ext):
         sf.check_structure(a)
     assert e.value.check == "security"
     with pytest.raises(sf.ShardDataError, match=r"member \.cls appears twice"):
-        _read_all(_tar_bytes(_sample_members("a") + [("a.cls", b"2")]), True)
+        _read_all(tar_bytes(sample_members("a") + [("a.cls", b"2")]), True)
 
 
 # -- the side files and the opener ---------------------------------------------------------------
