@@ -122,7 +122,7 @@ class ClipWorker:
                                                 f"{source}: {type(e).__name__}: {e}", self.src))
         record = {"key": clip.key, "label": clip.label, "label_index": self.label_index[clip.label],
                   "shard": shard, "source": source,
-                  "duration": json.loads(members["json"])["duration"],
+                  "duration": json.loads(members[shardformat.JSON])["duration"],
                   "n_frames": sum(1 for m in members if shardformat.FRAME.fullmatch(m))}
         return ClipDone(clip.key, shardlib.encode_sample(clip.key, members), record)
 

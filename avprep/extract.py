@@ -4,7 +4,7 @@ The steps (``extract``): discover the clips → plan the shards (membership from
 only) → keep the shards a killed run already finished → cut the rest into small clip tasks
 → run them on an engine (``engines``: serial, local processes, Ray) → write the results into
 shards in plan order (``clipwork``: here, each uploaded in the background as soon as it is
-committed when the output is s3://, ``storage.ShardUploader``; under Ray by a task per shard
+committed when the output is s3://, ``upload.ShardUploader``; under Ray by a task per shard
 on the cluster, which uploads it itself) → write failures.jsonl, the sample indexes, the
 manifests and dataset.json last (``outdir``), uploaded after every shard.
 
@@ -34,7 +34,8 @@ from .errors import ConfigError, DatasetLayoutError
 from .outdir import tool_version
 
 if TYPE_CHECKING:
-    from .storage import S3Location, ShardUploader
+    from .storage import S3Location
+    from .upload import ShardUploader
 
 # Discovery problems that count against --max-failures ("missing" does not: VGGSound always
 # misses videos, README: Datasets).
@@ -121,7 +122,7 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
     unreadable file are redone, all failed clips with ``retry_failed``); ``overwrite``
     starts over. ``engine``: "serial", "local", "ray" or an ``Engine`` (default: serial
     for one worker, else local); ``workers`` defaults to all cores (Ray: the cluster's).
-    Raises ConfigError when ``out`` holds an extraction made with other options,
+    Raises ConfigError when ``out`` holds an extraction made with other options (or its bucket does not exist),
     DatasetLayoutError from the adapter, OutputError when ``out`` cannot be written,
     StorageError from an upload (the run stops there). ``staging`` defaults to a fixed folder
     per URL under the temp dir (kept, so an interrupted run resumes; the resume state is never
@@ -131,7 +132,7 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
     t0 = time.monotonic()
     emit = on_event or (lambda e: None)
     remote = str(out) if str(out).startswith("s3://") else None
-    loc = _s3_location(remote, s3_endpoint) if remote else None     # a bad URL fails before any work
+    loc = _s3_location(remote, s3_endpoint) if remote else None     # a bad URL or bucket fails before any work
     out = Path(staging or outdir.staging_dir(remote)) if remote else Path(out)
     src = Path(src)
     adapter = _adapter(dataset)
@@ -279,8 +280,10 @@ def _failures(disc: Discovery, states: list[outdir.ShardState], src: Path) -> li
 
 def _s3_location(remote: str, s3_endpoint: str | None) -> S3Location:
     from .storage import S3Location, open_location
+    from .upload import check_bucket
     loc = open_location(remote, s3_endpoint=s3_endpoint)
     assert isinstance(loc, S3Location)      # the URL starts with s3://
+    check_bucket(loc, offer_create=False)
     return loc
 
 
@@ -288,5 +291,5 @@ def _uploader(loc: S3Location | None, staging: Path) -> contextlib.AbstractConte
     """The run's shard uploader for an s3:// output; none (no threads) for a local one."""
     if loc is None:
         return contextlib.nullcontext()
-    from .storage import ShardUploader
+    from .upload import ShardUploader
     return ShardUploader(loc, staging)

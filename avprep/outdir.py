@@ -37,6 +37,11 @@ if TYPE_CHECKING:
     from .storage import Location
 
 STATE_DIR = ".avprep-state"
+_STATE_SUFFIX = ".json"         # OUT/.avprep-state/<shard>.json
+
+
+def _state_path(out: Path, shard: str) -> Path:
+    return out / STATE_DIR / (shard + _STATE_SUFFIX)
 
 
 @dataclass
@@ -95,21 +100,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _stored_options(out: Path) -> dict | None:
-    for path in (out / STATE_DIR / "options.json", out / "dataset.json"):
+    for path in (out / STATE_DIR / "options.json", out / shardformat.DATASET):
         if path.exists():
             try:
-                d = json.loads(path.read_text(encoding="utf-8"))
+                data = path.read_bytes()
+                d = (json.loads(data) if path.parent.name == STATE_DIR
+                     else shardformat.DatasetMeta.from_json(data, str(path)).raw)
                 return {k: d.get(k) for k in ("name", "config", "tool_version")}
-            except (OSError, ValueError, AttributeError) as e:
+            except (OSError, ValueError, AttributeError, shardformat.ShardDataError) as e:
                 raise ConfigError(f"{path}: unreadable ({e}); use --overwrite to start over") from None
     return None
-
-
-def _ours(path: Path) -> bool:
-    n = path.name
-    return (n in ("dataset.json", "failures.jsonl", "README.md") or n.endswith(".tar")
-            or n.endswith(".manifest.json") or n.endswith(".samples.jsonl") or n.endswith(".wids.json")
-            or shardlib.TMP_MARK in n)
 
 
 def check_options(out: Path, options: dict) -> None:
@@ -119,7 +119,7 @@ def check_options(out: Path, options: dict) -> None:
     if not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
     stored = _stored_options(out)
-    if stored is None and any(out.glob("*.tar")):
+    if stored is None and any(out.glob(f"*{shardformat.SHARD_SUFFIX}")):
         raise ConfigError(f"{out}: holds shards this tool did not record; use --overwrite to start over")
     if stored is not None and stored != options:
         old, new = _flatten(stored), _flatten(options)
@@ -175,11 +175,11 @@ def prepare(out: Path, options: dict, overwrite: bool) -> None:
     state = out / STATE_DIR
     with writing(out):
         if overwrite:
-            for p in [*filter(_ours, out.iterdir()), *state.iterdir()]:
+            for p in [*(p for p in out.iterdir() if shardformat.is_output_file(p.name)), *state.iterdir()]:
                 if p.name != "lock":
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         for folder in (out, state):
-            for p in folder.glob(f"*{shardlib.TMP_MARK}*"):
+            for p in folder.glob(f"*{shardformat.TMP_MARK}*"):
                 p.unlink(missing_ok=True)
         if not (state / "options.json").exists():
             shardlib.atomic_write_bytes(state / "options.json", shardformat.dump_json(options, indent=1))
@@ -190,8 +190,8 @@ def finished_state(out: Path, plan: shardlib.ShardPlan, bucket: Location | None 
     file in ``out`` has the state's size and sha256, or, for a shard that exists only in the
     output's ``bucket`` (``in_bucket``), the bucket holds an object of the state's size (one
     HEAD; S3 objects appear only whole and a shard's bytes are fixed by its plan, as for
-    ``storage.ShardUploader``). Raises StorageError when the bucket cannot be asked."""
-    path = out / STATE_DIR / f"{plan.name}.json"
+    ``upload.ShardUploader``). Raises StorageError when the bucket cannot be asked."""
+    path = _state_path(out, plan.name)
     try:
         st = ShardState.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError):
@@ -216,14 +216,14 @@ def finished_state(out: Path, plan: shardlib.ShardPlan, bucket: Location | None 
 def save_state(out: Path, st: ShardState) -> None:
     # no fsync: after a crash a lost or torn state file only means the shard is redone
     with writing(out / STATE_DIR):
-        shardlib.atomic_write_bytes(out / STATE_DIR / f"{st.name}.json", shardformat.dump_json(st.to_dict()),
+        shardlib.atomic_write_bytes(_state_path(out, st.name), shardformat.dump_json(st.to_dict()),
                                     durable=False)
 
 
 def invalidate(out: Path) -> None:
     """dataset.json marks a complete output: gone while shards are being redone."""
     with writing(out):
-        (out / "dataset.json").unlink(missing_ok=True)
+        (out / shardformat.DATASET).unlink(missing_ok=True)
 
 
 def remove_strays(out: Path, planned: set[str]) -> None:
@@ -231,16 +231,17 @@ def remove_strays(out: Path, planned: set[str]) -> None:
     temp files of shard writers that died (a Ray builder retried after its worker was killed).
     Called once every shard is written."""
     with writing(out):
-        for p in out.glob("*.tar"):
+        shards = f"*{shardformat.SHARD_SUFFIX}"
+        for p in out.glob(shards):
             if p.name not in planned:
                 p.unlink()
-        for p in out.glob(f"*.tar{shardlib.TMP_MARK}*"):
+        for p in out.glob(f"{shards}{shardformat.TMP_MARK}*"):
             p.unlink(missing_ok=True)
-        for p in (out / STATE_DIR).glob("*.tar.json"):
-            if p.name[:-len(".json")] not in planned:
+        for p in (out / STATE_DIR).glob(shards + _STATE_SUFFIX):
+            if p.name.removesuffix(_STATE_SUFFIX) not in planned:
                 p.unlink()
         splits = {name.rsplit("-", 1)[0] for name in planned}
-        for suffix in (".manifest.json", ".samples.jsonl", ".wids.json"):
+        for suffix in shardformat.SPLIT_FILE_SUFFIXES:
             for p in out.glob(f"*{suffix}"):
                 if p.name[:-len(suffix)] not in splits:
                     p.unlink()
@@ -268,7 +269,7 @@ def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan]
         with writing(path):
             shardlib.atomic_write_bytes(path, data, **kw)
 
-    write(out / "failures.jsonl", b"".join(shardformat.dump_json(f) for f in failures), sync_dir=False)
+    write(out / shardformat.FAILURES, b"".join(shardformat.dump_json(f) for f in failures), sync_dir=False)
     manifests: dict[str, shardformat.Manifest] = {}
     for split in shardlib.split_order({p.split for p in plans}):
         sts = [states[p.name] for p in plans if p.split == split]
@@ -290,5 +291,5 @@ def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan]
 
     shardformat.write_card(out, meta, manifests, functools.partial(write, sync_dir=False), open_shard)
     shardlib.fsync_dir(out)
-    write(out / "dataset.json", meta.to_json())
+    write(out / shardformat.DATASET, meta.to_json())
     return {split: m.class_counts for split, m in manifests.items()}

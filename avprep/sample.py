@@ -95,5 +95,5 @@ def warm_up() -> None:
     spectrogram.compute(np.zeros(spec.num_samples, np.float32), spec)
     media.resample(np.zeros(4410, np.float32), 44100, spec.sample_rate)
     media.resample(np.zeros(4410, np.float32), 44100, 22050)
-    media._encode_jpeg([np.zeros((16, 16), np.uint8), np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)], 90)
+    media.video._encode_jpeg([np.zeros((16, 16), np.uint8), np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)], 90)
 

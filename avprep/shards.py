@@ -18,8 +18,8 @@ from pathlib import Path
 
 from . import shardformat
 from .config import ExtractConfig
-from .datasets._base import SPLITS, Clip
-from .shardformat import TMP_MARK, shard_name  # noqa: F401 - re-exported: the format owns the names
+from .datasets._base import Clip
+from .shardformat import TMP_MARK, shard_name, split_order  # noqa: F401 - re-exported: the format owns them
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,6 @@ class WrittenShard:
     num_samples: int
     bytes: int
     sha256: str
-
-
-def split_order(splits: Iterable[str]) -> list[str]:
-    """train, val, test first, then any other split names alphabetically."""
-    splits = set(splits)
-    return [s for s in SPLITS if s in splits] + sorted(splits - set(SPLITS))
 
 
 def estimate_sample_bytes(cfg: ExtractConfig) -> int:
@@ -268,39 +262,35 @@ def index_dataset(out: Path, *, on_progress=None) -> dict[str, int]:
     source, duration); samples without one get them from their ``.cls`` and ``.json``.
     ``on_progress(done, total, shard)`` after each shard. Returns samples indexed per split.
     Raises ``ShardDataError`` when a shard is not a readable tar or holds fewer samples than its
-    manifest (verify it first)."""
+    manifest (verify it first), ``StorageError`` when dataset.json or a manifest cannot be read."""
     import json
 
     out = Path(out)
-    meta = shardformat.DatasetMeta.from_json((out / "dataset.json").read_bytes(), str(out / "dataset.json"))
-    manifests = {s: shardformat.Manifest.from_json((out / shardformat.manifest_name(s)).read_bytes(), s,
-                                                   str(out / shardformat.manifest_name(s))) for s in meta.splits}
+    dataset = shardformat.open_dataset(out)
+    label_members = {shardformat.CLS, shardformat.JSON}      # all a record needs
+    meta, manifests = dataset.meta, dataset.splits
     total = sum(len(m.shards) for m in manifests.values())
     done, counts = 0, {}
     for split, manifest in manifests.items():
-        old: dict[str, dict] = {}
         path = out / shardformat.index_name(split)
-        if path.exists():
-            for line in path.read_bytes().splitlines():
-                r = shardformat.load_json(line, str(path), check="index") if line.strip() else None
-                if isinstance(r, dict) and isinstance(r.get("key"), str):
-                    old[r["key"]] = r
+        old = shardformat.index_records(path.read_bytes(), str(path)) if path.exists() else {}
         records = []
         for entry in manifest.shards:
             url = str(out / entry.name)
             with open(url, "rb") as f:
-                samples = list(shardformat.read_shard_samples(
-                    f, url, size=os.fstat(f.fileno()).st_size, keep=lambda ext: ext in ("cls", "json")))
+                samples = list(shardformat.read_shard_samples(f, url, size=os.fstat(f.fileno()).st_size,
+                                                              keep=label_members.__contains__))
             if len(samples) != entry.num_samples:
                 raise shardformat.ShardDataError(f"{url}: {len(samples)} samples, the manifest says "
                                                  f"{entry.num_samples}; run avprep verify", check="count")
             for s in samples:
                 r = dict(old.get(s.key) or {})
                 if "label_index" not in r:
-                    r["label_index"] = shardformat.parse_cls(s.members.get("cls", b"x"), len(meta.classes))
+                    r["label_index"] = shardformat.parse_cls(s.members.get(shardformat.CLS, b"x"),
+                                                               len(meta.classes))
                     r["label"] = meta.classes[r["label_index"]]
                     try:
-                        j = json.loads(bytes(s.members.get("json", b"{}")))
+                        j = json.loads(bytes(s.members.get(shardformat.JSON, b"{}")))
                     except ValueError:
                         j = {}
                     r.setdefault("source", j.get("source", "") if isinstance(j, dict) else "")

@@ -1,12 +1,11 @@
 """Shard locations: a local folder, an ``http(s)://`` prefix or an ``s3://bucket/prefix``.
 
-One small API for all three (``Location``): ``url``, ``read_bytes``, ``read_json``, ``open``,
+One small API for all three (``Location``): ``url``, ``read_bytes``, ``read_range``, ``open``,
 ``exists``, ``size``. Remote reads retry transient failures (connection refused or reset,
 timeouts, HTTP 5xx/429, S3 throttling) with exponential backoff inside a bounded budget
 (``Retry``: 5 tries and at most ~30 s by default); permanent failures (404, 403, NoSuchKey,
-missing credentials) raise ``StorageError`` naming the URL at once. Uploads to S3
-(``upload_folder``, and ``ShardUploader`` during an extraction) retry the same way and send
-shards first, manifests and dataset.json last.
+missing credentials) raise ``StorageError`` naming the URL at once. ``S3Location.put_file``
+uploads one file with the same retries (``avprep.upload`` sends whole folders, in order).
 
 ``open`` streams: a shard is never buffered whole in memory. When a stream breaks mid-read it
 resumes with a ranged request from the byte offset reached (HTTP ``Range`` / S3 ``Range``,
@@ -22,23 +21,16 @@ sessions are created lazily per process, so a Location can be pickled into DataL
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from .errors import ConfigError, StorageError
-from .shardformat import TMP_MARK
 
-# Written last by upload_folder, in this order: readers open dataset.json/manifests first,
-# so once those are visible every shard they name is already there.
-_LAST_SUFFIXES = (".samples.jsonl", ".manifest.json")
-_LAST_NAME = "dataset.json"
 _CHUNK = 1 << 20
 _READ = 1 << 16
 
@@ -89,13 +81,6 @@ class Location:
     def read_bytes(self, name: str) -> bytes:
         """The whole object (small files: manifests, dataset.json)."""
         return self._with_retry(self.url(name), lambda: self._read(name))
-
-    def read_json(self, name: str):
-        data = self.read_bytes(name)
-        try:
-            return json.loads(data)
-        except ValueError as e:
-            raise StorageError(f"{self.url(name)}: not valid JSON ({e})") from None
 
     def open(self, name: str) -> io.BufferedIOBase:
         """A streaming binary reader that resumes at the reached offset after transient breaks."""
@@ -425,6 +410,30 @@ class S3Location(Location):
         files), with the same retries and one-line StorageError as reads."""
         self._with_retry(self.url(name), lambda: self.client.upload_file(os.fspath(path), self.bucket, self.key(name)))
 
+    def has_bucket(self) -> bool:
+        """Whether the bucket exists (one HEAD, retried). A bucket we may not look at counts as
+        there: uploading into it says what is wrong."""
+        from botocore.exceptions import ClientError
+
+        def head() -> bool:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as e:
+                if _s3_code(e) in ("404", "NoSuchBucket", "NotFound"):
+                    return False
+                if _s3_code(e) in ("403", "AccessDenied"):
+                    return True
+                raise
+            return True
+
+        return self._with_retry(f"s3://{self.bucket}", head)
+
+    def create_bucket(self) -> None:
+        """Create the bucket (in the client's region), with the same retries as uploads."""
+        region = self.client.meta.region_name
+        where = {} if region in (None, "us-east-1") else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+        self._with_retry(f"s3://{self.bucket}", lambda: self.client.create_bucket(Bucket=self.bucket, **where))
+
     def _read(self, name: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
 
@@ -503,123 +512,3 @@ def open_location(url_or_path: str | os.PathLike, *, s3_endpoint: str | None = N
     if parsed.scheme and len(parsed.scheme) > 1:
         raise ConfigError(f"{text}: unsupported location scheme {parsed.scheme!r} (use a folder, http(s):// or s3://)")
     return LocalLocation(text, retry)
-
-
-def upload_order(names) -> list[str]:
-    """Shards (and anything else) first, then sample indexes, manifests, and dataset.json last."""
-    def rank(name: str) -> int:
-        if name == _LAST_NAME:
-            return 3
-        for i, suffix in enumerate(_LAST_SUFFIXES, start=1):
-            if name.endswith(suffix):
-                return i
-        return 0
-
-    return sorted(names, key=lambda n: (rank(n), n))
-
-
-def _uploadable(rel: Path) -> bool:
-    # dot folders hold resume state; ".tmp-" marks a shard still being written
-    return not any(part.startswith(".") for part in rel.parts) and TMP_MARK not in rel.name
-
-
-def _folder_files(root: Path) -> list[str]:
-    return [p.relative_to(root).as_posix() for p in root.rglob("*")
-            if p.is_file() and _uploadable(p.relative_to(root))]
-
-
-def upload_folder(local_dir: str | os.PathLike, s3_url: str, *, s3_endpoint: str | None = None,
-                  on_progress: Callable[[int, int, str], None] | None = None,
-                  retry: Retry | None = None) -> list[str]:
-    """Upload every file of ``local_dir`` (recursively, skipping dotfiles and unfinished ``.tmp-``
-    files) under ``s3_url``.
-
-    Shards go first and the files that name them (sample index, manifests, dataset.json) last,
-    so a concurrent reader never sees a manifest naming a missing shard; the trade-off is that
-    an interrupted upload leaves shards without a manifest (rerun it: uploads overwrite).
-    ``on_progress(bytes_done, bytes_total, name)`` is called after each file. Returns the
-    uploaded names in upload order.
-    """
-    loc = open_location(s3_url, s3_endpoint=s3_endpoint, retry=retry)
-    if not isinstance(loc, S3Location):
-        raise ConfigError(f"{s3_url}: uploads need an s3:// destination")
-    root = Path(local_dir)
-    if not root.is_dir():
-        raise ConfigError(f"{root}: not a folder")
-    order = upload_order(_folder_files(root))
-    total, done = sum((root / n).stat().st_size for n in order), 0
-    for name in order:
-        path = root / name
-        loc.put_file(name, path)
-        done += path.stat().st_size
-        if on_progress is not None:
-            on_progress(done, total, name)
-    return order
-
-
-class ShardUploader:
-    """Uploads an extraction's shards from its local ``staging`` folder while the run goes on.
-
-    ``submit(name)`` hands a committed shard to a few threads (boto3 clients are thread-safe),
-    so decoding and assembly continue during the upload. At most ``max_pending`` uploads are
-    unfinished: past that ``submit`` waits, so a slow store slows the run down instead of piling
-    up work. ``submit`` raises the first failed upload's StorageError (the run stops early: later
-    uploads would most likely fail too; the staging folder keeps everything for a rerun).
-    ``finish()`` waits for every shard, then uploads the folder's other files in ``upload_order``
-    (dataset.json last), so a reader never sees a manifest naming a missing shard. Used as a
-    context manager: leaving on an exception cancels the uploads not yet started and waits for
-    the running ones.
-
-    ``submit(name, unless_present=True)`` (a shard kept from an earlier run) first asks the store
-    for the object's size and skips the upload when an object of the local file's size is there:
-    S3 objects appear only whole, and a shard's bytes are fixed by its plan, so an equal size is
-    taken as the same shard (no hash is stored remotely to compare).
-    """
-
-    def __init__(self, loc: S3Location, staging: str | os.PathLike, *, threads: int = 3,
-                 max_pending: int = 4):
-        self.loc, self.root, self.max_pending = loc, Path(staging), max(1, max_pending)
-        self.uploaded: list[str] = []           # names actually sent, in completion order
-        self._submitted: set[str] = set()
-        self._pending: set[Future] = set()
-        _ = loc.client                          # made here: lazy creation from several threads races
-        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="avprep-upload")
-
-    def __enter__(self) -> ShardUploader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def submit(self, name: str, *, unless_present: bool = False) -> None:
-        self._reap(self.max_pending - 1)
-        self._submitted.add(name)
-        self._pending.add(self._pool.submit(self._put, name, unless_present))
-
-    def finish(self) -> list[str]:
-        """Wait for the shards, then upload every other file (indexes, manifests, dataset.json
-        last). Returns the names uploaded by this uploader, in order (skipped shards left out)."""
-        self._reap(0)
-        for name in upload_order(n for n in _folder_files(self.root) if n not in self._submitted):
-            self.loc.put_file(name, self.root / name)
-            self.uploaded.append(name)
-        return list(self.uploaded)
-
-    def _reap(self, most: int) -> None:
-        """Collect finished uploads (raising the first failure), waiting while more than ``most``
-        are unfinished."""
-        while True:
-            done = {f for f in self._pending if f.done()}
-            self._pending -= done
-            for f in done:
-                f.result()
-            if len(self._pending) <= most:
-                return
-            wait(self._pending, return_when=FIRST_COMPLETED)
-
-    def _put(self, name: str, unless_present: bool) -> None:
-        path = self.root / name
-        if unless_present and self.loc.present_size(name) == path.stat().st_size:
-            return
-        self.loc.put_file(name, path)
-        self.uploaded.append(name)              # list.append is atomic

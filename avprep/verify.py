@@ -22,14 +22,11 @@ from pathlib import Path
 
 from . import shardformat as sf
 from . import storage
-from .config import SpecConfig
 from .errors import ConfigError, StorageError
 from .shardformat import TMP_MARK
-from .shards import split_order
 from .storage import Location
 
 _CHUNK = 1 << 20
-_ENTRY_TYPES = {"name": str, "num_samples": int, "bytes": int, "sha256": str}
 
 
 @dataclass(frozen=True, order=True)
@@ -92,29 +89,36 @@ def verify(location, *, quick: bool = False, on_progress: ProgressFn | None = No
     Order of problems is deterministic: splits train, val, test (then others), shards in
     manifest order, samples in tar order. Shards are checked one after another: decoding
     every JPEG dominates, and keys must be compared across all shards anyway.
+    dataset.json, the manifests and the sample indexes are read by ``shardformat.open_dataset``,
+    as the loader reads them: what it refuses is reported as a problem.
     Raises ConfigError when there is no dataset.json at all.
     """
     loc = _open_location(location, s3_endpoint)
     report = VerifyReport(location=str(location) if isinstance(location, (str, Path)) else _root_url(loc),
                           quick=quick)
     problems = report.problems
-    dataset = _read_json(loc, "dataset.json", problems)
-    if dataset is None:
+    refused: list[sf.ShardDataError] = []
+    try:
+        dataset = sf.open_dataset(loc, problems=refused)
+    except (StorageError, OSError) as e:
+        raise ConfigError(f"not an avprep dataset (an extraction writes {sf.DATASET} last): "
+                          f"cannot read {e}") from None
+    except sf.ShardDataError as e:
+        problems.append(_refused(loc, e.shard, e))
         return report
-    schema = _Schema.from_dataset(dataset, problems)
-    if schema is None:
-        return report
-    manifests, shards = _read_manifests(loc, schema.splits, problems)
+    problems.extend(_refused(loc, e.shard, e) for e in refused)
+    shards = [(split, entry) for split, m in dataset.splits.items() for entry in m.shards]
     report.num_shards = len(shards)
-    _check_strays(loc, {e["name"] for _, e in shards}, problems)
+    _check_strays(loc, {e.name for _, e in shards}, problems)
+    indexes = {} if quick else {split: _index(loc, dataset, split, problems) for split in dataset.splits}
     seen = _Seen()
-    indexes = {} if quick else {split: _read_index(loc, split, problems) for split in manifests}
     for done, (split, entry) in enumerate(shards, 1):
-        report.num_samples += _check_shard(loc, split, entry, schema, quick, seen, problems, indexes.get(split))
+        report.num_samples += _check_shard(loc, split, entry, dataset.meta, quick, seen, problems,
+                                           indexes.get(split))
         if on_progress:
-            on_progress(done, len(shards), entry["name"])
+            on_progress(done, len(shards), entry.name)
     if not quick:
-        _check_class_counts(manifests, shards, seen, schema, problems)
+        _check_class_counts(dataset.splits, shards, seen, dataset.meta, problems)
     return report
 
 
@@ -126,118 +130,51 @@ class _Seen:
     labels: dict[str, Counter] = field(default_factory=dict)           # split -> label index counts
 
 
-def _check_class_counts(manifests: dict, shards, seen: _Seen, schema, problems) -> None:
+def _check_class_counts(manifests: dict[str, sf.Manifest], shards, seen: _Seen, schema: sf.DatasetMeta,
+                        problems) -> None:
     """Manifest class counts against the labels read, for splits whose shards all read cleanly
     (a missing or broken shard would only repeat itself here)."""
     troubled = {p.shard for p in problems}
     for split, man in manifests.items():
-        if any(e["name"] in troubled for s, e in shards if s == split):
+        if any(e.name in troubled for s, e in shards if s == split):
             continue
         counts = seen.labels.get(split, Counter())
         actual = {schema.classes[i]: n for i, n in sorted(counts.items())}
-        listed = man.get("class_counts")
-        if isinstance(listed, dict) and {k: v for k, v in listed.items() if v} != actual:
-            problems.append(Problem(f"{split}.manifest.json", "", "class_counts",
+        listed = man.class_counts
+        if {k: v for k, v in listed.items() if v} != actual:
+            problems.append(Problem(sf.manifest_name(split), "", "class_counts",
                                     f"class_counts {listed} but the shards hold {actual}"))
 
 
-# ---------------------------------------------------------------- dataset.json, manifests
+# ---------------------------------------------------------------- dataset.json, manifests, indexes
 
 
 def _root_url(loc: Location) -> str:
-    return loc.url("dataset.json").rpartition("/")[0] or "."
+    return loc.url(sf.DATASET).rpartition("/")[0] or "."
 
 
-def _read_json(loc: Location, name: str, problems: list[Problem]):
-    try:
-        raw = loc.read_bytes(name)
-    except (StorageError, OSError) as e:
-        if name == "dataset.json":
-            raise ConfigError(f"not an avprep dataset (an extraction writes dataset.json last): "
-                              f"cannot read {e}") from None
-        problems.append(Problem(name, "", "manifest", f"cannot read: {e}"))
-        return None
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        problems.append(Problem(name, "", "manifest", f"not valid JSON: {e}"))
-        return None
+def _refused(loc: Location, name: str, e: sf.ShardDataError) -> Problem:
+    """The side file ``name`` that shardformat refused, as a problem of that file."""
+    return Problem(name, "", e.check, str(e).removeprefix(loc.url(name)).removeprefix(":").strip())
 
 
-@dataclass
-class _Schema:
-    """What dataset.json says every sample must look like."""
-
-    classes: list[str]
-    splits: list[str]
-    spec_shape: tuple[int, int]
-    spec_dtype: str
-    frame_size: int
-
-    @classmethod
-    def from_dataset(cls, ds, problems: list[Problem]) -> _Schema | None:
-        try:
-            cfg = ds["config"]
-            splits = split_order(ds["splits"])      # a list, or {"train": count, ...}
-            shape: tuple[int, int]
-            if "spec" in cfg:
-                shape = SpecConfig(**cfg["spec"]).shape
-                if "spec_shape" in ds and ds["spec_shape"] != list(shape):
-                    raise ValueError(f"spec_shape {ds['spec_shape']!r} but the spec config gives {list(shape)}")
-            else:       # written by another tool: the recorded shape is all there is
-                dims = tuple(int(x) for x in ds["spec_shape"])
-                if len(dims) != 2:
-                    raise ValueError(f"spec_shape {ds['spec_shape']!r} is not 2-D")
-                shape = (dims[0], dims[1])
-            return cls(list(ds["classes"]), splits, shape, cfg.get("spec_dtype", "float16"),
-                       int(cfg.get("frame_size", 0)))
-        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
-            problems.append(Problem("dataset.json", "", "manifest", f"unexpected content: {e!r}"))
-            return None
-
-
-def _read_index(loc: Location, split: str, problems: list[Problem]) -> dict | None:
-    """{shard: [IndexEntry]} of the split's sample index, or None (a problem) when unusable."""
+def _index(loc: Location, dataset: sf.Dataset, split: str, problems: list[Problem]) -> dict | None:
+    """{shard: [IndexEntry]} of the split's sample index (what the loader reads), or None when
+    shardformat refuses it; a mismatch with the manifest is a problem, the entries still checked."""
     name = sf.index_name(split)
+    refused: list[sf.ShardDataError] = []
     try:
-        data = loc.read_bytes(name)
-    except (StorageError, OSError):
-        problems.append(Problem(name, "", "index", "no sample index; add it with `avprep index OUT`"))
+        entries = dataset.index(split, problems=refused)
+    except sf.ShardDataError as err:
+        refused.append(err)
+        entries = None
+    problems.extend(_refused(loc, name, e) for e in refused)
+    if entries is None:
         return None
-    try:
-        return sf.SampleIndex.from_json(data, split, name).by_shard()
-    except sf.ShardDataError as e:
-        problems.append(Problem(name, "", e.check, str(e).removeprefix(f"{name}: ")))
-        return None
-
-
-def _read_manifests(loc: Location, splits: list[str], problems: list[Problem]):
-    """({split: manifest}, [(split, shard entry)]) for every well-formed manifest and entry."""
-    manifests, out = {}, []
-    for split in splits:
-        name = f"{split}.manifest.json"
-        man = _read_json(loc, name, problems)
-        if man is None:
-            continue
-        bad = _manifest_problem(man, split)
-        if bad:
-            problems.append(Problem(name, "", "manifest", bad))
-            continue
-        manifests[split] = man
-        for entry in man["shards"]:
-            shard = entry.get("name") if isinstance(entry, dict) else None
-            if not isinstance(shard, str) or not sf.SHARD_NAME.fullmatch(shard):
-                # never open a name like "../x.tar": it could point outside the dataset
-                problems.append(Problem(name, "", "security", f"refusing shard name {shard!r}"))
-            elif not shard.startswith(f"{split}-"):
-                problems.append(Problem(name, "", "manifest", f"shard {shard} does not belong to split {split}"))
-            else:
-                out.append((split, entry))
-        listed = sum(e["num_samples"] for e in man["shards"])
-        if listed != man["num_samples"]:
-            problems.append(Problem(name, "", "manifest",
-                                    f"num_samples {man['num_samples']} but shards list {listed}"))
-    return manifests, out
+    by_shard: dict[str, list[sf.IndexEntry]] = {}
+    for e in entries:
+        by_shard.setdefault(e.shard, []).append(e)
+    return by_shard
 
 
 def _check_strays(loc, listed: set[str], problems):
@@ -247,21 +184,8 @@ def _check_strays(loc, listed: set[str], problems):
     for name in sorted(p.name for p in loc.root.iterdir() if p.is_file()):
         if TMP_MARK in name:
             problems.append(Problem(name, "", "stray", "temporary file of an interrupted write"))
-        elif name.endswith(".tar") and name not in listed:
+        elif name.endswith(sf.SHARD_SUFFIX) and name not in listed:
             problems.append(Problem(name, "", "stray", "shard not listed in any manifest"))
-
-
-def _manifest_problem(man, split: str) -> str:
-    if not isinstance(man, dict) or not isinstance(man.get("shards"), list):
-        return "no shard list"
-    if man.get("split") != split:
-        return f"split is {man.get('split')!r}, expected {split!r}"
-    if not isinstance(man.get("num_samples"), int):
-        return "num_samples missing"
-    for e in man["shards"]:
-        if not isinstance(e, dict) or not all(isinstance(e.get(k), t) for k, t in _ENTRY_TYPES.items()):
-            return f"malformed shard entry {e!r}"[:200]
-    return ""
 
 
 # ---------------------------------------------------------------- one shard
@@ -301,7 +225,7 @@ class _HashingReader(io.RawIOBase):
 
 def _check_shard(loc, split, entry, schema, quick, seen, problems, index) -> int:
     """Check one shard; returns the number of samples read (manifest count when quick)."""
-    name = entry["name"]
+    name = entry.name
     found: list[Problem] = []
     samples = None
     try:
@@ -320,14 +244,14 @@ def _check_shard(loc, split, entry, schema, quick, seen, problems, index) -> int
             problems.append(Problem(name, "", "read", f"cannot read shard: {e}"))
         return 0
     head = []
-    if reader.size != entry["bytes"]:
-        head.append(Problem(name, "", "size", f"{reader.size} bytes, manifest says {entry['bytes']}"))
-    if reader.sha.hexdigest() != entry["sha256"]:
+    if reader.size != entry.bytes:
+        head.append(Problem(name, "", "size", f"{reader.size} bytes, manifest says {entry.bytes}"))
+    if reader.sha.hexdigest() != entry.sha256:
         head.append(Problem(name, "", "sha256", "content does not match the manifest's sha256"))
-    if samples is not None and samples != entry["num_samples"]:
-        found.append(Problem(name, "", "count", f"{samples} samples, manifest says {entry['num_samples']}"))
+    if samples is not None and samples != entry.num_samples:
+        found.append(Problem(name, "", "count", f"{samples} samples, manifest says {entry.num_samples}"))
     problems.extend(head + found)
-    return entry["num_samples"] if quick else samples or 0
+    return entry.num_samples if quick else samples or 0
 
 
 class _Tee:
@@ -415,64 +339,70 @@ def _check_samples(reader, url, shard, split, schema, seen, problems, entries) -
     tar = sf.TarReader(tee, url, crc=True)
     indexed = _Indexed(entries, tee, url, shard, split, schema, problems) if entries is not None else None
     listed = {e.key: (e.offset, e.length, e.crc32) for e in entries or ()}
-    done: set[str] = set()
-    count, spans = 0, 0
-    not_a_tar = False
-    outer = problems
+    done: set[str] = set()      # keys checked (and counted) as samples
+    spans, tar_broken = 0, False
     try:
         for s in sf.read_shard_samples(None, url, tar=tar):
             spans += 1
-            span = (s.offset, s.length, s.crc32)
-            problems = []
-            if indexed is not None:
-                if s.key not in listed:
-                    problems.append(Problem(shard, s.key, "index", "in the shard but not in the sample index"))
-                elif listed[s.key] != span:
-                    problems.append(Problem(shard, s.key, "index", "offset/length/crc32 {}/{}/{} in the shard, the "
-                                            "index says {}/{}/{}".format(*span, *listed[s.key])))
-                else:
-                    indexed.matched[s.key] = span
-            if s.key in done:       # already checked and counted as a sample; only look for payloads
-                problems.append(Problem(shard, s.key, "contiguity", "members of this sample are not contiguous"))
-                for check, message in s.problems:
-                    problems.append(Problem(shard, s.key, check, message))
-            else:
-                if s.key in seen.keys:
-                    other_split, other_shard = seen.keys[s.key]
-                    check = "duplicate" if other_split == split else "leakage"
-                    where = f"{other_shard}" if other_split == split else f"split {other_split} ({other_shard})"
-                    problems.append(Problem(shard, s.key, check, f"key also in {where}"))
-                else:
-                    seen.keys[s.key] = (split, shard)
-                done.add(s.key)
-                count += 1
-                label = _check_sample(shard, split, s, schema, problems)
-                if label is not None:
-                    seen.labels.setdefault(split, Counter())[label] += 1
-            if indexed is not None and s.key in listed and listed[s.key] != span:
+            found = _index_problems(s, shard, listed, indexed) if indexed is not None else []
+            found += _sample_problems(s, shard, split, schema, seen, done)
+            if s.key in listed and listed[s.key] != (s.offset, s.length, s.crc32):
                 # not the bytes the index (and the loader) has for this key: the key is judged from
                 # its indexed bytes; what this pass saw is the shard's problem
-                problems = [Problem(shard, "", p.check, f"sample {p.key}: {p.message}") for p in problems]
-            outer.extend(problems)
+                found = [Problem(shard, "", p.check, f"sample {p.key}: {p.message}") for p in found]
+            problems.extend(found)
             if indexed is not None:
                 indexed.done_to = s.offset + s.length
                 indexed.flush()
     except sf.ShardDataError as e:
-        problems = outer
         problems.append(Problem(shard, "", "tar", str(e).removeprefix(f"{url}: ")))
-        not_a_tar = spans == 0
-    problems = outer
+        tar_broken = True
     if indexed is not None:
         while tee.read(_CHUNK):     # the rest of the shard, for the samples the tar pass did not reach
             indexed.flush()
         indexed.flush(final=True)
-    return None if not_a_tar else count
+    return None if tar_broken and spans == 0 else len(done)
+
+
+def _index_problems(s: sf.RawSample, shard: str, listed: dict, indexed: _Indexed) -> list[Problem]:
+    """Where the sample index says ``s`` is, against where the tar has it."""
+    span = (s.offset, s.length, s.crc32)
+    if s.key not in listed:
+        return [Problem(shard, s.key, "index", "in the shard but not in the sample index")]
+    if listed[s.key] != span:
+        return [Problem(shard, s.key, "index", "offset/length/crc32 {}/{}/{} in the shard, the "
+                        "index says {}/{}/{}".format(*span, *listed[s.key]))]
+    indexed.matched[s.key] = span
+    return []
+
+
+def _sample_problems(s: sf.RawSample, shard: str, split: str, schema: sf.DatasetMeta, seen: _Seen,
+                     done: set[str]) -> list[Problem]:
+    """The problems of one sample of the tar pass: its content, its key seen before (in this
+    shard: members not contiguous; elsewhere: a duplicate, or leakage across splits)."""
+    problems: list[Problem] = []
+    if s.key in done:       # already checked and counted as a sample; only look for payloads
+        problems.append(Problem(shard, s.key, "contiguity", "members of this sample are not contiguous"))
+        problems += [Problem(shard, s.key, check, message) for check, message in s.problems]
+        return problems
+    if s.key in seen.keys:
+        other_split, other_shard = seen.keys[s.key]
+        check = "duplicate" if other_split == split else "leakage"
+        where = f"{other_shard}" if other_split == split else f"split {other_split} ({other_shard})"
+        problems.append(Problem(shard, s.key, check, f"key also in {where}"))
+    else:
+        seen.keys[s.key] = (split, shard)
+    done.add(s.key)
+    label = _check_sample(shard, split, s, schema, problems)
+    if label is not None:
+        seen.labels.setdefault(split, Counter())[label] += 1
+    return problems
 
 
 # ---------------------------------------------------------------- one sample
 
 
-def _check_sample(shard, split, s: sf.RawSample, schema: _Schema, problems) -> int | None:
+def _check_sample(shard, split, s: sf.RawSample, schema: sf.DatasetMeta, problems) -> int | None:
     """Check one sample's members with shardformat's decoders; returns its label index when its
     .cls is valid."""
     def bad(check, message):
@@ -534,7 +464,7 @@ def _check_frames(frames: Sequence[tuple[int, bytes | bytearray]], meta: dict, s
     for i, data in frames:
         problem = _frame_problem(data, schema.frame_size, expected)
         if problem:
-            bad("frame", f"f{i:03d}.jpg: {problem}")
+            bad("frame", f"{sf.frame_name(i)}: {problem}")
 
 
 def _frame_problem(data: bytes | bytearray, frame_size: int, expected: tuple[int, int] | None) -> str:

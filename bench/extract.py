@@ -16,7 +16,7 @@ Variants, each timed over every clip:
 
 - ``floor``: PyAV decoding only what extraction must decode (the video packets the kept
   frames need, the whole audio stream; a plain PCM WAV is read with ``media.read_pcm_wav``
-  as extraction does), with the same demux pass (``media._decode``), the same
+  as extraction does), with the same demux pass (``media.clip._decode``), the same
   single-threaded decoder and the same frame choice, and nothing else: no conversion,
   resize, JPEG, resampling, STFT or writing. No extractor can beat it with the same decoder.
 - ``convert``: the floor plus the conversions the output cannot do without, with the same
@@ -141,7 +141,7 @@ def make_data(kind: str, clips: int, size: tuple[int, int], fps: int, root: Path
 
 # ---------------------------------------------------------------- floor
 
-class _DecodeOnly(media._FramePicker):
+class _DecodeOnly(media.video._FramePicker):
     """Decides which frames are kept exactly as extraction does, and converts none."""
 
     def _jpeg(self, frame) -> bytes:
@@ -163,8 +163,8 @@ class _DropAudio:
 
 def floor_clip(video: Path, audio: Path | None, fps: int, sample_rate: int = 16000) -> None:
     """Decode what extraction needs and drop it: the same demux pass and GOP skipping
-    (``media._decode``), no conversion."""
-    media._decode(video, None if audio else sample_rate, 1, dict(fps=fps, frame_size=0, jpeg_quality=0),
+    (``media.clip._decode``), no conversion."""
+    media.clip._decode(video, None if audio else sample_rate, 1, dict(fps=fps, frame_size=0, jpeg_quality=0),
                   _DecodeOnly, _DropAudio)
     if audio and media.read_pcm_wav(audio) is None:   # a plain WAV is read, not decoded
         with media.open_media(audio) as c:

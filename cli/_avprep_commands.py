@@ -5,8 +5,9 @@ import time
 
 import click
 
+from avprep import shardformat as sf
 from avprep.config import FRAME_RULES, PRESET_NAMES, RESAMPLERS, ExtractConfig, spec_preset
-from avprep.errors import AvprepError, ConfigError
+from avprep.errors import ConfigError
 
 from . import _ui
 
@@ -102,7 +103,7 @@ def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_len
     _print_summary(result, on_event)
     if not result.ok:
         _ui.error(f"{result.failed_fraction:.1%} of clips failed (more than --max-failures "
-                  f"{max_failures:.1%}); see {result.out}/failures.jsonl")
+                  f"{max_failures:.1%}); see {result.out}/{sf.FAILURES}")
         raise click.exceptions.Exit(_ui.EXIT_PROBLEMS)
 
 
@@ -162,7 +163,7 @@ def _print_summary(result, progress: _ExtractProgress) -> None:
                       f"{failed} failed → {result.out}  ({result.wall_time:.1f} s, {progress.rate()})")
     first = [f for f in result.failures if f["stage"] != "missing"][:5] or result.failures[:5]
     if first:
-        _ui.console.print(_ui.table(f"first failures (of {len(result.failures)}, all in failures.jsonl)",
+        _ui.console.print(_ui.table(f"first failures (of {len(result.failures)}, all in {sf.FAILURES})",
                                     ["key", "stage", "error"], [(f["key"], f["stage"], f["error"]) for f in first]))
 
 
@@ -183,31 +184,21 @@ def datasets_cmd(as_json):
 
 
 def _read_output(location: str, s3_endpoint: str | None = None):
-    """dataset.json and the split manifests of a local folder or URL (typed, via shardformat)."""
+    """The dataset (dataset.json and the split manifests) at a local folder or URL."""
     from avprep import shardformat as sf
-    from avprep.shards import split_order
-    from avprep.storage import open_location
-
-    loc = open_location(location, s3_endpoint=s3_endpoint)
-
-    def read(name):
-        try:
-            return loc.read_bytes(name)
-        except (OSError, AvprepError) as e:
-            raise ConfigError(f"{location}: cannot read {name} ({e}); is the extraction finished?") from None
+    from avprep.errors import StorageError
 
     try:
-        dataset = sf.DatasetMeta.from_json(read("dataset.json"), loc.url("dataset.json"))
-        manifests = {s: sf.Manifest.from_json(read(sf.manifest_name(s)), s, loc.url(sf.manifest_name(s)))
-                     for s in split_order(dataset.splits)}
+        return sf.open_dataset(location, s3_endpoint=s3_endpoint)
+    except StorageError as e:
+        raise ConfigError(f"{location}: cannot read ({e}); is the extraction finished?") from None
     except sf.ShardDataError as e:
         raise ConfigError(str(e)) from None
-    return dataset, manifests
 
 
 @click.command("info")
 @click.argument("out")
-@click.option("--json", "as_json", is_flag=True, help="Print dataset.json and the manifests as one JSON document.")
+@click.option("--json", "as_json", is_flag=True, help=f"Print {sf.DATASET} and the manifests as one JSON document.")
 @click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
               help="S3-compatible endpoint for s3:// locations.")
 @_ui.handle_errors
@@ -216,7 +207,8 @@ def info_cmd(out, as_json, s3_endpoint):
     and class counts."""
     import json
 
-    dataset, manifests = _read_output(out, s3_endpoint)
+    opened = _read_output(out, s3_endpoint)
+    dataset, manifests = opened.meta, opened.splits
     if as_json:
         _ui.print_json({"dataset": dataset.raw,
                         "manifests": {s: json.loads(m.to_json()) for s, m in manifests.items()}})
@@ -253,6 +245,7 @@ def info_cmd(out, as_json, s3_endpoint):
 def index_cmd(out):
     """Add the sample index (byte offset, length and CRC-32 of every sample) to a dataset
     extracted by an older avprep, reading each shard once and rewriting none."""
+    from avprep.errors import StorageError
     from avprep.shardformat import ShardDataError
     from avprep.shards import index_dataset
 
@@ -263,6 +256,8 @@ def index_cmd(out):
                 task, completed=done, total=total, description=f"index {name}"))
         except ShardDataError as e:
             raise ConfigError(f"{e}; run `avprep verify {out}`") from None
+        except StorageError as e:
+            raise ConfigError(f"{out}: cannot read ({e}); is the extraction finished?") from None
     _ui.console.print(", ".join(f"{s}: {n} samples indexed" for s, n in counts.items()))
 
 
@@ -271,17 +266,18 @@ def index_cmd(out):
 @click.argument("url")
 @click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", show_default="$AWS_ENDPOINT_URL",
               help="S3-compatible endpoint.")
+@click.option("--create-bucket", is_flag=True, help="Create the bucket when it does not exist.")
 @_ui.handle_errors
-def upload_cmd(out, url, s3_endpoint):
-    """Upload an extracted folder to s3://bucket/prefix (shards first, manifests last)."""
+def upload_cmd(out, url, s3_endpoint, create_bucket):
+    """Upload an extracted folder to s3://bucket/prefix (shards first, manifests and dataset.json last)."""
     from pathlib import Path
 
-    from avprep.storage import upload_folder
+    from avprep.upload import upload_folder
 
-    if not (Path(out) / "dataset.json").exists():
-        raise ConfigError(f"{out}: no dataset.json; is the extraction finished?")
+    if not (Path(out) / sf.DATASET).exists():
+        raise ConfigError(f"{out}: no {sf.DATASET}; is the extraction finished?")
     with _ui.make_progress("bytes") as progress:
         task = progress.add_task("upload", total=None)
-        names = upload_folder(out, url, s3_endpoint=s3_endpoint,
+        names = upload_folder(out, url, s3_endpoint=s3_endpoint, create_bucket=create_bucket,
                               on_progress=lambda done, total, name: progress.update(task, completed=done, total=total))
     _ui.console.print(f"uploaded {len(names)} file(s) → {url}")

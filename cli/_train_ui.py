@@ -10,6 +10,7 @@ import math
 
 import click
 
+from avprep import shardformat as sf
 from ogmge_train import report as report_lib
 from ogmge_train.config import CHOICES, PRESETS, TrainConfig
 
@@ -31,7 +32,7 @@ def _default(name: str, note: str = _PRESET_NOTE) -> str:
 # Settings default to None ("not given") so that --preset and a resumed config.json can fill them;
 # the help shows what a run gets when neither does.
 _TRAIN_OPTIONS: list[tuple[str, dict]] = [
-    ("--shards", dict(help="Shard folder or URL (http(s)://, s3://) holding dataset.json (from `avprep extract`).",
+    ("--shards", dict(help=f"Shard folder or URL (http(s)://, s3://) holding {sf.DATASET} (from `avprep extract`).",
                       show_default="required unless --resume")),
     ("--out", dict(type=click.Path(file_okay=False), required=True, help="Run folder to create (or resume).")),
     ("--preset", dict(type=click.Choice(list(PRESETS)), show_default="none: the paper's settings below",

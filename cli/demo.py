@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from avprep import shardformat as sf
 from ogmge_train import demo as demo_lib
 from ogmge_train import report as report_lib
 from ogmge_train import runfolder
@@ -134,7 +135,7 @@ def main(out, compare, clips, epochs, seeds, update_readme, note):
     files = demo_lib.write_split_files(raw, splits, cfg)
     n = demo_lib.split_counts(cfg)
     err_console.print(f"{n['train']} train, {n['val']} val, {n['test']} test clips → {splits}")
-    had_shards = (shards / "dataset.json").is_file()
+    had_shards = (shards / sf.DATASET).is_file()
     if had_shards:
         kept.append("extracted shards")
     _run("3/7 extract shards (finished shards are kept)", "avprep", [

@@ -35,7 +35,7 @@ import random
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 
@@ -43,87 +43,41 @@ import numpy as np
 import torch
 
 from avprep import shardformat as sf
-from avprep.errors import StorageError
 from avprep.shardformat import ShardDataError
-from avprep.storage import Location, Retry, open_location
+from avprep.storage import Location, Retry
 
 from .errors import ConfigError, DataError
 from .transforms import normalize_, select_frames, transform_clip
 
-ShardInfo = sf.ShardEntry
 RUN_BYTES = 2 << 20     # a training run holds about this many bytes (fewer requests vs. more mixing)
 MAX_RUN_BYTES = 16 << 20
 
 
 # -- dataset description -------------------------------------------------------------------------
-@dataclass
-class SplitInfo:
-    name: str
-    num_samples: int
-    shards: list[ShardInfo]
-    class_counts: dict = field(default_factory=dict)
+class DatasetInfo(sf.Dataset):
+    """The dataset as ``avprep.shardformat.open_dataset`` reads it (dataset.json, the manifests,
+    the sample indexes on first use), with the loader's lookups."""
 
-
-@dataclass
-class DatasetInfo:
-    """dataset.json plus the manifests of its splits; sample indexes are read on first use."""
-
-    location: Location
-    name: str
-    classes: list[str]
-    splits: dict[str, SplitInfo]
-    meta: dict
-    _indexes: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def split(self, name: str) -> SplitInfo:
+    def split(self, name: str) -> sf.Manifest:
         if name not in self.splits:
-            raise ConfigError(f"{self.location.url('dataset.json')}: no split {name!r} "
+            raise ConfigError(f"{self.location.url(sf.DATASET)}: no split {name!r} "
                               f"(have {', '.join(self.splits) or 'none'})")
         return self.splits[name]
 
     def shard_urls(self, split: str) -> list[str]:
         return [self.location.url(s.name) for s in self.split(split).shards]
 
-    def index(self, split: str) -> list[sf.IndexEntry]:
-        """The split's sample index, checked against its manifest (same shards, same counts)."""
-        if split not in self._indexes:
-            sp = self.split(split)
-            name = sf.index_name(split)
-            where = self.location.url(name)
-            try:
-                data = self.location.read_bytes(name)
-            except StorageError as e:
-                raise ShardDataError(f"{where}: no sample index ({e}); add it with `avprep index OUT`",
-                                     check="index") from None
-            entries = sf.SampleIndex.from_json(data, split, where).entries
-            counts: dict[str, int] = {}
-            for entry in entries:
-                counts[entry.shard] = counts.get(entry.shard, 0) + 1
-            listed = {s.name: s.num_samples for s in sp.shards}
-            if counts != {k: v for k, v in listed.items() if v}:
-                raise ShardDataError(f"{where}: does not match {sf.manifest_name(split)} (samples per shard "
-                                     f"differ); rebuild it with `avprep index`", check="index")
-            order = {s.name: i for i, s in enumerate(sp.shards)}
-            entries.sort(key=lambda e: (order[e.shard], e.offset))
-            self._indexes[split] = entries
-        return self._indexes[split]
+    def index(self, split: str, problems=None) -> list[sf.IndexEntry]:
+        self.split(split)
+        return super().index(split, problems)
 
 
 def read_dataset(source, *, s3_endpoint: str | None = None, retry: Retry | None = None) -> DatasetInfo:
     """Read ``dataset.json`` and every split's ``<split>.manifest.json`` from a folder or URL."""
     if isinstance(source, DatasetInfo):
         return source
-    loc = source if isinstance(source, Location) else open_location(source, s3_endpoint=s3_endpoint, retry=retry)
-    meta = sf.DatasetMeta.from_json(loc.read_bytes("dataset.json"), loc.url("dataset.json"))
-    splits = {}
-    for name in meta.splits:
-        m = sf.Manifest.from_json(loc.read_bytes(sf.manifest_name(name)), name, loc.url(sf.manifest_name(name)))
-        splits[name] = SplitInfo(name, m.num_samples, list(m.shards), m.class_counts)
-    return DatasetInfo(loc, meta.name, list(meta.classes), splits, meta.raw)
+    ds = sf.open_dataset(source, s3_endpoint=s3_endpoint, retry=retry)
+    return DatasetInfo(ds.location, ds.meta, ds.splits)
 
 
 # -- the partition -------------------------------------------------------------------------------
@@ -223,7 +177,7 @@ def _runs(entries: list, positions, max_bytes: int = MAX_RUN_BYTES):
 
 
 def _keep(keep_json: bool):
-    return lambda ext: ext in ("cls", "spec.npy") or bool(sf.FRAME.fullmatch(ext)) or (keep_json and ext == "json")
+    return lambda ext: ext in (sf.CLS, sf.SPEC) or bool(sf.FRAME.fullmatch(ext)) or (keep_json and ext == sf.JSON)
 
 
 def read_run(location: Location, run: list, *, frames: int, train: bool, rng=None, keep_json: bool = False,
@@ -286,8 +240,8 @@ def _empty(*shape: int, dtype=torch.float32) -> torch.Tensor:
 def decode_sample(s: Sample, *, num_classes: int | None, spec_shape=None) -> tuple[int, np.ndarray, list]:
     """(label, spectrogram, frame images) of one sample; raises ``ShardDataError`` naming it."""
     try:
-        label = sf.parse_cls(s.members["cls"], num_classes)
-        spec = sf.parse_spec(s.members["spec.npy"], shape=spec_shape)
+        label = sf.parse_cls(s.members[sf.CLS], num_classes)
+        spec = sf.parse_spec(s.members[sf.SPEC], shape=spec_shape)
         images = [sf.open_jpeg(data) for _, data in s.frames]
     except ShardDataError as e:
         raise ShardDataError(f"{s.where}: {e}", check=e.check, shard=s.url.rpartition("/")[2], key=s.key) from None
@@ -347,7 +301,7 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
 
 def _meta(s: Sample) -> dict:
     try:
-        meta = json.loads(s.members["json"]) if "json" in s.members else {}
+        meta = json.loads(s.members[sf.JSON]) if sf.JSON in s.members else {}
     except (ValueError, RecursionError):
         raise ShardDataError(f"{s.key}.json is not valid JSON", check="json") from None
     if not isinstance(meta, dict):
@@ -481,11 +435,6 @@ class ShardLoader:
             yield batch
 
 
-def _spec_shape(meta: dict) -> tuple[int, int] | None:
-    shape = meta.get("spec_shape")
-    return tuple(shape) if isinstance(shape, list) and len(shape) == 2 else None
-
-
 def default_steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
     """floor(samples / (batch × ranks)): one epoch sees every sample once across ranks, except
     the last partial global batch."""
@@ -554,7 +503,7 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
                          steps=steps, run=run or default_run(entries), num_classes=info.num_classes,
                          per_frame=per_frame, with_meta=with_meta, visual_dtype=visual_dtype,
-                         spec_shape=_spec_shape(info.meta), frame_pick=frame_pick)
+                         spec_shape=info.meta.spec_shape, frame_pick=frame_pick)
     extra = {}
     if workers > 0:
         extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor or 2}

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from avprep import shardformat as sf
+
 from . import runfolder
-from .errors import RunFolderError
 from .names import SELECTION_LABELS
 
 __all__ = ["RunRecord", "Group", "Report", "COLUMNS", "read_run", "expand_runs", "group_runs",
@@ -466,12 +467,12 @@ def test_clips(groups: list[Group], split: str = "test") -> int | None:
     for g in groups:
         for r in g.runs:
             shards = r.config.get("shards") or ""
-            path = Path(shards) / f"{split}.manifest.json"
+            path = Path(shards) / sf.manifest_name(split)
             if "://" in shards or not path.is_file():
                 return None
             try:
-                counts.add(int(runfolder.read_json(path)["num_samples"]))
-            except (RunFolderError, KeyError, TypeError, ValueError):
+                counts.add(sf.Manifest.from_json(path.read_bytes(), split, str(path)).num_samples)
+            except (OSError, sf.ShardDataError):
                 return None
     return counts.pop() if len(counts) == 1 else None
 

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from avprep import shardformat as sf
+
 from . import data, dist, modulation, names, runfolder
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, RunFolderError
@@ -210,9 +212,9 @@ def _loader(cfg: TrainConfig, split: str, *, train: bool, epoch: int, info: dist
 
 
 def _read_dataset(cfg: TrainConfig):
-    if "://" not in cfg.shards and not (Path(cfg.shards) / "dataset.json").is_file():
+    if "://" not in cfg.shards and not (Path(cfg.shards) / sf.DATASET).is_file():
         # a wrong local path is a usage error, not a storage failure
-        raise ConfigError(f"{cfg.shards}: no dataset.json; --shards must be a folder written by `avprep extract`")
+        raise ConfigError(f"{cfg.shards}: no {sf.DATASET}; --shards must be a folder written by `avprep extract`")
     return data.read_dataset(cfg.shards, s3_endpoint=cfg.s3_endpoint)
 
 

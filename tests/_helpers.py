@@ -65,9 +65,53 @@ def publish(out: Path, name: str, http_server, s3_server) -> dict[str, str]:
     ``{"local"|"http"|"s3": location}``."""
     import shutil
 
-    from avprep.storage import upload_folder
+    from avprep.upload import upload_folder
 
     shutil.copytree(out, http_server.root / name, dirs_exist_ok=True)
     bucket = s3_server.new_bucket()
     upload_folder(out, f"s3://{bucket}/{name}", s3_endpoint=s3_server.endpoint)
     return {"local": str(out), "http": f"{http_server.url}/{name}", "s3": f"s3://{bucket}/{name}"}
+
+
+def npy_bytes(arr) -> bytes:
+    """``arr`` as a ``.npy`` file."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def grey_jpeg(value: int, wh=(20, 12)) -> bytes:
+    """A flat grey JPEG of ``value`` (so a test can tell frames apart)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", wh, (value,) * 3).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT) -> bytes:
+    """A tar holding exactly ``members`` (name, bytes), in that order."""
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def sample_members(key: str, n_frames: int = 3, label: int = 1) -> list[tuple[str, bytes]]:
+    """The members of one small sample: label, json, a 3x4 float16 spectrogram, grey frames."""
+    import numpy as np
+
+    spec = np.arange(12, dtype=np.float16).reshape(3, 4)
+    return ([(f"{key}.cls", str(label).encode()), (f"{key}.json", b'{"k": 1}'), (f"{key}.spec.npy", npy_bytes(spec))]
+            + [(f"{key}.f{j:03d}.jpg", grey_jpeg(20 * j + 10)) for j in range(n_frames)])

@@ -13,7 +13,6 @@ import re
 import socket
 import struct
 import threading
-import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -94,7 +93,7 @@ def s3_server(aws_env):
 # -- static HTTP with Range ----------------------------------------------------------------------
 class _RangeHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_HTTPServer"
+    server: _HTTPServer
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -196,6 +195,7 @@ class FlakyProxy:
         self.target = ("127.0.0.1", target_port)
         self.port = free_port()
         self.cuts = 0
+        self.requests: list[tuple[str, str, str | None]] = []     # (method, path, Range header) seen going up
         self._armed: tuple[int, float] | None = None
         self._closed = False
         self._listener = None
@@ -260,6 +260,8 @@ class FlakyProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if not downstream:
+                    self.requests += _request_heads(data)
                 armed = self._armed if downstream else None
                 if armed and sent + len(data) >= armed[0] and self._take_fault():
                     # end the response early with a clean FIN (nothing the client got is lost),
@@ -282,6 +284,18 @@ class FlakyProxy:
             if not cut:
                 _reset(src)
                 _reset(dst)
+
+
+_REQUEST_HEAD = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n(.*?)\r\n\r\n", re.S)
+
+
+def _request_heads(data: bytes) -> list[tuple[str, str, str | None]]:
+    """(method, path, Range header or None) of each HTTP request head in ``data``."""
+    out = []
+    for m in _REQUEST_HEAD.finditer(data):
+        ranges = re.findall(rb"(?im)^range:\s*(\S+)", m.group(3))
+        out.append((m.group(1).decode(), m.group(2).decode(), ranges[0].decode() if ranges else None))
+    return out
 
 
 def _reset(sock):

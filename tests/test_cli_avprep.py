@@ -142,6 +142,27 @@ def test_extract_to_s3_and_upload(raw, extracted, s3_server, tmp_path):
     assert objects("copy/") == _files(extracted[0])
 
 
+def test_upload_into_a_missing_bucket_says_how_to_create_it(extracted, s3_server, raw, tmp_path):
+    """A bucket that is not there: one line naming it and the fix, nothing sent; --create-bucket
+    creates it and uploads everything, shards first and dataset.json last."""
+    bucket = f"missing-{tmp_path.name[-8:].lower().replace('_', '-')}"
+    endpoint = ["--s3-endpoint", s3_server.endpoint]
+    code, output = run("upload", extracted[0], f"s3://{bucket}/ds", *endpoint)
+    assert code == 2 and output.count("\n") == 1, output
+    assert output == (f"error: s3://{bucket}: no such bucket; create it first (aws s3 mb s3://{bucket} "
+                      f"--endpoint-url {s3_server.endpoint}) or pass --create-bucket\n")
+    code, output = run("extract", "--dataset", "cremad", "--src", raw, "--out", f"s3://{bucket}/x", *FAST, *endpoint,
+                       "--staging", tmp_path / "stage")
+    assert code == 2 and "no such bucket" in output and "--create-bucket" not in output, output
+    assert not (tmp_path / "stage").exists()        # refused before any work
+    client = s3_server.client()
+    assert bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}
+    code, output = run("upload", extracted[0], f"s3://{bucket}/ds", *endpoint, "--create-bucket")
+    assert code == 0, output
+    listing = client.list_objects_v2(Bucket=bucket, Prefix="ds/")["Contents"]
+    assert {o["Key"][3:] for o in listing} == set(_files(extracted[0]))
+
+
 def test_split_files_decide_splits_and_are_recorded(raw, tmp_path):
     import hashlib
 
@@ -157,7 +178,7 @@ def test_split_files_decide_splits_and_are_recorded(raw, tmp_path):
     assert extra["split_files"] == [
         {"split": "train", "name": "my_train.csv", "sha256": hashlib.sha256(train.read_bytes()).hexdigest()},
         {"split": "test", "name": "held_out.csv", "sha256": hashlib.sha256(test.read_bytes()).hexdigest()}]
-    test_keys = [json.loads(l)["key"] for l in (out / "test.samples.jsonl").read_text().splitlines()]
+    test_keys = [json.loads(line)["key"] for line in (out / "test.samples.jsonl").read_text().splitlines()]
     assert test_keys == names[6:]
     # the same run with another split file content is refused (exit 2)
     test.write_text(f"{names[7]},{names[7].split('_')[2]}\n")

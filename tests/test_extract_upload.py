@@ -20,7 +20,8 @@ from avprep.config import ExtractConfig, spec_preset
 from avprep.errors import StorageError
 from avprep.extract import extract
 from avprep.outdir import STATE_DIR
-from avprep.storage import S3Location, ShardUploader, open_location
+from avprep.storage import S3Location, open_location
+from avprep.upload import ShardUploader
 
 N_CLIPS = 12
 
@@ -124,10 +125,10 @@ def test_each_shard_is_in_the_bucket_before_the_run_ends(raw, local, s3_server, 
     first_other_start = min(i for i, (w, n) in enumerate(log.entries) if w == "start" and not n.endswith(".tar"))
     assert last_shard_end < first_other_start
     assert ends[-1] == "dataset.json" and log.entries[-1] == ("end", "dataset.json")
-    rest = [n for n in ends if not n.endswith(".tar")]
-    first_index = min(rest.index(n) for n in rest if n.endswith((".samples.jsonl", ".manifest.json")))
-    assert all(n.endswith((".wids.json", ".jsonl", ".json", ".md")) for n in rest[:first_index])
-    assert all(n.endswith((".samples.jsonl", ".manifest.json")) for n in rest[first_index:-1])
+    # then what names the shards, in upload_order: wids and sample indexes, manifests, the card
+    kinds = ["failures.jsonl", ".wids.json", ".samples.jsonl", ".manifest.json", "README.md", "dataset.json"]
+    rest = [next(i for i, k in enumerate(kinds) if n.endswith(k)) for n in ends if not n.endswith(".tar")]
+    assert rest == sorted(rest) and set(rest) == set(range(len(kinds)))
 
     # the bucket holds exactly the local extraction's files, byte for byte (no resume state)
     assert _objects(s3_server, bucket, "ds/") == local
@@ -183,9 +184,16 @@ def test_rerun_replaces_missing_and_different_remote_shards(raw, local, s3_serve
 
 
 def test_upload_failure_is_one_line_and_the_rerun_completes(raw, local, s3_server, tmp_path):
-    bucket, staging = "b-not-created-yet", tmp_path / "stage"
+    bucket, staging = s3_server.new_bucket(), tmp_path / "stage"
+    gone = []
+
+    def drop_bucket(e):     # there when the run starts (it checks), gone before the first upload
+        if not gone:
+            s3_server.client().delete_bucket(Bucket=bucket)
+            gone.append(e)
+
     with pytest.raises(StorageError) as err:
-        _extract(raw, f"s3://{bucket}/ds", staging, s3_server)
+        _extract(raw, f"s3://{bucket}/ds", staging, s3_server, on_event=drop_bucket)
     message = str(err.value)
     assert message.startswith(f"s3://{bucket}/ds/") and ".tar: " in message and "\n" not in message
     assert "NoSuchBucket" in message

@@ -11,6 +11,7 @@ from PIL import Image
 
 from avprep import media, synth
 from avprep.errors import ClipError
+from avprep.media import demux, video
 
 
 def _rgb(jpeg: bytes) -> np.ndarray:
@@ -184,8 +185,8 @@ def _shown_frames(path, fps, frame_size):
         jpegs = []
         for i in range(int(duration * fps + 1e-6)):
             shown = [f for t, f in decoded if t <= (i + 0.5) / fps + 1e-9][-1]
-            w, h = media._target_size(shown.width, shown.height, frame_size, None)
-            jpegs.append(media._encode_jpeg(media._yuv_planes(shown, w, h), 90))
+            w, h = video._target_size(shown.width, shown.height, frame_size, None)
+            jpegs.append(video._encode_jpeg(video._yuv_planes(shown, w, h), 90))
         return jpegs, len(decoded)
 
 
@@ -206,16 +207,16 @@ def test_skipping_gops_keeps_exactly_the_frames_a_full_decode_shows(tmp_path, mo
                                                                      codec, options, expect, fps):
     path = _encode(tmp_path / name, codec, options)
     fed, passes = [], []
-    feed, read = media._FramePicker.feed, media._read
-    monkeypatch.setattr(media._FramePicker, "feed", lambda self, f: (fed.append(f.pts), feed(self, f)))
-    monkeypatch.setattr(media, "_read", lambda *a: (passes.append(a[-1]), fed.clear(), read(*a)))
+    feed, read = video._FramePicker.feed, demux._read
+    monkeypatch.setattr(video._FramePicker, "feed", lambda self, f: (fed.append(f.pts), feed(self, f)))
+    monkeypatch.setattr(demux, "_read", lambda *a: (passes.append(a[-1]), fed.clear(), read(*a)))
 
     frames = media.decode_clip(path, fps=fps, frame_size=64, threads=1).frames
     expected, total = _shown_frames(path, fps, 64)
     assert frames == expected
     with av.open(str(path)) as c:
         packets = [p for p in c.demux(c.streams.video[0]) if p.size]
-        restarts = sum(bool(media._restart_test(c.streams.video[0])(p)) for p in packets)
+        restarts = sum(bool(demux._restart_test(c.streams.video[0])(p)) for p in packets)
         keyframes = sum(p.is_keyframe for p in packets)
     assert keyframes >= 5                       # several GOPs, so there is something to skip
     if expect == "skips":
@@ -235,14 +236,14 @@ def test_skipping_gops_keeps_exactly_the_frames_a_full_decode_shows(tmp_path, mo
 def test_skipping_non_reference_frames_keeps_exactly_the_full_decode(tmp_path, monkeypatch, options, fps):
     path = _encode(tmp_path / "b.mp4", "libx264", options, frames=250)
     fed = []
-    feed = media._FramePicker.feed
-    monkeypatch.setattr(media._FramePicker, "feed", lambda self, f: (fed.append(f.pts), feed(self, f)))
+    feed = video._FramePicker.feed
+    monkeypatch.setattr(video._FramePicker, "feed", lambda self, f: (fed.append(f.pts), feed(self, f)))
     frames = media.decode_clip(path, fps=fps, frame_size=64, threads=1).frames
     skipping = len(fed)
     expected, total = _shown_frames(path, fps, 64)
     assert frames == expected
     fed.clear()
-    monkeypatch.setattr(media._NonRefSkipper, "make", classmethod(lambda cls, s, p: None))
+    monkeypatch.setattr(demux._NonRefSkipper, "make", classmethod(lambda cls, s, p: None))
     assert media.decode_clip(path, fps=fps, frame_size=64, threads=1).frames == expected
     with av.open(str(path)) as c:            # the non-reference pictures before the last kept frame
         c.streams.video[0].codec_context.skip_frame = "NONREF"

@@ -15,6 +15,7 @@ from PIL import Image
 from avprep import shardformat as sf
 from avprep.errors import StorageError
 from avprep.storage import Retry
+from avprep.verify import verify
 from ogmge_train.data import read_dataset
 from tests._helpers import raw_header
 from tests._mutants import assert_agree, verdict
@@ -111,6 +112,50 @@ def test_verify_and_loader_agree_on_malformations(out, damage):
     if damage in ("eoa-bit", "trailing-garbage"):    # outside every sample: nothing to skip
         assert v.loader_skipped == set() and v.loader_yielded == {e.key for e in entries}
         assert "tar" in v.verify_checks
+
+
+def _edit_json(path, edit):
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def _edit_lines(path, edit):
+    rows = edit([json.loads(x) for x in path.read_text().splitlines()])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+SIDE_FILE_DAMAGE = {
+    "manifest-not-json": ("val.manifest.json", lambda p: p.write_text("{")),
+    "manifest-count-string": ("val.manifest.json",
+                              lambda p: _edit_json(p, lambda m: {**m, "num_samples": str(m["num_samples"])})),
+    "manifest-other-split": ("val.manifest.json", lambda p: _edit_json(p, lambda m: {**m, "split": "test"})),
+    "manifest-unsafe-name": ("val.manifest.json", lambda p: _edit_json(p, lambda m: {
+        **m, "shards": [{**m["shards"][0], "name": "../val-000000.tar"}]})),
+    "manifest-gone": ("val.manifest.json", lambda p: p.unlink()),
+    "index-line-dropped": ("val.samples.jsonl", lambda p: _edit_lines(p, lambda rows: rows[1:])),
+    "index-line-doubled": ("val.samples.jsonl", lambda p: _edit_lines(p, lambda rows: rows + rows[:1])),
+    "index-no-offsets": ("val.samples.jsonl", lambda p: _edit_lines(p, lambda rows: [
+        {k: v for k, v in r.items() if k != "crc32"} for r in rows])),
+    "index-bad-line": ("val.samples.jsonl", lambda p: p.write_text(p.read_text() + "[1]\n")),
+    "index-gone": ("val.samples.jsonl", lambda p: p.unlink()),
+}
+
+
+@pytest.mark.parametrize("damage", list(SIDE_FILE_DAMAGE))
+def test_verify_reports_the_side_file_error_the_loader_raises(out, damage):
+    """One parser (``shardformat.open_dataset``) for both: verify's problem is the loader's error."""
+    name, edit = SIDE_FILE_DAMAGE[damage]
+    edit(out / name)
+    with pytest.raises((sf.ShardDataError, StorageError)) as raised:
+        read_dataset(out).index("val")
+    problems = [p for p in verify(out).problems if p.shard == name]
+    assert len(problems) == 1, problems
+    message = str(raised.value)
+    if isinstance(raised.value, StorageError):      # a file that is not there: verify cannot read it
+        assert problems[0].message == f"cannot read: {message}" and problems[0].check == "manifest"
+    else:
+        # the same text, less the file's path ("PATH: what" or "PATH line N: what")
+        assert message in (f"{out / name}: {problems[0].message}", f"{out / name} {problems[0].message}")
+        assert problems[0].check == raised.value.check
 
 
 def test_hostile_index_length_is_refused_before_reading(out):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from avprep.errors import ConfigError, StorageError
-from avprep.storage import HttpLocation, LocalLocation, Retry, S3Location, open_location, upload_folder, upload_order
+from avprep.storage import HttpLocation, LocalLocation, Retry, S3Location, open_location
+from avprep.upload import upload_folder, upload_order
 from tests._servers import FlakyProxy, MotoS3, write_shard_folder
 
 FAST = Retry(tries=8, base_delay=0.2, max_delay=1.0, budget_s=10.0, connect_timeout=2.0, read_timeout=5.0)
@@ -24,6 +26,7 @@ def folder(tmp_path_factory):
     write_shard_folder(out, {"train": [3, 2], "val": [2]})
     # one big object so a stream spans many reads and a cut lands mid-object
     (out / "big.bin").write_bytes(np.random.default_rng(1).bytes(3 << 20))
+    (out / "README.md").write_text("---\n---\n# a dataset card\n")
     return out
 
 
@@ -63,15 +66,21 @@ def test_open_location_kinds(tmp_path, monkeypatch):
         open_location(tmp_path).url("../etc/passwd")
 
 
-def test_upload_writes_manifests_last(folder, s3_folder, s3_server):
+def _kind(name: str) -> str:
+    for kind, end in (("shard", ".tar"), ("wids", ".wids.json"), ("index", ".samples.jsonl"),
+                      ("manifest", ".manifest.json"), ("card", "README.md"), ("dataset", "dataset.json")):
+        if name.endswith(end):
+            return kind
+    return "other"
+
+
+def test_upload_sends_shards_first_and_dataset_json_last(folder, s3_folder, s3_server):
+    """The documented order: shards, other files, then what names the shards (wids and sample
+    indexes, manifests, the card) and dataset.json last."""
     bucket, order = s3_folder
-    files = sorted(p.name for p in folder.iterdir())
-    assert sorted(order) == files
-    tail = order[-5:]
-    assert tail[-1] == "dataset.json"
-    assert set(tail[:2]) == {"train.samples.jsonl", "val.samples.jsonl"}
-    assert set(tail[2:4]) == {"train.manifest.json", "val.manifest.json"}
-    assert all(n.endswith((".tar", ".bin", ".wids.json", "README.md")) for n in order[:-5])
+    assert sorted(order) == sorted(p.name for p in folder.iterdir())
+    assert [_kind(n) for n in order] == ["shard"] * 3 + ["other"] + ["wids"] * 2 + ["index"] * 2 + [
+        "manifest"] * 2 + ["card", "dataset"]
     # the bytes arrived intact
     body = s3_server.client().get_object(Bucket=bucket, Key="ds/train-000000.tar")["Body"].read()
     assert body == (folder / "train-000000.tar").read_bytes()
@@ -89,14 +98,27 @@ def test_upload_progress_and_order_helper(tmp_path, s3_server):
                   on_progress=lambda done, total, name: seen.append((done, total, name)))
     assert [s[2] for s in seen] == ["z-000000.tar", "a.manifest.json", "dataset.json"]
     assert seen[-1][0] == seen[-1][1] == 14
-    assert upload_order(["dataset.json", "x.samples.jsonl", "b.tar", "x.manifest.json"]) == [
-        "b.tar", "x.samples.jsonl", "x.manifest.json", "dataset.json"]
+    assert upload_order(["dataset.json", "README.md", "x.samples.jsonl", "failures.jsonl", "b.tar",
+                         "x.manifest.json"]) == [
+        "b.tar", "failures.jsonl", "x.samples.jsonl", "x.manifest.json", "README.md", "dataset.json"]
     with pytest.raises(ConfigError):
         upload_folder(tmp_path, str(tmp_path / "elsewhere"))
 
 
+def test_upload_into_a_missing_bucket_is_one_line_or_creates_it(tmp_path, s3_server):
+    (tmp_path / "a-000000.tar").write_bytes(b"x" * 10)
+    (tmp_path / "dataset.json").write_text("{}")
+    url = f"s3://nobucket-{tmp_path.name[-6:].lower().replace('_', '-')}/p"
+    with pytest.raises(ConfigError, match=r"^s3://nobucket-\S+: no such bucket; create it first \(aws s3 mb "
+                                          r"s3://nobucket-\S+ --endpoint-url http\S+\) or pass --create-bucket$"):
+        upload_folder(tmp_path, url, s3_endpoint=s3_server.endpoint)
+    assert upload_folder(tmp_path, url, s3_endpoint=s3_server.endpoint, create_bucket=True) == [
+        "a-000000.tar", "dataset.json"]
+    assert upload_folder(tmp_path, url, s3_endpoint=s3_server.endpoint, create_bucket=True)   # there now: kept
+
+
 def test_read_api(location, folder):
-    manifest = location.read_json("train.manifest.json")
+    manifest = json.loads(location.read_bytes("train.manifest.json"))
     assert manifest == json.loads((folder / "train.manifest.json").read_text())
     for shard in manifest["shards"]:
         assert location.exists(shard["name"])
@@ -128,7 +150,7 @@ def test_connection_refused_gives_up_within_budget():
 
     loc = open_location(f"http://127.0.0.1:{free_port()}/x", retry=retry)
     with pytest.raises(StorageError, match=r"gave up after 3 tries") as info:
-        loc.read_json("dataset.json")
+        loc.read_bytes("dataset.json")
     assert "127.0.0.1" in str(info.value)
 
 
@@ -158,11 +180,19 @@ def test_s3_stream_resumes_after_server_outage(folder, s3_folder, s3_server):
     bucket, _ = s3_folder
     proxy = FlakyProxy(s3_server.port)
     proxy.start()
+    cut_at = 300_000
     try:
         loc = open_location(f"s3://{bucket}/ds", s3_endpoint=proxy.url, retry=FAST)
-        _read_through_outage(loc, "big.bin", (folder / "big.bin").read_bytes(), proxy, cut_at=300_000)
+        _read_through_outage(loc, "big.bin", (folder / "big.bin").read_bytes(), proxy, cut_at=cut_at)
     finally:
         proxy.close()
+    gets = [r for m, path, r in proxy.requests if m == "GET" and path.startswith(f"/{bucket}/ds/big.bin")]
+    # one GET of the whole object, then one resumed from the offset reached: what the client had
+    # before the cut (the cut came after cut_at bytes, response headers included; the bytes of the
+    # one read that broke are fetched again), never from byte 0
+    assert len(gets) == 2 and gets[0] is None, gets
+    start = int(re.fullmatch(r"bytes=(\d+)-", gets[1] or "").group(1))
+    assert cut_at - 2 * (1 << 16) < start < cut_at, gets
 
 
 def test_outage_longer_than_budget_raises_not_truncates(folder, http_folder, http_server):
@@ -232,11 +262,11 @@ def test_http_5xx_is_retried_and_403_is_not(folder, http_folder, http_server, mo
     monkeypatch.setattr("avprep.storage.time.sleep", sleeps.append)
     loc = open_location(http_folder, retry=FAST)
     http_server.faults[:] = [503, 500]
-    assert loc.read_json("val.manifest.json")["num_samples"] == 2
+    assert json.loads(loc.read_bytes("val.manifest.json"))["num_samples"] == 2
     assert len(sleeps) == 2
     http_server.faults[:] = [503, 403]
     with pytest.raises(StorageError, match=r"403.*val.manifest.json|val.manifest.json.*403"):
-        loc.read_json("val.manifest.json")
+        loc.read_bytes("val.manifest.json")
     assert len(sleeps) == 3 and http_server.faults == []
 
 

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from avprep import synth
 from avprep.config import ExtractConfig, spec_preset
+from avprep.shardformat import ShardDataError
 from avprep.verify import verify
 from cli._verify_command import verify_cmd
+from ogmge_train.data import read_dataset
 from tests._helpers import KS_CLASSES, read_tar, small_config, write_ks_clip  # noqa: F401
+from tests._servers import write_shard_folder
 
 TRAIN0 = "train-000000.tar"
 def build_clean_dataset(root: Path) -> Path:
@@ -52,24 +54,25 @@ def write_tar(path: Path, members) -> None:
 
 
 def rehash(out: Path, shard: str) -> None:
-    """Make the manifest (size and sha256) and the sample index (offsets, lengths, CRC-32 of the
-    samples the tar holds, as far as it reads) agree with the shard's bytes again."""
+    """Make the manifest (size, sha256, sample counts) and the sample index (offsets, lengths,
+    CRC-32 of the samples the tar holds, as far as it reads) agree with the shard's bytes again."""
     from avprep import shardformat as sf
 
     split = shard.rsplit("-", 1)[0]
-    path = out / f"{split}.manifest.json"
-    m = json.loads(path.read_text())
     data = (out / shard).read_bytes()
-    for entry in m["shards"]:
-        if entry["name"] == shard:
-            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    path.write_text(json.dumps(m))
     spans = {}
     try:
         for s in sf.read_shard_samples(io.BytesIO(data), shard):
             spans.setdefault(s.key, (s.offset, s.length, s.crc32))
     except sf.ShardDataError:
         pass
+    path = out / f"{split}.manifest.json"
+    m = json.loads(path.read_text())
+    for entry in m["shards"]:
+        if entry["name"] == shard:
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), num_samples=len(spans))
+    m["num_samples"] = sum(e["num_samples"] for e in m["shards"])
+    path.write_text(json.dumps(m))
     index = out / f"{split}.samples.jsonl"
     records = [r for r in map(json.loads, index.read_text().splitlines()) if r["shard"] != shard]
     for key, (offset, length, crc) in spans.items():
@@ -161,20 +164,27 @@ def _edit_manifest(field):
     return edit
 
 
-@pytest.mark.parametrize("damage, expected, quick_catches", [
-    (_flip, {"sha256"}, True),
-    (_truncate, {"size", "sha256", "tar"}, True),
-    (_delete, {"missing"}, True),
-    (_edit_manifest("num_samples"), {"count"}, False),
-    (_edit_manifest("sha256"), {"sha256"}, True),
+@pytest.mark.parametrize("damage, expected, quick_catches, index_refused", [
+    (_flip, {"sha256"}, True, False),
+    (_truncate, {"size", "sha256", "tar"}, True, False),
+    (_delete, {"missing"}, True, False),
+    (_edit_manifest("num_samples"), {"count"}, False, True),
+    (_edit_manifest("sha256"), {"sha256"}, True, False),
 ], ids=["flip-byte", "truncate", "delete", "manifest-count", "manifest-hash"])
-def test_damage_is_caught_and_names_the_shard(out, damage, expected, quick_catches):
+def test_damage_is_caught_and_names_the_shard(out, damage, expected, quick_catches, index_refused):
     damage(out)
     code, text = run_cli(out)
     assert code == 1
     assert TRAIN0 in text
     report = verify(out)
-    assert {p.shard for p in report.problems} == {TRAIN0}
+    # a manifest count the sample index disagrees with: the loader refuses the index, verify says so
+    index = {"train.samples.jsonl"} if index_refused else set()
+    assert {p.shard for p in report.problems} == {TRAIN0} | index
+    if index_refused:
+        assert [p.message for p in report.problems if p.shard in index] == [
+            "does not match train.manifest.json (samples per shard differ); rebuild it with `avprep index`"]
+        with pytest.raises(ShardDataError, match="does not match train.manifest.json"):
+            read_dataset(out).index("train")
     assert expected <= {p.check for p in report.problems}
     quick = verify(out, quick=True)
     assert (not quick.ok) == quick_catches
@@ -476,7 +486,7 @@ def test_verify_over_http_matches_local(out, http_server):
 
 
 def test_verify_s3_through_cli(out, s3_server):
-    from avprep.storage import upload_folder
+    from avprep.upload import upload_folder
 
     bucket = s3_server.new_bucket()
     upload_folder(out, f"s3://{bucket}/ds", s3_endpoint=s3_server.endpoint)
@@ -504,3 +514,21 @@ def test_fbank_shape_is_time_by_mel(tmp_path):
     [problem] = verify(out).problems
     assert (problem.shard, problem.check) == (shard, "spec")
     assert "shape (128, 1024), the dataset's is (1024, 128)" in problem.message
+
+
+# ------------------------------------------------------------------ the sample index
+
+
+def test_verify_catches_a_wrong_offset(tmp_path):
+    write_shard_folder(tmp_path, {"train": [3], "val": [2]}, n_frames=1)
+    path = tmp_path / "train.samples.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines[1]["offset"] += 512
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    report = verify(tmp_path)
+    key = lines[1]["key"]
+    # the key is judged by the bytes the index points at (what the loader would read) ...
+    assert [(p.shard, p.key, p.check) for p in report.problems if p.key] == [("train-000000.tar", key, "checksum")]
+    # ... and the shard reports where the sample really is
+    assert any(p.check == "index" and f"sample {key}: offset/length/crc32" in p.message for p in report.problems)
+    assert {p.shard for p in report.problems} == {"train-000000.tar"}
