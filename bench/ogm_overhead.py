@@ -28,8 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ogmge_train import modulation
-from ogmge_train.models import build_model
+from ogmge_train.models import av_output, build_model
+from ogmge_train.plugin import Balancer
 
 ALPHA = 0.8
 # name: (arch, batch, audio (F, T), frames, image side, reps or None for --reps). "small" and
@@ -82,13 +82,12 @@ def measure(setup: str, reps: int = 5, warmup: int = 2, num_classes: int = 6) ->
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
     audio, visual, labels = _inputs(setup, num_classes)
     gen = torch.Generator().manual_seed(0)
-    none, ogm, ogmge = (modulation.build(n, alpha=ALPHA, start_epoch=0, end_epoch=100)
-                        for n in ("none", "ogm", "ogm-ge"))
+    none, ogm, ogmge = (Balancer(n, model.modalities(), alpha=ALPHA) for n in ("none", "ogm", "ogm-ge"))
     hooks = {
         "plain": None,
-        "none": lambda out: none.after_backward(model, out, labels, epoch=0, generator=gen),
-        "ogm": lambda out: ogm.after_backward(model, out, labels, epoch=0, generator=gen),
-        "ogm-ge": lambda out: ogmge.after_backward(model, out, labels, epoch=0, generator=gen),
+        "none": lambda out: none.after_backward(av_output(out), labels),
+        "ogm": lambda out: ogm.after_backward(av_output(out), labels),
+        "ogm-ge": lambda out: ogmge.after_backward(av_output(out), labels),
         "reference-loop": lambda out: reference_after_backward(model, out, labels, generator=gen),
     }
 

@@ -26,7 +26,8 @@ from ogmge_train.errors import (
 
 WALL_TIME = {"time_s", "samples_per_s"}
 EVAL_KEYS = {"loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v"}
-RECORD_KEYS = {"epoch", "lr", "train", "val", "test", "rho_a", "rho_v", "k_a", "k_v", "samples_per_s", "time_s"}
+RECORD_KEYS = {"epoch", "lr", "train", "val", "test", "rho_a", "rho_v", "k_a", "k_v", "update_norm_a", "update_norm_v",
+               "samples_per_s", "time_s"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
