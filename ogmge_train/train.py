@@ -50,6 +50,8 @@ from .plugin import Balancer
 __all__ = ["EVENT_TYPES", "evaluate", "load_checkpoint", "load_run", "select_device", "train"]
 
 EVENT_TYPES = ("start", "epoch_start", "step", "eval", "epoch_end", "end")
+# events only some runs emit: a corrupt sample skipped, a method's own work before an epoch
+OCCASIONAL_EVENTS = ("bad_sample", "method_progress")
 # Settings a resumed run may change: where and how it runs, and for how long (workers and
 # device may change the numbers, but not what the experiment is).
 _RESUMABLE = {"epochs", "workers", "device", "out", "shards", "s3_endpoint"}
@@ -674,7 +676,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     epochs, steps), ``step`` (epoch, step in epoch, steps, loss, acc so far, rho_a, rho_v, k_a,
     k_v, samples_per_s over all ranks), ``eval`` (epoch, split), ``epoch_end`` (epoch, record:
     the metrics.jsonl line, best: whether best.pt was updated), ``bad_sample`` (shard, key, problem:
-    a corrupt sample rank 0's loader skipped), ``end`` (summary). An exception
+    a corrupt sample rank 0's loader skipped), ``method_progress`` (method, task, done, total,
+    eta_s: a method's own work before an epoch, e.g. gradient-blending's weight estimate, one unit
+    per batch of its model copies), ``end`` (summary). An exception
     raised by ``on_event`` stops training; the last checkpoint stays resumable.
     ``on_epoch_end(dict)`` is called on every rank after each epoch's checkpoint with ``epoch``,
     ``step`` (global), ``rank`` and ``model`` (the unwrapped model; e.g. to compare ranks).

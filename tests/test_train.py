@@ -437,3 +437,26 @@ def test_every_method_trains_with_every_fusion_it_allows(shards, tmp_path, metho
         assert all(-1 <= s["cos_a"] <= 1 and 0 <= s["w_v"] <= 1 for s in steps)
         assert "aux_heads.audio.weight" in ckpt(tmp_path / "run" / "last.pt")["model"]
     assert "method" in ckpt(tmp_path / "run" / "last.pt")
+
+
+def test_update_norms_are_each_encoders_mean_step_change(shards, tmp_path, monkeypatch):
+    """metrics.jsonl's update_norm_a/_v = mean over the epoch's steps of ||theta_after - theta_before||
+    of all of that encoder's parameters (issue 20's mechanism plot), here with OGM-GE under SGD."""
+    from ogmge_train.plugin import Balancer
+
+    norms = {"audio": [], "visual": []}
+    real = Balancer.train_step
+
+    def spy(self, inputs, labels, optimizer, **kw):
+        before = {u: [p.detach().clone() for p in self.modalities.params(u)] for u in norms}
+        result = real(self, inputs, labels, optimizer, **kw)
+        for u in norms:
+            diff = torch.cat([(p.detach() - b).double().flatten() for p, b in zip(self.modalities.params(u), before[u])])
+            norms[u].append(diff.norm().item())
+        return result
+
+    monkeypatch.setattr(Balancer, "train_step", spy)
+    train_mod.train(tiny_config(shards, tmp_path / "run", epochs=1, optimizer="sgd", lr=0.05))
+    (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    for u, key in (("audio", "update_norm_a"), ("visual", "update_norm_v")):
+        assert record[key] == pytest.approx(sum(norms[u]) / len(norms[u]), rel=1e-5) and record[key] > 0
