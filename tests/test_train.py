@@ -169,9 +169,11 @@ class Crash(Exception):
 
 @pytest.mark.parametrize("fusion,modulation", [("concat", "ogm-ge"), ("film", "modality-drop"), ("sum", "opm-ge"),
                                                ("gated", "pmr"), ("concat", "mmpareto"), ("sum", "gradient-blending"),
-                                               ("film", "agm")])
+                                               ("film", "agm"), ("gated", "ogm-ge+paper")])
 def test_resume_is_bit_exact(shards, tmp_path, fusion, modulation):
-    kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05, gb_super_epoch=2)
+    modulation, _, noise = modulation.partition("+")          # ogm-ge+paper: --ge-noise paper
+    kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05, gb_super_epoch=2,
+              ge_noise=noise or "code")
     full = tmp_path / "full"
     train_mod.train(tiny_config(shards, full, **kw))
 

@@ -291,10 +291,15 @@ class PaperNoise:
     def __init__(self):
         self.pending: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
 
+    @staticmethod
+    def draw(n: int, step: Step) -> torch.Tensor:
+        """``z``: one standard normal per sample of this rank (reproducible, different per rank)."""
+        g = step.local_generator
+        return torch.randn(n, generator=g, device=g.device, dtype=torch.float32)
+
     def prepare(self, per_sample: torch.Tensor, params: Sequence[torch.Tensor], step: Step) -> None:
         """Before the main backward: the z-weighted gradients of the per-sample losses."""
-        z = torch.randn(per_sample.shape[0], generator=step.local_generator, device=step.local_generator.device,
-                        dtype=torch.float32).to(per_sample.device)
+        z = self.draw(per_sample.shape[0], step).to(per_sample.device)
         grads = torch.autograd.grad((z * per_sample).sum(), params, retain_graph=True, allow_unused=True)
         flat = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         vec = torch.cat([*(g.flatten() for g in flat),
