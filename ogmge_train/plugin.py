@@ -132,11 +132,8 @@ class Balancer:
         return (*(h for h in ("begin_epoch", *_PER_STEP) if self._needs(h)), "after_backward")
 
     def _needs(self, hook: str) -> bool:
-        if hook == "begin_step" and "inputs" in self.method.needs:
-            return True
-        if hook == "transform_features" and not self.method.uses("transform_features"):
-            return False
-        return self.method.uses(hook)
+        """Whether a loop of one's own must call ``hook`` (begin_step also for methods reading inputs)."""
+        return self.method.uses(hook) or (hook == "begin_step" and "inputs" in self.method.needs)
 
     # -- epochs
 

@@ -50,8 +50,6 @@ from .plugin import Balancer
 __all__ = ["EVENT_TYPES", "evaluate", "load_checkpoint", "load_run", "select_device", "train"]
 
 EVENT_TYPES = ("start", "epoch_start", "step", "eval", "epoch_end", "end")
-# events only some runs emit: a corrupt sample skipped, a method's own work before an epoch
-OCCASIONAL_EVENTS = ("bad_sample", "method_progress")
 # Settings a resumed run may change: where and how it runs, and for how long (workers and
 # device may change the numbers, but not what the experiment is).
 _RESUMABLE = {"epochs", "workers", "device", "out", "shards", "s3_endpoint"}
@@ -448,10 +446,6 @@ class _EpochLoop:
 
     def __init__(self, setup: _Setup):
         self.s = setup
-
-    def _reduce(self):
-        s = self.s
-        return dist.all_reduce if s.info.world_size > 1 else None
 
     def _begin_epoch(self, epoch: int) -> None:
         s = self.s

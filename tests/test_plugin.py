@@ -581,3 +581,30 @@ def test_agm_refuses_three_modalities():
     model, side = _tri()
     with pytest.raises(ConfigError, match="agm is defined for 2 modalities, not 3"):
         Balancer("agm", side)
+
+
+def test_agm_on_a_model_of_ones_own():
+    """agm runs the model itself (zeroed inputs): with forward= and head= it trains the README's model
+    through train_step and through a loop's hooks alike."""
+    ns = readme_example()
+    torch.manual_seed(4)
+    a = ns["TinyAV"]()
+    b = copy.deepcopy(a)
+    sides = [Modalities(m, {"audio": m.audio, "video": m.video}, forward=lambda m, i, h: m(i, h), head=m.head)
+             for m in (a, b)]
+    hooks, steps = Balancer("agm", sides[0], agm_alpha=0.4), Balancer("agm", sides[1], agm_alpha=0.4)
+    opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (a, b))
+    for _ in range(2):
+        inputs, labels = ns["batch"](8)
+        hooks.begin_step(labels, inputs)
+        out = a(inputs)
+        loss = hooks.loss(out, labels)
+        opt_a.zero_grad()
+        loss.backward()
+        stats = hooks.after_backward(out, labels)
+        opt_a.step()
+        assert steps.train_step(inputs, labels, opt_b).stats == stats
+    assert stats["k_a"] != 1.0 and stats["agm_t_a"] > 0
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ConfigError, match=r"agm needs Modalities\(\.\.\., head=\.\.\.\)"):
+        Balancer("agm", Modalities(a, {"audio": a.audio, "video": a.video}, forward=lambda m, i, h: m(i, h)))
