@@ -52,6 +52,9 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--modulation-scope", dict(type=choice("modulation_scope"), show_default=_default("modulation_scope"),
                                 help="Gradients modulated: encoder conv weights (reference code) or all encoder "
                                      "parameters.")),
+    ("--ge-noise", dict(type=choice("ge_noise"), show_default=_default("ge_noise"),
+                        help="GE noise: code (N(0, std(g)) per tensor, as the official code) or paper (the "
+                             "mini-batch gradient covariance of eq. 13; one extra backward per step).")),
     ("--drop-p", dict(type=float, show_default=_default("drop_p"),
                       help="Probability that a sample loses a modality (--modulation modality-drop).")),
     ("--drop-modality", dict(type=choice("drop_modality"), show_default=_default("drop_modality"),
@@ -137,6 +140,7 @@ class TrainProgress:
     def __enter__(self):
         self.progress = _ui.make_progress("steps", extra="stats").__enter__()
         self.task = None
+        self.method_tasks: dict[tuple[str, str], int] = {}
         self.config: dict = {}
         return self
 
@@ -158,6 +162,14 @@ class TrainProgress:
             if self.bimodal:
                 stats += f" rho_a {_fmt(e['rho_a'], 2)}"
             self.progress.update(self.task, completed=e["step"], stats=f"{stats} {e['samples_per_s']:.0f} samples/s")
+        elif kind == "method_progress":     # a method's own work before an epoch (gradient-blending's estimate)
+            key = (e["method"], e["task"])
+            if key not in self.method_tasks:
+                self.method_tasks[key] = self.progress.add_task(f"{e['method']}: {e['task']}", total=e["total"],
+                                                                stats="")
+            self.progress.update(self.method_tasks[key], completed=e["done"])
+            if e["done"] >= e["total"]:
+                self.progress.remove_task(self.method_tasks.pop(key))
         elif kind == "bad_sample":
             _ui.warn(f"skipped corrupt sample {e['key']} of {e['shard']}: {e['problem']}")
         elif kind == "eval":

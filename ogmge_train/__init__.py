@@ -8,6 +8,10 @@ Public API (imported lazily, so ``import ogmge_train.config`` stays cheap)::
     summary = train(cfg, on_event=print)          # RUN/config.json, metrics.jsonl, best.pt, ...
     evaluate("RUN", split="test", which="best")
 
+A method in a training loop of one's own (README: Plug-in API)::
+
+    from ogmge_train.plugin import Balancer, Modalities, Output
+
 ``train`` (the function) is not re-exported here: the name belongs to the submodule
 ``ogmge_train.train``, and shadowing it would make ``import ogmge_train.train`` ambiguous.
 """

@@ -17,6 +17,7 @@ CHOICES = {
     "fusion": names.FUSIONS,
     "modulation": names.METHODS,
     "modulation_scope": names.SCOPES,
+    "ge_noise": names.GE_NOISES,
     "drop_modality": names.DROP_MODALITIES,
     "drop_at": names.DROP_AT,
     "modality": names.MODALITIES,
@@ -53,6 +54,7 @@ class TrainConfig:
     modulation_start: int = 0             # first modulated epoch (inclusive)
     modulation_end: int = 50              # last modulated epoch (inclusive; reference code's default)
     modulation_scope: str = "conv"
+    ge_noise: str = "code"                # GE noise: code (official code, N(0, std(g))) or paper (eq. 13 covariance)
     drop_p: float = 0.5                   # modality-drop probability
     drop_modality: str = "either"         # modality-drop: which modality a dropped sample loses
     drop_at: str = "features"             # modality-drop: zero the pooled features or the input

@@ -17,6 +17,10 @@ discrepancy ratio and the unimodal metrics use):
   keeps the other input in distribution: pooled ReLU features are positive with a large mean, so a
   zero vector is far from anything the head was trained on. It is deterministic at evaluation
   (does not depend on batch composition); the cost is two extra head evaluations per batch.
+
+``AVModel.modalities(scope)`` is the model side of the plug-in API (``ogmge_train.modalities``):
+modalities "audio" and "visual", their encoders, the modulated parameters of ``scope``, the forward
+and the head's unimodal logits.
 """
 from __future__ import annotations
 
@@ -27,25 +31,46 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .names import ARCHS, FUSIONS, HEAD_INITS, MODALITIES
+from .modalities import Modalities, Output
+from .names import ARCHS, FUSIONS, HEAD_INITS, MODALITIES, SCOPES
 
-__all__ = ["ARCHS", "FUSIONS", "HEAD_INITS", "MODALITIES", "AVModel", "ModelOutput", "build_model"]
+__all__ = ["ARCHS", "FUSIONS", "HEAD_INITS", "MODALITIES", "AVModel", "ModelOutput", "av_output", "build_model"]
 
 FeatureHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ModelOutput(NamedTuple):
-    """Fused logits (B, C), unimodal logits (None for a missing modality) and pooled features;
-    ``aux_a``/``aux_v``: logits of the separate unimodal heads (only models built with
-    ``aux_heads=True``, for methods that train a classifier per modality)."""
+    """Fused logits (B, C), unimodal logits (None for a missing modality) and pooled features."""
 
     logits: torch.Tensor
     logits_a: torch.Tensor | None
     logits_v: torch.Tensor | None
     feat_a: torch.Tensor | None
     feat_v: torch.Tensor | None
-    aux_a: torch.Tensor | None = None
-    aux_v: torch.Tensor | None = None
+
+
+def av_output(out: ModelOutput) -> Output:
+    """The plug-in API's view of a forward pass (modalities "audio" and "visual", those present)."""
+    pairs = (("audio", out.logits_a, out.feat_a), ("visual", out.logits_v, out.feat_v))
+    return Output(out.logits, {u: lg for u, lg, _ in pairs if lg is not None},
+                  {u: f for u, _, f in pairs if f is not None})
+
+
+def _forward(model, inputs: dict, hook) -> Output:
+    """``Modalities.forward`` of an AVModel (or its DDP wrapper, or a copy)."""
+    audio, visual = inputs.get("audio"), inputs.get("visual")
+    if hook is None:
+        return av_output(model(audio, visual))
+
+    def feature_hook(a, v):
+        f = hook({"audio": a, "visual": v})
+        return f["audio"], f["visual"]
+    return av_output(model(audio, visual, feature_hook=feature_hook))
+
+
+def _unimodal(model, features: dict) -> dict:
+    logits_a, logits_v = model.unimodal_logits(features["audio"], features["visual"])
+    return {"audio": logits_a, "visual": logits_v}
 
 
 # ---------------------------------------------------------------- encoders
@@ -255,7 +280,7 @@ class AVModel(nn.Module):
     """
 
     def __init__(self, arch: str, fusion: str, num_classes: int, modality: str = "both",
-                 head_init: str = "xavier", aux_heads: bool = False):
+                 head_init: str = "xavier"):
         super().__init__()
         self.arch, self.fusion, self.modality, self.num_classes = arch, fusion, modality, num_classes
         self.audio_encoder = AudioEncoder(arch) if modality in ("both", "audio") else None
@@ -265,13 +290,8 @@ class AVModel(nn.Module):
         else:
             enc = self.audio_encoder or self.visual_encoder
             self.head = nn.Linear(enc.out_dim, num_classes)
-        self.aux_heads = None
-        if aux_heads and modality == "both":  # one linear classifier per modality (MMPareto)
-            self.aux_heads = nn.ModuleDict({"audio": nn.Linear(self.audio_encoder.out_dim, num_classes),
-                                            "visual": nn.Linear(self.visual_encoder.out_dim, num_classes)})
-        heads = [self.head] + ([self.aux_heads] if self.aux_heads is not None else [])
         if head_init == "xavier":  # the reference code's weight_init: xavier-normal weights, zero bias
-            for m in (m for h in heads for m in h.modules()):
+            for m in self.head.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_normal_(m.weight)
                     nn.init.zeros_(m.bias)
@@ -295,10 +315,22 @@ class AVModel(nn.Module):
         if feature_hook is not None:
             feat_a, feat_v = feature_hook(feat_a, feat_v)
         logits, logits_a, logits_v = self.head(feat_a, feat_v)
-        if self.aux_heads is not None:
-            return ModelOutput(logits, logits_a, logits_v, feat_a, feat_v,
-                               self.aux_heads["audio"](feat_a), self.aux_heads["visual"](feat_v))
         return ModelOutput(logits, logits_a, logits_v, feat_a, feat_v)
+
+    def modalities(self, scope: str = "conv") -> Modalities:
+        """The model side of the plug-in API: modalities "audio" and "visual" (those this model
+        has), each encoder's parameters, the modulated ones of ``scope`` ("conv": the conv
+        weights, as the reference code; "all": every encoder parameter), the forward, the head's
+        unimodal logits and its Linear weights (AGM's clipping rule)."""
+        if scope not in SCOPES:
+            raise ConfigError(f"modulation scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+        names = [u for u in ("audio", "visual") if self.encoder(u) is not None]
+        encoders = {u: self.encoder(u) for u in names}
+        return Modalities(self, encoders, modulated={u: [p for _, p in self.modulated_parameters(u, scope)]
+                                                     for u in names},
+                          forward=_forward, unimodal=_unimodal if self.modality == "both" else None,
+                          head=[m.weight for m in self.head.modules() if isinstance(m, nn.Linear)],
+                          num_classes=self.num_classes, dims={u: e.out_dim for u, e in encoders.items()})
 
     def encoder(self, modality: str) -> nn.Module | None:
         """The encoder of ``modality`` ("audio" or "visual"); None when the model lacks it."""
@@ -325,14 +357,12 @@ class AVModel(nn.Module):
 
 
 def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both",
-                head_init: str = "xavier", aux_heads: bool = False) -> AVModel:
+                head_init: str = "xavier") -> AVModel:
     """The model of README: Training, randomly initialised (no pretrained weights).
 
     ``head_init``: ``xavier`` (the reference code: xavier-normal weights, zero bias, every Linear
     of the head) or ``torch`` (PyTorch's default Linear initialisation).
 
-    ``aux_heads``: add a linear classifier per modality on its pooled features (``aux_a``/``aux_v``
-    of the output), for the methods in ``names.AUX_HEAD_METHODS``.
     ``fusion`` is ignored for unimodal models (``modality`` "audio" or "visual"): they are one
     encoder and a linear classifier, the paper's audio-only / visual-only baselines.
     """
@@ -342,4 +372,4 @@ def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both"
             raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
     if num_classes < 2:
         raise ConfigError(f"num_classes must be >= 2, not {num_classes}")
-    return AVModel(arch, fusion, num_classes, modality, head_init, aux_heads)
+    return AVModel(arch, fusion, num_classes, modality, head_init)

@@ -13,11 +13,11 @@ HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
 METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
            "agm")
-# methods that train a separate linear classifier per modality (the model gets aux_heads)
-AUX_HEAD_METHODS = ("gradient-blending", "mmpareto")
 # methods that work with some fusion heads only (the others work with every head)
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum")}
 SCOPES = ("conv", "all")
+# GE's noise: the official code's N(0, std(g)) per tensor, or the paper's mini-batch gradient covariance
+GE_NOISES = ("code", "paper")
 DROP_MODALITIES = ("either", "audio", "visual")
 # modality-drop: zero the dropped modality's pooled features, or its input (the paper's Table 2)
 DROP_AT = ("features", "input")

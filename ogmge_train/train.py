@@ -45,6 +45,7 @@ from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, RunFolderError
 from .metrics import output_metrics
 from .models import AVModel, build_model
+from .plugin import Balancer
 
 __all__ = ["EVENT_TYPES", "evaluate", "load_checkpoint", "load_run", "select_device", "train"]
 
@@ -75,12 +76,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The GE noise generator of one optimizer step: same seed on every rank, new per step."""
-    s = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(s[0]) << 32 | int(s[1]))
 
 
 def _rng_state() -> dict:
@@ -192,8 +187,21 @@ def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def _build_model(cfg: TrainConfig, num_classes: int) -> AVModel:
-    return build_model(cfg.arch, cfg.fusion, num_classes, cfg.modality, cfg.head_init,
-                       aux_heads=cfg.modulation in names.AUX_HEAD_METHODS)
+    return build_model(cfg.arch, cfg.fusion, num_classes, cfg.modality, cfg.head_init)
+
+
+# TrainConfig fields build() takes as named arguments; every other field is offered to the method,
+# which keeps those its class lists in ``options``
+_NAMED = ("modulation", "alpha", "modulation_start", "modulation_end", "fusion")
+
+
+def _balancer(cfg: TrainConfig, model: AVModel) -> Balancer:
+    """The run's method on ``model`` (its heads, if any, added to the model): the plug-in API's
+    ``Balancer``, the same object a loop of one's own uses."""
+    method = modulation.build(cfg.modulation, alpha=cfg.alpha or 0.0, start_epoch=cfg.modulation_start,
+                              end_epoch=cfg.modulation_end, fusion=cfg.fusion if cfg.modality == "both" else None,
+                              **{k: v for k, v in cfg.to_dict().items() if k not in _NAMED})
+    return Balancer(method, model.modalities(cfg.modulation_scope), seed=cfg.seed)
 
 
 # ---------------------------------------------------------------- data
@@ -230,17 +238,20 @@ def _to(batch: dict, device: torch.device):
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def _predict(model: AVModel, loader, device: torch.device, cfg: TrainConfig) -> dict:
-    """This rank's logits (fused and unimodal), labels and keys for one pass over ``loader``."""
-    model.eval()
+def _predict(plug: Balancer, loader, device: torch.device, cfg: TrainConfig) -> dict:
+    """This rank's logits (fused by the method's evaluation rule, and unimodal), labels and keys
+    for one pass over ``loader``."""
+    plug.modalities.model.eval()
     parts: dict[str, list] = {"logits": [], "logits_a": [], "logits_v": [], "labels": [], "keys": []}
     for batch in loader:
         audio, visual, labels = _to(batch, device)
         with _autocast(cfg, device):
-            out = model(audio, visual)
-        for k in ("logits", "logits_a", "logits_v"):
-            if getattr(out, k) is not None:
-                parts[k].append(getattr(out, k).float().cpu())
+            out = plug.modalities.run({"audio": audio, "visual": visual})
+            logits = plug.predict(out)
+        parts["logits"].append(logits.float().cpu())
+        for k, u in (("logits_a", "audio"), ("logits_v", "visual")):
+            if u in out.unimodal:
+                parts[k].append(out.unimodal[u].float().cpu())
         parts["labels"].append(labels.cpu())
         parts["keys"].extend(batch["key"])
     return {k: (torch.cat(v) if v and k != "keys" else v) for k, v in parts.items()}
@@ -275,10 +286,10 @@ def _metrics(pred: dict, split: str = "") -> dict:
     return {"loss": F.cross_entropy(pred["logits"], labels).item(), **output_metrics(pred)}
 
 
-def _evaluate_split(model: AVModel, cfg: TrainConfig, split: str, device, info: dist.DistInfo,
+def _evaluate_split(plug: Balancer, cfg: TrainConfig, split: str, device, info: dist.DistInfo,
                     source=None, on_bad_sample=None) -> dict:
     loader = _loader(cfg, split, train=False, epoch=0, info=info, source=source, on_bad_sample=on_bad_sample)
-    local = _predict(model, loader, device, cfg)
+    local = _predict(plug, loader, device, cfg)
     return _metrics(_gather_predictions(local), split)
 
 
@@ -305,8 +316,10 @@ class EpochStats:
     rho_v: float = 0.0
     k_a: float = 0.0
     k_v: float = 0.0
+    update_norm_a: float = 0.0     # sums over steps of ||theta_after - theta_before|| of each encoder
+    update_norm_v: float = 0.0
 
-    def add_step(self, loss: float, n: int, correct: list[float], stats: dict) -> None:
+    def add_step(self, loss: float, n: int, correct: list[float], stats: dict, norms: list[float]) -> None:
         self.loss_sum += loss * n
         self.correct += correct[0]
         self.correct_a += correct[1]
@@ -315,6 +328,8 @@ class EpochStats:
         self.steps += 1
         for k in modulation.STAT_KEYS:
             setattr(self, k, getattr(self, k) + stats[k])
+        self.update_norm_a += norms[0]
+        self.update_norm_v += norms[1]
 
     def reduced(self, device: torch.device) -> EpochStats:
         """Sums over ranks (on the training device: NCCL reduces CUDA tensors only)."""
@@ -342,6 +357,15 @@ class _Setup:
         self.resume = resume
         self._check_splits()
 
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken (the balancer counts them: its noise generators are seeded by it)."""
+        return self.plug.step
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self.plug.step = value
+
     def bad_sample(self, shard: str, key: str, problem: str) -> None:
         """A corrupt sample the loader skipped (the loader raises ``DataError`` past its threshold)."""
         self.emit({"event": "bad_sample", "shard": shard, "key": key, "problem": problem})
@@ -366,16 +390,11 @@ class _Setup:
         cfg = self.cfg
         _seed_all(cfg.seed)
         self.model = _build_model(cfg, len(self.dataset.classes)).to(self.device)
+        self.plug = _balancer(cfg, self.model)      # before DDP and the optimizer: it may add heads
         self.net = self.model
         if self.info.world_size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.method = modulation.build(
-            cfg.modulation, alpha=cfg.alpha, start_epoch=cfg.modulation_start, end_epoch=cfg.modulation_end,
-            scope=cfg.modulation_scope, fusion=cfg.fusion if cfg.modality == "both" else None,
-            **{k: getattr(cfg, k) for k in ("drop_p", "drop_modality", "opm_q_base", "opm_lam", "opm_p_exe",
-                                           "pmr_alpha", "pmr_momentum", "gb_super_epoch", "gb_holdout",
-                                           "agm_alpha", "drop_at", "pmr_entropy", "pmr_entropy_epochs")})
         self.opt = _optimizer(cfg, self.model.parameters())
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         self.global_step = 0
@@ -408,7 +427,7 @@ class _Setup:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
-        self.method.load_state_dict(ckpt.get("method", {}))
+        self.plug.method.load_state_dict(ckpt.get("method", {}))
         self.global_step = int(ckpt["step"])
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.best = dict(ckpt["best"])
@@ -428,10 +447,6 @@ class _EpochLoop:
     def __init__(self, setup: _Setup):
         self.s = setup
 
-    def _reduce(self):
-        s = self.s
-        return dist.all_reduce if s.info.world_size > 1 else None
-
     def _begin_epoch(self, epoch: int) -> None:
         s = self.s
 
@@ -439,16 +454,17 @@ class _EpochLoop:
             loader = _loader(s.cfg, "train", train=True, epoch=loader_epoch, info=s.info, source=s.dataset,
                              on_bad_sample=s.bad_sample)
             for batch in loader:
-                yield (*_to(batch, s.device), list(batch["key"]))
+                audio, visual, labels = _to(batch, s.device)
+                yield {"audio": audio, "visual": visual}, labels, list(batch["key"])
 
         def batches(limit: int):
             for i, b in enumerate(keyed(epoch)):
                 if i >= limit:
                     break
-                yield b[:3]
-        s.method.begin_epoch(modulation.EpochStart(
-            s.model, epoch, s.steps, batches, self._reduce(), keyed_batches=keyed,
-            make_optimizer=lambda params: _optimizer(s.cfg, params)))
+                yield b[:2]
+        s.plug.begin_epoch(epoch, steps=s.steps, batches=batches, keyed_batches=keyed,
+                           make_optimizer=lambda params: _optimizer(s.cfg, params), epochs=s.cfg.epochs,
+                           on_event=s.emit)
 
     def _finite(self, loss: torch.Tensor) -> torch.Tensor:
         """Whether the loss and every gradient are finite, as a 0-dim bool tensor (no host sync)."""
@@ -462,53 +478,45 @@ class _EpochLoop:
         cfg, dev = s.cfg, s.device
         self._begin_epoch(epoch)
         s.net.train()
-        reduce = self._reduce()
         skip = cfg.on_nonfinite == "skip"
         totals, steps_log = EpochStats(), []
+        updates = _UpdateNorms(s.plug.modalities)
         t0 = time.perf_counter()
         loader = _loader(cfg, "train", train=True, epoch=epoch, info=s.info, source=s.dataset,
                          on_bad_sample=s.bad_sample)
+        finite: list[torch.Tensor] = []     # per backward of the current step
+
+        def check(loss: torch.Tensor) -> bool:
+            finite.append(self._finite(loss))
+            return bool(finite[-1]) if skip else True   # skipping needs the answer before the update: one sync
         for i, batch in enumerate(loader):
             audio, visual, labels = _to(batch, dev)
-            rows, weight = s.method.train_rows(batch["key"]), 1.0
-            if rows is not None:
-                rows, weight = modulation.keep_rows(rows)
-                rows = rows.to(dev)
-                audio, visual, labels = audio[rows], visual[rows], labels[rows]
-            step = modulation.Step(s.model, labels, epoch, reduce, _step_generator(cfg.seed, s.global_step, dev),
-                                   audio, visual, s.global_step)
             saved = [b.clone() for b in s.model.buffers()] if skip else None
-            s.method.begin_step(step)
-            hook = s.method.feature_hook(training=True, step=step)
-            with _autocast(cfg, dev):
-                out = s.net(audio, visual, feature_hook=hook) if hook else s.net(audio, visual)
-            loss = s.method.loss(out, step)
-            if weight != 1.0:      # a batch with no sample to train on (see modulation.keep_rows)
-                loss = loss * weight
-            s.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            finite = self._finite(loss)
-            if skip and not bool(finite):   # skipping needs the answer before the update: one sync
+            finite.clear()
+            updates.before()
+            # the whole step (rows, method hooks, forward, backward, surgery, optimizer) is the plug-in API's
+            result = s.plug.train_step({"audio": audio, "visual": visual}, labels, s.opt, keys=list(batch["key"]),
+                                       model=s.net, autocast=lambda: _autocast(cfg, dev), on_backward=check)
+            if result is None:
                 for b, kept in zip(s.model.buffers(), saved):
                     b.copy_(kept)
-                s.opt.zero_grad(set_to_none=True)
                 totals.skipped += 1
                 continue
-            stats = s.method.after_backward(s.model, out, labels, epoch=epoch, all_reduce=reduce,
-                                            generator=step.generator)
-            s.opt.step()
+            out, labels = result.out, result.labels
+            stats = {**modulation.UNIT_STATS, **result.stats}    # a unimodal model reports 1.0 for the other
             # one host sync for the step's numbers; a non-finite step stops the run here, before
             # anything is written (the parameters in memory are lost, last.pt is intact)
-            step_loss, *correct, ok = torch.stack([loss.detach(), *(_correct(lg, labels) for lg in out[:3]),
-                                                   finite.float()]).tolist()
+            step_loss, *correct, ok, norm_a, norm_v = torch.stack([
+                result.loss.detach(), *(_correct(lg, labels) for lg in (out.logits, out.unimodal.get("audio"),
+                                                                         out.unimodal.get("visual"))),
+                torch.stack(finite).all().float(), *updates.after()]).tolist()
             if not ok:
                 raise NonFiniteError(
                     f"{s.out}: non-finite loss or gradient in epoch {epoch}, step {i + 1} (global step "
-                    f"{s.global_step + 1}); stopped, last.pt holds the last finite epoch "
+                    f"{s.global_step}); stopped, last.pt holds the last finite epoch "
                     "(--on-nonfinite skip skips such steps)")
-            s.global_step += 1
             n = len(labels)
-            totals.add_step(step_loss, n, correct, stats)
+            totals.add_step(step_loss, n, correct, stats, [norm_a, norm_v])
             steps_log.append({"epoch": epoch, "step": s.global_step, "loss": step_loss, **stats})
             elapsed = time.perf_counter() - t0
             s.emit({"event": "step", "epoch": epoch, "step": i + 1, "steps": s.steps, "loss": step_loss,
@@ -524,7 +532,7 @@ class _EpochLoop:
             train["acc_v"] = t.correct_v / n
         if t.skipped:
             train["skipped_steps"] = int(t.skipped)
-        means = {k: getattr(t, k) / max(t.steps, 1.0) for k in modulation.STAT_KEYS}
+        means = {k: getattr(t, k) / max(t.steps, 1.0) for k in (*modulation.STAT_KEYS, *_UpdateNorms.KEYS)}
         s.rec.append_steps(steps_log)
         return {"train": train, **means, "samples_per_s": t.samples / max(seconds, 1e-9)}
 
@@ -534,7 +542,7 @@ class _EpochLoop:
         result = {}
         for split in s.eval_splits:
             s.emit({"event": "eval", "epoch": epoch, "split": split})
-            result[split] = _evaluate_split(s.model, s.cfg, split, s.device, s.info, s.dataset,
+            result[split] = _evaluate_split(s.plug, s.cfg, split, s.device, s.info, s.dataset,
                                             on_bad_sample=s.bad_sample)
         return result
 
@@ -563,7 +571,7 @@ class _Recording:
             ckpt = {"model": s.model.state_dict(), "optimizer": s.opt.state_dict(),
                     "scheduler": s.sched.state_dict(), "epoch": epoch, "step": s.global_step,
                     "config": s.cfg.to_dict(), "classes": list(s.dataset.classes), "rng": _rng_state(),
-                    "best": dict(s.best), "method": s.method.state_dict()}
+                    "best": dict(s.best), "method": s.plug.method.state_dict()}
             s.rec.append_metrics(record)
             s.rec.save_checkpoint(ckpt, improved)
         return improved
@@ -608,6 +616,40 @@ def _run(s: _Setup, on_epoch_end: EpochHook | None) -> dict:
     return summary
 
 
+class _UpdateNorms:
+    """``update_norm_a``/``update_norm_v`` of one step: ``||theta_after - theta_before||_2`` over all
+    parameters of each encoder (the modulation's effect on the update, issue 20; 0 for a missing
+    encoder). Costs one copy of the encoder parameters in memory and a copy, a subtraction and
+    a norm of them per step (BENCHMARKS.md: OGM-GE overhead)."""
+
+    KEYS = ("update_norm_a", "update_norm_v")
+
+    def __init__(self, modalities):
+        self.params = [modalities.params(u) if u in modalities.names else [] for u in ("audio", "visual")]
+        with torch.no_grad():
+            self.saved = [[p.detach().clone() for p in ps] for ps in self.params]
+
+    @torch.no_grad()
+    def before(self) -> None:
+        for saved, ps in zip(self.saved, self.params):
+            if ps:
+                torch._foreach_copy_(saved, [p.detach() for p in ps])
+
+    @torch.no_grad()
+    def after(self) -> list[torch.Tensor]:
+        norms = []
+        for saved, ps in zip(self.saved, self.params):
+            if not ps:
+                norms.append(torch.zeros((), device=self._device()))
+                continue
+            torch._foreach_sub_(saved, [p.detach() for p in ps])
+            norms.append(torch.stack(torch._foreach_norm(saved)).norm().float())
+        return norms
+
+    def _device(self):
+        return next(p.device for ps in self.params for p in ps)
+
+
 def _correct(logits, labels) -> torch.Tensor:
     """Number of right arg-max predictions, as a float tensor on the device (0 for a missing modality)."""
     if logits is None:
@@ -628,7 +670,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     epochs, steps), ``step`` (epoch, step in epoch, steps, loss, acc so far, rho_a, rho_v, k_a,
     k_v, samples_per_s over all ranks), ``eval`` (epoch, split), ``epoch_end`` (epoch, record:
     the metrics.jsonl line, best: whether best.pt was updated), ``bad_sample`` (shard, key, problem:
-    a corrupt sample rank 0's loader skipped), ``end`` (summary). An exception
+    a corrupt sample rank 0's loader skipped), ``method_progress`` (method, task, done, total,
+    eta_s: a method's own work before an epoch, e.g. gradient-blending's weight estimate, one unit
+    per batch of its model copies), ``end`` (summary). An exception
     raised by ``on_event`` stops training; the last checkpoint stays resumable.
     ``on_epoch_end(dict)`` is called on every rank after each epoch's checkpoint with ``epoch``,
     ``step`` (global), ``rank`` and ``model`` (the unwrapped model; e.g. to compare ranks).
@@ -648,14 +692,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
 
 def load_run(run_dir, which: str = "best", device: str = "cpu") -> tuple[AVModel, TrainConfig, dict]:
     """The model of checkpoint ``which`` ("best" or "last") in eval mode, its config and the checkpoint."""
+    _, model, cfg, ckpt = _load_run(run_dir, which, device)
+    return model, cfg, ckpt
+
+
+def _load_run(run_dir, which: str, device) -> tuple[Balancer, AVModel, TrainConfig, dict]:
+    """``load_run`` plus the run's method (its heads are part of the model; its state, e.g. a
+    test-time fusion rule's, is restored)."""
     if which not in ("best", "last"):
         raise ConfigError(f"--which must be best or last, not {which!r}")
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / f"{which}.pt")
     cfg = TrainConfig.from_dict(ckpt["config"])
     model = _build_model(cfg, len(ckpt["classes"]))
+    plug = _balancer(cfg, model)
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg, ckpt
+    plug.method.load_state_dict(ckpt.get("method", {}))
+    return plug, model.to(device).eval(), cfg, ckpt
 
 
 def evaluate(run_dir, split: str = "test", which: str = "best", *, shards: str | None = None,
@@ -670,11 +723,11 @@ def evaluate(run_dir, split: str = "test", which: str = "best", *, shards: str |
     dev = select_device(device, info.local_rank)
     info = dist.init(dev)
     try:
-        model, cfg, _ = load_run(run_dir, which, device=dev)
+        plug, _, cfg, _ = _load_run(run_dir, which, device=dev)
         changes = {k: v for k, v in (("shards", shards), ("workers", workers), ("batch_size", batch_size))
                    if v is not None}
         cfg = dataclasses.replace(cfg, **changes)
-        return _evaluate_split(model, cfg, split, dev, info)
+        return _evaluate_split(plug, cfg, split, dev, info)
     finally:
         if owns_group:
             dist.shutdown()

@@ -195,6 +195,19 @@ def test_training_in_a_log_prints_periodic_step_lines(shards, tmp_path):
     assert len(epoch) == 1 and "rho" not in epoch[0] and " k_" not in epoch[0], epoch   # unimodal
 
 
+def test_gradient_blending_estimate_shows_progress_with_an_eta(shards, tmp_path):
+    """The OGR weight estimate (copies of the model trained before epoch 0) reports its progress; its
+    copies train for the epochs the run has (1 here), not --gb-super-epoch (10)."""
+    code, output = cli("--shards", shards, "--out", tmp_path / "run", *TINY, "--modulation", "gradient-blending",
+                       "--gb-super-epoch", "10", env={"AVPREP_PROGRESS_INTERVAL": "0"})
+    assert code == 0, output
+    steps = int(next(line for line in output.splitlines() if line.startswith("training on")).split(", ")[-1].split()[0])
+    lines = [line for line in output.splitlines() if line.startswith("gradient-blending: OGR weight estimate: ")]
+    total = 3 * (1 + 2) * steps                      # 3 outputs x (1 epoch of training + 2 loss passes)
+    assert lines and all(f"/{total} steps" in line for line in lines), output
+    assert any("ETA" in line for line in lines)
+
+
 def test_epoch_line_shows_rho_a_for_bimodal_runs_and_k_only_for_ogm():
     r = {"epoch": 2, "train": {"loss": 0.5, "acc": 0.75}, "val": {"acc": 0.5, "map": 0.6}, "test": {},
          "rho_a": 1.5, "rho_v": 1 / 1.5, "k_a": 0.2, "k_v": 1.0, "samples_per_s": 12.3}

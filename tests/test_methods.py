@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ogmge_train import modulation
-from ogmge_train.models import build_model
+from ogmge_train.models import av_output, build_model
 from ogmge_train.modulation import opm as opm_mod
+from ogmge_train.plugin import Balancer
 
 B, C = 8, 5
 
@@ -25,6 +26,14 @@ def _batch(seed=0):
 def _model(fusion="concat", seed=0):
     torch.manual_seed(seed)
     return build_model("small", fusion, C)
+
+
+def _inputs(audio, visual):
+    return {"audio": audio, "visual": visual}
+
+
+def _step(side, labels, epoch=0, **kw):
+    return modulation.Step(side, labels, epoch, **kw)
 
 
 def _softmax_true(logits, y):
@@ -65,9 +74,10 @@ def test_opm_step_matches_reference(fusion):
     method = modulation.build("opm", alpha=0.0, start_epoch=0, end_epoch=None, fusion=fusion,
                               opm_q_base=0.6, opm_lam=0.9, opm_p_exe=1.0)
     twin = copy.deepcopy(model)
-    step = modulation.Step(model, labels, epoch=0)
+    side = model.modalities()
+    step = _step(side, labels)
     torch.manual_seed(3)
-    out = model(audio, visual, feature_hook=method.feature_hook(True, step))
+    out = side.run(_inputs(audio, visual), method.feature_hook(True, step))
     method.loss(out, step).backward()
 
     # reference: the twin's own features, q by the per-sample loop, the mask read off the output
@@ -75,7 +85,7 @@ def test_opm_step_matches_reference(fusion):
     q = _reference_q(twin, fa.detach(), fv.detach(), labels, 0.6, 0.9)
     assert method.last_q.tolist() == pytest.approx(q, rel=1e-5)
     assert min(q) == 0.0 and max(q) > 0.6                      # only the dominant one drops
-    keep = [(~(out.feat_a == 0).all(1)).float(), (~(out.feat_v == 0).all(1)).float()]
+    keep = [(~(out.features[u] == 0).all(1)).float() for u in ("audio", "visual")]
     dominant = 0 if q[0] > 0 else 1
     assert keep[1 - dominant].all() and not keep[dominant].all()
     theta = (fa.shape[1] * q[0] + fv.shape[1] * q[1]) / (fa.shape[1] + fv.shape[1])
@@ -98,7 +108,8 @@ def test_opm_drop_rates_and_p_exe():
         if torch.rand(()) < 0.7:
             drops += 1
             keep = (torch.rand(2, 2000, 1) >= q.view(2, 1, 1)).float()
-            a, v = opm_mod.drop(fa, fv, q, keep)
+            dropped = opm_mod.drop(_inputs(fa, fv), q, keep)
+            a, v = dropped["audio"], dropped["visual"]
             rate.append((v == 0).all(1).float().mean().item())
             assert not (a == 0).all(1).any()
             assert torch.allclose(a, fa / (1 - 0.2))                  # theta = (16*0 + 16*0.4)/32
@@ -110,11 +121,11 @@ def test_opm_inactive_outside_epochs_and_at_eval():
     model = _model()
     _, _, labels = _batch()
     method = modulation.build("opm", alpha=0.0, start_epoch=6, end_epoch=None)
-    step = modulation.Step(model, labels, epoch=5)
-    fa, fv = torch.rand(B, 128), torch.rand(B, 128)
-    assert method.transform_features(fa, fv, training=True, step=step) == (fa, fv)
+    step = _step(model.modalities(), labels, epoch=5)
+    features = _inputs(torch.rand(B, 128), torch.rand(B, 128))
+    assert method.transform_features(features, training=True, step=step) is features
     step.epoch = 6
-    assert method.transform_features(fa, fv, training=False, step=step) == (fa, fv)
+    assert method.transform_features(features, training=False, step=step) is features
 
 
 def test_opm_ge_adds_noise_without_scaling():
@@ -125,7 +136,8 @@ def test_opm_ge_adds_noise_without_scaling():
     F.cross_entropy(out.logits, labels).backward()
     before = {n: p.grad.clone() for n, p in model.named_parameters()}
     method = modulation.build("opm-ge", alpha=0.5, start_epoch=0, end_epoch=None)
-    stats = method.after_backward(model, out, labels, epoch=0, generator=torch.Generator().manual_seed(5))
+    stats = method.after_backward(av_output(out), _step(model.modalities(), labels,
+                                                        generator=torch.Generator().manual_seed(5)))
     assert stats["k_a"] == stats["k_v"] == 1.0
     order = [n for m in ("audio", "visual") for n, _ in model.modulated_parameters(m)]
     z = torch.randn(sum(before[n].numel() for n in order), generator=torch.Generator().manual_seed(5))
@@ -139,15 +151,22 @@ def test_opm_ge_adds_noise_without_scaling():
 
 # ---------------------------------------------------------------- PMR
 
-def _start(model, batches, epoch=0, steps=10):
-    return modulation.EpochStart(model, epoch, steps, lambda n: iter(batches[:n]))
+def _start(side, batches, epoch=0, steps=10):
+    return modulation.EpochStart(side, epoch, steps, lambda n: iter([(_inputs(a, v), y) for a, v, y in batches[:n]]))
+
+
+def _pmr(**kw):
+    method = modulation.build("pmr", alpha=0.0, start_epoch=kw.pop("start_epoch", 0), end_epoch=kw.pop("end_epoch", None),
+                              **kw)
+    method.setup(_model().modalities())
+    return method
 
 
 def test_pmr_prototypes_are_class_means_then_momentum():
     model = _model("gated")
     batches = [_batch(s) for s in range(3)]
-    method = modulation.build("pmr", alpha=0.0, start_epoch=0, end_epoch=None, pmr_momentum=0.2)
-    method.begin_epoch(_start(model, batches, steps=25))          # max(1, 25 // 10) = 2 batches
+    method = _pmr(pmr_momentum=0.2)
+    method.begin_epoch(_start(model.modalities(), batches, steps=25))          # max(1, 25 // 10) = 2 batches
     model.eval()
     with torch.no_grad():
         feats = [model(a, v) for a, v, _ in batches[:2]]
@@ -158,22 +177,22 @@ def test_pmr_prototypes_are_class_means_then_momentum():
         rows = [i for i in range(len(labels)) if labels[i] == c]
         want_a = sum(fa[i] for i in rows) / len(rows) if rows else torch.zeros(fa.shape[1], dtype=torch.float64)
         want_v = sum(fv[i] for i in rows) / len(rows) if rows else torch.zeros(fv.shape[1], dtype=torch.float64)
-        torch.testing.assert_close(method.proto_a[c].double(), want_a, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(method.proto_v[c].double(), want_v, rtol=1e-5, atol=1e-6)
-    old_a = method.proto_a.clone()
+        torch.testing.assert_close(method.protos["audio"][c].double(), want_a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(method.protos["visual"][c].double(), want_v, rtol=1e-5, atol=1e-6)
+    old_a = method.protos["audio"].clone()
     with torch.no_grad():                                           # change the model: new means
         for p in model.audio_encoder.parameters():
             p.mul_(1.1)
-    method.begin_epoch(_start(model, batches, epoch=1, steps=25))
+    method.begin_epoch(_start(model.modalities(), batches, epoch=1, steps=25))
     with torch.no_grad():
         new_a = torch.cat([model(a, v).feat_a for a, v, _ in batches[:2]]).double()
     for c in range(C):
         rows = [i for i in range(len(labels)) if labels[i] == c]
         if rows:
             want = 0.8 * (sum(new_a[i] for i in rows) / len(rows)) + 0.2 * old_a[c].double()
-            torch.testing.assert_close(method.proto_a[c].double(), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(method.protos["audio"][c].double(), want, rtol=1e-5, atol=1e-6)
         else:                                                       # unseen class: kept
-            assert torch.equal(method.proto_a[c], old_a[c])
+            assert torch.equal(method.protos["audio"][c], old_a[c])
 
 
 @pytest.mark.parametrize("fusion", ["concat", "film"])
@@ -182,20 +201,19 @@ def test_pmr_loss_and_gradients_match_reference(fusion):
     prototype softmax of the true class) gets weight alpha."""
     model = _model(fusion)
     audio, visual, labels = _batch()
-    method = modulation.build("pmr", alpha=0.0, start_epoch=0, end_epoch=None, pmr_alpha=0.7)
+    method = _pmr(pmr_alpha=0.7)
     g = torch.Generator().manual_seed(9)
-    method.proto_a = torch.rand(C, 128, generator=g)
-    method.proto_v = torch.rand(C, 128, generator=g)
+    method.protos = {"audio": torch.rand(C, 128, generator=g), "visual": torch.rand(C, 128, generator=g)}
     twin = copy.deepcopy(model)
-    step = modulation.Step(model, labels, epoch=0)
-    out = model(audio, visual)
+    step = _step(model.modalities(), labels)
+    out = av_output(model(audio, visual))
     loss = method.loss(out, step)
     loss.backward()
-    stats = method.after_backward(model, out, labels, epoch=0)
+    stats = method.after_backward(out, step)
 
     ref = twin(audio, visual)
     sims, scores = [], []
-    for feat, protos in ((ref.feat_a, method.proto_a), (ref.feat_v, method.proto_v)):
+    for feat, protos in ((ref.feat_a, method.protos["audio"]), (ref.feat_v, method.protos["visual"])):
         rows = [torch.stack([-torch.sqrt(((feat[i] - protos[c]) ** 2).sum()) for c in range(C)]) for i in range(B)]
         sim = torch.stack(rows)
         sims.append(sim)
@@ -219,13 +237,14 @@ def test_pmr_loss_and_gradients_match_reference(fusion):
 def test_pmr_state_round_trips_and_is_plain_outside_epochs():
     model = _model()
     audio, visual, labels = _batch()
-    method = modulation.build("pmr", alpha=0.0, start_epoch=2, end_epoch=3)
-    method.begin_epoch(_start(model, [_batch(s) for s in range(2)]))
-    twin = modulation.build("pmr", alpha=0.0, start_epoch=2, end_epoch=3)
+    method = _pmr(start_epoch=2, end_epoch=3)
+    method.begin_epoch(_start(model.modalities(), [_batch(s) for s in range(2)]))
+    twin = _pmr(start_epoch=2, end_epoch=3)
+    assert set(method.state_dict()) == {"proto_a", "proto_v"}     # the checkpoint's names
     twin.load_state_dict(method.state_dict())
-    assert torch.equal(twin.proto_a, method.proto_a) and torch.equal(twin.proto_v, method.proto_v)
-    out = model(audio, visual)
-    step = modulation.Step(model, labels, epoch=1)                 # outside [2, 3]: plain CE
+    assert all(torch.equal(twin.protos[u], method.protos[u]) for u in ("audio", "visual"))
+    out = av_output(model(audio, visual))
+    step = _step(model.modalities(), labels, epoch=1)                 # outside [2, 3]: plain CE
     assert torch.equal(method.loss(out, step), F.cross_entropy(out.logits, labels))
 
 
@@ -259,7 +278,9 @@ def test_mmpareto_weights_are_the_min_norm_point_when_gradients_conflict():
 @pytest.mark.parametrize("fusion,conflict", [("concat", False), ("gated", False), ("concat", True)])
 def test_mmpareto_step_matches_reference(fusion, conflict):
     torch.manual_seed(0)
-    model = build_model("small", fusion, C, aux_heads=True)
+    model = build_model("small", fusion, C)
+    method = modulation.build("mmpareto", alpha=0.0, start_epoch=0, end_epoch=None)
+    side = Balancer(method, model.modalities()).modalities          # adds model.aux_heads
     if conflict:  # auxiliary heads opposite to the fused head: unimodal and multimodal gradients conflict
         with torch.no_grad():
             d = model.audio_encoder.out_dim
@@ -267,15 +288,15 @@ def test_mmpareto_step_matches_reference(fusion, conflict):
             model.aux_heads["visual"].weight.copy_(-3 * model.head.fc.weight[:, d:])
     twin = copy.deepcopy(model)
     audio, visual, labels = _batch()
-    method = modulation.build("mmpareto", alpha=0.0, start_epoch=0, end_epoch=None)
-    step = modulation.Step(model, labels, epoch=0)
-    out = model(audio, visual)
+    step = _step(side, labels)
+    out = side.run(_inputs(audio, visual))
     method.loss(out, step).backward()
-    stats = method.after_backward(model, out, labels, epoch=0)
+    stats = method.after_backward(out, step)
 
     # reference: one backward per loss, gradients read off .grad, combined per the equations
     ref = twin(audio, visual)
-    losses = [F.cross_entropy(ref.logits, labels), F.cross_entropy(ref.aux_a, labels), F.cross_entropy(ref.aux_v, labels)]
+    losses = [F.cross_entropy(ref.logits, labels), F.cross_entropy(twin.aux_heads["audio"](ref.feat_a), labels),
+              F.cross_entropy(twin.aux_heads["visual"](ref.feat_v), labels)]
     per_loss = []
     for loss in losses:
         twin.zero_grad()
@@ -332,17 +353,23 @@ def test_gradient_blending_weights_match_reference():
     """Each output's copy trained alone for S epochs with SGD; OGR = |dG / dO^2| from mean losses
     on the train part and the held-out part, before and after; normalised."""
     torch.manual_seed(0)
-    model = build_model("small", "concat", C, aux_heads=True)
+    model = build_model("small", "concat", C)
     data = _keyed()
     holdout = 0.3
     method = modulation.build("gradient-blending", alpha=0.0, start_epoch=0, end_epoch=None,
                               gb_super_epoch=2, gb_holdout=holdout)
+    side = Balancer(method, model.modalities()).modalities          # adds model.aux_heads
     from ogmge_train.modulation.gradient_blending import held_out
-    start = modulation.EpochStart(model, 0, len(data), lambda n: iter([d[:3] for d in data][:n]),
-                                  keyed_batches=lambda e: iter(data),
-                                  make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05))
+    events = []
+    start = modulation.EpochStart(side, 0, len(data), None,
+                                  keyed_batches=lambda e: iter([(_inputs(a, v), y, k) for a, v, y, k in data]),
+                                  make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05), epochs=100,
+                                  emit=events.append)
     twin_src = copy.deepcopy(model)
     method.begin_epoch(start)
+    # progress: one unit per batch of the copies, 3 outputs x (2 training epochs + 2 loss passes)
+    assert [e["done"] for e in events] == list(range(3 * 4 * len(data) + 1))
+    assert {e["total"] for e in events} == {3 * 4 * len(data)} and events[-1]["eta_s"] == 0
 
     def losses(net, pick):
         net.eval()
@@ -356,8 +383,13 @@ def test_gradient_blending_weights_match_reference():
         return sum(tr) / len(tr), sum(ho) / len(ho)
 
     raw = []
-    for pick in (lambda o: o.logits, lambda o: o.aux_a, lambda o: o.aux_v):
+    for which in ("fused", "audio", "visual"):
         net = copy.deepcopy(twin_src)
+
+        def pick(o, net=net, which=which):          # the copy's own output (its own heads)
+            if which == "fused":
+                return o.logits
+            return net.aux_heads[which](o.feat_a if which == "audio" else o.feat_v)
         lt0, lv0 = losses(net, pick)
         opt = torch.optim.SGD(net.parameters(), lr=0.05)
         for _ in range(2):
@@ -382,9 +414,10 @@ def test_gradient_blending_weights_match_reference():
     # the blended loss and its gradient
     a, v, y, _ = data[0]
     out = model(a, v)
-    loss = method.loss(out, modulation.Step(model, y, epoch=0))
+    loss = method.loss(av_output(out), _step(side, y))
     w = want
-    ref = w[0] * F.cross_entropy(out.logits, y) + w[1] * F.cross_entropy(out.aux_a, y) + w[2] * F.cross_entropy(out.aux_v, y)
+    ref = (w[0] * F.cross_entropy(out.logits, y) + w[1] * F.cross_entropy(model.aux_heads["audio"](out.feat_a), y)
+           + w[2] * F.cross_entropy(model.aux_heads["visual"](out.feat_v), y))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
     twin = modulation.build("gradient-blending", alpha=0.0, start_epoch=0, end_epoch=None)
     twin.load_state_dict(method.state_dict())
@@ -405,16 +438,17 @@ def test_agm_two_steps_match_reference(fusion):
     torch.manual_seed(0)
     model = build_model("small", fusion, C)
     twin = copy.deepcopy(model)
+    side = model.modalities()
     method = modulation.build("agm", alpha=0.0, start_epoch=0, end_epoch=None, agm_alpha=0.4)
     t = [0.0, 0.0]
     for it in (1, 2):
         audio, visual, labels = _batch(it)
-        step = modulation.Step(model, labels, epoch=0, audio=audio, visual=visual, step=it - 1)
+        step = _step(side, labels, inputs=_inputs(audio, visual), step=it - 1)
         model.zero_grad()
         method.begin_step(step)
-        out = model(audio, visual)
+        out = side.run(_inputs(audio, visual))
         method.loss(out, step).backward()
-        stats = method.after_backward(model, out, labels, epoch=0)
+        stats = method.after_backward(out, step)
 
         # reference
         twin.eval()
@@ -464,11 +498,11 @@ def test_agm_clips_large_head_gradients():
         bn.weight.mul_(100)                       # huge audio features: head gradients beyond 5
         bn.bias.fill_(50.0)
     method = modulation.build("agm", alpha=0.0, start_epoch=0, end_epoch=None)
-    step = modulation.Step(model, labels, 0, audio=audio, visual=visual)
+    step = _step(model.modalities(), labels, inputs=_inputs(audio, visual))
     method.begin_step(step)
-    out = model(audio, visual)
+    out = step.modalities.run(step.inputs)
     method.loss(out, step).backward()
     big = max(p.grad.abs().max().item() for p in model.head.parameters())
-    method.after_backward(model, out, labels, epoch=0)
+    method.after_backward(out, step)
     norm = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in model.parameters()))
     assert big > 5 and norm == pytest.approx(5.0, rel=1e-4)

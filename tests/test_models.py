@@ -63,7 +63,6 @@ def _check_shapes(model, dim):
     assert out.logits.shape == out.logits_a.shape == out.logits_v.shape == (B, C)
     assert out.feat_a.shape == out.feat_v.shape == (B, dim)
     assert all(torch.isfinite(t).all() for t in out if t is not None)
-    assert (out.aux_a is None) == (model.aux_heads is None)
 
 
 def test_resnet18_output_shapes(resnet18):

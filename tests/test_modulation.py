@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from ogmge_train import modulation, names
+from ogmge_train.plugin import Balancer
 from ogmge_train.errors import ConfigError
-from ogmge_train.models import FUSIONS, build_model
+from ogmge_train.models import FUSIONS, av_output, build_model
 from ogmge_train.modulation import base
 
 B, C, ALPHA = 8, 5, 0.6
@@ -72,6 +73,17 @@ def _build(name, **kw):
     return modulation.build(name, **kw)
 
 
+def _after(method, model, out, labels, *, epoch=0, all_reduce=None, generator=None, scope="conv"):
+    """``after_backward`` through the contract: the model side of ``model`` and a Step."""
+    step = modulation.Step(model.modalities(scope), labels, epoch, all_reduce, generator)
+    return method.after_backward(av_output(out), step)
+
+
+def _drop(method, a, v, training=True):
+    out = method.transform_features({"audio": a, "visual": v}, training=training)
+    return out["audio"], out["visual"]
+
+
 def _modulated(model, scope="conv"):
     return {m: dict(model.modulated_parameters(m, scope)) for m in ("audio", "visual")}
 
@@ -80,7 +92,7 @@ def _modulated(model, scope="conv"):
 def test_coefficients_match_per_sample_reference(fusion):
     model, out, labels = _step(fusion)
     expected = _reference_coefficients(model, out, labels, ALPHA)
-    stats = _build("ogm").after_backward(model, out, labels, epoch=0)
+    stats = _after(_build("ogm"), model, out, labels, epoch=0)
     assert set(stats) == set(base.STAT_KEYS)
     for key in base.STAT_KEYS:
         assert stats[key] == pytest.approx(expected[key], abs=1e-6), key
@@ -98,13 +110,14 @@ def test_coefficients_on_known_scores():
 def test_scores_are_detached():
     model, out, labels = _step()
     assert out.logits_a.requires_grad
-    assert not base.unimodal_scores(out.logits_a, out.logits_v, labels).requires_grad
+    assert not base.unimodal_scores({"audio": out.logits_a, "visual": out.logits_v}, ("audio", "visual"),
+                                    labels).requires_grad
 
 
 def test_ogm_scales_exactly_the_modulated_gradients():
     model, out, labels = _step()
     before = _grads(model)
-    stats = _build("ogm").after_backward(model, out, labels, epoch=3)
+    stats = _after(_build("ogm"), model, out, labels, epoch=3)
     mods = _modulated(model)
     for name, p in model.named_parameters():
         if name in mods["audio"]:
@@ -121,7 +134,7 @@ def test_ge_noise_replays_from_the_generator(name):
     """g <- k g + std(g) z; z: one draw from the generator, in parameter order (audio, then visual)."""
     model, out, labels = _step()
     before = _grads(model)
-    stats = _build(name).after_backward(model, out, labels, epoch=0, generator=torch.Generator().manual_seed(7))
+    stats = _after(_build(name), model, out, labels, epoch=0, generator=torch.Generator().manual_seed(7))
     if name == "ge":
         assert stats["k_a"] == stats["k_v"] == 1.0
     mods = _modulated(model)
@@ -143,7 +156,7 @@ def test_ge_noise_replays_from_the_generator(name):
 def test_ge_noise_has_the_gradient_std(name):
     model, out, labels = _step()
     before = _grads(model)
-    stats = _build(name).after_backward(model, out, labels, epoch=0)
+    stats = _after(_build(name), model, out, labels, epoch=0)
     mods = _modulated(model)
     big = [(m, n) for m in mods for n, p in mods[m].items() if p.numel() >= 100_000]
     assert len(big) == 2  # the last 128x128x3x3 conv of each small encoder
@@ -158,7 +171,7 @@ def test_modulation_only_in_active_epochs():
     for epoch, active in ((1, False), (2, True), (4, True), (5, False)):
         model, out, labels = _step()
         before = _grads(model)
-        stats = _build("ogm-ge", start_epoch=2, end_epoch=4).after_backward(model, out, labels, epoch=epoch)
+        stats = _after(_build("ogm-ge", start_epoch=2, end_epoch=4), model, out, labels, epoch=epoch)
         changed = any(not torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
         assert changed == active, epoch
         assert (min(stats["k_a"], stats["k_v"]) < 1) == active
@@ -168,7 +181,7 @@ def test_modulation_only_in_active_epochs():
 def test_none_reports_rho_and_leaves_gradients():
     model, out, labels = _step()
     before = _grads(model)
-    stats = _build("none").after_backward(model, out, labels, epoch=0)
+    stats = _after(_build("none"), model, out, labels, epoch=0)
     expected = _reference_coefficients(model, out, labels, ALPHA)
     assert stats["rho_v"] == pytest.approx(expected["rho_v"], abs=1e-6)
     assert stats["k_a"] == stats["k_v"] == 1.0
@@ -178,7 +191,7 @@ def test_none_reports_rho_and_leaves_gradients():
 def test_scope_all_modulates_every_encoder_parameter():
     model, out, labels = _step()
     before = _grads(model)
-    stats = _build("ogm", scope="all").after_backward(model, out, labels, epoch=0)
+    stats = _after(_build("ogm"), model, out, labels, epoch=0, scope="all")
     for name, p in model.named_parameters():
         if name.startswith("audio_encoder."):
             assert torch.equal(p.grad, before[name] * stats["k_a"]), name
@@ -191,7 +204,7 @@ def test_scope_all_modulates_every_encoder_parameter():
 
 def test_all_reduce_sums_scores_before_rho():
     model, out, labels = _step()
-    own = base.unimodal_scores(out.logits_a, out.logits_v, labels)
+    own = base.unimodal_scores({"audio": out.logits_a, "visual": out.logits_v}, ("audio", "visual"), labels)
     other_rank = torch.tensor([5.0, 1.0], dtype=torch.float64)
     seen = []
 
@@ -199,7 +212,7 @@ def test_all_reduce_sums_scores_before_rho():
         seen.append(t.clone())
         t.add_(other_rank)
 
-    stats = _build("ogm").after_backward(model, out, labels, epoch=0, all_reduce=all_reduce)
+    stats = _after(_build("ogm"), model, out, labels, epoch=0, all_reduce=all_reduce)
     assert len(seen) == 1 and seen[0].shape == (2,)
     total = own + other_rank
     rho_a = (total[0] / total[1]).item()
@@ -213,23 +226,27 @@ def test_identical_generators_give_identical_updates():
     model, out, labels = _step()
     twin = _copy(model)
     method = _build("ogm-ge")
-    method.after_backward(model, out, labels, epoch=0, generator=torch.Generator().manual_seed(3))
-    method.after_backward(twin, out, labels, epoch=0, generator=torch.Generator().manual_seed(3))
+    _after(method, model, out, labels, epoch=0, generator=torch.Generator().manual_seed(3))
+    _after(method, twin, out, labels, epoch=0, generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters()))
     third, out3, labels3 = _step()
-    method.after_backward(third, out3, labels3, epoch=0, generator=torch.Generator().manual_seed(4))
+    _after(method, third, out3, labels3, epoch=0, generator=torch.Generator().manual_seed(4))
     assert not torch.equal(third.audio_encoder.trunk.body[0].weight.grad, model.audio_encoder.trunk.body[0].weight.grad)
 
 
-def test_unwraps_ddp_like_wrappers():
+def test_modalities_find_their_parameters_in_a_copy():
+    """Parameters are recorded by name: a copy's model side modulates the copy's gradients."""
     model, out, labels = _step()
-    twin = _copy(model)
-    wrapper = torch.nn.Module()
-    wrapper.module = twin
-    a = _build("ogm").after_backward(model, out, labels, epoch=0)
-    b = _build("ogm").after_backward(wrapper, out, labels, epoch=0)
-    assert a == b
-    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters()))
+    side = model.modalities()
+    twin = side.copy()
+    assert twin.model is not model
+    for u in ("audio", "visual"):
+        assert [p.shape for p in twin.modulated(u)] == [p.shape for p in side.modulated(u)]
+        assert not any(p is q for p, q in zip(twin.params(u), side.params(u)))
+    assert {n for n, _ in model.modulated_parameters("audio")} == {
+        n for n, p in twin.model.named_parameters() if any(p is q for q in twin.modulated("audio"))}
+    with pytest.raises(ConfigError, match="not parameters of the model"):
+        base.Modalities(model, {"audio": build_model("small", "concat", C).audio_encoder})
 
 
 @pytest.mark.parametrize("fusion", ["film", "gated"])
@@ -247,7 +264,7 @@ def test_nonadditive_fusions_train_with_ogm_ge(fusion):
         out = model(audio, visual)
         loss = F.cross_entropy(out.logits, labels)
         loss.backward()
-        stats = method.after_backward(model, out, labels, epoch=0, generator=gen)
+        stats = _after(method, model, out, labels, epoch=0, generator=gen)
         opt.step()
         assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in stats.values())
     changed = [n for n, v in model.state_dict().items() if not torch.equal(v, start[n])]
@@ -263,8 +280,10 @@ def test_unimodal_model_is_left_alone():
     out = model(torch.randn(B, 1, 32, 48), None)
     F.cross_entropy(out.logits, labels).backward()
     before = _grads(model)
-    stats = _build("ogm-ge").after_backward(model, out, labels, epoch=0)
-    assert stats == {"rho_a": 1.0, "rho_v": 1.0, "k_a": 1.0, "k_v": 1.0}
+    balancer = Balancer("ogm-ge", model.modalities(), alpha=ALPHA)      # one modality: nothing to balance
+    assert balancer.method.name == "none" and balancer.name == "ogm-ge"
+    stats = balancer.after_backward(av_output(out), labels)
+    assert stats == {"rho_a": 1.0, "k_a": 1.0}
     assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
 
 
@@ -274,18 +293,18 @@ def test_modality_drop():
     assert _build("ogm-ge").feature_hook(training=True) is None
     torch.manual_seed(0)
     a, v = torch.rand(4000, 16) + 0.1, torch.rand(4000, 16) + 0.1
-    da, dv = method.transform_features(a, v, training=True)
+    da, dv = _drop(method, a, v)
     gone_a, gone_v = (da == 0).all(1), (dv == 0).all(1)
     assert not (gone_a & gone_v).any()                       # never both
     assert torch.equal(da[~gone_a], a[~gone_a]) and torch.equal(dv[~gone_v], v[~gone_v])  # no rescaling
     assert (gone_a | gone_v).float().mean().item() == pytest.approx(0.4, abs=0.03)
     assert gone_a.float().mean().item() == pytest.approx(0.2, abs=0.03)
-    ea, ev = method.transform_features(a, v, training=False)
+    ea, ev = _drop(method, a, v, training=False)
     assert ea is a and ev is v
     # through the model: the hook acts before fusion, gradients are not modulated
     model, out, labels = _step()
     before = _grads(model)
-    assert method.after_backward(model, out, labels, epoch=0)["k_a"] == 1.0
+    assert _after(method, model, out, labels, epoch=0)["k_a"] == 1.0
     assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
 
 
@@ -298,7 +317,7 @@ def test_registry():
     with pytest.raises(ConfigError, match="modulation"):
         _build("no-such-method")
     with pytest.raises(ConfigError, match="scope"):
-        _build("ogm", scope="bn")
+        build_model("small", "concat", C).modalities("bn")
     with pytest.raises(ConfigError, match="--fusion concat or sum"):
         _build("opm", fusion="film")
     assert isinstance(_build("opm", fusion="sum"), modulation.METHODS["opm"])
@@ -310,12 +329,12 @@ def test_modality_drop_of_one_named_modality(which):
     method = _build("modality-drop", drop_p=0.3, drop_modality=which)
     torch.manual_seed(1)
     a, v = torch.rand(4000, 16) + 0.1, torch.rand(4000, 16) + 0.1
-    da, dv = method.transform_features(a, v, training=True)
+    da, dv = _drop(method, a, v)
     gone, kept = ((da, dv) if which == "audio" else (dv, da))
     assert torch.equal(kept, a if which == "visual" else v)          # the other is never touched
     assert (gone == 0).all(1).float().mean().item() == pytest.approx(0.3, abs=0.03)
     with pytest.raises(ConfigError, match="drop_modality"):
-        _build("modality-drop", drop_modality="both")
+        Balancer(_build("modality-drop", drop_modality="both"), build_model("small", "concat", C).modalities())
 
 
 def _ddp_worker(rank, world, port, result_path):
@@ -326,6 +345,7 @@ def _ddp_worker(rank, world, port, result_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)                       # same initial weights on both ranks
     model = DDP(build_model("small", "concat", C))
+    side = model.module.modalities()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     method = _build("ogm-ge")
     gen = torch.Generator().manual_seed(11)    # same GE noise on both ranks
@@ -337,7 +357,8 @@ def _ddp_worker(rank, world, port, result_path):
         opt.zero_grad()
         out = model(audio, visual)
         F.cross_entropy(out.logits, labels).backward()
-        stats.append(method.after_backward(model, out, labels, epoch=0, all_reduce=dist.all_reduce, generator=gen))
+        step = modulation.Step(side, labels, 0, dist.all_reduce, gen)
+        stats.append(method.after_backward(av_output(out), step))
         opt.step()
     torch.save({"params": [p.detach() for p in model.module.parameters()], "stats": stats}, f"{result_path}.{rank}")
     dist.destroy_process_group()

@@ -19,7 +19,7 @@ from ogmge_train import data, modulation
 from ogmge_train import train as train_mod
 from ogmge_train import transforms as T
 from ogmge_train.config import ALPHA_OF_DATASET, PRESETS, resolve
-from ogmge_train.models import build_model
+from ogmge_train.models import av_output, build_model
 
 B, C = 8, 5
 
@@ -64,16 +64,17 @@ def test_pmr_entropy_regularisation_matches_eq_13(fusion, dominant):
     protos = {m: torch.rand(C, 128, generator=g) for m in ("audio", "visual")}
     for i in range(B):                         # the dominant modality's prototypes near its samples
         protos[dominant][labels[i]] = near[i] + 0.01 * torch.randn(near.shape[1], generator=g)
-    method.proto_a, method.proto_v = protos["audio"], protos["visual"]
+    method.protos = protos
     twin = copy.deepcopy(model)
-    out = model(audio, visual)
-    loss = method.loss(out, modulation.Step(model, labels, epoch=4))        # 2 <= 4 < 2 + 3: PER on
+    out = av_output(model(audio, visual))
+    step = modulation.Step(model.modalities(), labels, 4)                  # 2 <= 4 < 2 + 3: PER on
+    loss = method.loss(out, step)
     loss.backward()
-    stats = method.after_backward(model, out, labels, epoch=4)
+    stats = method.after_backward(out, step)
 
     ref = twin(audio, visual)
     sims = []
-    for feat, p in ((ref.feat_a, method.proto_a), (ref.feat_v, method.proto_v)):
+    for feat, p in ((ref.feat_a, method.protos["audio"]), (ref.feat_v, method.protos["visual"])):
         sims.append(torch.stack([torch.stack([-torch.sqrt(((feat[i] - p[c]) ** 2).sum()) for c in range(C)])
                                  for i in range(B)]))
     scores = [sum(torch.softmax(s[i], 0)[labels[i]].item() for i in range(B)) for s in sims]
@@ -94,11 +95,11 @@ def test_pmr_entropy_regularisation_matches_eq_13(fusion, dominant):
 
     # after the first pmr_entropy_epochs modulated epochs (epochs 2, 3, 4) PER is gone
     plain = modulation.build("pmr", alpha=0.0, start_epoch=2, end_epoch=None, pmr_alpha=alpha)
-    plain.proto_a, plain.proto_v = method.proto_a, method.proto_v
+    plain.protos = method.protos
     with torch.no_grad():
-        o = model(audio, visual)
+        o = av_output(model(audio, visual))
         for epoch, on in ((4, True), (5, False)):
-            step = modulation.Step(model, labels, epoch=epoch)
+            step = modulation.Step(model.modalities(), labels, epoch)
             diff = plain.loss(o, step) - method.loss(o, step)
             assert (abs(diff.item()) > 1e-6) == on, epoch
 
@@ -143,25 +144,26 @@ def test_modality_drop_on_the_input_zeroes_the_samples_the_feature_drop_would(wh
                                  drop_modality=which)
     in_mode = modulation.build("modality-drop", alpha=0.0, start_epoch=0, end_epoch=None, drop_p=0.5,
                                drop_modality=which, drop_at="input")
-    fa, fv = torch.ones(B, 4), torch.ones(B, 4)
+    features = {"audio": torch.ones(B, 4), "visual": torch.ones(B, 4)}
     torch.manual_seed(11)
-    ka, kv = feat_mode.transform_features(fa, fv, training=True)
-    keep_a, keep_v = ka[:, 0].bool(), kv[:, 0].bool()
+    kept_features = feat_mode.transform_features(features, training=True)
+    keep_a, keep_v = kept_features["audio"][:, 0].bool(), kept_features["visual"][:, 0].bool()
     assert not (~keep_a & ~keep_v).any()                       # never both
-    a2, v2 = audio.clone(), visual.clone()
     torch.manual_seed(11)
-    step = modulation.Step(model, labels, epoch=0, audio=a2, visual=v2)
-    in_mode.begin_step(step)
+    step = modulation.Step(model.modalities(), labels, 0, inputs={"audio": audio, "visual": visual})
+    dropped = in_mode.transform_inputs(step.inputs, training=True, step=step)
+    a2, v2 = dropped["audio"], dropped["visual"]
     for x, x0, keep in ((a2, audio, keep_a), (v2, visual, keep_v)):
         assert torch.equal(x[keep], x0[keep]) and not x[~keep].any()
-    kept = in_mode.transform_features(fa, fv, training=True)
-    assert kept[0] is fa and kept[1] is fv                       # features left alone
+    assert audio.all() and visual.all()                         # the batch itself is left alone
+    assert in_mode.transform_features(features, training=True) is features      # features left alone
+    assert in_mode.feature_hook(training=True, step=step) is None
+    assert in_mode.uses("transform_inputs") and not in_mode.uses("transform_features")
     if which == "audio":
         assert (~keep_v).sum() == 0 and (~keep_a).sum() > 0
-    # the training loop hands the method the very tensors its forward pass receives
+    # the training forward runs on the dropped inputs
     seen = {}
-    hook = in_mode.feature_hook(training=True, step=step)
-    out = model(a2, v2, feature_hook=hook)
+    out = model(a2, v2)
     seen["logits"] = out.logits
     manual = model(torch.where(keep_a.view(-1, 1, 1, 1), audio, 0.0),
                    torch.where(keep_v.view(-1, 1, 1, 1, 1), visual, 0.0))
@@ -171,18 +173,18 @@ def test_modality_drop_on_the_input_zeroes_the_samples_the_feature_drop_would(wh
 def test_training_passes_drop_at_and_frame_pick_through(train_shards, tmp_path, monkeypatch):
     shards = train_shards()
     seen_drop, seen_pick = [], []
-    original_begin = modulation.ModalityDrop.begin_step
+    original_inputs = modulation.ModalityDrop.transform_inputs
     original_select = data.select_frames
 
-    def begin(self, step):
+    def inputs(self, batch, *, training, step=None):
         seen_drop.append(self.drop_at)
-        return original_begin(self, step)
+        return original_inputs(self, batch, training=training, step=step)
 
     def select(n_available, n, train, rng=None, pick="segment"):
         seen_pick.append(pick)
         return original_select(n_available, n, train, rng, pick)
 
-    monkeypatch.setattr(modulation.ModalityDrop, "begin_step", begin)
+    monkeypatch.setattr(modulation.ModalityDrop, "transform_inputs", inputs)
     monkeypatch.setattr(data, "select_frames", select)
     cfg = resolve("demo", shards=str(shards), out=str(tmp_path / "run"), epochs=1, batch_size=8, image_size=32,
                   workers=0, device="cpu", modulation="modality-drop", drop_at="input", frame_pick="fixed")

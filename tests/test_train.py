@@ -26,7 +26,8 @@ from ogmge_train.errors import (
 
 WALL_TIME = {"time_s", "samples_per_s"}
 EVAL_KEYS = {"loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v"}
-RECORD_KEYS = {"epoch", "lr", "train", "val", "test", "rho_a", "rho_v", "k_a", "k_v", "samples_per_s", "time_s"}
+RECORD_KEYS = {"epoch", "lr", "train", "val", "test", "rho_a", "rho_v", "k_a", "k_v", "update_norm_a", "update_norm_v",
+               "samples_per_s", "time_s"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -168,9 +169,11 @@ class Crash(Exception):
 
 @pytest.mark.parametrize("fusion,modulation", [("concat", "ogm-ge"), ("film", "modality-drop"), ("sum", "opm-ge"),
                                                ("gated", "pmr"), ("concat", "mmpareto"), ("sum", "gradient-blending"),
-                                               ("film", "agm")])
+                                               ("film", "agm"), ("gated", "ogm-ge+paper")])
 def test_resume_is_bit_exact(shards, tmp_path, fusion, modulation):
-    kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05, gb_super_epoch=2)
+    modulation, _, noise = modulation.partition("+")          # ogm-ge+paper: --ge-noise paper
+    kw = dict(epochs=3, fusion=fusion, modulation=modulation, optimizer="sgd", lr=0.05, gb_super_epoch=2,
+              ge_noise=noise or "code")
     full = tmp_path / "full"
     train_mod.train(tiny_config(shards, full, **kw))
 
@@ -436,3 +439,26 @@ def test_every_method_trains_with_every_fusion_it_allows(shards, tmp_path, metho
         assert all(-1 <= s["cos_a"] <= 1 and 0 <= s["w_v"] <= 1 for s in steps)
         assert "aux_heads.audio.weight" in ckpt(tmp_path / "run" / "last.pt")["model"]
     assert "method" in ckpt(tmp_path / "run" / "last.pt")
+
+
+def test_update_norms_are_each_encoders_mean_step_change(shards, tmp_path, monkeypatch):
+    """metrics.jsonl's update_norm_a/_v = mean over the epoch's steps of ||theta_after - theta_before||
+    of all of that encoder's parameters (issue 20's mechanism plot), here with OGM-GE under SGD."""
+    from ogmge_train.plugin import Balancer
+
+    norms = {"audio": [], "visual": []}
+    real = Balancer.train_step
+
+    def spy(self, inputs, labels, optimizer, **kw):
+        before = {u: [p.detach().clone() for p in self.modalities.params(u)] for u in norms}
+        result = real(self, inputs, labels, optimizer, **kw)
+        for u in norms:
+            diff = torch.cat([(p.detach() - b).double().flatten() for p, b in zip(self.modalities.params(u), before[u])])
+            norms[u].append(diff.norm().item())
+        return result
+
+    monkeypatch.setattr(Balancer, "train_step", spy)
+    train_mod.train(tiny_config(shards, tmp_path / "run", epochs=1, optimizer="sgd", lr=0.05))
+    (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    for u, key in (("audio", "update_norm_a"), ("visual", "update_norm_v")):
+        assert record[key] == pytest.approx(sum(norms[u]) / len(norms[u]), rel=1e-5) and record[key] > 0

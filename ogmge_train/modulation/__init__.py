@@ -4,24 +4,31 @@
 ``ogmge_train.names.METHODS`` (torch-free, shared with the config and the CLI). Each class lists
 the method-specific ``options`` it takes (TrainConfig fields of the same name); ``build``
 passes those and ignores the others, so the loop can hand every method the same settings.
+A method runs in a training loop through ``ogmge_train.plugin.Balancer`` (ours and anyone's).
 """
 from __future__ import annotations
 
 from ..errors import ConfigError
 from ..names import METHODS as NAMES
-from ..names import SCOPES
 from .agm import AGM
 from .base import (
     STAT_KEYS,
+    UNIT_STATS,
     EpochStart,
     Method,
     Step,
+    StepResult,
+    StepRun,
     coefficients,
+    discrepancy,
+    keep_rows,
     modulate,
+    stat_keys,
     unimodal_scores,
+    unit_stats,
 )
 from .ge import GE
-from .gradient_blending import GradientBlending, keep_rows
+from .gradient_blending import GradientBlending
 from .mmpareto import MMPareto
 from .modality_drop import ModalityDrop
 from .none import NoModulation
@@ -35,22 +42,21 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 
-def build(name: str, *, alpha: float, start_epoch: int, end_epoch: int | None,
-          scope: str = "conv", fusion: str | None = None, **options) -> Method:
+def build(name: str, *, alpha: float = 0.0, start_epoch: int = 0, end_epoch: int | None = None,
+          fusion: str | None = None, **options) -> Method:
     """The method called ``name``; ``options`` not listed in its class's ``options`` are ignored.
 
-    With ``fusion`` given, a method that does not work with that head raises ``ConfigError``.
+    With ``fusion`` given (one of our fusion heads), a method that does not work with that head
+    raises ``ConfigError``.
     """
     if name not in METHODS:
         raise ConfigError(f"modulation must be one of {', '.join(NAMES)}, not {name!r}")
-    if scope not in SCOPES:
-        raise ConfigError(f"modulation scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     cls = METHODS[name]
     if fusion is not None and cls.fusions is not None and fusion not in cls.fusions:
         raise ConfigError(f"--modulation {name} works with --fusion {' or '.join(cls.fusions)}, not {fusion!r}")
-    mine = {k: v for k, v in options.items() if k in getattr(cls, "options", ())}
+    mine = {k: v for k, v in options.items() if k in cls.options}
     try:
-        return cls(alpha=alpha, start_epoch=start_epoch, end_epoch=end_epoch, scope=scope, **mine)
+        return cls(alpha=alpha, start_epoch=start_epoch, end_epoch=end_epoch, **mine)
     except ValueError as e:
         raise ConfigError(f"--modulation {name}: {e}") from None
 
@@ -59,12 +65,18 @@ __all__ = [
     "METHODS",
     "NAMES",
     "STAT_KEYS",
+    "UNIT_STATS",
     "EpochStart",
     "Method",
     "Step",
+    "StepResult",
+    "StepRun",
     "build",
-    "keep_rows",
     "coefficients",
+    "discrepancy",
+    "keep_rows",
     "modulate",
+    "stat_keys",
     "unimodal_scores",
+    "unit_stats",
 ]

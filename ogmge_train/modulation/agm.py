@@ -14,7 +14,10 @@ Per step, before the training forward ``f(a, v)``:
 - after backward, modality u's conv-weight gradients are multiplied by ``k_u`` (active epochs);
 - if any fusion-head weight gradient leaves [-5, 5], all gradients are clipped to norm 5.
 
-Loss: cross-entropy of the fused logits. Works with every fusion. State: ``t_a, t_v``.
+Loss: cross-entropy of the fused logits. Works with every fusion. Defined for two modalities
+(the mono-modal response keeps one Shapley coalition; the benchmark's code gives no rule for
+more), so a model with three refuses it. A model of one's own gives ``forward`` and ``head``
+(the parameters whose gradients are checked against [-5, 5]). State: ``t_a, t_v``.
 """
 from __future__ import annotations
 
@@ -22,23 +25,24 @@ import math
 
 import torch
 
-from .base import Method, Step, _unwrap
+from .base import Method, Step
 
 CLIP_AT = 5.0
 
 
 @torch.no_grad()
-def mono_responses(model, audio, visual) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(m_a, m_v)`` from the model in eval mode (restores its mode)."""
+def mono_responses(step: Step) -> list[torch.Tensor]:
+    """``[m_u]`` from the model in eval mode (restores its mode): ``(f(x) - f(x with u zeroed)) / 2``."""
+    model, inputs = step.model, step.inputs
+    assert inputs is not None
     was_training = model.training
     model.eval()
     try:
-        full = model(audio, visual).logits
-        visual_only = model(torch.zeros_like(audio), visual).logits
-        audio_only = model(audio, torch.zeros_like(visual)).logits
+        full = step.forward(inputs).logits
+        without = [step.forward({**inputs, u: torch.zeros_like(inputs[u])}).logits for u in step.modalities.names]
     finally:
         model.train(was_training)
-    return 0.5 * (full - visual_only), 0.5 * (full - audio_only)
+    return [0.5 * (full - w) for w in without]
 
 
 def neg_log_true(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -50,6 +54,9 @@ def neg_log_true(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class AGM(Method):
     name = "agm"
     options = ("agm_alpha",)
+    max_modalities = 2
+    needs = ("forward", "head", "inputs")
+    accumulation = False     # the running scores advance once per batch
 
     def __init__(self, *, agm_alpha: float = 0.1, **kwargs):
         super().__init__(**kwargs)
@@ -61,9 +68,8 @@ class AGM(Method):
 
     def begin_step(self, step: Step) -> None:
         self._k = None
-        model = step.model
-        if model.modality == "both" and step.audio is not None:
-            m_a, m_v = mono_responses(model, step.audio, step.visual)
+        if step.inputs is not None and len(step.modalities.names) == 2:
+            m_a, m_v = mono_responses(step)
             n = float(len(step.labels))
             sums = step.reduce(torch.stack([neg_log_true(m_a, step.labels), neg_log_true(m_v, step.labels),
                                             torch.tensor(n, dtype=torch.float64, device=m_a.device)]))
@@ -84,21 +90,22 @@ class AGM(Method):
         return k
 
     @torch.no_grad()
-    def after_backward(self, model, out, labels, *, epoch: int, all_reduce=None, generator=None):
-        stats = super().after_backward(model, out, labels, epoch=epoch, all_reduce=all_reduce, generator=generator)
+    def after_backward(self, out, step: Step):
+        stats = super().after_backward(out, step)
         if self._k is None:
             return stats
-        net = _unwrap(model)
-        k = self._k if self.active(epoch) else [1.0, 1.0]
-        for u, modality in enumerate(("audio", "visual")):
-            for _, p in net.modulated_parameters(modality, "conv"):
+        m = step.modalities
+        k = self._k if self.active(step.epoch) else [1.0, 1.0]
+        for u, name in enumerate(m.names):
+            for p in m.modulated(name):
                 if p.grad is not None:
                     p.grad.mul_(k[u])
-        head_weights = [m.weight.grad for m in net.head.modules()
-                        if isinstance(m, torch.nn.Linear) and m.weight.grad is not None]
-        if head_weights and max(g.abs().max().item() for g in head_weights) > CLIP_AT:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=CLIP_AT)
-        stats.update(k_a=k[0], k_v=k[1], agm_t_a=self.train_scores[0], agm_t_v=self.train_scores[1])
+        head_grads = [p.grad for p in m.head_params() if p.grad is not None]
+        if head_grads and max(g.abs().max().item() for g in head_grads) > CLIP_AT:
+            torch.nn.utils.clip_grad_norm_(step.model.parameters(), max_norm=CLIP_AT)
+        a, v = (m.tags[u] for u in m.names)
+        stats.update({f"k_{a}": k[0], f"k_{v}": k[1], f"agm_t_{a}": self.train_scores[0],
+                      f"agm_t_{v}": self.train_scores[1]})
         return stats
 
     def state_dict(self) -> dict:

@@ -1,36 +1,42 @@
 """``gradient-blending``: Gradient-Blending (Wang, Tran, Feiszli, CVPR 2020), the paper's Table 2
 comparison.
 
-The model carries a linear classifier per modality (``aux_heads``); the training loss blends the
-three outputs: ``L = w_f CE(fused) + w_a CE(aux_a) + w_v CE(aux_v)``. A fixed part of train
+The method adds a linear classifier per modality (``setup``: ``model.aux_heads``); the training
+loss blends the outputs: ``L = w_f CE(fused) + sum_u w_u CE(aux_u)``. A fixed part of train
 (``gb_holdout``, 8% by default, chosen by a hash of the sample key) is held out: the model never
 trains on it. The weights are re-estimated before the first active epoch and then every
 ``gb_super_epoch`` epochs (10), from the overfitting-to-generalization ratio of each output:
 
-- for each output m, a copy of the current model is trained for ``gb_super_epoch`` epochs on the
-  train part with ``CE(m)`` alone (the run's optimizer kind, lr and weight decay);
+- for each output m, a copy of the current model is trained for n epochs on the train part with
+  ``CE(m)`` alone (the run's optimizer kind, lr and weight decay); n = ``gb_super_epoch``, capped
+  by the epochs the run has left (the weights are used for at most that long, so the OGR is
+  measured over the horizon it is used for; a 1-epoch trial trains copies for 1 epoch);
 - before and after, the copy's mean loss is measured on the train part (``L_T``) and on the
   held-out part (``L_V``), in eval mode;
 - ``G = L_V' - L_V``, ``O = (L_V' - L_T') - (L_V - L_T)``, ``w_m = |G / O^2|``, normalised to sum 1
   (the paper's OGR with deltas; a zero O counts as 1e-6).
 
-Before the first estimate the weights are 1/3 each; after ``--modulation-end`` the last ones stay.
-Under DDP every rank trains its copies on its own part with gradients averaged over ranks and the
-losses are summed over ranks, so every rank gets the same weights. Works with every fusion.
-Step stats: ``gb_f``, ``gb_a``, ``gb_v`` (the weights) besides OGM's rho (k stays 1).
+Before the first estimate the weights are 1/(M+1) each; after ``--modulation-end`` the last ones
+stay. Under DDP every rank trains its copies on its own part with gradients averaged over ranks
+and the losses are summed over ranks, so every rank gets the same weights. Works with every
+fusion and any number of modalities. The estimate reports progress (``method_progress`` events,
+one unit per batch of the copies). Step stats: ``gb_f`` and ``gb_<tag>`` (the weights) besides
+OGM's rho (k stays 1).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
+import time
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import EpochStart, Method, Step
+from ..modalities import Modalities
+from .base import EpochStart, Method, Step, keep_rows, linear_heads, progress_event
 
-OUTPUTS = ("fused", "audio", "visual")
+FUSED = "fused"
+TASK = "OGR weight estimate"
 
 
 def held_out(key: str, fraction: float) -> bool:
@@ -39,42 +45,46 @@ def held_out(key: str, fraction: float) -> bool:
     return h < fraction * 2**64
 
 
-def keep_rows(rows: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``rows`` and loss weight 1, or, for a batch without training samples, its first sample with
-    weight 0 (every rank must still run the step: DDP and the gradient all-reduce expect it)."""
-    if bool(rows.any()):
-        return rows, 1.0
-    rows = rows.clone()
-    rows[0] = True
-    return rows, 0.0
-
-
-def output_logits(out, which: str) -> torch.Tensor:
-    return {"fused": out.logits, "audio": out.aux_a, "visual": out.aux_v}[which]
+def output_logits(m: Modalities, out, which: str) -> torch.Tensor:
+    """The fused logits, or modality ``which``'s head on its features (``m``: the model side whose
+    heads to use, e.g. a copy's)."""
+    if which == FUSED:
+        return out.logits
+    heads = m.aux
+    assert isinstance(heads, torch.nn.ModuleDict), "gradient-blending: its heads were not set up (use a Balancer)"
+    return heads[which](out.features[which])
 
 
 def blend_weights(before: dict, after: dict) -> list[float]:
-    """``w_m = |G / O^2|`` normalised; ``before``/``after``: output -> (L_T, L_V)."""
+    """``w_m = |G / O^2|`` normalised; ``before``/``after``: output -> (L_T, L_V), in output order."""
     raw = []
-    for m in OUTPUTS:
+    for m in before:
         (lt0, lv0), (lt1, lv1) = before[m], after[m]
         g = lv1 - lv0
         o = (lv1 - lt1) - (lv0 - lt0)
         raw.append(abs(g) / max(o * o, 1e-12))
     z = sum(raw)
-    return [r / z for r in raw] if z > 0 else [1 / 3] * 3
+    return [r / z for r in raw] if z > 0 else [1 / len(raw)] * len(raw)
 
 
 class GradientBlending(Method):
     name = "gradient-blending"
-    options = ("gb_super_epoch", "gb_holdout")
+    options = ("gb_super_epoch", "gb_holdout", "head_init")
+    needs = ("forward", "num_classes", "dims")
 
-    def __init__(self, *, gb_super_epoch: int = 10, gb_holdout: float = 0.08, **kwargs):
+    def __init__(self, *, gb_super_epoch: int = 10, gb_holdout: float = 0.08, head_init: str = "xavier", **kwargs):
         super().__init__(**kwargs)
         if gb_super_epoch < 1 or not 0.0 < gb_holdout < 1.0:
             raise ValueError("gb_super_epoch must be >= 1 and gb_holdout in (0, 1)")
-        self.super_epoch, self.holdout = int(gb_super_epoch), float(gb_holdout)
+        self.super_epoch, self.holdout, self.head_init = int(gb_super_epoch), float(gb_holdout), head_init
         self.weights = torch.full((3,), 1 / 3, dtype=torch.float64)
+        self.outputs: tuple[str, ...] = (FUSED, "audio", "visual")
+
+    def setup(self, modalities):
+        self.outputs = (FUSED, *modalities.names)
+        self.weights = torch.full((len(self.outputs),), 1 / len(self.outputs), dtype=torch.float64)
+        self._tags = {FUSED: "f", **modalities.tags}
+        return linear_heads(modalities, self.head_init)
 
     # -- the held-out part
 
@@ -91,16 +101,24 @@ class GradientBlending(Method):
     def due(self, epoch: int) -> bool:
         return self.active(epoch) and (epoch - self.start_epoch) % self.super_epoch == 0
 
+    def copy_epochs(self, start: EpochStart) -> int:
+        """Epochs each copy trains: ``gb_super_epoch``, capped by the epochs the run has left."""
+        if start.epochs is None:
+            return self.super_epoch
+        return max(1, min(self.super_epoch, start.epochs - start.epoch))
+
     @torch.no_grad()
-    def _losses(self, twin, which: str, start: EpochStart) -> tuple[float, float]:
-        twin.eval()
-        assert start.keyed_batches is not None, "gradient-blending needs keyed training batches"
+    def _losses(self, twin: Modalities, which: str, start: EpochStart, tick) -> tuple[float, float]:
+        twin.model.eval()
+        assert start.keyed_batches is not None
         sums: torch.Tensor | None = None
-        for audio, visual, labels, keys in start.keyed_batches(start.epoch):
+        for inputs, labels, keys in start.keyed_batches(start.epoch):
             held = self._held(keys).to(labels.device)
-            ce = F.cross_entropy(output_logits(twin(audio, visual), which).float(), labels, reduction="none").double()
+            ce = F.cross_entropy(output_logits(twin, twin.run(inputs), which).float(), labels,
+                                 reduction="none").double()
             part = torch.stack([ce[~held].sum(), (~held).sum().double(), ce[held].sum(), held.sum().double()])
             sums = part if sums is None else sums + part
+            tick()
         assert sums is not None, "gradient-blending: no training batches"
         sums = start.reduce(sums)
         if sums[3] == 0 or sums[1] == 0:
@@ -108,38 +126,51 @@ class GradientBlending(Method):
                               "both parts need samples (change --gb-holdout)")
         return (sums[0] / sums[1]).item(), (sums[2] / sums[3]).item()
 
-    def _train_twin(self, twin, which: str, start: EpochStart, world: float) -> None:
-        assert start.keyed_batches is not None and start.make_optimizer is not None, \
-            "gradient-blending needs keyed training batches and an optimizer factory"
-        opt = start.make_optimizer(list(twin.parameters()))
-        for k in range(self.super_epoch):
-            twin.train()
-            for audio, visual, labels, keys in start.keyed_batches(start.epoch + k):
+    def _train_twin(self, twin: Modalities, which: str, start: EpochStart, world: float, epochs: int, tick) -> None:
+        assert start.keyed_batches is not None and start.make_optimizer is not None
+        opt = start.make_optimizer(list(twin.model.parameters()))
+        for k in range(epochs):
+            twin.model.train()
+            for inputs, labels, keys in start.keyed_batches(start.epoch + k):
                 rows, weight = keep_rows(self.train_rows(keys))
                 rows = rows.to(labels.device)
-                out = twin(audio[rows], visual[rows])
-                loss = weight * F.cross_entropy(output_logits(out, which).float(), labels[rows])
+                out = twin.run({u: x[rows] for u, x in inputs.items()})
+                loss = weight * F.cross_entropy(output_logits(twin, out, which).float(), labels[rows])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if start.all_reduce is not None:      # the copies stay identical on every rank
-                    grads = [p.grad for p in twin.parameters() if p.grad is not None]
+                    grads = [p.grad for p in twin.model.parameters() if p.grad is not None]
                     flat = start.reduce(torch.cat([g.flatten() for g in grads])) / world
                     for g, f in zip(grads, flat.split([g.numel() for g in grads])):
                         g.copy_(f.view_as(g))
                 opt.step()
+                tick()
 
     def begin_epoch(self, start: EpochStart) -> None:
-        model = start.model
-        if getattr(model, "aux_heads", None) is None or not self.due(start.epoch):
+        m = start.modalities
+        if not self.due(start.epoch):
             return
+        if start.keyed_batches is None or start.make_optimizer is None or start.steps is None:
+            raise ConfigError("gradient-blending trains copies of the model before an estimate: call "
+                              "begin_epoch(epoch, steps=..., keyed_batches=..., make_optimizer=...)")
+        model = m.model
         world = start.reduce(torch.ones(1, device=next(model.parameters()).device)).item()
         was_training = model.training
+        epochs = self.copy_epochs(start)
+        total, done, t0 = len(self.outputs) * (epochs + 2) * start.steps, 0, time.monotonic()
+
+        def tick():
+            nonlocal done
+            done += 1
+            start.emit(progress_event(self.name, TASK, done, total, t0, time.monotonic()))
+
+        start.emit(progress_event(self.name, TASK, 0, total, t0, t0))
         before, after = {}, {}
-        for which in OUTPUTS:
-            twin = copy.deepcopy(model)
-            before[which] = self._losses(twin, which, start)
-            self._train_twin(twin, which, start, world)
-            after[which] = self._losses(twin, which, start)
+        for which in self.outputs:
+            twin = m.copy()
+            before[which] = self._losses(twin, which, start, tick)
+            self._train_twin(twin, which, start, world, epochs, tick)
+            after[which] = self._losses(twin, which, start, tick)
             del twin
         model.train(was_training)
         self.weights = torch.tensor(blend_weights(before, after), dtype=torch.float64)
@@ -147,19 +178,18 @@ class GradientBlending(Method):
     # -- training
 
     def loss(self, out, step: Step) -> torch.Tensor:
-        if out.aux_a is None or out.aux_v is None:
-            return F.cross_entropy(out.logits.float(), step.labels)
+        m = step.modalities
         w = self.weights.to(out.logits.device).float()
-        terms = [w[i] * F.cross_entropy(output_logits(out, m).float(), step.labels) for i, m in enumerate(OUTPUTS)]
+        terms = [w[i] * F.cross_entropy(output_logits(m, out, o).float(), step.labels)
+                 for i, o in enumerate(self.outputs)]
         loss = terms[0]
         for term in terms[1:]:
             loss = loss + term
         return loss
 
-    def after_backward(self, model, out, labels, *, epoch: int, all_reduce=None, generator=None):
-        stats = super().after_backward(model, out, labels, epoch=epoch, all_reduce=all_reduce, generator=generator)
-        gb_f, gb_a, gb_v = self.weights.tolist()
-        return {**stats, "gb_f": gb_f, "gb_a": gb_a, "gb_v": gb_v}
+    def after_backward(self, out, step: Step):
+        stats = super().after_backward(out, step)
+        return {**stats, **{f"gb_{self._tags[o]}": w for o, w in zip(self.outputs, self.weights.tolist())}}
 
     def state_dict(self) -> dict:
         return {"weights": self.weights.clone()}

@@ -1,7 +1,7 @@
 """``mmpareto``: MMPareto (Wei & Hu, ICML 2024), as its official code.
 
-The model carries one extra linear classifier per modality (``aux_heads``); the loss is
-``L = CE(fused) + CE(aux_a) + CE(aux_v)``. For each encoder u (all its parameters), before the
+The method adds one linear classifier per modality (``setup``: ``model.aux_heads``); the loss is
+``L = CE(fused) + sum_u CE(aux_u)``. For each encoder u (all its parameters), before the
 backward of L, the gradients of the multimodal loss ``g_m = dCE(fused)/d theta_u`` and of the
 unimodal loss ``g_u = dCE(aux_u)/d theta_u`` are taken separately (all-reduced under DDP). Then:
 
@@ -14,20 +14,16 @@ unimodal loss ``g_u = dCE(aux_u)/d theta_u`` are taken separately (all-reduced u
 
 Heads (fusion and auxiliary) keep the gradient of L. Active epochs: outside them L is still
 back-propagated, without the surgery. Works with every fusion (the unimodal losses use the
-auxiliary heads). Step stats: ``cos_a``/``cos_v`` and ``w_a``/``w_v`` (the weight ``w_m`` of the
-multimodal gradient) besides OGM's rho (k stays 1).
+auxiliary heads) and any number of modalities (one pair of gradients per encoder). Step stats:
+``cos_<tag>`` and ``w_<tag>`` (the weight ``w_m`` of the multimodal gradient) besides OGM's rho
+(k stays 1).
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 
-from .base import Method, Step
-
-if TYPE_CHECKING:
-    from ..models import AVModel
+from .base import Method, Step, linear_heads
 
 GAMMA = 1.5
 
@@ -44,24 +40,30 @@ def pareto_weights(g_m: torch.Tensor, g_u: torch.Tensor) -> tuple[torch.Tensor, 
 class MMPareto(Method):
     name = "mmpareto"
     gamma = GAMMA
+    options = ("head_init",)
+    needs = ("num_classes", "dims")
+    accumulation = False     # the per-loss gradients are those of one batch
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, head_init: str = "xavier", **kwargs):
         super().__init__(**kwargs)
-        self._pending = None
+        self.head_init = head_init
+        self._pending: list[tuple[list, list, list]] | None = None
+
+    def setup(self, modalities):
+        return linear_heads(modalities, self.head_init)
 
     def loss(self, out, step: Step) -> torch.Tensor:
-        labels = step.labels
+        m, labels = step.modalities, step.labels
         self._pending = None
         l_m = F.cross_entropy(out.logits.float(), labels)
-        if out.aux_a is None or out.aux_v is None:
-            return l_m
-        l_a, l_v = F.cross_entropy(out.aux_a.float(), labels), F.cross_entropy(out.aux_v.float(), labels)
+        heads = m.aux
+        assert isinstance(heads, torch.nn.ModuleDict), "mmpareto: its heads were not set up (build it with a Balancer)"
+        l_u = [F.cross_entropy(heads[u](out.features[u]).float(), labels) for u in m.names]
         if self.active(step.epoch):
-            model = cast("AVModel", step.model)     # the unwrapped AVModel (see Step)
-            groups = [[p for _, p in model.modulated_parameters(m, "all")] for m in ("audio", "visual")]
+            groups = [m.params(u) for u in m.names]
             flat = []
-            for params, l_u in zip(groups, (l_a, l_v)):
-                for loss in (l_m, l_u):
+            for params, loss_u in zip(groups, l_u):
+                for loss in (l_m, loss_u):
                     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
                     flat += [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             # under DDP: the mean over ranks, like the gradient DDP produces for L
@@ -69,19 +71,25 @@ class MMPareto(Method):
             vec = torch.cat([*(g.flatten() for g in flat), flat[0].new_ones(1)])
             vec = step.reduce(vec)
             vec = vec[:-1] / vec[-1]
-            parts = list(vec.split(sizes))
-            n_a = len(groups[0])
-            shaped = [v.view_as(g) for v, g in zip(parts, flat)]
-            self._pending = [(groups[0], shaped[:n_a], shaped[n_a:2 * n_a]),
-                             (groups[1], shaped[2 * n_a:2 * n_a + len(groups[1])], shaped[2 * n_a + len(groups[1]):])]
-        return l_m + l_a + l_v
+            shaped = [v.view_as(g) for v, g in zip(vec.split(sizes), flat)]
+            pending, i = [], 0
+            for params in groups:
+                n = len(params)
+                pending.append((params, shaped[i:i + n], shaped[i + n:i + 2 * n]))
+                i += 2 * n
+            self._pending = pending
+        loss = l_m
+        for term in l_u:
+            loss = loss + term
+        return loss
 
     @torch.no_grad()
-    def after_backward(self, model, out, labels, *, epoch: int, all_reduce=None, generator=None):
-        stats = super().after_backward(model, out, labels, epoch=epoch, all_reduce=all_reduce, generator=generator)
+    def after_backward(self, out, step: Step):
+        stats = super().after_backward(out, step)
+        tags = [step.modalities.tags[u] for u in step.modalities.names]
         pending, self._pending = self._pending, None
         if pending is None:
-            return {**stats, "cos_a": 0.0, "cos_v": 0.0, "w_a": 0.5, "w_v": 0.5}
+            return {**stats, **{f"cos_{t}": 0.0 for t in tags}, **{f"w_{t}": 0.5 for t in tags}}
         summary = []
         for params, g_m, g_u in pending:
             cos, w = pareto_weights(torch.cat([g.flatten() for g in g_m]), torch.cat([g.flatten() for g in g_u]))
@@ -94,5 +102,6 @@ class MMPareto(Method):
                 ratio = torch.where(norm > 0, p.grad.norm() / norm.clamp(min=1e-30), torch.ones_like(norm))
                 p.grad.copy_(self.gamma * torch.clamp(ratio, min=1.0) * new)
             summary += [cos, w]
-        cos_a, w_a, cos_v, w_v = torch.stack(summary).tolist()
-        return {**stats, "cos_a": cos_a, "cos_v": cos_v, "w_a": w_a, "w_v": w_v}
+        values = torch.stack(summary).tolist()
+        return {**stats, **{f"cos_{t}": values[2 * i] for i, t in enumerate(tags)},
+                **{f"w_{t}": values[2 * i + 1] for i, t in enumerate(tags)}}

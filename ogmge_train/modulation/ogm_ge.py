@@ -1,4 +1,5 @@
-"""``ogm-ge`` (the default): scale the dominant modality's gradients by k_u, then add GE noise."""
+"""``ogm-ge`` (the default): scale the dominant modality's gradients by k_u, then add GE noise
+(``--ge-noise code|paper``, see base.py)."""
 from .base import Method
 
 
@@ -6,3 +7,4 @@ class OGMGE(Method):
     name = "ogm-ge"
     scales = True
     noise = True
+    options = ("ge_noise",)

@@ -16,22 +16,20 @@ loss is added (the released code's weights; the paper's eq. 11 scales them by
 prototypical entropy regularisation (PER, the paper's eq. 13, not in the released code) is
 subtracted in the first ``pmr_entropy_epochs`` active epochs: ``- mu * H(softmax(sim_u))`` for the
 dominant modality u (``r > 1``: audio), H the entropy over classes, averaged over the batch
-(as the CE terms are), so the dominant modality is kept from converging early. Gradients are
-not modulated. Works with every fusion (it reads pooled features
-only). ``rho_a``/``rho_v`` in the step stats are the prototype ratios ``r``, ``1/r``; ``k_*`` the
-loss weights ``beta``, ``lam`` (when the method is active).
+(as the CE terms are), so the dominant modality is kept from converging early. With more
+modalities, ``r`` becomes OGM's discrepancy ``rho_u = s_u / mean_{w != u} s_w``: every modality
+with ``rho_u < 1`` gets ``alpha * CE(sim_u)``, every one with ``rho_u > 1`` the PER term (for two,
+the rules above). Gradients are not modulated. Works with every fusion (it reads pooled features only).
+``rho_<tag>`` in the step stats are the prototype ratios (``r``, ``1/r``); ``k_<tag>`` the loss
+weights (``beta``, ``lam``) when the method is active.
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 
-from .base import EpochStart, Method, Step
-
-if TYPE_CHECKING:
-    from ..models import AVModel
+from ..errors import ConfigError
+from .base import EpochStart, Method, Step, discrepancy, unit_stats
 
 
 def prototype_logits(feat: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
@@ -53,6 +51,8 @@ def true_class_score(sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class PMR(Method):
     name = "pmr"
     options = ("pmr_alpha", "pmr_momentum", "pmr_entropy", "pmr_entropy_epochs")
+    needs = ("forward", "num_classes")
+    accumulation = False     # the loss weights come from the batch's prototype scores
 
     def __init__(self, *, pmr_alpha: float = 1.0, pmr_momentum: float = 0.2, pmr_entropy: float = 0.0,
                  pmr_entropy_epochs: int = 10, **kwargs):
@@ -61,83 +61,92 @@ class PMR(Method):
             raise ValueError("pmr_alpha, pmr_entropy and pmr_entropy_epochs must be >= 0 and pmr_momentum in [0, 1]")
         self.pmr_alpha, self.momentum = float(pmr_alpha), float(pmr_momentum)
         self.entropy, self.entropy_epochs = float(pmr_entropy), int(pmr_entropy_epochs)
-        self.proto_a: torch.Tensor | None = None
-        self.proto_v: torch.Tensor | None = None
-        self._stats = {"rho_a": 1.0, "rho_v": 1.0, "k_a": 1.0, "k_v": 1.0}
+        self.protos: dict[str, torch.Tensor] | None = None      # modality -> (C, D_u)
+        self._stats: dict[str, float] | None = None
         self._weights: torch.Tensor | None = None
 
     # -- prototypes
 
     @torch.no_grad()
     def begin_epoch(self, start: EpochStart) -> None:
-        model = cast("AVModel", start.model)     # the unwrapped AVModel (see EpochStart)
-        if model.modality != "both":
-            return
+        m = start.modalities
+        if start.batches is None or start.steps is None:
+            raise ConfigError("pmr builds class prototypes before each epoch: "
+                              "call begin_epoch(epoch, steps=..., batches=...)")
+        model = start.model
         was_training = model.training
         model.eval()
-        sums: torch.Tensor | None = None
+        sums: dict[str, torch.Tensor] | None = None
         counts: torch.Tensor | None = None
-        for audio, visual, labels in start.batches(max(1, start.steps // 10)):
-            out = model(audio, visual)
+        for inputs, labels in start.batches(max(1, start.steps // 10)):
+            out = m.run(inputs)
             if sums is None or counts is None:      # both set by the first batch
-                c = model.num_classes
-                sums = torch.zeros(2, c, out.feat_a.shape[1], dtype=torch.float64, device=labels.device)
+                c = int(m.num_classes or 0)
+                sums = {u: torch.zeros(c, out.features[u].shape[1], dtype=torch.float64, device=labels.device)
+                        for u in m.names}
                 counts = torch.zeros(c, dtype=torch.float64, device=labels.device)
-            sums[0].index_add_(0, labels, out.feat_a.double())
-            sums[1].index_add_(0, labels, out.feat_v.double())
+            for u in m.names:
+                sums[u].index_add_(0, labels, out.features[u].double())
             counts += torch.bincount(labels, minlength=len(counts)).double()
         model.train(was_training)
         assert sums is not None and counts is not None, "pmr: no training batches for the prototypes"
-        both = start.reduce(torch.cat([sums.flatten(), counts]))
-        sums, counts = both[: sums.numel()].view_as(sums), both[sums.numel():]
-        seen = (counts > 0).view(1, -1, 1)
-        new = torch.where(seen, sums / counts.clamp(min=1).view(1, -1, 1), torch.zeros_like(sums)).float()
-        if self.proto_a is None:
-            self.proto_a, self.proto_v = new[0], new[1]
+        both = start.reduce(torch.cat([*(sums[u].flatten() for u in m.names), counts]))
+        parts = both.split([*(sums[u].numel() for u in m.names), counts.numel()])
+        counts = parts[-1]
+        seen = (counts > 0).view(-1, 1)
+        new = {u: torch.where(seen, p.view_as(sums[u]) / counts.clamp(min=1).view(-1, 1),
+                              torch.zeros_like(sums[u])).float() for u, p in zip(m.names, parts)}
+        if self.protos is None:
+            self.protos = new
             return
-        assert self.proto_v is not None     # set together with proto_a
-        old = torch.stack([self.proto_a.to(new.device), self.proto_v.to(new.device)])
-        mixed = torch.where(seen, (1 - self.momentum) * new + self.momentum * old, old)
-        self.proto_a, self.proto_v = mixed[0], mixed[1]
+        old = {u: self.protos[u].to(new[u].device) for u in m.names}
+        self.protos = {u: torch.where(seen, (1 - self.momentum) * new[u] + self.momentum * old[u], old[u])
+                       for u in m.names}
 
     # -- the loss
 
     def loss(self, out, step: Step) -> torch.Tensor:
+        m = step.modalities
         loss = F.cross_entropy(out.logits.float(), step.labels)
-        self._stats = {"rho_a": 1.0, "rho_v": 1.0, "k_a": 0.0, "k_v": 0.0}
-        if out.feat_a is None or out.feat_v is None or self.proto_a is None or not self.active(step.epoch):
+        self._stats = {**unit_stats(m), **{f"k_{m.tags[u]}": 0.0 for u in m.names}}
+        if self.protos is None or not self.active(step.epoch):
             return loss
-        assert self.proto_v is not None     # set together with proto_a
-        sim_a = prototype_logits(out.feat_a, self.proto_a)
-        sim_v = prototype_logits(out.feat_v, self.proto_v)
-        scores = step.reduce(torch.stack([true_class_score(sim_a, step.labels), true_class_score(sim_v, step.labels)]))
-        r = scores[0] / scores[1]
-        a = self.pmr_alpha
-        # [beta, lam] as tensors: no host sync before backward
-        weights = torch.stack([torch.where(r < 1, a, 0.0), torch.where(r > 1, a, 0.0)]).float()
-        self._weights = torch.cat([torch.stack([r, 1 / r]).float(), weights])
-        loss = (loss + weights[0] * F.cross_entropy(sim_a, step.labels)
-                + weights[1] * F.cross_entropy(sim_v, step.labels))
+        sims = [prototype_logits(out.features[u], self.protos[u]) for u in m.names]
+        scores = step.reduce(torch.stack([true_class_score(sim, step.labels) for sim in sims]))
+        rho = discrepancy(scores)
+        # a weight per modality as tensors: no host sync before backward
+        weights = torch.where(rho < 1, self.pmr_alpha, 0.0).float()
+        self._weights = torch.cat([rho.float(), weights])
+        for w, sim in zip(weights, sims):
+            loss = loss + w * F.cross_entropy(sim, step.labels)
         if self.entropy > 0 and step.epoch < self.start_epoch + self.entropy_epochs:
-            dominant = torch.stack([r > 1, r < 1]).float()          # [audio, visual]
-            loss = loss - self.entropy * (dominant[0] * mean_entropy(sim_a) + dominant[1] * mean_entropy(sim_v))
+            dominant = (rho > 1).float()
+            per = dominant[0] * mean_entropy(sims[0])
+            for d, sim in zip(dominant[1:], sims[1:]):
+                per = per + d * mean_entropy(sim)
+            loss = loss - self.entropy * per
         return loss
 
-    def after_backward(self, model, out, labels, *, epoch: int, all_reduce=None, generator=None):
+    def after_backward(self, out, step: Step):
+        m = step.modalities
         if self._weights is None:
-            return dict(self._stats)
-        rho_a, rho_v, beta, lam = self._weights.tolist()
+            return dict(self._stats) if self._stats is not None else unit_stats(m)
+        values = self._weights.tolist()
         self._weights = None
-        return {"rho_a": rho_a, "rho_v": rho_v, "k_a": beta, "k_v": lam}
+        tags = [m.tags[u] for u in m.names]
+        return dict(zip([*(f"rho_{t}" for t in tags), *(f"k_{t}" for t in tags)], values))
 
-    # -- resume
+    # -- resume (prototypes saved as proto_<tag>: proto_a, proto_v for audio-visual models)
+
+    def setup(self, modalities):
+        self._tags = dict(modalities.tags)
+        return None
 
     def state_dict(self) -> dict:
-        if self.proto_a is None:
+        if self.protos is None:
             return {}
-        assert self.proto_v is not None     # set together with proto_a
-        return {"proto_a": self.proto_a.cpu(), "proto_v": self.proto_v.cpu()}
+        return {f"proto_{self._tags[u]}": p.cpu() for u, p in self.protos.items()}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            self.proto_a, self.proto_v = state["proto_a"], state["proto_v"]
+            self.protos = {u: state[f"proto_{t}"] for u, t in self._tags.items()}
