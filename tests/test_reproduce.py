@@ -50,7 +50,8 @@ def test_manifest_holds_all_seven_tables_and_runnable_rows_are_its_rows():
     tables = rp.paper_tables()["tables"]
     assert sorted(map(int, tables)) == list(range(1, 8))
     for t, rows in rp.TABLE_ROWS.items():
-        assert [r.name for r in rows] == list(tables[str(t)]["rows"]), t
+        assert [r.name for r in rows if r.paper_row is None] == list(tables[str(t)]["rows"]), t
+        assert all(r.paper_row in tables[str(t)]["rows"] for r in rows if r.paper_row is not None), t
         assert all(rp.unavailable(r.name, r.settings) is None for r in rows)
         assert all(r.vs is None or r.vs in {x.name for x in rows} for r in rows)
     assert set(rp.NOT_RUNNABLE) == {3, 4, 5} and not set(rp.NOT_RUNNABLE) & set(rp.TABLE_ROWS)
@@ -165,15 +166,18 @@ def test_reproduce_tables_6_and_7_end_to_end(shards, tmp_path):
     res7 = rp.reproduce(7, str(shards), out7, seeds=[0, 1], overrides=TINY)
     grid = {r["name"]: (r["batch_size"], r["lr"]) for r in res7.rows}
     assert grid == {"b64-lr1e-4": (4, 1e-4), "b64-lr5e-4": (4, 5e-4), "b64-lr1e-3": (4, 1e-3),
-                    "b128-lr1e-3": (8, 1e-3), "b256-lr1e-3": (16, 1e-3), "b64-lr1e-3+ge": (4, 1e-3)}
+                    "b128-lr1e-3": (8, 1e-3), "b256-lr1e-3": (16, 1e-3), "b64-lr1e-3+ge": (4, 1e-3),
+                    "b64-lr1e-3+ge-paper-noise": (4, 1e-3)}
     for name, (batch, lr) in grid.items():
         cfg = read_json(out7 / "runs" / name / "seed-0" / "config.json")
         assert (cfg["batch_size"], cfg["lr"]) == (batch, lr)
-        assert cfg["modulation"] == ("ge" if name.endswith("+ge") else "none")
+        assert cfg["modulation"] == ("ge" if "+ge" in name else "none")
+        assert cfg["ge_noise"] == ("paper" if name.endswith("paper-noise") else "code")
         steps = [json.loads(x) for x in (out7 / "runs" / name / "seed-0" / "steps.jsonl").read_text().splitlines()]
         assert len(steps) == 28 // batch                       # 28 train clips, full batches only
     md7 = res7.report.read_text()
-    for name, value in (("b64-lr1e-4", "50.4"), ("b256-lr1e-3", "48.6"), ("b64-lr1e-3+ge", "60.2")):
+    for name, value in (("b64-lr1e-4", "50.4"), ("b256-lr1e-3", "48.6"), ("b64-lr1e-3+ge", "60.2"),
+                        ("b64-lr1e-3+ge-paper-noise", "60.2")):
         line = next(ln for ln in md7.splitlines() if ln.startswith(f"| {name} (batch"))
         assert f"| {value} |" in line
     assert f"acc, {SELECTION_LABELS['test']}" in md7
@@ -260,8 +264,8 @@ def test_reproduce_command_reports_and_says_what_it_kept(shards, tmp_path):
     assert "60.2" in (out / "report.md").read_text()               # the paper's GE-alone value
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
-    assert "b64-lr1e-4, seed 0 (1/6): kept (finished by an earlier run)" in again.output
-    assert "kept 6 finished row/seed run(s)" in again.output
+    assert "b64-lr1e-4, seed 0 (1/7): kept (finished by an earlier run)" in again.output
+    assert "kept 7 finished row/seed run(s)" in again.output
     bad = CliRunner().invoke(main, ["reproduce", "--table", "4", "--shards", str(shards), "--out", str(out)])
     assert bad.exit_code == 2 and "Table 4 cannot run in this build" in bad.output
     assert CliRunner().invoke(main, ["reproduce", "--shards", str(shards)]).exit_code == 2
