@@ -258,10 +258,11 @@ def count(items: Iterable[str]) -> dict[str, int]:
 
 def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan],
                   states: dict[str, ShardState], failures: list[dict], options: dict,
-                  spec_shape: tuple[int, int], bucket: Location | None = None) -> dict:
+                  spec_shape: tuple[int, int], bucket: Location | None = None, extra: dict | None = None) -> dict:
     """failures.jsonl, then per split the sample index and manifest, dataset.json last.
-    Returns ``{split: {label: samples}}``. A shard that exists only in the output's ``bucket``
-    (``in_bucket``) is read from there for the dataset card's example.
+    ``extra`` goes into dataset.json as it is. Returns ``{split: {label: samples}}``. A shard
+    that exists only in the output's ``bucket`` (``in_bucket``) is read from there for the
+    dataset card's example.
 
     Each file is fsynced before its rename; one directory fsync before dataset.json makes the
     renames of the whole run (shards included) durable, so dataset.json never outlives them."""
@@ -283,7 +284,7 @@ def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan]
                                                          functools.partial(write, sync_dir=False))
     meta = shardformat.DatasetMeta.build(options, list(classes), manifests,
                                          [r for st in states.values() for r in st.samples],
-                                         num_failures=len(failures), spec_shape=spec_shape)
+                                         num_failures=len(failures), spec_shape=spec_shape, extra=extra)
     def open_shard(name: str):
         if states[name].in_bucket and bucket is not None:
             return bucket.open(name)
