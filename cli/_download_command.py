@@ -83,6 +83,7 @@ def download_cmd(dataset, lists, out, segments, url_template, connections, rate,
         av = result.availability
         rows = [(s, n) for s, n in av.statuses.items()]
         _ui.console.print(_ui.table(f"{av.listed:,} listed clips", ["status", "clips"], rows, numeric={1}))
+        _print_classes(av)
         for note in result.notes:
             _ui.console.print(f"note: {note}")
         for line in av.lines():
@@ -96,3 +97,19 @@ def download_cmd(dataset, lists, out, segments, url_template, connections, rate,
         _ui.error(f"{errors} clip(s) ended with an error (see {Path(result.raw) / 'download.jsonl'}); "
                   f"rerun the same command to try them again")
         raise click.exceptions.Exit(_ui.EXIT_PROBLEMS)
+
+
+def _print_classes(av) -> None:
+    """Available / listed per class and split: every class up to 40, else the 10 least available."""
+    classes = sorted({c for sp in av.splits.values() for c in sp.per_class})
+
+    def frac(c):
+        a = sum(sp.per_class.get(c, [0, 0])[0] for sp in av.splits.values())
+        return a / sum(sp.per_class.get(c, [0, 1])[1] for sp in av.splits.values())
+
+    title = "available / listed per class"
+    if len(classes) > 40:
+        classes, title = sorted(classes, key=lambda c: (frac(c), c))[:10], "the 10 least available classes"
+    rows = [[c] + [f"{sp.per_class[c][0]:,} / {sp.per_class[c][1]:,}" if c in sp.per_class else "-"
+                   for sp in av.splits.values()] for c in classes]
+    _ui.console.print(_ui.table(title, ["class", *av.splits], rows, numeric=set(range(1, len(av.splits) + 1))))

@@ -54,8 +54,7 @@ def show_cmd(name, as_json):
         _ui.print_json(e.to_dict())
         return
     rows = [("title", e.title), ("dataset", e.dataset), ("kind", e.kind)]
-    rows += [(f"source {k}", v if isinstance(v, str) else ", ".join(map(str, v)) if isinstance(v, list) else v)
-             for k, v in e.source.items()]
+    rows += [(f"source {k}", _text(v)) for k, v in e.source.items()]
     rows += [("counts", _counts(e)), ("hash", e.hash or "unknown")]
     if e.classes:
         rows.append(("class list", e.classes))
@@ -118,6 +117,13 @@ def check_cmd(name, split_files, shards, s3_endpoint, as_json):
         _ui.console.print(f"{entry.id}: {'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
     if not report.ok:
         raise click.exceptions.Exit(_ui.EXIT_PROBLEMS)
+
+
+def _text(value) -> str:
+    if isinstance(value, dict):       # e.g. a copy of the files elsewhere: repo@commit paths
+        where = f"{value.get('repo', '')}@{str(value.get('commit', ''))[:7]}".strip("@")
+        return " ".join([where, _text(value.get("paths", []))]).strip()
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _datasets(dataset):

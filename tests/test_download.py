@@ -360,3 +360,32 @@ def test_kinetics_sounds_and_ave_downloads_extract(tmp_path):
         assert json.loads((tmp_path / "ave-out" / "dataset.json").read_text())["availability"]["available"] == 2
     finally:
         server.stop()
+
+
+def test_cli_prints_the_summary_and_exits_1_while_errors_remain(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.avprep_cli import main
+
+    server = FileServer(tmp_path / "www")
+    server.root.mkdir()
+    for y in ("okokokokoko", "forbiddenxx"):
+        synth.write_clip(server.root / f"{y}.mp4", duration=11.0, label_index=0, num_classes=2, fps=5, size=(64, 48))
+    server.rules["forbiddenxx.mp4"] = ["403"]
+    server.start()
+    try:
+        lst = tmp_path / "vggsound.csv"
+        lst.write_text("okokokokoko,0,dog barking,train\nforbiddenxx,0,dog barking,test\n")
+        args = ["download", "--dataset", "vggsound", "--list", str(lst), "--out", str(tmp_path / "raw"),
+                "--url-template", server.url + "/{id}.mp4", "--rate", "0", "--retries", "0"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert "vggsound train: 1 of 1 available (100.0%), 1 classes, smallest class 100%" in result.output
+        assert "vggsound test: 0 of 1 available (0.0%), 1 classes, smallest class 0%" in result.output
+        assert "│ dog barking │ 1 / 1 │ 0 / 1 │" in result.output
+        assert "1 clip(s) ended with an error" in result.output and "rerun the same command" in result.output
+        as_json = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)      # the rerun: one fetch
+        assert as_json["fetched"] == {"error": 1} and as_json["kept"] == 1
+        assert as_json["availability"]["splits"]["test"]["statuses"] == {"error": 1}
+    finally:
+        server.stop()

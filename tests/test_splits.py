@@ -171,6 +171,7 @@ def test_extractions_record_their_entry_and_check_class_lists(raw_dataset, tmp_p
     assert "✓ the run's 6 classes are cremad/classes@1 (same names, same order)" in check.output
     assert "✓ no sample key is in two splits of the extraction" in check.output
     # --splits names the entry the splits must be
+    assert splits.resolve("cremad", "cremad/speaker-hash", split_by="speaker").entry.id == "cremad/speaker-hash@1"
     with pytest.raises(ConfigError, match="--splits cremad/ogmge@1: the dataset's own splits do not match it; "
                                           "pass its files with --split-file"):
         extract("cremad", raw, tmp_path / "never", cfg, workers=1, splits="cremad/ogmge")

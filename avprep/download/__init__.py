@@ -142,7 +142,8 @@ def download(dataset: str, lists: Iterable, raw, *, url_template: str = YOUTUBE,
                     todo.append(FetchTask(clip, str(final), str(tmp_dir)))
             todo = todo[:limit] if limit is not None else todo
             fetched = _run(ClipFetcher(settings), todo, connections, RateLimiter(rate), log, statuses, emit)
-        registry = splits.identify(adapter.name, [] if adapter.name == "ave" else lists, src=raw)
+        # the list files themselves, else what they put in the layout (AVE's set files)
+        registry = splits.identify(adapter.name, lists) or splits.identify(adapter.name, src=raw)
         lists_record = [{"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in lists]
         availability = Availability.build(adapter.name, plan.clips, statuses, lists_record,
                                           registry.record() if registry else None)
