@@ -150,12 +150,13 @@ def writing(path: Path):
 
 
 @contextmanager
-def exclusive(out: Path):
-    """One extraction per folder at a time (a second one would delete the first's temporary
-    files). An advisory lock: the kernel drops it when the holder dies, even by kill -9."""
+def exclusive(out: Path, state_dir: str = STATE_DIR, job: str = "extraction"):
+    """One ``job`` per folder at a time (a second one would delete the first's temporary
+    files): a lock file in ``out/state_dir``. An advisory lock: the kernel drops it when the
+    holder dies, even by kill -9."""
     with writing(out):
-        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        f = open(out / STATE_DIR / "lock", "a+b")
+        (out / state_dir).mkdir(parents=True, exist_ok=True)
+        f = open(out / state_dir / "lock", "a+b")
     with f:
         try:
             import fcntl
@@ -165,7 +166,7 @@ def exclusive(out: Path):
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise ConfigError(f"{out}: another extraction is writing into this folder") from None
+            raise ConfigError(f"{out}: another {job} is writing into this folder") from None
         yield
 
 

@@ -177,9 +177,10 @@ class Rows:
     files: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
+        """Rows per split, train / val / test first."""
         c = Counter(split for split, _, _ in self.rows)
-        return {s: c[s] for s in ("train", "val", "test") if s in c} | {s: n for s, n in c.items()
-                                                                       if s not in ("train", "val", "test")}
+        order = {s: i for i, s in enumerate(("train", "val", "test"))}
+        return {s: c[s] for s in sorted(c, key=lambda s: (order.get(s, 3), s))}
 
     def overlap(self) -> set[str]:
         """Clip ids listed in more than one split."""

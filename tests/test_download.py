@@ -389,3 +389,15 @@ def test_cli_prints_the_summary_and_exits_1_while_errors_remain(tmp_path):
         assert as_json["availability"]["splits"]["test"]["statuses"] == {"error": 1}
     finally:
         server.stop()
+
+
+def test_a_second_download_into_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    lst = tmp_path / "vggsound.csv"
+    lst.write_text("aaaaaaaaaaa,0,dog barking,train\n")
+    (tmp_path / "raw" / ".avprep-download").mkdir(parents=True)
+    with open(tmp_path / "raw" / ".avprep-download" / "lock", "a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another avprep download is writing into this folder"):
+            download("vggsound", [lst], tmp_path / "raw", rate=None)

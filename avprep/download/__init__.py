@@ -13,7 +13,6 @@ whose status is final (unavailable, private, removed, geo-blocked, too short, no
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import hashlib
 import shutil
 import time
@@ -21,8 +20,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, OutputError
-from .fetch import OUTPUT_FORMAT, YOUTUBE, ClipFetcher, FetchSettings, FetchTask, classify, find_ffmpeg
+from .. import outdir
+from ..errors import ConfigError
+from .fetch import (
+    OUTPUT_FORMAT,
+    YOUTUBE,
+    ClipFetcher,
+    FetchSettings,
+    FetchTask,
+    classify,
+    find_ffmpeg,
+    import_yt_dlp,
+)
 from .status import (
     FINAL,
     OK,
@@ -118,9 +127,9 @@ def download(dataset: str, lists: Iterable, raw, *, url_template: str = YOUTUBE,
     settings = FetchSettings(url_template=url_template, ffmpeg=find_ffmpeg(ffmpeg), max_height=max_height,
                              format=format, timeout=timeout, retries=retries, backoff=backoff,
                              min_fraction=min_fraction, cookies=cookies)
-    _require_yt_dlp()
+    import_yt_dlp()
     raw = Path(raw)
-    with _exclusive(raw):
+    with outdir.exclusive(raw, STATE_DIR, "avprep download"):
         tmp_dir = raw / STATE_DIR / TMP_DIR
         shutil.rmtree(tmp_dir, ignore_errors=True)      # a killed run's partial files
         tmp_dir.mkdir(parents=True)
@@ -199,30 +208,3 @@ def _write_layout_files(raw: Path, files: dict[str, bytes]) -> None:
         if not (path.is_file() and path.read_bytes() == data):
             atomic_write_bytes(path, data)
 
-
-def _require_yt_dlp() -> None:
-    try:
-        import yt_dlp  # noqa: F401
-    except ImportError:
-        raise ConfigError("avprep download needs yt-dlp: pip install 'avprep-ogmge[download]'") from None
-
-
-@contextlib.contextmanager
-def _exclusive(raw: Path):
-    """One download per raw folder (an advisory lock the kernel drops when its holder dies)."""
-    try:
-        (raw / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        f = open(raw / STATE_DIR / "lock", "a+b")
-    except OSError as e:
-        raise OutputError(f"{raw}: cannot write ({e.strerror or e})", exit_code=2) from None
-    with f:
-        try:
-            import fcntl
-        except ImportError:      # not POSIX: no lock
-            yield
-            return
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"{raw}: another avprep download is writing into it") from None
-        yield

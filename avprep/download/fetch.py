@@ -227,12 +227,18 @@ class _Quiet:
     info = warning = error = debug
 
 
-def _resolve(url: str, s: FetchSettings) -> tuple[dict, str | None]:
-    """(info, None), or ({}, the failure message) from yt-dlp, without downloading anything."""
+def import_yt_dlp():
+    """The yt_dlp module (an optional dependency: the ``download`` extra)."""
     try:
         import yt_dlp
     except ImportError:
         raise ConfigError("avprep download needs yt-dlp: pip install 'avprep-ogmge[download]'") from None
+    return yt_dlp
+
+
+def _resolve(url: str, s: FetchSettings) -> tuple[dict, str | None]:
+    """(info, None), or ({}, the failure message) from yt-dlp, without downloading anything."""
+    yt_dlp = import_yt_dlp()
     opts = {"quiet": True, "no_warnings": True, "noprogress": True, "logger": _Quiet(), "noplaylist": True,
             "cachedir": False, "socket_timeout": s.timeout, "retries": 0, "extractor_retries": 0,
             "format": s.format or format_selector(s.max_height), "color": {"stdout": "never", "stderr": "never"}}
