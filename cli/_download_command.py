@@ -27,7 +27,7 @@ Exit status: 0 done, 1 some clips ended with an error (a rerun tries them again)
                    "TPAMI Kinetics-Sounds split files, AVE's Annotations.txt (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Raw dataset folder to write (what `avprep extract --src` reads); a rerun resumes.")
-@click.option("--segments", multiple=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--segments", multiple=True, type=click.Path(exists=True, dir_okay=False), show_default="none",
               help="AVE only: AudioSet segment CSVs, where each AVE clip is in its YouTube video (repeatable).")
 @click.option("--url-template", default=YOUTUBE, show_default=True,
               help="Clip URL from {id} (also {start}, {end}, {key}); e.g. a mirror or a test server.")

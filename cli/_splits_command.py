@@ -27,7 +27,7 @@ def _source(entry) -> str:
 
 
 @splits_group.command("list")
-@click.option("--dataset", help="Only this dataset's entries.")
+@click.option("--dataset", show_default="all", help="Only this dataset's entries.")
 @click.option("--json", "as_json", is_flag=True, help="Print every entry as JSON.")
 def list_cmd(dataset, as_json):
     """Every entry with its source, counts and hash."""
@@ -74,7 +74,7 @@ def show_cmd(name, as_json):
 
 @splits_group.command("check")
 @click.argument("name", required=False)
-@click.option("--split-file", "split_files", multiple=True,
+@click.option("--split-file", "split_files", multiple=True, show_default="none",
               help="Your copy of the entry's files, PATH or SPLIT=PATH (repeatable).")
 @click.option("--shards", show_default="none",
               help="An extraction (folder or URL): its class list and splits are checked too.")
