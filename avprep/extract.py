@@ -34,6 +34,7 @@ from .errors import ConfigError, DatasetLayoutError
 from .outdir import tool_version
 
 if TYPE_CHECKING:
+    from .download.status import Availability
     from .storage import S3Location
     from .upload import ShardUploader
 
@@ -79,6 +80,8 @@ class ExtractResult:
     max_failures: float
     engine: str = "serial"
     worker_pids: set[int] = field(default_factory=set)   # processes that extracted clips
+    split_registry: dict | None = None          # the published split used (splits.Match.record)
+    availability: list[str] = field(default_factory=list)   # the download's summary lines
 
     @property
     def num_samples(self) -> int:
@@ -108,7 +111,7 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
             split_files: Iterable = (), split_by: str | None = None, seed: int = 0,
             overwrite: bool = False, retry_failed: bool = False, max_failures: float = 0.05,
             on_event: OnEvent | None = None, staging: str | Path | None = None,
-            s3_endpoint: str | None = None) -> ExtractResult:
+            s3_endpoint: str | None = None, splits: str | None = None) -> ExtractResult:
     """Extract dataset ``dataset`` from the raw folder ``src`` into ``out`` (a folder, or an
     ``s3://bucket/prefix`` reached through a local ``staging`` folder: each shard is uploaded
     in the background as soon as it is finished, the indexes, manifests and dataset.json after
@@ -128,6 +131,10 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
     per URL under the temp dir (kept, so an interrupted run resumes; the resume state is never
     uploaded); a rerun sends again only the kept shards missing from the bucket or of another
     size there, and everything it extracts.
+
+    dataset.json names the published split in use (``avprep.splits``: the entry the split
+    files, or the dataset's own lists, match; ``splits`` names the one they must match, a
+    ConfigError otherwise) and carries ``src``'s download availability (``avprep download``).
     """
     t0 = time.monotonic()
     emit = on_event or (lambda e: None)
@@ -148,12 +155,13 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
     disc: Discovery = adapter.discover(src, split_files=split_files, split_by=split_by, seed=seed)
     if not disc.clips:
         raise DatasetLayoutError(_nothing_found(src, adapter, disc))
+    source = _source_facts(adapter.name, src, split_files, split_by, seed, splits)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
     with outdir.exclusive(out), _uploader(loc, out) as uploader:
         outdir.prepare(out, options, overwrite)
         result = _extract_into(src, out, adapter.name, disc, cfg, options, runner, emit,
-                               max_failures, retry_failed, uploader, loc)
+                               max_failures, retry_failed, uploader, loc, source)
         if uploader is not None:
             uploader.finish()       # waits for the shards; then the indexes, manifests, dataset.json last
     result.out = remote or str(out)
@@ -166,7 +174,7 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
 def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: ExtractConfig,
                   options: dict, engine: Engine, emit: OnEvent, max_failures: float,
                   retry_failed: bool, uploader: ShardUploader | None = None,
-                  loc: S3Location | None = None) -> ExtractResult:
+                  loc: S3Location | None = None, source: _SourceFacts | None = None) -> ExtractResult:
     """Plan, keep the intact shards, extract the rest, then write the indexes (``out`` locked).
     Every shard file in ``out``, kept or new, goes to ``uploader`` when there is one; shards
     the engine built and uploaded elsewhere (``ShardState.in_bucket``) are only in ``loc``."""
@@ -210,14 +218,48 @@ def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: Extr
 
     outdir.remove_strays(out, {p.name for p in plans})
     failures = _failures(disc, [states[p.name] for p in plans], src)
-    samples = outdir.write_outputs(out, disc.classes, plans, states, failures, options, cfg.spec.shape, loc)
+    source = source or _SourceFacts()
+    samples = outdir.write_outputs(out, disc.classes, plans, states, failures, options, cfg.spec.shape, loc,
+                                   source.dataset_json())
     return ExtractResult(
         out=str(out), name=dataset, classes=list(disc.classes), samples=samples,
         failures=failures, failures_by_stage=outdir.count(f["stage"] for f in failures),
         skipped=dict(disc.skipped), notes=notes,
         num_clips=len(disc.clips), num_shards=len(plans), resumed_shards=len(kept),
         wall_time=0.0, max_failures=max_failures, engine=engine.name,
-        worker_pids=pids)
+        worker_pids=pids, split_registry=source.split_registry,
+        availability=source.availability.lines() if source.availability else [])
+
+
+@dataclass
+class _SourceFacts:
+    """What dataset.json says about the raw data beyond the options: the published split it
+    used and the download's availability (not options: a resumed run may see them change)."""
+
+    split_registry: dict | None = None
+    availability: Availability | None = None
+
+    def dataset_json(self) -> dict:
+        facts: dict = {"split_registry": self.split_registry}
+        if self.availability is not None:
+            facts["availability"] = self.availability.to_dict()
+        return facts
+
+
+def _source_facts(dataset: str, src: Path, split_files: list, split_by, seed: int,
+                  requested: str | None) -> _SourceFacts:
+    from . import splits
+    from .download.status import read_availability
+
+    match = splits.resolve(dataset, requested, split_files, src=src, split_by=split_by, seed=seed)
+    try:
+        availability = read_availability(src)
+    except ValueError as e:
+        raise DatasetLayoutError(str(e)) from None
+    if availability is not None and availability.dataset != dataset:
+        raise DatasetLayoutError(f"{src}: its availability.json is a {availability.dataset} download, "
+                                 f"not {dataset}")
+    return _SourceFacts(match.record() if match else None, availability)
 
 
 def _worth_retrying(st: outdir.ShardState, retry_failed: bool) -> bool:

@@ -150,12 +150,13 @@ def writing(path: Path):
 
 
 @contextmanager
-def exclusive(out: Path):
-    """One extraction per folder at a time (a second one would delete the first's temporary
-    files). An advisory lock: the kernel drops it when the holder dies, even by kill -9."""
+def exclusive(out: Path, state_dir: str = STATE_DIR, job: str = "extraction"):
+    """One ``job`` per folder at a time (a second one would delete the first's temporary
+    files): a lock file in ``out/state_dir``. An advisory lock: the kernel drops it when the
+    holder dies, even by kill -9."""
     with writing(out):
-        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        f = open(out / STATE_DIR / "lock", "a+b")
+        (out / state_dir).mkdir(parents=True, exist_ok=True)
+        f = open(out / state_dir / "lock", "a+b")
     with f:
         try:
             import fcntl
@@ -165,7 +166,7 @@ def exclusive(out: Path):
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise ConfigError(f"{out}: another extraction is writing into this folder") from None
+            raise ConfigError(f"{out}: another {job} is writing into this folder") from None
         yield
 
 
@@ -258,10 +259,11 @@ def count(items: Iterable[str]) -> dict[str, int]:
 
 def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan],
                   states: dict[str, ShardState], failures: list[dict], options: dict,
-                  spec_shape: tuple[int, int], bucket: Location | None = None) -> dict:
+                  spec_shape: tuple[int, int], bucket: Location | None = None, extra: dict | None = None) -> dict:
     """failures.jsonl, then per split the sample index and manifest, dataset.json last.
-    Returns ``{split: {label: samples}}``. A shard that exists only in the output's ``bucket``
-    (``in_bucket``) is read from there for the dataset card's example.
+    ``extra`` goes into dataset.json as it is. Returns ``{split: {label: samples}}``. A shard
+    that exists only in the output's ``bucket`` (``in_bucket``) is read from there for the
+    dataset card's example.
 
     Each file is fsynced before its rename; one directory fsync before dataset.json makes the
     renames of the whole run (shards included) durable, so dataset.json never outlives them."""
@@ -283,7 +285,7 @@ def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan]
                                                          functools.partial(write, sync_dir=False))
     meta = shardformat.DatasetMeta.build(options, list(classes), manifests,
                                          [r for st in states.values() for r in st.samples],
-                                         num_failures=len(failures), spec_shape=spec_shape)
+                                         num_failures=len(failures), spec_shape=spec_shape, extra=extra)
     def open_shard(name: str):
         if states[name].in_bucket and bucket is not None:
             return bucket.open(name)

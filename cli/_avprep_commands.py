@@ -68,6 +68,8 @@ def _parse_bytes(ctx, param, value):
                    "are always retried).")
 @click.option("--split-file", "split_files", multiple=True, show_default="none: the dataset's own splits or a hash",
               help="Published split file, PATH or SPLIT=PATH (repeatable).")
+@click.option("--splits", "splits", show_default="recorded when the splits match an entry",
+              help="Registry entry the splits must be (`avprep splits list`), e.g. kinetics-sounds/ogmge.")
 @click.option("--split-by", show_default="none: by clip name",
               help="Group for disjoint splits, e.g. speaker (CREMA-D).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of hash splits.")
@@ -81,8 +83,8 @@ def _parse_bytes(ctx, param, value):
 @_ui.handle_errors
 def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_length, center, duration,
                 resampler, fps, frame_rule, frame_size, jpeg_quality, spec_dtype, shard_size, shard_max_bytes,
-                workers, engine, ray_address, retry_failed, split_files, split_by, seed, max_failures, overwrite,
-                s3_endpoint, staging):
+                workers, engine, ray_address, retry_failed, split_files, splits, split_by, seed, max_failures,
+                overwrite, s3_endpoint, staging):
     """Extract a raw dataset into WebDataset shards with manifests (resumable)."""
     from avprep.datasets import get
     from avprep.extract import extract
@@ -99,7 +101,7 @@ def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_len
                          ray_address=ray_address, retry_failed=retry_failed, split_files=split_files,
                          split_by=split_by, seed=seed, overwrite=overwrite,
                          max_failures=max_failures, on_event=on_event, s3_endpoint=s3_endpoint,
-                         staging=staging)
+                         staging=staging, splits=splits)
     _print_summary(result, on_event)
     if not result.ok:
         _ui.error(f"{result.failed_fraction:.1%} of clips failed (more than --max-failures "
@@ -155,6 +157,10 @@ def _print_summary(result, progress: _ExtractProgress) -> None:
                                     result.failures_by_stage.items(), numeric={1}))
     for note in result.notes:
         _ui.console.print(f"note: {note}")
+    if result.split_registry:
+        _ui.console.print(f"splits: {result.split_registry['id']} ({result.split_registry['title']})")
+    for line in result.availability:
+        _ui.console.print(f"downloaded: {line}")
     for reason, n in result.skipped.items():
         _ui.console.print(f"skipped {n} clip(s): {reason}")
     resumed = f", {result.resumed_shards} resumed" if result.resumed_shards else ""
@@ -223,6 +229,11 @@ def info_cmd(out, as_json, s3_endpoint):
              "audio duration": spec.get("duration"), "fps": cfg.get("fps"), "frame rule": cfg.get("frame_rule"),
              "frame size": cfg.get("frame_size"), "jpeg quality": cfg.get("jpeg_quality"),
              "max frames": dataset.max_frames, "failures": dataset.raw.get("num_failures")}
+    registry, availability = dataset.raw.get("split_registry"), dataset.raw.get("availability")
+    if isinstance(registry, dict):
+        shown["splits"] = registry.get("id")
+    if isinstance(availability, dict):
+        shown["downloaded"] = f"{availability.get('available')} of {availability.get('listed')} listed clips"
     extra = cfg.get("extra") if isinstance(cfg.get("extra"), dict) else {}
     for k, v in sorted(extra.items()):
         if v not in (None, [], {}):

@@ -583,6 +583,7 @@ class _Recording:
                    "selection": f"{s.select_on}_acc" if s.select_on else "last_epoch",
                    "selection_label": names.SELECTION_LABELS[s.select_on or "last"],
                    "epochs": epochs_done, "dataset": s.cfg.dataset, "world_size": s.info.world_size,
+                   "split_registry": s.dataset.meta.raw.get("split_registry"),     # the published split used
                    **{split: record_of_best.get(split, {}) for split in ("val", "test")}}
         s.rec.write_summary(summary)
         return summary

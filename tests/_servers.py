@@ -110,6 +110,12 @@ class _RangeHandler(BaseHTTPRequestHandler):
         self.server.log.append((self.command, rel, self.headers.get("Range")))
         if self.server.faults:
             return self._status(self.server.faults.pop(0))
+        action = self.server.take_action(rel)
+        if action.isdigit():
+            return self._status(int(action))
+        kind, _, seconds = action.partition(":")
+        if kind in ("slow", "stall"):        # stall: silent longer than the client waits
+            time.sleep(float(seconds))
         if self.server.root.resolve() not in path.parents or not path.is_file():
             return self._status(404)
         st = path.stat()
@@ -133,6 +139,9 @@ class _RangeHandler(BaseHTTPRequestHandler):
             with open(path, "rb") as f:
                 f.seek(start)
                 left = end - start + 1
+                if kind == "truncate":       # the announced length, half of it sent, then closed
+                    left = left // 2
+                    self.close_connection = True
                 while left > 0:
                     chunk = f.read(min(65536, left))
                     self.wfile.write(chunk)
@@ -147,17 +156,32 @@ class _RangeHandler(BaseHTTPRequestHandler):
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    rules: dict
+
+    def take_action(self, rel: str) -> str:
+        with self.rules_lock:
+            actions = self.rules.get(rel)
+            if not actions:
+                return "serve"
+            return actions.pop(0) if len(actions) > 1 else actions[0]
+
+    def handle_error(self, request, client_address):
+        pass        # clients that hang up early (ffmpeg, yt-dlp probing a file) are not errors here
 
 
 class FileServer:
     """Serves ``root`` over HTTP/1.1 with Range and ETag; ``log`` records (method, path, range).
-    Status codes appended to ``faults`` are answered (one per request) before serving again."""
+    Status codes appended to ``faults`` are answered (one per request) before serving again.
+    ``rules[path]`` is a list of actions for requests of that path, each taken in turn, the last
+    one kept: a status code ("404"), "serve", "slow:<s>" / "stall:<s>" (wait that long first),
+    "truncate" (announce the length, send half, close)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.port = free_port()
         self.log: list = []
         self.faults: list[int] = []
+        self.rules: dict[str, list[str]] = {}
         self._server = None
 
     @property
@@ -167,6 +191,7 @@ class FileServer:
     def start(self):
         self._server = _HTTPServer(("127.0.0.1", self.port), _RangeHandler)
         self._server.root, self._server.log, self._server.faults = self.root, self.log, self.faults
+        self._server.rules, self._server.rules_lock = self.rules, threading.Lock()
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self):

@@ -74,6 +74,8 @@ def test_run_folder_files_and_schema(demo_run, shards):
     # dataset-dependent defaults resolved from dataset.json's name
     assert config["dataset"] == "cremad" and config["alpha"] == 0.8 and config["frames"] == 1
     assert TrainConfig.from_dict(config) == tiny_config(shards, out, epochs=3).with_dataset("cremad")
+    # the run names the published split its data used (avprep.splits; here the hash rule)
+    assert summary["split_registry"] == info["split_registry"] and info["split_registry"]["id"] == "cremad/clip-hash@1"
 
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [0, 1, 2]

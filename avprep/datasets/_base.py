@@ -84,6 +84,31 @@ class SynthLayout:
 
 
 @dataclass(frozen=True)
+class RemoteClip:
+    """One clip ``avprep download`` fetches: its YouTube id, window (seconds; None when the list
+    gives none) and where it goes in the raw layout (``path``, relative to the raw folder)."""
+
+    key: str
+    video_id: str
+    start: float | None
+    end: float | None
+    label: str
+    split: str              # train / val / test, or "all" when the list has no splits
+    path: str
+
+
+@dataclass
+class DownloadPlan:
+    """What a download list asks for: the clips, the layout's text files (written into the raw
+    folder as given, e.g. vggsound.csv), and remarks."""
+
+    clips: list[RemoteClip]
+    files: dict[str, bytes] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Adapter:
     name: str                       # CLI name, e.g. "cremad"
     layout: str                     # one-line description of the raw layout (avprep datasets)
@@ -91,6 +116,9 @@ class Adapter:
     default_duration: float         # clip length of the paper's presets (3 s CREMA-D, 10 s others)
     discover: Callable[..., Discovery]
     synth: SynthLayout
+    # ``download(lists, **options) -> DownloadPlan``: the clips of the datasets that come from
+    # YouTube, laid out as ``discover`` reads them (None: not downloadable)
+    download: Callable[..., DownloadPlan] | None = None
 
 
 _KEY_BAD = re.compile(r"[.\s/\\]+")

@@ -20,7 +20,9 @@ from ._base import (
     Adapter,
     Clip,
     Discovery,
+    DownloadPlan,
     Problem,
+    RemoteClip,
     SynthClip,
     SynthLayout,
     dedupe,
@@ -50,16 +52,15 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
         raise DatasetLayoutError(f"{src / 'Annotations.txt'}: not found; expected {LAYOUT}")
     if not (src / "AVE").is_dir():
         raise DatasetLayoutError(f"{src / 'AVE'}: no such folder; expected {LAYOUT}")
-    annotations = _read(src / "Annotations.txt")
+    annotations = read_annotations(src / "Annotations.txt")
     classes = sorted({row[1] for row in annotations})
     category = {}
     for row in annotations:
         category.setdefault(row[2], row[1])
-    present = {name.lower(): src / name for name in os.listdir(src)}
-    listed = {split: present[fname] for split, fname in SPLIT_FILES.items() if fname in present}
+    listed = set_files(src)
     problems, skipped, notes = [], {}, []
     if listed:
-        rows = [(split, *row) for split, path in listed.items() for row in _read(path)]
+        rows = [(split, *row) for split, path in listed.items() for row in read_annotations(path)]
         notes.append("splits from " + ", ".join(p.name for p in listed.values()))
     else:
         rows = [(hash_split(row[2], seed), *row) for row in annotations]
@@ -85,7 +86,13 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
     return finish(NAME, classes, clips, problems + dups, skipped, ADAPTER.default_duration, notes)
 
 
-def _read(path: Path) -> list[tuple[str, str, str, str, float, float]]:
+def set_files(src: Path) -> dict[str, Path]:
+    """AVE's own split files in ``src`` (names matched case-insensitively), by split."""
+    present = {name.lower(): Path(src) / name for name in os.listdir(src)}
+    return {split: present[fname] for split, fname in SPLIT_FILES.items() if fname in present}
+
+
+def read_annotations(path: Path) -> list[tuple[str, str, str, str, float, float]]:
     """(where, category, video_id, quality, start, end) of an AVE annotation file."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
@@ -108,6 +115,64 @@ def _read(path: Path) -> list[tuple[str, str, str, str, float, float]]:
                                      f"got {line!r}") from None
         rows.append((f"{path.name}:{n}", fields[0], fields[1], fields[2], start, end))
     return rows
+
+
+# ----------------------------------------------------------------------------- download
+
+def _download_plan(lists, segments=(), **_) -> DownloadPlan:
+    """The videos of ``Annotations.txt`` (and the trainSet/valSet/testSet.txt beside it, copied
+    into RAW as they are), each as ``AVE/<VideoID>.mp4``. AVE's lines give the event inside the
+    10 s clip, not where the clip is in the YouTube video: that comes from AudioSet's segment
+    CSVs (``segments``: ``YTID, start_seconds, end_seconds, labels``), as AVE is drawn from AudioSet."""
+    lists = [Path(p) for p in lists]
+    annotations = next((p for p in lists if p.name.lower() == "annotations.txt"),
+                       lists[0] if len(lists) == 1 else None)
+    if annotations is None:
+        raise ConfigError(f"{NAME}: pass Annotations.txt as --list (the set files are read beside it)")
+    if not segments:
+        raise ConfigError(f"{NAME}: Annotations.txt says where each event is inside its 10 s clip, not where the clip "
+                          f"is in the YouTube video; pass AudioSet's segment CSVs with --segments, or use the "
+                          f"official AVE zip (README: Getting the corpora)")
+    windows = _read_segments([Path(p) for p in segments])
+    sets = set_files(annotations.parent)
+    files = {"Annotations.txt": annotations.read_bytes()} | {p.name: p.read_bytes() for p in sets.values()}
+    split_of: dict[str, str] = {}
+    for split, path in sets.items():
+        for row in read_annotations(path):
+            split_of.setdefault(row[2], split)
+    clips, seen, notes = [], set(), []
+    for _where, category, vid, *_rest in read_annotations(annotations):
+        if vid in seen:
+            continue
+        seen.add(vid)
+        start, end = windows.get(vid, (None, None))
+        clips.append(RemoteClip(make_key(vid), vid, start, end, category, split_of.get(vid, "all"), f"AVE/{vid}.mp4"))
+    missing = sum(1 for c in clips if c.start is None)
+    if missing:
+        notes.append(f"{missing} video(s) are in none of the --segments files: no window, not fetched")
+    unlisted = sum(1 for c in clips if c.split == "all") if sets else 0
+    return DownloadPlan(clips, files, notes, {"not in the set files": unlisted})
+
+
+def _read_segments(paths: list[Path]) -> dict[str, tuple[float, float]]:
+    """YTID -> (start, end) of AudioSet segment CSVs (``#`` comment lines; the first segment of a
+    video wins)."""
+    out: dict[str, tuple[float, float]] = {}
+    for path in paths:
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetLayoutError(f"{path}: cannot read segment file ({e})") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            fields = [f.strip() for f in line.split(",", 3)]
+            try:
+                out.setdefault(fields[0], (float(fields[1]), float(fields[2])))
+            except (IndexError, ValueError):
+                raise DatasetLayoutError(f"{path}:{n}: expected 'YTID, start_seconds, end_seconds, labels', "
+                                         f"got {line[:80]!r}") from None
+    return out
 
 
 # ----------------------------------------------------------------------------- synthetic tree
@@ -141,4 +206,4 @@ def _synth(out: Path, clips: int, k: int, rng, duration, **_):
 
 
 ADAPTER = Adapter(NAME, LAYOUT, NUM_CLASSES, 10.0, discover,
-                  SynthLayout(_synth, default_classes=28, max_classes=28))
+                  SynthLayout(_synth, default_classes=28, max_classes=28), _download_plan)

@@ -15,6 +15,7 @@ whose class folder disagrees with the file's label is a "label" Problem, one wit
 """
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ from ._base import (
     Adapter,
     Clip,
     Discovery,
+    DownloadPlan,
     Problem,
+    RemoteClip,
     SynthClip,
     SynthLayout,
     dedupe,
@@ -163,6 +166,65 @@ def _scan(src: Path) -> tuple[list[_File], dict[str, int]]:
     return files, {"not a media file": not_media}
 
 
+# ----------------------------------------------------------------------------- download
+
+_KINETICS_HEADER = ("label", "youtube_id", "time_start", "time_end", "split")
+
+
+def _download_plan(lists, **options) -> DownloadPlan:
+    """The KS clips of Kinetics annotation CSVs (``label,youtube_id,time_start,time_end,split``,
+    other classes skipped) or of split files (the OGM-GE lists, the TPAMI JSON: windows from
+    the ids, 10 s when an id has only its start), laid out as ``<split>/<class>/<stem>.mp4``."""
+    if options.get("segments"):
+        raise ConfigError(f"{NAME}: --segments is for AVE (Kinetics lists have each clip's window)")
+    rows, skipped = [], {}
+    for path in map(Path, lists):
+        try:
+            head = path.read_text(encoding="utf-8-sig").lstrip()[:200].lower()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetLayoutError(f"{path}: cannot read the list ({e})") from None
+        if head.startswith(",".join(_KINETICS_HEADER)):
+            rows += _kinetics_rows(path, skipped)
+            continue
+        for entry in splitfiles.read_split_files([path], CLASSES).entries:
+            parsed = splitfiles.parse_clip_id(entry.clip_id)
+            if parsed is None or parsed[1] is None:
+                raise DatasetLayoutError(f"{entry.source}: {entry.clip_id!r} has no start second "
+                                         f"(<youtube_id>_<start>)")
+            ytid, start, end = parsed[0], parsed[1], parsed[2] if parsed[2] is not None else parsed[1] + 10
+            rows.append((ytid, start, end, entry.label, entry.split, entry.source))
+    clips, seen = [], set()
+    for ytid, start, end, label, split, _where in rows:
+        stem = f"{ytid}_{start:06d}_{end:06d}"
+        if stem in seen:
+            skipped["listed twice"] = skipped.get("listed twice", 0) + 1
+            continue
+        seen.add(stem)
+        clips.append(RemoteClip(make_key(stem), ytid, float(start), float(end), label, split,
+                                f"{split}/{label}/{stem}.mp4"))
+    return DownloadPlan(clips, skipped=skipped)
+
+
+def _kinetics_rows(path: Path, skipped: dict[str, int]):
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        for n, row in enumerate(reader, 2):
+            try:
+                label = row["label"].strip().lower().replace(" ", "_")
+                split = split_alias(row["split"])
+                start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+                ytid = row["youtube_id"].strip()
+                if split is None or not ytid or end <= start:
+                    raise ValueError
+            except (KeyError, ValueError, AttributeError):
+                raise DatasetLayoutError(f"{path}:{n}: expected {','.join(_KINETICS_HEADER)}, "
+                                         f"got {','.join(str(v) for v in row.values())!r}") from None
+            if label not in CLASSES:
+                skipped[_OTHER] = skipped.get(_OTHER, 0) + 1
+                continue
+            yield ytid, start, end, label, split, f"{path.name}:{n}"
+
+
 # ----------------------------------------------------------------------------- synthetic tree
 
 def _synth(out: Path, clips: int, k: int, rng, duration, **_) -> tuple[list[str], list[SynthClip]]:
@@ -177,4 +239,4 @@ def _synth(out: Path, clips: int, k: int, rng, duration, **_) -> tuple[list[str]
 
 
 ADAPTER = Adapter(NAME, LAYOUT, NUM_CLASSES, 10.0, discover,
-                  SynthLayout(_synth, default_classes=31, max_classes=31))
+                  SynthLayout(_synth, default_classes=31, max_classes=31), _download_plan)

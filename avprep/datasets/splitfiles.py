@@ -107,12 +107,14 @@ def normalize(split_files) -> list[tuple[str | None, Path]]:
     return out
 
 
-def read_split_files(split_files, classes: list[str]) -> SplitSource:
+def read_split_files(split_files, classes: list[str] | None) -> SplitSource:
     """All entries of ``split_files`` in file order, labels resolved against ``classes``.
 
     Rows with a label outside ``classes`` become Problems (stage "label"); a file none of whose
     rows has a valid label is the wrong file for this dataset and raises DatasetLayoutError,
     as does an unreadable or ill-formed file (the message names the file and line).
+    ``classes=None`` keeps every label as written (lists that name labels by index are then
+    refused: they need the class list).
     """
     source = SplitSource()
     for split, path in normalize(split_files):
@@ -133,12 +135,12 @@ def read_split_files(split_files, classes: list[str]) -> SplitSource:
         good = 0
         for clip, row_split, label, where in rows:
             source.splits.add(row_split)
-            if label in classes:
+            if classes is None or label in classes:
                 good += 1
                 source.entries.append(SplitEntry(clip, row_split, label, where))
             else:
                 source.problems.append(Problem(make_key(clip), where, "label",
-                                               f"label {label!r} is not one of the {len(classes)} classes"))
+                                               f"label {label!r} is not one of the {len(classes or ())} classes"))
         if rows and not good:
             raise DatasetLayoutError(f"{path}: none of its {len(rows)} rows has a label of this dataset "
                                      f"(wrong split file?)")
@@ -146,7 +148,7 @@ def read_split_files(split_files, classes: list[str]) -> SplitSource:
     return source
 
 
-def _text_rows(path: Path, text: str, classes: list[str]):
+def _text_rows(path: Path, text: str, classes: list[str] | None):
     """(clip, label, where) of a CSV/TXT list; ``<id>,<n>,<index>`` rows are mapped to class names."""
     for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
         row = [f.strip() for f in row]
@@ -155,6 +157,8 @@ def _text_rows(path: Path, text: str, classes: list[str]):
         if len(row) == 2 and row[0]:
             yield row[0], row[1], f"{path.name}:{n}"
         elif len(row) == 3 and row[0] and row[1].isdigit() and row[2].isdigit():
+            if classes is None:
+                raise ConfigError(f"{path}:{n}: this list names labels by index; it needs the class list")
             index = int(row[2])
             label = classes[index] if index < len(classes) else f"index {index}"
             yield row[0], label, f"{path.name}:{n}"

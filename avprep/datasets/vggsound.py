@@ -12,6 +12,7 @@ The CSV only has train/test, so val is 10% of train by hash of the key (recorded
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from pathlib import Path
@@ -22,7 +23,9 @@ from ._base import (
     Adapter,
     Clip,
     Discovery,
+    DownloadPlan,
     Problem,
+    RemoteClip,
     SynthClip,
     SynthLayout,
     dedupe,
@@ -40,7 +43,7 @@ from ._base import (
 NAME = "vggsound"
 LAYOUT = "RAW/vggsound.csv (youtube_id,start_seconds,label,split) + RAW/**/<youtube_id>_<start:06d>.mp4"
 NUM_CLASSES = None
-_CSV = "vggsound.csv"
+CSV = "vggsound.csv"
 _ANY_ID = re.compile(r"(.+)_(\d+)")
 
 
@@ -49,7 +52,7 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
     src = Path(src)
     if split_files or split_by is not None:
         raise ConfigError(f"{NAME}: split files and --split-by are not supported (the CSV has the split)")
-    rows = _read_csv(src / _CSV)
+    rows = read_csv(src / CSV)
     classes = sorted({label for *_, label, _split in rows})
     videos = _index(src)
     clips, problems = [], []
@@ -57,17 +60,17 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
         key = make_key(f"{ytid}_{start:06d}")
         path = videos.get((ytid, start))
         if path is None:
-            problems.append(Problem(key, f"{_CSV}:{line}", "missing",
+            problems.append(Problem(key, f"{CSV}:{line}", "missing",
                                     f"no video {ytid}_{start:06d}.mp4 under {src}"))
         else:
             clips.append(Clip(key, label, split, path, meta={"youtube_id": ytid, "start": start}))
     clips = derive_val(clips, seed)
-    notes = [derived_val_note(_CSV, seed)]
+    notes = [derived_val_note(CSV, seed)]
     clips, dups = dedupe(clips, src)
     return finish(NAME, classes, clips, problems + dups, {}, ADAPTER.default_duration, notes)
 
 
-def _read_csv(path: Path) -> list[tuple[int, str, int, str, str]]:
+def read_csv(path: Path) -> list[tuple[int, str, int, str, str]]:
     """(line, youtube_id, start, label, split) rows; a header-like first row is tolerated."""
     if not path.is_file():
         raise DatasetLayoutError(f"{path}: not found; expected {LAYOUT}")
@@ -107,6 +110,47 @@ def _index(src: Path) -> dict[tuple[str, int], Path]:
     return out
 
 
+def _video_path(ytid: str, start: int) -> str:
+    """Where a clip goes under RAW: ``video/<first id character>/<ytid>_<start:06d>.mp4``."""
+    sub = ytid[0].lower() if ytid[0].isalnum() else "other"
+    return f"video/{sub}/{ytid}_{start:06d}.mp4"
+
+
+# ----------------------------------------------------------------------------- download
+
+def _download_plan(lists, **options) -> DownloadPlan:
+    """The clips of the official ``vggsound.csv`` (written into RAW as it is), or of the split
+    lists ``train.csv``/``test.csv`` (``<ytid>_<start:06d>.mp4,<label>``, split from the file
+    name; RAW gets a vggsound.csv made from them). Each window is 10 s from the start second."""
+    if options.get("segments"):
+        raise ConfigError(f"{NAME}: --segments is for AVE (the csv has each clip's start)")
+    rows, text = [], None
+    for path in map(Path, lists):
+        try:
+            rows += [(ytid, start, label, split) for _, ytid, start, label, split in read_csv(path)]
+            text = path.read_bytes() if len(lists) == 1 else None
+        except DatasetLayoutError:
+            for e in splitfiles.read_split_files([path], None).entries:
+                parsed = splitfiles.parse_clip_id(e.clip_id.removesuffix(".mp4"))
+                if parsed is None or parsed[1] is None:
+                    raise DatasetLayoutError(f"{e.source}: {e.clip_id!r} is not <youtube_id>_<start>.mp4") from None
+                rows.append((parsed[0], parsed[1], e.label, e.split))
+    if text is None:        # the layout's csv, made from the lists
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        text = buf.getvalue().encode("utf-8")
+    clips, seen, dups = [], set(), 0
+    for ytid, start, label, split in rows:
+        key = make_key(f"{ytid}_{start:06d}")
+        if key in seen:
+            dups += 1
+            continue
+        seen.add(key)
+        clips.append(RemoteClip(key, ytid, float(start), float(start) + ADAPTER.default_duration, label, split,
+                                _video_path(ytid, start)))
+    return DownloadPlan(clips, {CSV: text}, skipped={"listed twice": dups})
+
+
 # ----------------------------------------------------------------------------- synthetic tree
 
 _SYNTH_LABELS = (
@@ -126,9 +170,7 @@ def _synth(out: Path, clips: int, k: int, rng, duration, missing: int = 0, **_):
         split = synth_split(rng, ("train", "test"), (0.8, 0.2))
         rows.append((ytid, start, classes[label], split))
         if n < clips:   # the rest are listed but have no video, as in the real dataset
-            sub = ytid[0].lower() if ytid[0].isalnum() else "other"
-            plans.append(SynthClip(out / "video" / sub / f"{ytid}_{start:06d}.mp4", label,
-                               10.0 if duration is None else duration))
+            plans.append(SynthClip(out / _video_path(ytid, start), label, 10.0 if duration is None else duration))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "vggsound.csv", "w", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows(rows)
@@ -136,4 +178,4 @@ def _synth(out: Path, clips: int, k: int, rng, duration, missing: int = 0, **_):
 
 
 ADAPTER = Adapter(NAME, LAYOUT, NUM_CLASSES, 10.0, discover,
-                  SynthLayout(_synth, default_classes=10, max_classes=len(_SYNTH_LABELS)))
+                  SynthLayout(_synth, default_classes=10, max_classes=len(_SYNTH_LABELS)), _download_plan)

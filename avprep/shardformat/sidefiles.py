@@ -210,15 +210,16 @@ class DatasetMeta:
 
     @classmethod
     def build(cls, options: dict, classes: list[str], manifests: dict[str, Manifest], records: list[dict],
-              num_failures: int, spec_shape: tuple[int, int]) -> DatasetMeta:
+              num_failures: int, spec_shape: tuple[int, int], extra: dict | None = None) -> DatasetMeta:
         """dataset.json of a finished extraction: ``options`` (name, config, tool_version), the
-        classes, split sizes, spectrogram shape and dtype, frame counts."""
+        classes, split sizes, spectrogram shape and dtype, frame counts, and ``extra`` facts about
+        the source that are not options (``split_registry``, the download's ``availability``)."""
         config = options.get("config", {})
         raw = {**options, "classes": list(classes),
                "splits": {s: m.num_samples for s, m in manifests.items()}, "num_failures": num_failures,
                "spec_shape": list(spec_shape),
                "spec_dtype": config.get("spec_dtype", "float16"),
-               **frame_stats(r.get("n_frames", 0) for r in records)}
+               **frame_stats(r.get("n_frames", 0) for r in records), **(extra or {})}
         return cls(str(options.get("name", "")), list(classes), dict(raw["splits"]), config, raw,
                    (spec_shape[0], spec_shape[1]))
 
