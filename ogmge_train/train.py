@@ -218,7 +218,8 @@ def _loader(cfg: TrainConfig, split: str, *, train: bool, epoch: int, info: dist
                             frames=cfg.frames, image_size=cfg.image_size, workers=cfg.workers, seed=cfg.seed,
                             epoch=epoch, rank=info.rank, world_size=info.world_size, s3_endpoint=cfg.s3_endpoint,
                             pin_memory=cuda, visual_dtype=torch.uint8 if cuda else torch.float32,
-                            on_bad_sample=on_bad_sample, frame_pick=cfg.frame_pick)
+                            on_bad_sample=on_bad_sample, frame_pick=cfg.frame_pick,
+                            segments=cfg.task == "localisation")
 
 
 def _read_dataset(cfg: TrainConfig):
