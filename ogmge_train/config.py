@@ -146,9 +146,13 @@ class TrainConfig:
             object.__setattr__(self, "eval_splits", tuple(self.eval_splits))
 
     def with_dataset(self, name: str, spec_shape: tuple[int, ...] | None = None,
-                     spec_kind: str | None = None) -> TrainConfig:
+                     spec_kind: str | None = None, segments: int | None = None) -> TrainConfig:
         """Fill the dataset-dependent defaults (alpha, frames) that were not given explicitly, and
-        the spectrogram's frequency bins (dataset.json's ``spec_shape``: (F, T), fbank (T, mel))."""
+        the spectrogram's frequency bins (dataset.json's ``spec_shape``: (F, T), fbank (T, mel)).
+        Localisation takes one frame per 1 s segment: ``frames`` defaults to ``segments``."""
+        frames = self.frames
+        if frames is None:
+            frames = segments if self.task == "localisation" and segments else _FRAMES.get(name, _FRAMES_OTHER)
         bins = self.audio_bins
         if bins is None and spec_shape and len(spec_shape) == 2:
             bins = int(spec_shape[1] if spec_kind == "fbank" else spec_shape[0])
@@ -157,7 +161,7 @@ class TrainConfig:
             dataset=name,
             audio_bins=bins,
             alpha=ALPHA_OF_DATASET.get(name, ALPHA_OTHER) if self.alpha is None else self.alpha,
-            frames=_FRAMES.get(name, _FRAMES_OTHER) if self.frames is None else self.frames,
+            frames=frames,
         )
 
     def to_dict(self) -> dict:
@@ -188,6 +192,8 @@ PRESETS: dict[str, dict] = {
     "paper-ks": dict(_PAPER, alpha=ALPHA_OF_DATASET["kinetics-sounds"], frames=3),
     "paper-vggsound": dict(_PAPER, alpha=ALPHA_OF_DATASET["vggsound"], frames=3),
     "paper-ave": dict(_PAPER, alpha=ALPHA_OF_DATASET["ave"], frames=3),
+    # AVE event localisation (Table 5): one frame per 1 s segment (frames left to the dataset)
+    "paper-ave-loc": dict(_PAPER, alpha=ALPHA_OF_DATASET["ave"]),
     # PMR as its released scripts run it (fanyunfeng-bit/Modal-Imbalance-PMR, bash.sh: alpha 2.0,
     # momentum_coef 0.0, modulation epochs 0-70, 3 frames on CREMA-D, lr 1e-3, SGD as the paper's)
     "pmr-code": dict(_PAPER, modulation="pmr", pmr_alpha=2.0, pmr_momentum=0.0, modulation_start=0,

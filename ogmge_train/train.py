@@ -358,7 +358,10 @@ class _Setup:
         self.emit = on_event if (on_event is not None and self.info.is_main) else (lambda e: None)
         self.dataset = _read_dataset(cfg)
         meta = self.dataset.meta
-        self.cfg = cfg.with_dataset(self.dataset.name, meta.spec_shape, meta.config.get("spec", {}).get("kind"))
+        spec = meta.config.get("spec", {})
+        seconds = spec.get("duration")
+        self.cfg = cfg.with_dataset(self.dataset.name, meta.spec_shape, spec.get("kind"),
+                                    sf.count_segments(seconds) if isinstance(seconds, int | float) else None)
         self.resume = resume
         self._check_splits()
 
