@@ -40,7 +40,7 @@ def test_segment_labels_rule():
 
 def test_every_sample_carries_its_segments_from_the_annotations(ave_shards):
     raw = ave_shards.parent / "raw"
-    rows = {r[2]: r for r in ave._read(raw / "Annotations.txt")}
+    rows = {r[2]: r for r in ave.read_annotations(raw / "Annotations.txt")}
     metas = [m for split in ("train", "val", "test") for m in samples_json(ave_shards, split)]
     assert metas and all(len(m["segments"]) == 4 for m in metas)
     events = 0
