@@ -16,7 +16,7 @@ from .errors import ClipError
 # Keys the extractor owns; a clip's meta cannot override them.
 _CORE_KEYS = ("key", "label", "label_index", "split", "source", "audio_source", "duration",
               "sample_rate", "fps", "n_frames", "frame_times", "frame_size", "spec_shape",
-              "spec_preset", "audio_crop_start")
+              "spec_preset", "audio_crop_start", shardformat.SEGMENTS)
 
 
 def npy_bytes(array: np.ndarray, dtype: str) -> bytes:
@@ -71,6 +71,9 @@ def extract_clip(clip: Clip, label_index: int, split: str, cfg: ExtractConfig,
     )
     if crop is not None:
         meta["audio_crop_start"] = crop      # the window's first sample, at sample_rate
+    if "event" in clip.meta:                 # AVE: a label per 1 s segment of the extracted clip
+        meta[shardformat.SEGMENTS] = shardformat.segment_labels(
+            clip.meta["event"], label_index, shardformat.count_segments(cfg.spec.duration))
     return shardformat.ordered_members(
         str(int(label_index)).encode("ascii"),
         json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True,

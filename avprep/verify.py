@@ -447,6 +447,10 @@ def _check_json(data, key, split, label_index, schema, bad) -> dict:
     for field_name, want in expected.items():
         if meta.get(field_name) != want:
             bad("json", f"{field_name} is {meta.get(field_name)!r}, expected {want!r}")
+    try:
+        sf.parse_segments(meta, len(schema.classes))
+    except sf.ShardDataError as e:
+        bad("json", str(e))
     return meta
 
 

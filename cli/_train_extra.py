@@ -129,14 +129,17 @@ def sweep_cmd(seeds, as_json, preset, **explicit):
 
 # Each row of a table fixes these; the other training options apply to every row (reproduce refuses
 # an option a row of the chosen table sets, e.g. --optimizer for Table 6).
-_ROW_OPTIONS = ("--seed", "--out", "--fusion", "--modulation", "--drop-modality", "--modality")
+_ROW_OPTIONS = ("--seed", "--out", "--fusion", "--modulation", "--drop-modality", "--modality", "--model", "--task",
+                "--audio-arch")
 
 
 @click.command("reproduce")
 @click.option("--table", type=click.Choice([str(t) for t in range(1, 8)]), show_default="required unless --list",
               help="The OGM-GE paper's table: 1 (fusion heads with and without OGM-GE, and unimodal), 2 "
                    "(concat vs Modality-Drop audio/visual, Gradient-Blending, OGM, OGM-GE), 6 (SGD vs Adam, "
-                   "with and without OGM-GE), 7 (batch size x lr, and GE alone); 3-5 are listed, not runnable.")
+                   "with and without OGM-GE), 3 (TSN-AV, TSM-AV, TBN, PSP with and without OGM-GE), 4 (x-vector "
+                   "with and without OGM-GE), 5 (AVE localisation: AVGA, PSP with and without OGM-GE), 7 (batch "
+                   "size x lr, and GE alone).")
 @click.option("--list", "show_list", is_flag=True,
               help="Print every table, row and dataset with the paper's value and whether this build runs it.")
 @click.option("--out", type=click.Path(file_okay=False), show_default="required unless --list",
@@ -193,3 +196,7 @@ def _print_listing() -> None:
         _ui.console.print(f"[bold]Table {t['table']}[/]: {t['title']}; {where}", soft_wrap=True)
         _ui.console.print(_ui.table(None, ["row", "paper's row", *t["columns"], "runs here"], rows,
                                     numeric=set(range(2, 2 + len(t["columns"])))))
+        if t["reason"] is None:     # rows of a runnable table that are not built, each reason once
+            for why in dict.fromkeys(r["reason"] for r in t["rows"] if r["reason"] is not None):
+                names = ", ".join(r["name"] for r in t["rows"] if r["reason"] == why)
+                _ui.console.print(f"  not built: {names}: {why}", soft_wrap=True)

@@ -25,6 +25,9 @@ CHOICES = {
     "on_nonfinite": names.ON_NONFINITE,
     "optimizer": names.OPTIMIZERS,
     "arch": names.ARCHS,
+    "audio_arch": names.AUDIO_ARCHS,
+    "model": names.MODELS,
+    "task": names.TASKS,
     "device": names.DEVICES,
     "amp": names.AMPS,
     "select_on": names.SELECT_ON,
@@ -82,6 +85,16 @@ class TrainConfig:
     frame_pick: str = "segment"           # which frames of a clip (names.FRAME_PICKS)
     image_size: int = 224
     arch: str = "resnet18"
+    audio_arch: str = "same"              # audio encoder: same as --arch, or xvector (the x-vector TDNN)
+    model: str = "av"                     # av (encoders + --fusion head) or a framework (ogmge_train/frameworks)
+    task: str = "classification"          # classification, or localisation (one label per 1 s segment, AVE)
+    dropout: float = 0.5                  # tsn-av, tsm-av, tbn: dropout before the classifier
+    tbn_window: int = 128                 # tbn: spectrogram frames of the audio window in each binding window
+    psp_threshold: float = 0.099          # psp: pruning threshold of the segment-pair similarities
+    psp_avps_weight: float = 100.0        # psp (localisation): weight of the AVPS loss
+    encoder_weights: str | None = None    # a state dict file to initialise the encoders from
+    freeze_encoders: bool = False         # frameworks: keep the encoders fixed (features as precomputed ones)
+    audio_bins: int | None = None         # the spectrogram's frequency bins, from dataset.json (x-vector input)
     workers: int = 2
     device: str = "auto"
     amp: str = "none"
@@ -118,18 +131,37 @@ class TrainConfig:
             raise ConfigError(f"--modulation {self.modulation} works with --fusion {' or '.join(allowed)}, "
                               f"not {self.fusion!r}")
         _check(self.frames is None or self.frames >= 1, "frames", "must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _check(self.tbn_window >= 1, "tbn_window", "must be >= 1")
+        _check(0.0 <= self.psp_threshold < 1.0, "psp_threshold", "must be in [0, 1)")
+        _check(self.psp_avps_weight >= 0, "psp_avps_weight", "must be >= 0")
+        if self.task not in names.MODEL_TASKS[self.model]:
+            raise ConfigError(f"--model {self.model} is for {' or '.join(names.MODEL_TASKS[self.model])}, "
+                              f"not --task {self.task}")
+        if self.model != "av" and self.modality != "both":
+            raise ConfigError(f"--model {self.model} is audio-visual: --modality {self.modality} needs --model av")
         _check(self.alpha is None or self.alpha >= 0, "alpha", "must be >= 0")
         _check(self.modulation_end >= self.modulation_start, "modulation_end", "must be >= --modulation-start")
         if not isinstance(self.eval_splits, tuple):
             object.__setattr__(self, "eval_splits", tuple(self.eval_splits))
 
-    def with_dataset(self, name: str) -> TrainConfig:
-        """Fill the dataset-dependent defaults (alpha, frames) that were not given explicitly."""
+    def with_dataset(self, name: str, spec_shape: tuple[int, ...] | None = None,
+                     spec_kind: str | None = None, segments: int | None = None) -> TrainConfig:
+        """Fill the dataset-dependent defaults (alpha, frames) that were not given explicitly, and
+        the spectrogram's frequency bins (dataset.json's ``spec_shape``: (F, T), fbank (T, mel)).
+        Localisation takes one frame per 1 s segment: ``frames`` defaults to ``segments``."""
+        frames = self.frames
+        if frames is None:
+            frames = segments if self.task == "localisation" and segments else _FRAMES.get(name, _FRAMES_OTHER)
+        bins = self.audio_bins
+        if bins is None and spec_shape and len(spec_shape) == 2:
+            bins = int(spec_shape[1] if spec_kind == "fbank" else spec_shape[0])
         return dataclasses.replace(
             self,
             dataset=name,
+            audio_bins=bins,
             alpha=ALPHA_OF_DATASET.get(name, ALPHA_OTHER) if self.alpha is None else self.alpha,
-            frames=_FRAMES.get(name, _FRAMES_OTHER) if self.frames is None else self.frames,
+            frames=frames,
         )
 
     def to_dict(self) -> dict:
@@ -160,6 +192,8 @@ PRESETS: dict[str, dict] = {
     "paper-ks": dict(_PAPER, alpha=ALPHA_OF_DATASET["kinetics-sounds"], frames=3),
     "paper-vggsound": dict(_PAPER, alpha=ALPHA_OF_DATASET["vggsound"], frames=3),
     "paper-ave": dict(_PAPER, alpha=ALPHA_OF_DATASET["ave"], frames=3),
+    # AVE event localisation (Table 5): one frame per 1 s segment (frames left to the dataset)
+    "paper-ave-loc": dict(_PAPER, alpha=ALPHA_OF_DATASET["ave"]),
     # PMR as its released scripts run it (fanyunfeng-bit/Modal-Imbalance-PMR, bash.sh: alpha 2.0,
     # momentum_coef 0.0, modulation epochs 0-70, 3 frames on CREMA-D, lr 1e-3, SGD as the paper's)
     "pmr-code": dict(_PAPER, modulation="pmr", pmr_alpha=2.0, pmr_momentum=0.0, modulation_start=0,

@@ -250,9 +250,11 @@ def decode_sample(s: Sample, *, num_classes: int | None, spec_shape=None) -> tup
 
 def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_frame: bool = False,
                  with_meta: bool = False, num_classes: int | None = None, visual_dtype=torch.float32,
-                 skip_bad: bool = False, spec_shape: tuple[int, int] | None = None) -> dict:
+                 skip_bad: bool = False, spec_shape: tuple[int, int] | None = None, segments: bool = False) -> dict:
     """Encoded samples -> ``{"audio": float32 (B,1,F,T), "visual": (B,n,3,S,S), "label": int64 (B,),
     "key": [str]}`` (+ ``"meta"``), with the safe decoders only (see the module docstring).
+    ``segments``: also ``"segments"``, int64 (B, S), each sample's per-second labels
+    (``shardformat.parse_segments``: -1 background); a sample without them is a bad sample.
     ``visual`` is float32 normalised, or uint8 pixels with ``visual_dtype=torch.uint8``
     (normalise with ``to_device``).
 
@@ -266,7 +268,7 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
     if bad and not skip_bad:
         raise ShardDataError(f"{bad[0].url}: sample {bad[0].key}: {bad[0].message}")
     audio = visual = None
-    labels, keys, metas = [], [], []
+    labels, keys, metas, segs = [], [], [], []
     j = 0
     for s in samples:
         try:
@@ -277,7 +279,9 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
                 visual = _empty(len(samples), len(s.frames), 3, image_size, image_size, dtype=visual_dtype)
             audio[j, 0].copy_(torch.from_numpy(spec))
             transform_clip(images, train=train, image_size=image_size, rng=rng, per_frame=per_frame, out=visual[j])
-            meta = _meta(s) if with_meta else None
+            meta = _meta(s) if with_meta or segments else None
+            if segments:
+                seg = _segments(s, meta, num_classes, segs[0] if segs else None)
         except ShardDataError as e:
             if not skip_bad or e.check == "security":
                 raise
@@ -286,6 +290,8 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
         labels.append(label)
         keys.append(s.key)
         metas.append(meta)
+        if segments:
+            segs.append(seg)
         j += 1
     if audio is None or visual is None:       # nothing decodable: an empty batch of unknown spectrogram shape
         audio = _empty(0, 1, 0, 0)
@@ -294,9 +300,25 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
              "key": keys}
     if with_meta:
         batch["meta"] = metas
+    if segments:
+        batch["segments"] = torch.tensor(segs, dtype=torch.int64).view(j, len(segs[0]) if segs else 0)
     if skip_bad:
         batch["bad"] = bad
     return batch
+
+
+def _segments(s: Sample, meta: dict, num_classes: int | None, first: list | None) -> list[int]:
+    try:
+        seg = sf.parse_segments(meta, num_classes)
+    except ShardDataError as e:
+        raise ShardDataError(f"{s.where}: {e}", check=e.check, key=s.key) from None
+    if seg is None:
+        raise ShardDataError(f"{s.where}: no segment labels (json has neither 'segments' nor 'event')", check="json",
+                             key=s.key)
+    if first is not None and len(seg) != len(first):
+        raise ShardDataError(f"{s.where}: {len(seg)} segments, the batch's first sample has {len(first)}",
+                             check="json", key=s.key)
+    return seg
 
 
 def _meta(s: Sample) -> dict:
@@ -330,7 +352,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  image_size: int, seed: int, epoch: int, rank: int, world_size: int, num_workers: int,
                  shuffle_buffer: int, drop_last: bool, steps: int | None, run: int, num_classes: int,
                  per_frame: bool = False, with_meta: bool = False, visual_dtype=torch.float32,
-                 spec_shape: tuple[int, int] | None = None, frame_pick: str = "segment"):
+                 spec_shape: tuple[int, int] | None = None, frame_pick: str = "segment", segments: bool = False):
         super().__init__()
         self.location, self.entries = location, entries
         self.train, self.batch_size, self.frames, self.image_size = train, batch_size, frames, image_size
@@ -338,7 +360,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.drop_last, self.steps, self.run = shuffle_buffer, drop_last, steps, run
         self.num_classes, self.per_frame, self.with_meta, self.visual_dtype = \
             num_classes, per_frame, with_meta, visual_dtype
-        self.spec_shape, self.frame_pick = spec_shape, frame_pick
+        self.spec_shape, self.frame_pick, self.segments = spec_shape, frame_pick, segments
         # shared with (persistent) workers so set_epoch reaches them
         self.epoch = mp.RawValue("q", epoch)
 
@@ -359,12 +381,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         positions = self.positions(worker, epoch)
         samples = (s for run in _runs(self.entries, positions)
                    for s in read_run(self.location, run, frames=self.frames, train=self.train, rng=frame_rng,
-                                     keep_json=self.with_meta, frame_pick=self.frame_pick))
+                                     keep_json=self.with_meta or self.segments, frame_pick=self.frame_pick))
         if self.train:
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(f"buffer:{tag}"))
         decode = partial(decode_batch, train=self.train, image_size=self.image_size, rng=random.Random(f"aug:{tag}"),
                          per_frame=self.per_frame, with_meta=self.with_meta, num_classes=self.num_classes,
-                         visual_dtype=self.visual_dtype, skip_bad=True, spec_shape=self.spec_shape)
+                         visual_dtype=self.visual_dtype, skip_bad=True, spec_shape=self.spec_shape,
+                         segments=self.segments)
         batches = _batched(samples, self.batch_size, partial=not self.drop_last)
         return (decode(b) for b in batches)
 
@@ -448,8 +471,10 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
                 prefetch_factor: int | None = None, per_frame: bool = False, with_meta: bool = False,
                 retry: Retry | None = None, visual_dtype: torch.dtype = torch.float32,
                 on_bad_sample: Callable[[str, str, str], None] | None = None,
-                max_bad_samples: float = 0.01, run: int | None = None, frame_pick: str = "segment") -> ShardLoader:
+                max_bad_samples: float = 0.01, run: int | None = None, frame_pick: str = "segment",
+                segments: bool = False) -> ShardLoader:
     """A loader over ``split`` of ``source`` (folder, URL, or a ``DatasetInfo`` from read_dataset).
+    ``segments``: batches also hold ``"segments"`` (B, S) per-second labels (AVE localisation).
 
     Batches: ``{"audio": float32 (B,1,F,T) ((B,1,T,mel) for fbank), "visual": (B,n,3,S,S) float32
     normalised, or uint8 with ``visual_dtype=torch.uint8`` (then use ``to_device``), "label":
@@ -503,7 +528,7 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
                          steps=steps, run=run or default_run(entries), num_classes=info.num_classes,
                          per_frame=per_frame, with_meta=with_meta, visual_dtype=visual_dtype,
-                         spec_shape=info.meta.spec_shape, frame_pick=frame_pick)
+                         spec_shape=info.meta.spec_shape, frame_pick=frame_pick, segments=segments)
     extra = {}
     if workers > 0:
         extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor or 2}

@@ -37,11 +37,19 @@ class Output:
     scores (B, C) (what OGM's discrepancy ratio reads). ``features``: modality -> pooled features
     (B, D_u) (PMR's prototypes, the heads of MMPareto and Gradient-Blending, OPM's drop).
     A modality missing from a dict is simply absent (e.g. a unimodal model).
+    ``model_loss``: the model's own training terms as a function of the labels (PSP's
+    audio-visual pair similarity loss), added to every method's loss (``loss_terms``); None for
+    most models.
     """
 
     logits: torch.Tensor
     unimodal: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    model_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def loss_terms(self, labels: torch.Tensor) -> torch.Tensor | float:
+        """The model's own loss terms for ``labels`` (0 when it has none)."""
+        return 0.0 if self.model_loss is None else self.model_loss(labels)
 
     @classmethod
     def cat(cls, outputs: Iterable[Output]) -> Output:

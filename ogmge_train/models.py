@@ -32,9 +32,13 @@ from torch import nn
 
 from .errors import ConfigError
 from .modalities import Modalities, Output
-from .names import ARCHS, FUSIONS, HEAD_INITS, MODALITIES, SCOPES
+from .names import ARCHS, AUDIO_ARCHS, FUSIONS, HEAD_INITS, MODALITIES, SCOPES
 
 __all__ = ["ARCHS", "FUSIONS", "HEAD_INITS", "MODALITIES", "AVModel", "ModelOutput", "av_output", "build_model"]
+
+# the layers whose weights the "conv" scope modulates: the reference code's conv weights (4-D tensors),
+# and, in encoders that have them (the x-vector TDNN), time-delay and segment-level layers
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 FeatureHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -150,6 +154,20 @@ class AudioEncoder(nn.Module):
 
     def forward(self, audio):
         return self.trunk(audio).mean(dim=(2, 3))
+
+
+def make_audio_encoder(arch: str, audio_arch: str = "same", bins: int | None = None) -> nn.Module:
+    """The audio encoder: ``AudioEncoder(arch)``, or with ``audio_arch="xvector"`` the x-vector
+    TDNN (``ogmge_train.xvector``) over ``bins`` frequency bins (dataset.json's spectrogram shape)."""
+    if audio_arch == "same":
+        return AudioEncoder(arch)
+    if audio_arch != "xvector":
+        raise ConfigError(f"audio_arch must be one of {', '.join(AUDIO_ARCHS)}, not {audio_arch!r}")
+    if not bins:
+        raise ConfigError("--audio-arch xvector needs the spectrogram's frequency bins (audio_bins)")
+    from .xvector import XVector
+
+    return XVector(bins, small=arch == "small")
 
 
 class VisualEncoder(nn.Module):
@@ -280,10 +298,11 @@ class AVModel(nn.Module):
     """
 
     def __init__(self, arch: str, fusion: str, num_classes: int, modality: str = "both",
-                 head_init: str = "xavier"):
+                 head_init: str = "xavier", audio_arch: str = "same", audio_bins: int | None = None):
         super().__init__()
         self.arch, self.fusion, self.modality, self.num_classes = arch, fusion, modality, num_classes
-        self.audio_encoder = AudioEncoder(arch) if modality in ("both", "audio") else None
+        self.audio_encoder = make_audio_encoder(arch, audio_arch, audio_bins) if modality in ("both", "audio") \
+            else None
         self.visual_encoder = VisualEncoder(arch) if modality in ("both", "visual") else None
         if modality == "both":
             self.head = HEADS[fusion](self.audio_encoder.out_dim, self.visual_encoder.out_dim, num_classes)
@@ -353,11 +372,11 @@ class AVModel(nn.Module):
         prefix = f"{modality}_encoder."
         if scope == "all":
             return [(prefix + n, p) for n, p in enc.named_parameters()]
-        return [(f"{prefix}{n}.weight", m.weight) for n, m in enc.named_modules() if isinstance(m, nn.Conv2d)]
+        return [(f"{prefix}{n}.weight", m.weight) for n, m in enc.named_modules() if isinstance(m, WEIGHT_LAYERS)]
 
 
 def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both",
-                head_init: str = "xavier") -> AVModel:
+                head_init: str = "xavier", audio_arch: str = "same", audio_bins: int | None = None) -> AVModel:
     """The model of README: Training, randomly initialised (no pretrained weights).
 
     ``head_init``: ``xavier`` (the reference code: xavier-normal weights, zero bias, every Linear
@@ -372,4 +391,4 @@ def build_model(arch: str, fusion: str, num_classes: int, modality: str = "both"
             raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
     if num_classes < 2:
         raise ConfigError(f"num_classes must be >= 2, not {num_classes}")
-    return AVModel(arch, fusion, num_classes, modality, head_init)
+    return AVModel(arch, fusion, num_classes, modality, head_init, audio_arch, audio_bins)

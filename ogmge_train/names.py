@@ -6,7 +6,18 @@ a test checks that every name here has its class and vice versa.
 """
 from __future__ import annotations
 
+# encoder trunks (README: Training): ResNet-18 or the small CPU CNN
 ARCHS = ("resnet18", "small")
+# the audio encoder: "same" as --arch, or the x-vector TDNN (Table 4; ogmge_train/xvector.py)
+AUDIO_ARCHS = ("same", "xvector")
+# models (README: Models of other frameworks): "av" = our encoders + a --fusion head; the others are the
+# paper's Table 3 (tsn-av, tsm-av, tbn, psp) and Table 5 (avga, psp) models, one module each in
+# ogmge_train/frameworks/
+MODELS = ("av", "tsn-av", "tsm-av", "tbn", "psp", "avga")
+# what a model is trained for: one label per clip, or one per 1 s segment (AVE event localisation)
+TASKS = ("classification", "localisation")
+MODEL_TASKS = {"av": ("classification",), "tsn-av": ("classification",), "tsm-av": ("classification",),
+               "tbn": ("classification",), "psp": ("classification", "localisation"), "avga": ("localisation",)}
 FUSIONS = ("concat", "sum", "film", "gated")
 MODALITIES = ("both", "audio", "visual")
 HEAD_INITS = ("xavier", "torch")

@@ -191,7 +191,7 @@ class Balancer:
         step = self._step_for(labels, "loss")
         self._check_inputs(step)
         self._called.add("loss")
-        loss = self.method.loss(out, step)
+        loss = self.method.loss(out, step) + out.loss_terms(step.labels)
         return loss * step.weight if step.weight != 1.0 else loss
 
     def after_backward(self, out: Output, labels: torch.Tensor | None = None) -> dict[str, float]:

@@ -40,11 +40,11 @@ import torch.nn.functional as F
 
 from avprep import shardformat as sf
 
-from . import data, dist, modulation, names, runfolder
+from . import data, dist, frameworks, localisation, modulation, names, runfolder
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, RunFolderError
+from .frameworks import Model
 from .metrics import output_metrics
-from .models import AVModel, build_model
 from .plugin import Balancer
 
 __all__ = ["EVENT_TYPES", "evaluate", "load_checkpoint", "load_run", "select_device", "train"]
@@ -186,8 +186,9 @@ def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _build_model(cfg: TrainConfig, num_classes: int) -> AVModel:
-    return build_model(cfg.arch, cfg.fusion, num_classes, cfg.modality, cfg.head_init)
+def _build_model(cfg: TrainConfig, num_classes: int, *, encoder_weights: bool = True) -> Model:
+    """``--model av``: ours (``models.AVModel``); else a framework's (``ogmge_train.frameworks``)."""
+    return frameworks.build(cfg, num_classes, encoder_weights=encoder_weights)
 
 
 # TrainConfig fields build() takes as named arguments; every other field is offered to the method,
@@ -195,11 +196,12 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> AVModel:
 _NAMED = ("modulation", "alpha", "modulation_start", "modulation_end", "fusion")
 
 
-def _balancer(cfg: TrainConfig, model: AVModel) -> Balancer:
+def _balancer(cfg: TrainConfig, model: Model) -> Balancer:
     """The run's method on ``model`` (its heads, if any, added to the model): the plug-in API's
     ``Balancer``, the same object a loop of one's own uses."""
     method = modulation.build(cfg.modulation, alpha=cfg.alpha or 0.0, start_epoch=cfg.modulation_start,
-                              end_epoch=cfg.modulation_end, fusion=cfg.fusion if cfg.modality == "both" else None,
+                              end_epoch=cfg.modulation_end,
+                              fusion=cfg.fusion if cfg.modality == "both" and cfg.model == "av" else None,
                               **{k: v for k, v in cfg.to_dict().items() if k not in _NAMED})
     return Balancer(method, model.modalities(cfg.modulation_scope), seed=cfg.seed)
 
@@ -216,7 +218,8 @@ def _loader(cfg: TrainConfig, split: str, *, train: bool, epoch: int, info: dist
                             frames=cfg.frames, image_size=cfg.image_size, workers=cfg.workers, seed=cfg.seed,
                             epoch=epoch, rank=info.rank, world_size=info.world_size, s3_endpoint=cfg.s3_endpoint,
                             pin_memory=cuda, visual_dtype=torch.uint8 if cuda else torch.float32,
-                            on_bad_sample=on_bad_sample, frame_pick=cfg.frame_pick)
+                            on_bad_sample=on_bad_sample, frame_pick=cfg.frame_pick,
+                            segments=cfg.task == "localisation")
 
 
 def _read_dataset(cfg: TrainConfig):
@@ -245,6 +248,7 @@ def _predict(plug: Balancer, loader, device: torch.device, cfg: TrainConfig) -> 
     parts: dict[str, list] = {"logits": [], "logits_a": [], "logits_v": [], "labels": [], "keys": []}
     for batch in loader:
         audio, visual, labels = _to(batch, device)
+        labels, keys = localisation.rows(plug.modalities.model, batch, labels, list(batch["key"]))
         with _autocast(cfg, device):
             out = plug.modalities.run({"audio": audio, "visual": visual})
             logits = plug.predict(out)
@@ -253,7 +257,7 @@ def _predict(plug: Balancer, loader, device: torch.device, cfg: TrainConfig) -> 
             if u in out.unimodal:
                 parts[k].append(out.unimodal[u].float().cpu())
         parts["labels"].append(labels.cpu())
-        parts["keys"].extend(batch["key"])
+        parts["keys"].extend(keys)
     return {k: (torch.cat(v) if v and k != "keys" else v) for k, v in parts.items()}
 
 
@@ -353,7 +357,11 @@ class _Setup:
         self.rec = Recorder(self.out, self.info.is_main)
         self.emit = on_event if (on_event is not None and self.info.is_main) else (lambda e: None)
         self.dataset = _read_dataset(cfg)
-        self.cfg = cfg.with_dataset(self.dataset.name)
+        meta = self.dataset.meta
+        spec = meta.config.get("spec", {})
+        seconds = spec.get("duration")
+        self.cfg = cfg.with_dataset(self.dataset.name, meta.spec_shape, spec.get("kind"),
+                                    sf.count_segments(seconds) if isinstance(seconds, int | float) else None)
         self.resume = resume
         self._check_splits()
 
@@ -455,7 +463,8 @@ class _EpochLoop:
                              on_bad_sample=s.bad_sample)
             for batch in loader:
                 audio, visual, labels = _to(batch, s.device)
-                yield {"audio": audio, "visual": visual}, labels, list(batch["key"])
+                labels, keys = localisation.rows(s.model, batch, labels, list(batch["key"]))
+                yield {"audio": audio, "visual": visual}, labels, keys
 
         def batches(limit: int):
             for i, b in enumerate(keyed(epoch)):
@@ -491,11 +500,12 @@ class _EpochLoop:
             return bool(finite[-1]) if skip else True   # skipping needs the answer before the update: one sync
         for i, batch in enumerate(loader):
             audio, visual, labels = _to(batch, dev)
+            labels, keys = localisation.rows(s.model, batch, labels, list(batch["key"]))
             saved = [b.clone() for b in s.model.buffers()] if skip else None
             finite.clear()
             updates.before()
             # the whole step (rows, method hooks, forward, backward, surgery, optimizer) is the plug-in API's
-            result = s.plug.train_step({"audio": audio, "visual": visual}, labels, s.opt, keys=list(batch["key"]),
+            result = s.plug.train_step({"audio": audio, "visual": visual}, labels, s.opt, keys=keys,
                                        model=s.net, autocast=lambda: _autocast(cfg, dev), on_backward=check)
             if result is None:
                 for b, kept in zip(s.model.buffers(), saved):
@@ -691,13 +701,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
 
 # ---------------------------------------------------------------- runs on disk
 
-def load_run(run_dir, which: str = "best", device: str = "cpu") -> tuple[AVModel, TrainConfig, dict]:
+def load_run(run_dir, which: str = "best", device: str = "cpu") -> tuple[Model, TrainConfig, dict]:
     """The model of checkpoint ``which`` ("best" or "last") in eval mode, its config and the checkpoint."""
     _, model, cfg, ckpt = _load_run(run_dir, which, device)
     return model, cfg, ckpt
 
 
-def _load_run(run_dir, which: str, device) -> tuple[Balancer, AVModel, TrainConfig, dict]:
+def _load_run(run_dir, which: str, device) -> tuple[Balancer, Model, TrainConfig, dict]:
     """``load_run`` plus the run's method (its heads are part of the model; its state, e.g. a
     test-time fusion rule's, is restored)."""
     if which not in ("best", "last"):
@@ -705,7 +715,7 @@ def _load_run(run_dir, which: str, device) -> tuple[Balancer, AVModel, TrainConf
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / f"{which}.pt")
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = _build_model(cfg, len(ckpt["classes"]))
+    model = _build_model(cfg, len(ckpt["classes"]), encoder_weights=False)
     plug = _balancer(cfg, model)
     model.load_state_dict(ckpt["model"])
     plug.method.load_state_dict(ckpt.get("method", {}))

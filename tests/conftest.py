@@ -90,3 +90,17 @@ def train_shards(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ave_shards(tmp_path_factory):
+    """Tiny synthetic AVE shards with segment labels: 40 clips of 4 s (four 1 s segments, events
+    inside the clip), 4 classes, 32-pixel frames at 1 fps, 129-bin spectrograms, 8 per shard."""
+    from avprep.config import ExtractConfig, spec_preset
+    from avprep.extract import extract
+
+    root = tmp_path_factory.mktemp("ave-shards")
+    raw = synth.make_dataset("ave", root / "raw", 40, seed=0, duration=4.0, size=(64, 48), fps=4, num_classes=4)
+    spec = spec_preset("paper", "ave", duration=4.0, n_fft=256, win_length=256, hop_length=128)
+    extract("ave", raw, root / "shards", ExtractConfig(spec=spec, frame_size=32, shard_size=8), workers=1)
+    return root / "shards"

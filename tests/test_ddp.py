@@ -75,3 +75,26 @@ def test_torchrun_module_entry_point(small_shards, tmp_path):
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout)["world_size"] == 2
+
+
+@pytest.mark.parametrize("settings", [
+    {"model": "tsn-av"}, {"model": "tsm-av"}, {"model": "tbn"}, {"model": "psp"},
+    {"model": "av", "audio_arch": "xvector"}], ids=lambda s: "-".join(s.values()))
+def test_ddp_frameworks_keep_ranks_bitwise_equal(small_shards, tmp_path, settings):
+    """Every model of another framework (and the x-vector encoder) trains with OGM-GE under 2 gloo
+    ranks with bitwise-equal parameters after every epoch."""
+    out, hashes = tmp_path / "run", tmp_path / "hashes"
+    hashes.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    extra = [f"{k}={json.dumps(v)}" for k, v in {**settings, "frames": 3, "tbn_window": 8}.items()]
+    cmd = [*torchrun(), "--standalone", "--nproc-per-node", "2", str(REPO / "tests" / "ddp_worker.py"),
+           str(small_shards), str(out), str(hashes), "ogm-ge", "concat", *extra]
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rank0, rank1 = read_jsonl(hashes / "rank0.jsonl"), read_jsonl(hashes / "rank1.jsonl")
+    assert rank0 == rank1 and len(rank0) == 2 and rank0[0]["sha256"] != rank0[1]["sha256"]
+    model, cfg, _ = train_mod.load_run(out, "last")
+    assert cfg.model == settings["model"] and train_mod._param_hash(model) == rank0[-1]["sha256"]
+    steps = read_jsonl(out / "steps.jsonl")
+    assert all(min(s["k_a"], s["k_v"]) < 1.0 for s in steps)

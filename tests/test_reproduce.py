@@ -50,11 +50,15 @@ def test_manifest_holds_all_seven_tables_and_runnable_rows_are_its_rows():
     tables = rp.paper_tables()["tables"]
     assert sorted(map(int, tables)) == list(range(1, 8))
     for t, rows in rp.TABLE_ROWS.items():
-        assert [r.name for r in rows if r.paper_row is None] == list(tables[str(t)]["rows"]), t
+        not_built = rp.NOT_BUILT_ROWS.get(t, {})
+        assert [r.name for r in rows if r.paper_row is None] == \
+            [n for n in tables[str(t)]["rows"] if n not in not_built], t
         assert all(r.paper_row in tables[str(t)]["rows"] for r in rows if r.paper_row is not None), t
         assert all(rp.unavailable(r.name, r.settings) is None for r in rows)
         assert all(r.vs is None or r.vs in {x.name for x in rows} for r in rows)
-    assert set(rp.NOT_RUNNABLE) == {3, 4, 5} and not set(rp.NOT_RUNNABLE) & set(rp.TABLE_ROWS)
+    assert rp.NOT_RUNNABLE == {} and sorted(rp.TABLE_ROWS) == list(range(1, 8))
+    assert set(rp.NOT_BUILT_ROWS) == {4} and set(rp.NOT_BUILT_ROWS[4]) == {"i-vector", "i-vector+ogm-ge", "mwtsm",
+                                                                           "mwtsm+ogm-ge"}
     assert rp.table_datasets(1) == ["cremad", "vggsound"] and rp.table_datasets(2) == ["cremad", "kinetics-sounds"]
     assert rp.table_datasets(6) == ["cremad", "kinetics-sounds", "vggsound"] and rp.table_datasets(7) == \
         ["cremad", "vggsound"]
@@ -89,9 +93,9 @@ def test_listing_names_every_table_row_and_value():
         got = listed[int(t)]
         assert [r["name"] for r in got["rows"]] == list(tab["rows"])
         assert [list(r["values"].values()) for r in got["rows"]] == [r["values"] for r in tab["rows"].values()]
-        runnable = int(t) in rp.TABLE_ROWS
-        assert (got["reason"] is None) == runnable
-        assert all((r["reason"] is None) == runnable for r in got["rows"])
+        assert got["reason"] is None                    # every table runs here
+        built = {r.name for r in rp.TABLE_ROWS[int(t)]}
+        assert all((r["reason"] is None) == (r["name"] in built) for r in got["rows"])
 
 
 def test_list_command_prints_every_value(capsys):
@@ -109,15 +113,16 @@ def test_list_command_prints_every_value(capsys):
         for r in t["rows"]:
             line = next(ln for ln in section.splitlines()[1:] if f" {r['name']} " in ln and r["label"] in ln)
             assert [f"{v:.1f}" in line for v in r["values"].values()] == [True] * len(r["values"])
-    assert "not runnable yet: audio-visual event localisation on AVE" in text
+    assert "not built: i-vector, i-vector+ogm-ge: i-vector (Heracleous & Yoneyama 2019)" in text
+    assert "not built: mwtsm, mwtsm+ogm-ge: MWTSM" in text
 
 
 def test_reproduce_refuses_what_it_cannot_or_must_not_do(shards, tmp_path):
     out = tmp_path / "fail"
-    with pytest.raises(ConfigError, match="Table 3 cannot run in this build: needs the TSN"):
-        rp.reproduce(3, str(shards), out, seeds=[0])
-    with pytest.raises(ConfigError, match="--table must be one of 1, 2, 6, 7"):
+    with pytest.raises(ConfigError, match="--table must be one of 1, 2, 3, 4, 5, 6, 7"):
         rp.reproduce(8, str(shards), out, seeds=[0])
+    with pytest.raises(ConfigError, match="rows this build cannot run: i-vector"):
+        rp.reproduce(4, str(shards), out, seeds=[0], overrides=TINY, missing="fail")
     with pytest.raises(ConfigError, match="Table 6's rows set --optimizer; it cannot be overridden"):
         rp.reproduce(6, str(shards), out, seeds=[0], overrides={**TINY, "optimizer": "adam"})
     with pytest.raises(ConfigError, match="no setting"):
@@ -266,6 +271,73 @@ def test_reproduce_command_reports_and_says_what_it_kept(shards, tmp_path):
     assert again.exit_code == 0, again.output
     assert "b64-lr1e-4, seed 0 (1/7): kept (finished by an earlier run)" in again.output
     assert "kept 7 finished row/seed run(s)" in again.output
-    bad = CliRunner().invoke(main, ["reproduce", "--table", "4", "--shards", str(shards), "--out", str(out)])
-    assert bad.exit_code == 2 and "Table 4 cannot run in this build" in bad.output
+    bad = CliRunner().invoke(main, ["reproduce", "--table", "4", "--shards", str(shards), "--out", str(out),
+                                    "--missing", "fail"])
+    assert bad.exit_code == 2 and "rows this build cannot run: i-vector" in bad.output
     assert CliRunner().invoke(main, ["reproduce", "--shards", str(shards)]).exit_code == 2
+
+
+# ----------------------------------------------------------------------------- Tables 3-5 (other frameworks)
+
+@pytest.fixture(scope="module")
+def ks_shards(tmp_path_factory):
+    """A 3-class synthetic Kinetics-Sounds of 2 s clips (Table 3's dataset)."""
+    from avprep.config import ExtractConfig, spec_preset
+    from avprep.extract import extract
+    from avprep.synth import make_dataset
+
+    root = tmp_path_factory.mktemp("repro-ks")
+    make_dataset("kinetics-sounds", root / "raw", 30, num_classes=3, duration=2.0, fps=2, size=(32, 24),
+                 split_folders=True)
+    spec = spec_preset("paper", "kinetics-sounds", n_fft=64, win_length=64, hop_length=400, duration=2.0)
+    extract("kinetics-sounds", root / "raw", root / "shards", ExtractConfig(spec, frame_size=24), workers=1)
+    return root / "shards"
+
+
+def _against(md: str, row: str) -> str:
+    against = md[md.index("## Against the paper"):]
+    return next(ln for ln in against.splitlines() if ln.startswith(f"| {row} |"))
+
+
+def test_reproduce_table_3_end_to_end(ks_shards, tmp_path):
+    out = tmp_path / "t3"
+    res = rp.reproduce(3, str(ks_shards), out, seeds=[0, 1], overrides={**TINY, "tbn_window": 8})
+    assert [r["name"] for r in res.rows] == [r.name for r in rp.TABLE_ROWS[3]] and res.skipped == {}
+    by = {r["name"]: r for r in read_json(res.numbers)["rows"]}
+    assert by["tbn+ogm-ge"]["paper"] == {"acc": 63.1} and by["tsn-av"]["paper"] == {"acc": 58.6}
+    assert by["psp+ogm-ge"]["vs"]["row"] == "psp" and by["psp+ogm-ge"]["vs"]["n"] == 2
+    cfg = read_json(out / "runs" / "tsm-av+ogm-ge" / "seed-1" / "config.json")
+    assert (cfg["model"], cfg["modulation"], cfg["frames"], cfg["seed"]) == ("tsm-av", "ogm-ge", 3, 1)
+    md = res.report.read_text()
+    assert "| 63.1 |" in _against(md, "tbn+ogm-ge") and "vs `tbn`" in _against(md, "tbn+ogm-ge")
+    assert "| 58.6 |" in _against(md, "tsn-av")
+
+
+def test_reproduce_table_4_runs_the_x_vector_and_names_what_is_not_built(shards, tmp_path):
+    events = []
+    res = rp.reproduce(4, str(shards), tmp_path / "t4", seeds=[0, 1], overrides=TINY, on_event=events.append)
+    assert [r["name"] for r in res.rows] == ["x-vector", "x-vector+ogm-ge"]
+    assert set(res.skipped) == {"i-vector", "i-vector+ogm-ge", "mwtsm", "mwtsm+ogm-ge"}
+    assert {e["row"] for e in events if e["event"] == "skip"} == set(res.skipped)
+    assert "| 57.1 |" in _against(res.report.read_text(), "x-vector+ogm-ge")
+    assert read_json(tmp_path / "t4" / "runs" / "x-vector" / "seed-0" / "config.json")["audio_arch"] == "xvector"
+
+
+def test_reproduce_table_5_from_the_cli(ave_shards, tmp_path):
+    from click.testing import CliRunner
+
+    from cli.train_cli import main
+
+    out = tmp_path / "t5"
+    args = ["reproduce", "--table", "5", "--shards", str(ave_shards), "--out", str(out), "--seeds", "0,1",
+            "--epochs", "1", "--batch-size", "4", "--image-size", "24", "--arch", "small", "--workers", "0",
+            "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    numbers = read_json(out / "reproduce.json")
+    assert numbers["preset"] == "paper-ave-loc" and numbers["dataset"] == "ave"
+    assert [r["name"] for r in numbers["rows"]] == ["avga", "avga+ogm-ge", "psp", "psp+ogm-ge"]
+    cfg = read_json(out / "runs" / "psp+ogm-ge" / "seed-0" / "config.json")
+    assert (cfg["model"], cfg["task"], cfg["frames"]) == ("psp", "localisation", 4)    # one frame per segment
+    md = (out / "report.md").read_text()
+    assert "| 76.9 |" in _against(md, "psp+ogm-ge") and "segment accuracy" in md

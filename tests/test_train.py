@@ -73,7 +73,10 @@ def test_run_folder_files_and_schema(demo_run, shards):
     config = json.loads((out / "config.json").read_text())
     # dataset-dependent defaults resolved from dataset.json's name
     assert config["dataset"] == "cremad" and config["alpha"] == 0.8 and config["frames"] == 1
-    assert TrainConfig.from_dict(config) == tiny_config(shards, out, epochs=3).with_dataset("cremad")
+    # and the spectrogram's frequency bins from its spec_shape (the x-vector's input width)
+    assert config["audio_bins"] == info["spec_shape"][0]
+    assert TrainConfig.from_dict(config) == tiny_config(shards, out, epochs=3).with_dataset(
+        "cremad", tuple(info["spec_shape"]), info["config"]["spec"]["kind"])
     # the run names the published split its data used (avprep.splits; here the hash rule)
     assert summary["split_registry"] == info["split_registry"] and info["split_registry"]["id"] == "cremad/clip-hash@1"
 

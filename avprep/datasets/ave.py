@@ -190,10 +190,11 @@ def _synth(out: Path, clips: int, k: int, rng, duration, **_):
     classes = sorted(_SYNTH_CATEGORIES[:k])
     header = "Category&VideoID&Quality&StartTime&EndTime"
     plans, lines = [], {"train": [], "val": [], "test": []}
+    seconds = max(2, int(10.0 if duration is None else duration))      # events lie inside the clip
     for label in synth_labels(clips, k, rng):
         vid = synth_youtube_id(rng)
-        start = int(rng.integers(0, 9))
-        end = int(rng.integers(start + 1, 11))
+        start = int(rng.integers(0, seconds - 1))
+        end = int(rng.integers(start + 1, seconds + 1))
         line = f"{classes[label]}&{vid}&good&{start}&{end}"
         lines[synth_split(rng)].append(line)
         plans.append(SynthClip(out / "AVE" / f"{vid}.mp4", label, 10.0 if duration is None else duration))

@@ -11,7 +11,8 @@ package, one module per reason to change:
 - ``sidefiles``: the typed files next to the shards (``dataset.json``, ``<split>.manifest.json``,
   the sample index ``<split>.samples.jsonl``, ``<split>.wids.json``);
 - ``dataset``: ``open_dataset``, the one entry point that opens a dataset through those readers;
-- ``card``: the Hugging Face dataset card ``README.md``.
+- ``card``: the Hugging Face dataset card ``README.md``;
+- ``segments``: the per-second segment labels of a sample's json (AVE event localisation).
 
 The writer (``shards.py``/``outdir.py``), ``verify``, the training loader and ``avprep info``/
 ``index`` all go through it, so they accept and refuse exactly the same shards. Every name is
@@ -67,6 +68,7 @@ from .samples import (
     parse_spec,
     read_shard_samples,
 )
+from .segments import BACKGROUND, SEGMENTS, count_segments, parse_segments, segment_labels
 from .sidefiles import (
     INDEX_FIELDS,
     DatasetMeta,
@@ -87,12 +89,13 @@ from .tar import Member, TarReader
 __all__ = [
     "CARD", "CLS", "CORE_MEMBERS", "DATASET", "FAILURES", "FRAME", "INDEX_FIELDS", "INDEX_SUFFIX", "JSON",
     "MANIFEST_SUFFIX", "MAX_EXT_BYTES", "MAX_EXT_HEADERS", "MAX_MEMBER", "MAX_PIXELS", "MAX_SAMPLE", "REFUSED_EXTS",
-    "SHARD_NAME", "SHARD_SUFFIX", "SPEC", "SPLIT_FILE_SUFFIXES", "TMP_MARK", "WIDS_SUFFIX",
+    "BACKGROUND", "SEGMENTS", "SHARD_NAME", "SHARD_SUFFIX", "SPEC", "SPLIT_FILE_SUFFIXES", "TMP_MARK", "WIDS_SUFFIX",
     "Dataset", "DatasetMeta", "IndexEntry", "Manifest", "Member", "RawSample", "SampleIndex", "ShardDataError",
     "ShardEntry", "TarReader",
     "check_shard_name", "check_structure", "dataset_card", "dump_json", "frame_name", "frame_stats", "index_name",
     "index_records", "is_output_file", "is_refused", "load_json", "manifest_name", "member_problem", "npy_header",
     "open_dataset", "open_jpeg", "ordered_members", "parse_cls", "parse_sample_bytes", "parse_spec",
-    "read_shard_samples", "shard_name", "split_name", "split_order", "unsafe_name", "wids_index", "wids_name",
+    "count_segments", "parse_segments", "read_shard_samples", "segment_labels",
+    "shard_name", "split_name", "split_order", "unsafe_name", "wids_index", "wids_name",
     "write_card", "write_split_files",
 ]

@@ -438,7 +438,7 @@ class Method:
         """One training step (None when ``run.backward`` asked to skip it)."""
         inputs = self.transform_inputs(step.inputs, training=True, step=step) if step.inputs is not None else None
         out = run.forward(inputs, hook=self.feature_hook(True, step))
-        loss = self.loss(out, step)
+        loss = self.loss(out, step) + out.loss_terms(step.labels)
         if step.weight != 1.0:      # a batch with no sample to train on (see keep_rows)
             loss = loss * step.weight
         if not run.backward(loss):
