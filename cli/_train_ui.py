@@ -160,6 +160,8 @@ class TrainProgress:
             self.progress.update(self.task, completed=e["step"], stats=f"{stats} {e['samples_per_s']:.0f} samples/s")
         elif kind == "bad_sample":
             _ui.warn(f"skipped corrupt sample {e['key']} of {e['shard']}: {e['problem']}")
+        elif kind == "warning":
+            _ui.warn(e["message"])
         elif kind == "eval":
             self.progress.update(self.task, stats=f"evaluating {e['split']}")
         elif kind == "epoch_end":
