@@ -73,8 +73,9 @@ class DatasetInfo(sf.Dataset):
         together on first use (``sf.Dataset.check_indexes``: no key twice, no leak between splits,
         labels agreeing with dataset.json)."""
         self.split(split)
+        entries = super().index(split, problems)
         self.check_indexes()
-        return super().index(split, problems)
+        return entries
 
     def fingerprint(self) -> dict:
         """What a model trained on this dataset depends on (recorded in every checkpoint): the

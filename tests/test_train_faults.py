@@ -354,8 +354,8 @@ def _train_loader(shards, workers=0):
 def test_a_test_sample_inside_train_stops_the_loader_and_training(shards, tmp_path):
     leaky = tmp_path / "leaky"
     keys = _add_shard(shards, leaky, "test", 0, "train", 90)
-    with pytest.raises(ShardDataError, match=f"key {keys[0]} of train-000090.tar is also in test-000000.tar "
-                                             "of split test") as e:
+    with pytest.raises(ShardDataError, match=f"test.samples.jsonl: key {keys[0]} of test-000000.tar is also in "
+                                             "train-000090.tar of split train") as e:
         _train_loader(leaky)
     assert e.value.check == "index" and "\n" not in str(e.value)
     with pytest.raises(ShardDataError, match="a leak between splits"):
