@@ -57,7 +57,11 @@ MAX_RUN_BYTES = 16 << 20
 # -- dataset description -------------------------------------------------------------------------
 class DatasetInfo(sf.Dataset):
     """The dataset as ``avprep.shardformat.open_dataset`` reads it (dataset.json, the manifests,
-    the sample indexes on first use), with the loader's lookups."""
+    the sample indexes on first use), with the loader's lookups. ``on_warning(message)``, when
+    set, hears what every loader of this dataset has to say once (e.g. a server that ignores
+    Range requests) unless the loader is given its own."""
+
+    on_warning: Callable[[str], None] | None = None
 
     def split(self, name: str) -> sf.Manifest:
         if name not in self.splits:
@@ -435,7 +439,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                          per_frame=self.per_frame, with_meta=self.with_meta, num_classes=self.num_classes,
                          visual_dtype=self.visual_dtype, skip_bad=True, spec_shape=self.spec_shape)
         batches = _batched(samples, self.batch_size, partial=not self.drop_last)
-        return (decode(b) for b in batches)
+        return (self._with_notes(decode(b)) for b in batches)
+
+    def _with_notes(self, batch: dict) -> dict:
+        """What the location asked to tell (``Location.notes``) travels with the next batch."""
+        if self.location.notes:
+            batch["notes"] = list(self.location.notes)
+            self.location.notes.clear()
+        return batch
 
 
 def _shuffled(samples, size: int, rng: random.Random):
@@ -471,11 +482,13 @@ class ShardLoader:
     """
 
     def __init__(self, stream: ShardStream, loader: torch.utils.data.DataLoader, num_batches: int,
-                 num_samples: int, info: DatasetInfo, on_bad_sample: Callable | None = None, max_bad: int = 0):
+                 num_samples: int, info: DatasetInfo, on_bad_sample: Callable | None = None, max_bad: int = 0,
+                 on_warning: Callable[[str], None] | None = None):
         self.stream, self.loader, self.info = stream, loader, info
         self.num_batches, self.num_samples = num_batches, num_samples
-        self.on_bad_sample, self.max_bad = on_bad_sample, max_bad
+        self.on_bad_sample, self.max_bad, self.on_warning = on_bad_sample, max_bad, on_warning
         self.bad: list[BadSample] = []
+        self.warned: set[str] = set()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -489,6 +502,11 @@ class ShardLoader:
 
     def __iter__(self):
         for batch in self.loader:
+            for note in batch.pop("notes", ()):      # each worker says it once: pass it on once
+                if note not in self.warned:
+                    self.warned.add(note)
+                    if self.on_warning is not None:
+                        self.on_warning(note)
             for b in batch.pop("bad", ()):
                 if b.fatal:
                     raise ShardDataError(f"{b.url}: sample {b.key}: {b.message}", check="index",
@@ -520,7 +538,8 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
                 prefetch_factor: int | None = None, per_frame: bool = False, with_meta: bool = False,
                 retry: Retry | None = None, visual_dtype: torch.dtype = torch.float32,
                 on_bad_sample: Callable[[str, str, str], None] | None = None,
-                max_bad_samples: float = 0.01, run: int | None = None, frame_pick: str = "segment") -> ShardLoader:
+                max_bad_samples: float = 0.01, run: int | None = None, frame_pick: str = "segment",
+                on_warning: Callable[[str], None] | None = None) -> ShardLoader:
     """A loader over ``split`` of ``source`` (folder, URL, or a ``DatasetInfo`` from read_dataset).
 
     Batches: ``{"audio": float32 (B,1,F,T) ((B,1,T,mel) for fbank), "visual": (B,n,3,S,S) float32
@@ -581,7 +600,8 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
         extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor or 2}
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                          **extra)
-    return ShardLoader(stream, loader, num_batches, num_samples, info, on_bad_sample, max_bad)
+    return ShardLoader(stream, loader, num_batches, num_samples, info, on_bad_sample, max_bad,
+                       on_warning or info.on_warning)
 
 
 def benchmark_loader(loader, *, max_batches: int | None = None, warmup: int = 1) -> dict:

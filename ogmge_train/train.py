@@ -356,11 +356,19 @@ class _Setup:
         self.cfg = cfg.with_dataset(self.dataset.name)
         self.resume = resume
         self._locks = contextlib.ExitStack()
+        self._warned: set[str] = set()
+        self.dataset.on_warning = self.warning
         self._check_splits()
 
     def bad_sample(self, shard: str, key: str, problem: str) -> None:
         """A corrupt sample the loader skipped (the loader raises ``DataError`` past its threshold)."""
         self.emit({"event": "bad_sample", "shard": shard, "key": key, "problem": problem})
+
+    def warning(self, message: str) -> None:
+        """Said once per run (each epoch's loaders may repeat it)."""
+        if message not in self._warned:
+            self._warned.add(message)
+            self.emit({"event": "warning", "message": message})
 
     # -- setup
 
