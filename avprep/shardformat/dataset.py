@@ -119,7 +119,8 @@ def open_dataset(source, *, s3_endpoint: str | None = None, retry: Retry | None 
     Raises StorageError when dataset.json cannot be read (no dataset there) and ShardDataError
     when it is malformed. A manifest that is malformed raises ShardDataError (one that cannot
     be read, StorageError); with ``problems``, either is appended there as a ShardDataError
-    instead and its split left out, which is what ``avprep verify`` reports."""
+    instead and its split left out, which is what ``avprep verify`` reports. So is a split size
+    in dataset.json that is not its manifest's sample count."""
     loc = source if isinstance(source, Location) else open_location(source, s3_endpoint=s3_endpoint, retry=retry)
     meta = DatasetMeta.from_json(loc.read_bytes(DATASET), loc.url(DATASET))
     splits = {}
@@ -132,4 +133,14 @@ def open_dataset(source, *, s3_endpoint: str | None = None, retry: Retry | None 
                 raise
             problems.append(e if isinstance(e, ShardDataError) else
                             ShardDataError(f"{loc.url(name)}: cannot read: {e}", check="manifest", shard=name))
+    counted = meta.raw.get("splits")
+    if isinstance(counted, dict):       # (an old dataset.json lists split names only)
+        for split, manifest in splits.items():
+            if counted.get(split) != manifest.num_samples:
+                wrong = ShardDataError(f"{loc.url(DATASET)}: splits.{split} is {counted.get(split)!r} but "
+                                       f"{manifest_name(split)} lists {manifest.num_samples} samples",
+                                       check="manifest", shard=DATASET)
+                if problems is None:
+                    raise wrong
+                problems.append(wrong)
     return Dataset(loc, meta, splits)
