@@ -40,7 +40,8 @@ def extract_clip(clip: Clip, label_index: int, split: str, cfg: ExtractConfig,
     audio_path = clip.audio or clip.video
     decoded = media.decode_clip(clip.video, clip.audio, sample_rate=cfg.spec.sample_rate, fps=cfg.fps,
                                 frame_size=cfg.frame_size, jpeg_quality=cfg.jpeg_quality, threads=1,
-                                resampler=cfg.spec.resampler, frame_rule=cfg.frame_rule)
+                                resampler=cfg.spec.resampler, frame_rule=cfg.frame_rule,
+                                audio_seconds=cfg.spec.num_samples / cfg.spec.sample_rate)
     frames, wave = decoded.frames, decoded.wave
     if not frames:
         raise ClipError("video", f"{clip.video}: no video frames decoded")

@@ -3,7 +3,8 @@
 One small API for all three (``Location``): ``url``, ``read_bytes``, ``read_range``, ``open``,
 ``exists``, ``size``. Remote reads retry transient failures (connection refused or reset,
 timeouts, HTTP 5xx/429, S3 throttling) with exponential backoff inside a bounded budget
-(``Retry``: 5 tries and at most ~30 s by default); permanent failures (404, 403, NoSuchKey,
+(``Retry``: 5 tries within 2 minutes by default, a stalled read counted as one try);
+permanent failures (404, 403, NoSuchKey,
 missing credentials) raise ``StorageError`` naming the URL at once. ``S3Location.put_file``
 uploads one file with the same retries (``avprep.upload`` sends whole folders, in order).
 
@@ -37,13 +38,16 @@ _READ = 1 << 16
 
 @dataclass(frozen=True)
 class Retry:
-    """Retry budget for transient errors: at most ``tries`` attempts and ``budget_s`` seconds of
-    waiting per failure episode (a stream that makes progress again starts a fresh episode)."""
+    """Retry budget for transient errors: at most ``tries`` attempts, none started more than
+    ``budget_s`` seconds after the failure episode began (the attempts' own time counts; a
+    stream that makes progress again starts a fresh episode). A read that stalls for
+    ``read_timeout`` is a transient failure like any other, so the budget holds several of
+    them: by default a stalled response is tried again up to 3 times within 2 minutes."""
 
     tries: int = 5
     base_delay: float = 0.5
     max_delay: float = 8.0
-    budget_s: float = 30.0
+    budget_s: float = 120.0
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
 
@@ -71,9 +75,12 @@ def _check_name(name: str) -> str:
 
 
 class Location:
-    """A folder of shards somewhere. Subclasses implement ``_open_at``/``_stat``/``_read``."""
+    """A folder of shards somewhere. Subclasses implement ``_open_at``/``_stat``/``_read``.
+    ``notes`` collects what a reader should be told once (e.g. a server without Range support);
+    whoever reads the location drains it."""
 
     retry: Retry
+    notes: list[str]
 
     def url(self, name: str) -> str:
         raise NotImplementedError
@@ -127,7 +134,7 @@ class Location:
         """(size, etag) or None when the object does not exist."""
         raise NotImplementedError
 
-    def _read_range(self, name: str, start: int, length: int) -> bytes:
+    def _read_range(self, name: str, start: int, length: int) -> bytes | bytearray:
         raise NotImplementedError
 
     def _open_at(self, name: str, offset: int, etag: str | None):
@@ -244,6 +251,7 @@ class LocalLocation(Location):
     def __init__(self, root: str | os.PathLike, retry: Retry | None = None):
         self.root = Path(root)
         self.retry = retry or Retry()
+        self.notes = []
 
     def url(self, name: str) -> str:
         return str(self.root / _check_name(name))
@@ -294,10 +302,13 @@ class HttpLocation(Location):
     def __init__(self, prefix: str, retry: Retry | None = None):
         self.prefix = prefix.rstrip("/")
         self.retry = retry or Retry()
+        self.notes = []
         self._session, self._pid = None, None
+        self._whole: dict[str, _Sequential] = {}     # open whole-object responses, by shard
+        self._no_range: set[str] = set()              # shards whose server ignored Range
 
     def __getstate__(self):
-        return {**self.__dict__, "_session": None, "_pid": None}
+        return {**self.__dict__, "_session": None, "_pid": None, "_whole": {}}
 
     @property
     def session(self):
@@ -318,13 +329,36 @@ class HttpLocation(Location):
         r.raise_for_status()
         return r.content
 
-    def _read_range(self, name: str, start: int, length: int) -> bytes:
-        r = self.session.get(self.url(name), timeout=self._timeouts(),
-                             headers={"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"})
-        r.raise_for_status()
-        if r.status_code != 206:
-            raise StorageError(f"{self.url(name)}: server ignored the Range request")
-        return r.content
+    def _read_range(self, name: str, start: int, length: int) -> bytes | bytearray:
+        """One ranged GET. A server that answers it with the whole object (200: no Range support,
+        as ``python -m http.server``) is told once per shard: that response, and later ones when
+        a read goes backwards, are read front to back, skipping to each range asked for."""
+        whole = self._whole.pop(name, None)
+        try:
+            if whole is None or start < whole.pos:
+                headers = {"Accept-Encoding": "identity"}
+                if whole is None and name not in self._no_range:
+                    headers["Range"] = f"bytes={start}-{start + length - 1}"
+                r = self.session.get(self.url(name), timeout=self._timeouts(), headers=headers, stream=True)
+                if r.status_code >= 400:
+                    r.close()
+                    r.raise_for_status()
+                if r.status_code == 206:
+                    return r.content
+                if name not in self._no_range:
+                    self._no_range.add(name)
+                    note = (f"{self.prefix}: the server ignores Range requests; shards are read whole, front "
+                            "to back, skipping to the samples needed (slower than ranged reads)")
+                    if note not in self.notes:
+                        self.notes.append(note)
+                whole = _Sequential(r)
+            data = whole.read_at(start, length)
+        except BaseException:
+            if whole is not None:
+                whole.close()
+            raise
+        self._whole[name] = whole
+        return data
 
     def _stat(self, name: str):
         r = self.session.head(self.url(name), timeout=self._timeouts(), allow_redirects=True)
@@ -346,10 +380,14 @@ class HttpLocation(Location):
         if r.status_code >= 400:
             r.close()       # a streamed response holds its connection until closed
             r.raise_for_status()
-        if offset and r.status_code != 206:
-            r.close()
-            raise StorageError(f"{self.url(name)}: server ignored the Range request; cannot resume")
         length = r.headers.get("Content-Length")
+        if offset and r.status_code == 200:      # no Range support: the whole object, read up to offset
+            try:
+                _Sequential(r).read_at(offset, 0)
+            except BaseException:
+                r.close()
+                raise
+            return r.raw, int(length) if length is not None else None, r.headers.get("ETag")
         total = offset + int(length) if length is not None else None
         return r.raw, total, r.headers.get("ETag")
 
@@ -366,6 +404,33 @@ class HttpLocation(Location):
         return None
 
 
+class _Sequential:
+    """A response holding a whole object, read front to back: ``read_at`` skips (reads and drops)
+    up to ``start``, then reads ``length`` bytes; a read before ``pos`` needs a new response."""
+
+    def __init__(self, response):
+        self.response, self.pos = response, 0
+
+    def read_at(self, start: int, length: int) -> bytearray:
+        raw = self.response.raw
+        while self.pos < start:
+            got = raw.read(min(_CHUNK, start - self.pos))
+            if not got:
+                raise _Transient(f"stream ended at byte {self.pos}, before byte {start}")
+            self.pos += len(got)
+        data = bytearray()
+        while len(data) < length:
+            got = raw.read(min(_CHUNK, length - len(data)))
+            if not got:
+                break           # shorter than asked: read_range reports it
+            data += got
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self.response.close()
+
+
 # -- s3 ------------------------------------------------------------------------------------------
 _S3_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                  "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "429"}
@@ -378,6 +443,7 @@ class S3Location(Location):
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
         self.retry = retry or Retry()
+        self.notes = []
         self._client, self._pid = None, None
 
     def __getstate__(self):

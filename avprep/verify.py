@@ -111,6 +111,10 @@ def verify(location, *, quick: bool = False, on_progress: ProgressFn | None = No
     report.num_shards = len(shards)
     _check_strays(loc, {e.name for _, e in shards}, problems)
     indexes = {} if quick else {split: _index(loc, dataset, split, problems) for split in dataset.splits}
+    if not quick:
+        refused = []
+        dataset.check_indexes(problems=refused)
+        problems.extend(_refused(loc, e.shard, e) for e in refused)
     seen = _Seen()
     for done, (split, entry) in enumerate(shards, 1):
         report.num_samples += _check_shard(loc, split, entry, dataset.meta, quick, seen, problems,
@@ -328,6 +332,7 @@ class _Indexed:
             self.bad(e.key, err.check, str(err).removeprefix(f"{self.url}: "))
             return
         _check_sample(self.shard, self.split, s, self.schema, self.problems)
+        self.problems.extend(_line_problems(e, s, self.split, self.schema))
 
 
 def _check_samples(reader, url, shard, split, schema, seen, problems, entries) -> int | None:
@@ -339,12 +344,15 @@ def _check_samples(reader, url, shard, split, schema, seen, problems, entries) -
     tar = sf.TarReader(tee, url, crc=True)
     indexed = _Indexed(entries, tee, url, shard, split, schema, problems) if entries is not None else None
     listed = {e.key: (e.offset, e.length, e.crc32) for e in entries or ()}
+    lines = {e.key: e for e in entries or ()}
     done: set[str] = set()      # keys checked (and counted) as samples
     spans, tar_broken = 0, False
     try:
         for s in sf.read_shard_samples(None, url, tar=tar):
             spans += 1
             found = _index_problems(s, shard, listed, indexed) if indexed is not None else []
+            if indexed is not None and s.key in indexed.matched:      # the index's bytes: its fields too
+                found += _line_problems(lines[s.key], s, split, schema)
             found += _sample_problems(s, shard, split, schema, seen, done)
             if s.key in listed and listed[s.key] != (s.offset, s.length, s.crc32):
                 # not the bytes the index (and the loader) has for this key: the key is judged from
@@ -374,6 +382,27 @@ def _index_problems(s: sf.RawSample, shard: str, listed: dict, indexed: _Indexed
                         "index says {}/{}/{}".format(*span, *listed[s.key]))]
     indexed.matched[s.key] = span
     return []
+
+
+def _line_problems(e: sf.IndexEntry, s: sf.RawSample, split: str, schema: sf.DatasetMeta) -> list[Problem]:
+    """The fields of sample ``s``'s index line against the sample itself: label_index (the
+    loader's label check), label, source, duration, frame count. A problem of the index file
+    (its line is wrong, the sample is not)."""
+    found: dict[str, object] = {"n_frames": len(s.frames)}
+    try:
+        found["label_index"] = label = sf.parse_cls(s.members[sf.CLS], len(schema.classes))
+        found["label"] = schema.classes[label]
+    except (KeyError, sf.ShardDataError):
+        pass
+    try:
+        meta = json.loads(bytes(s.members[sf.JSON]))
+        found.update({k: meta[k] for k in ("source", "duration") if k in meta} if isinstance(meta, dict) else {})
+    except (KeyError, ValueError, RecursionError):
+        pass
+    unset = {"label": "", "n_frames": 0, "source": "", "duration": 0.0}     # an index without the field
+    return [Problem(sf.index_name(split), "", "index", f"line of {e.key}: {f} is {getattr(e, f)!r}, "
+                    f"the sample in {e.shard} has {want!r}")
+            for f, want in found.items() if getattr(e, f) != want and getattr(e, f) != unset.get(f, object())]
 
 
 def _sample_problems(s: sf.RawSample, shard: str, split: str, schema: sf.DatasetMeta, seen: _Seen,

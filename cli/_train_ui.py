@@ -192,6 +192,8 @@ class TrainProgress:
                 self.progress.remove_task(self.method_tasks.pop(key))
         elif kind == "bad_sample":
             _ui.warn(f"skipped corrupt sample {e['key']} of {e['shard']}: {e['problem']}")
+        elif kind == "warning":
+            _ui.warn(e["message"])
         elif kind == "eval":
             self.progress.update(self.task, stats=f"evaluating {e['split']}")
         elif kind == "epoch_end":

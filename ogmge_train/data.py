@@ -28,6 +28,7 @@ Partition rule (``plan_eval`` / ``plan_train``):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -56,7 +57,11 @@ MAX_RUN_BYTES = 16 << 20
 # -- dataset description -------------------------------------------------------------------------
 class DatasetInfo(sf.Dataset):
     """The dataset as ``avprep.shardformat.open_dataset`` reads it (dataset.json, the manifests,
-    the sample indexes on first use), with the loader's lookups."""
+    the sample indexes on first use), with the loader's lookups. ``on_warning(message)``, when
+    set, hears what every loader of this dataset has to say once (e.g. a server that ignores
+    Range requests) unless the loader is given its own."""
+
+    on_warning: Callable[[str], None] | None = None
 
     def split(self, name: str) -> sf.Manifest:
         if name not in self.splits:
@@ -68,8 +73,69 @@ class DatasetInfo(sf.Dataset):
         return [self.location.url(s.name) for s in self.split(split).shards]
 
     def index(self, split: str, problems=None) -> list[sf.IndexEntry]:
+        """The split's sample index (``sf.Dataset.index``), after every split's index was checked
+        together on first use (``sf.Dataset.check_indexes``: no key twice, no leak between splits,
+        labels agreeing with dataset.json)."""
         self.split(split)
-        return super().index(split, problems)
+        entries = super().index(split, problems)
+        self.check_indexes()
+        return entries
+
+    def fingerprint(self) -> dict:
+        """What a model trained on this dataset depends on (recorded in every checkpoint): the
+        dataset name, the ordered class names, per split its size and a digest of its keys, and
+        the extraction settings that change the model's inputs (``INPUT_SETTINGS``)."""
+        self.check_indexes()
+        config, raw = self.meta.config, self.meta.raw
+        inputs = {k: config[k] for k in INPUT_SETTINGS if k in config}
+        if "spec_shape" in raw:
+            inputs["spec_shape"] = raw["spec_shape"]
+        splits = {}
+        for split in self.splits:
+            entries = self.index(split)
+            keys = "\n".join(sorted(e.key for e in entries))
+            splits[split] = {"samples": len(entries),
+                             "keys": hashlib.sha256(keys.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
+        return {"name": self.name, "classes": list(self.classes), "splits": splits, "inputs": inputs}
+
+
+# Extraction settings (dataset.json's config) that change what a model sees.
+INPUT_SETTINGS = ("spec", "fps", "frame_size", "frame_rule", "jpeg_quality", "spec_dtype")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def fingerprint_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(changes that make a model's outputs mean something else, other changes) from ``old`` to
+    ``new`` fingerprints (``DatasetInfo.fingerprint``). The first: dataset name, class names or
+    their order, input settings; the second: the clips (split sizes or keys), same classes."""
+    changes = []
+    if "name" in old and old["name"] != new.get("name"):
+        changes.append(f"dataset {old.get('name')!r} -> {new.get('name')!r}")
+    a, b = list(old.get("classes", [])), list(new.get("classes", []))
+    if a != b:
+        if len(a) != len(b):
+            changes.append(f"{len(a)} classes -> {len(b)} ({', '.join(map(repr, b[:6]))}"
+                           f"{', ...' if len(b) > 6 else ''})")
+        else:
+            moved = [f"{i}: {x!r} -> {y!r}" for i, (x, y) in enumerate(zip(a, b)) if x != y]
+            changes.append(f"class names ({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''})")
+    if "inputs" in old:
+        x, y = _flat(old["inputs"]), _flat(new.get("inputs", {}))
+        changes += [f"{k} {x.get(k)!r} -> {y.get(k)!r}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+    clips = []
+    for split in sorted(set(old.get("splits", {})) | set(new.get("splits", {}))):
+        p, q = old.get("splits", {}).get(split, {}), new.get("splits", {}).get(split, {})
+        if p.get("samples") != q.get("samples"):
+            clips.append(f"{split} {p.get('samples', 0)} -> {q.get('samples', 0)} samples")
+        elif p.get("keys") != q.get("keys"):
+            clips.append(f"{split}: other clips, same count")
+    return changes, clips
 
 
 def read_dataset(source, *, s3_endpoint: str | None = None, retry: Retry | None = None) -> DatasetInfo:
@@ -154,6 +220,7 @@ class BadSample:
     url: str
     key: str
     message: str
+    fatal: bool = False     # the dataset's metadata disagrees with its shards: stop, do not skip
 
 
 def _runs(entries: list, positions, max_bytes: int = MAX_RUN_BYTES):
@@ -181,9 +248,10 @@ def _keep(keep_json: bool):
 
 
 def read_run(location: Location, run: list, *, frames: int, train: bool, rng=None, keep_json: bool = False,
-             frame_pick: str = "segment"):
+             frame_pick: str = "segment", num_classes: int | None = None):
     """Samples (or ``BadSample`` for corrupt ones) of one run of consecutive index entries, read
-    with one byte-range request; each checked against its CRC-32 and parsed by shardformat."""
+    with one byte-range request; each checked against its CRC-32 and parsed by shardformat. A
+    valid label that is not the index line's ``label_index`` is a fatal ``BadSample``."""
     shard = run[0].shard
     url = location.url(shard)
     if run[0].length > sf.MAX_SAMPLE:
@@ -200,6 +268,10 @@ def read_run(location: Location, run: list, *, frames: int, train: bool, rng=Non
                 raise ShardDataError("bytes do not match the CRC-32 of the sample index", check="checksum")
             s = sf.parse_sample_bytes(raw, url, e.key, keep=keep)
             sf.check_structure(s)
+            if sf.parse_cls(s.members[sf.CLS], num_classes) != e.label_index:
+                yield BadSample(url, e.key, f"label {bytes(s.members[sf.CLS]).decode()} in the shard but "
+                                f"{e.label_index} in the sample index", fatal=True)
+                continue
         except ShardDataError as err:
             if err.check == "security":     # a hostile dataset: refuse it, do not train around it
                 raise ShardDataError(f"{url}: sample {e.key}: {err}", check="security", shard=shard,
@@ -381,7 +453,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         positions = self.positions(worker, epoch)
         samples = (s for run in _runs(self.entries, positions)
                    for s in read_run(self.location, run, frames=self.frames, train=self.train, rng=frame_rng,
-                                     keep_json=self.with_meta or self.segments, frame_pick=self.frame_pick))
+                                     keep_json=self.with_meta or self.segments, frame_pick=self.frame_pick,
+                                     num_classes=self.num_classes))
         if self.train:
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(f"buffer:{tag}"))
         decode = partial(decode_batch, train=self.train, image_size=self.image_size, rng=random.Random(f"aug:{tag}"),
@@ -389,7 +462,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                          visual_dtype=self.visual_dtype, skip_bad=True, spec_shape=self.spec_shape,
                          segments=self.segments)
         batches = _batched(samples, self.batch_size, partial=not self.drop_last)
-        return (decode(b) for b in batches)
+        return (self._with_notes(decode(b)) for b in batches)
+
+    def _with_notes(self, batch: dict) -> dict:
+        """What the location asked to tell (``Location.notes``) travels with the next batch."""
+        if self.location.notes:
+            batch["notes"] = list(self.location.notes)
+            self.location.notes.clear()
+        return batch
 
 
 def _shuffled(samples, size: int, rng: random.Random):
@@ -425,11 +505,13 @@ class ShardLoader:
     """
 
     def __init__(self, stream: ShardStream, loader: torch.utils.data.DataLoader, num_batches: int,
-                 num_samples: int, info: DatasetInfo, on_bad_sample: Callable | None = None, max_bad: int = 0):
+                 num_samples: int, info: DatasetInfo, on_bad_sample: Callable | None = None, max_bad: int = 0,
+                 on_warning: Callable[[str], None] | None = None):
         self.stream, self.loader, self.info = stream, loader, info
         self.num_batches, self.num_samples = num_batches, num_samples
-        self.on_bad_sample, self.max_bad = on_bad_sample, max_bad
+        self.on_bad_sample, self.max_bad, self.on_warning = on_bad_sample, max_bad, on_warning
         self.bad: list[BadSample] = []
+        self.warned: set[str] = set()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -443,7 +525,15 @@ class ShardLoader:
 
     def __iter__(self):
         for batch in self.loader:
+            for note in batch.pop("notes", ()):      # each worker says it once: pass it on once
+                if note not in self.warned:
+                    self.warned.add(note)
+                    if self.on_warning is not None:
+                        self.on_warning(note)
             for b in batch.pop("bad", ()):
+                if b.fatal:
+                    raise ShardDataError(f"{b.url}: sample {b.key}: {b.message}", check="index",
+                                         shard=b.url.rpartition("/")[2], key=b.key)
                 self.bad.append(b)
                 if self.on_bad_sample is not None:
                     self.on_bad_sample(b.url, b.key, b.message)
@@ -472,7 +562,7 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
                 retry: Retry | None = None, visual_dtype: torch.dtype = torch.float32,
                 on_bad_sample: Callable[[str, str, str], None] | None = None,
                 max_bad_samples: float = 0.01, run: int | None = None, frame_pick: str = "segment",
-                segments: bool = False) -> ShardLoader:
+                segments: bool = False, on_warning: Callable[[str], None] | None = None) -> ShardLoader:
     """A loader over ``split`` of ``source`` (folder, URL, or a ``DatasetInfo`` from read_dataset).
     ``segments``: batches also hold ``"segments"`` (B, S) per-second labels (AVE localisation).
 
@@ -534,7 +624,8 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
         extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor or 2}
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                          **extra)
-    return ShardLoader(stream, loader, num_batches, num_samples, info, on_bad_sample, max_bad)
+    return ShardLoader(stream, loader, num_batches, num_samples, info, on_bad_sample, max_bad,
+                       on_warning or info.on_warning)
 
 
 def benchmark_loader(loader, *, max_batches: int | None = None, warmup: int = 1) -> dict:

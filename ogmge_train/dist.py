@@ -89,3 +89,23 @@ def all_gather_object(obj) -> list:
     out = [None] * world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+# What a surviving rank sees when another process of the group died (gloo and NCCL wording).
+_PEER_LOSS = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
+              "socket closed", "remote process exited", "ncclremoteerror", "nccl communicator was aborted",
+              "timed out", "timeout")
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised inside a collective) means another rank is gone."""
+    return isinstance(exc, getattr(tdist, "DistError", ())) or any(m in str(exc).lower() for m in _PEER_LOSS)
+
+
+def peer_loss_reason(exc: BaseException) -> str:
+    """The backend's message in one short line (without its source-file prefix)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0][:200]     # gloo appends advice after its first sentence

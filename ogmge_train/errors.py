@@ -36,3 +36,8 @@ class NonFiniteError(TrainError):
 class RunWriteError(TrainError):
     """A run-folder file could not be written (disk full, read-only folder); the temporary file
     was removed and the previous version of the file is intact (exit 1)."""
+
+
+class PeerLostError(TrainError):
+    """Another process of a multi-process (torchrun) run died or became unreachable; what the
+    last finished epoch saved is intact (exit 1)."""

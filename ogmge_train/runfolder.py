@@ -2,7 +2,8 @@
 
 Files (ARCHITECTURE.md "Run folder"): ``config.json``, ``metrics.jsonl`` (one line per epoch),
 ``steps.jsonl`` (one line per optimizer step), ``summary.json``, ``last.pt`` / ``best.pt`` and
-``probe_<modality>.json``. A sweep folder holds ``seed-<k>`` run folders.
+``probe_<modality>.json``. A sweep folder holds ``seed-<k>`` run folders. ``.lock`` keeps a
+second training run out of a folder while one writes into it (``writer_lock``).
 
 Writes are atomic (temporary name, fsync, rename), so a kill never leaves a half-written JSON
 or checkpoint under its final name; jsonl lines are appended and fsynced. Readers tolerate a
@@ -14,7 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from avprep.shards import fsync_dir
@@ -26,7 +30,7 @@ __all__ = ["CONFIG", "METRICS", "STEPS", "SUMMARY", "LAST", "BEST", "SEED_DIR", 
            "atomic_save", "atomic_copy", "json_line", "append_jsonl", "read_json", "read_jsonl",
            "keep_epochs", "read_config", "read_summary", "read_metrics", "read_steps", "read_probe",
            "write_config", "write_summary", "write_probe", "record_of", "is_run", "expand_runs",
-           "finished", "absolute_location"]
+           "finished", "absolute_location", "LOCK", "writer_lock", "remove_temp"]
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -35,6 +39,7 @@ SUMMARY = "summary.json"
 LAST = "last.pt"
 BEST = "best.pt"
 SEED_DIR = re.compile(r"^seed-(\d+)$")
+TMP_SUFFIX = ".tmp"          # what atomic writes append; a kill -9 can leave one behind
 
 
 def probe_path(run, modality: str) -> Path:
@@ -63,7 +68,7 @@ def _write_atomic(path, write) -> Path:
     is removed and the previous version kept; an OSError (disk full, read-only folder) becomes a
     one-line ``RunWriteError`` naming the file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -253,3 +258,73 @@ def absolute_location(shards: str) -> str:
     if not shards or "://" in shards:
         return shards
     return str(Path(shards).resolve())
+
+
+# ----------------------------------------------------------------------------- the writer's lock
+
+LOCK = ".lock"
+_HELD: set[int] = set()      # descriptors of the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    # A forked child (a DataLoader worker) shares the parent's lock; closing its copy keeps a
+    # killed parent's orphans from holding the folder after the parent is gone.
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _holder(fd: int) -> str:
+    try:
+        h = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {int(h['pid'])} on {h['host']}, since {h['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "starting"
+
+
+@contextmanager
+def writer_lock(run) -> Iterator[None]:
+    """Hold ``RUN/.lock`` while training writes into ``run`` (created when missing): a second
+    writer is refused with a ``RunFolderError`` naming the holder (pid, host, start time). An
+    advisory ``flock``: the kernel drops it when the holder dies, even by kill -9, so a stale
+    lock is simply taken over (its holder line rewritten). Not POSIX: no lock."""
+    run = Path(run)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    run.mkdir(parents=True, exist_ok=True)      # an OSError names the folder (the CLI maps it)
+    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RunFolderError(f"{run}: another run is writing into this folder ({_holder(fd)}); "
+                                 "wait for it to finish or choose another --out") from None
+        _HELD.add(fd)
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode(), 0)
+        try:
+            yield
+        finally:
+            _HELD.discard(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temp(run) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``run`` (``last.pt.tmp``, ...); call
+    it while holding ``writer_lock``. Returns what was removed."""
+    gone = [p for p in Path(run).glob(f"*{TMP_SUFFIX}") if p.is_file()]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone

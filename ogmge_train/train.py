@@ -25,6 +25,7 @@ which epoch is selected.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -42,14 +43,14 @@ from avprep import shardformat as sf
 
 from . import data, dist, frameworks, localisation, modulation, names, runfolder
 from .config import TrainConfig
-from .errors import ConfigError, NonFiniteError, RunFolderError
+from .errors import ConfigError, NonFiniteError, PeerLostError, RunFolderError, TrainError
 from .frameworks import Model
 from .metrics import output_metrics
 from .plugin import Balancer
 
 __all__ = ["EVENT_TYPES", "evaluate", "load_checkpoint", "load_run", "select_device", "train"]
 
-EVENT_TYPES = ("start", "epoch_start", "step", "eval", "epoch_end", "end")
+EVENT_TYPES = ("start", "epoch_start", "step", "eval", "epoch_end", "end")     # of every run
 # Settings a resumed run may change: where and how it runs, and for how long (workers and
 # device may change the numbers, but not what the experiment is).
 _RESUMABLE = {"epochs", "workers", "device", "out", "shards", "s3_endpoint"}
@@ -168,6 +169,19 @@ def load_checkpoint(path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: one line, not a traceback
         raise ConfigError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _check_dataset(ckpt: dict, fingerprint: dict, ckpt_path, action: str) -> list[str]:
+    """Refuse (``ConfigError``, one line) to ``action`` a checkpoint on a dataset whose name, class
+    names or input settings differ from the one it was trained on (labels would silently mean
+    other classes); returns the notes on its clips (same classes, other split sizes or keys).
+    A checkpoint from before fingerprints is checked on its class list."""
+    recorded = ckpt.get("dataset") or {"classes": list(ckpt.get("classes", []))}
+    changes, clips = data.fingerprint_changes(recorded, fingerprint)
+    if changes:
+        raise ConfigError(f"{ckpt_path}: cannot {action} on {fingerprint['name'] or 'these shards'}: the dataset "
+                          f"differs from the one this run was trained on: {'; '.join(changes)}")
+    return clips
 
 
 def _param_hash(model: torch.nn.Module) -> str:
@@ -357,12 +371,16 @@ class _Setup:
         self.rec = Recorder(self.out, self.info.is_main)
         self.emit = on_event if (on_event is not None and self.info.is_main) else (lambda e: None)
         self.dataset = _read_dataset(cfg)
+        self.fingerprint = self.dataset.fingerprint()      # checks the indexes: no leak, labels agree
         meta = self.dataset.meta
         spec = meta.config.get("spec", {})
         seconds = spec.get("duration")
         self.cfg = cfg.with_dataset(self.dataset.name, meta.spec_shape, spec.get("kind"),
                                     sf.count_segments(seconds) if isinstance(seconds, int | float) else None)
         self.resume = resume
+        self._locks = contextlib.ExitStack()
+        self._warned: set[str] = set()
+        self.dataset.on_warning = self.warning
         self._check_splits()
 
     @property
@@ -377,6 +395,12 @@ class _Setup:
     def bad_sample(self, shard: str, key: str, problem: str) -> None:
         """A corrupt sample the loader skipped (the loader raises ``DataError`` past its threshold)."""
         self.emit({"event": "bad_sample", "shard": shard, "key": key, "problem": problem})
+
+    def warning(self, message: str) -> None:
+        """Said once per run (each epoch's loaders may repeat it)."""
+        if message not in self._warned:
+            self._warned.add(message)
+            self.emit({"event": "warning", "message": message})
 
     # -- setup
 
@@ -411,17 +435,44 @@ class _Setup:
         # Every rank runs the same number of full batches (DDP needs it): floor(n / (batch x ranks)).
         self.steps = data.default_steps_per_epoch(self._num("train"), cfg.batch_size, self.info.world_size)
 
+    def _lock(self) -> None:
+        """Rank 0 holds the run folder's writer lock for the whole run (a second run into the
+        same --out is refused) and removes what a killed writer left half-written; every rank
+        learns whether it got the lock, so none is left waiting at a collective."""
+        refused = None
+        if self.info.is_main:
+            try:
+                self._locks.enter_context(runfolder.writer_lock(self.out))
+                runfolder.remove_temp(self.out)
+            except TrainError as e:
+                refused = (type(e), str(e))
+        if self.info.world_size > 1:
+            refused = dist.all_gather_object(refused)[0]
+        if refused is not None:
+            raise refused[0](refused[1])
+
+    def close(self) -> None:
+        self._locks.close()
+
     def _check_folder(self) -> None:
         # every rank checks (same answer everywhere), so none is left waiting at a barrier
         if not self.resume and (self.rec.has_last() or (self.out / "metrics.jsonl").exists()):
             raise ConfigError(f"{self.out}: already holds a run; pass --resume to continue it or choose another --out")
+        self.first_lost = False
         if self.resume and not self.rec.has_last() and self.rec.has_history():
-            raise RunFolderError(f"{self.out}: has results (metrics.jsonl or best.pt) but no last.pt to resume "
-                                 "from; move them away to start over, or choose another --out")
+            later = any(r.get("epoch") != 0 for r in runfolder.read_metrics(self.out))
+            if later or (self.out / runfolder.BEST).exists():
+                raise RunFolderError(f"{self.out}: has results (metrics.jsonl or best.pt) but no last.pt to resume "
+                                     "from; move them away to start over, or choose another --out")
+            # killed between epoch 0's metrics line and its first checkpoint: nothing to keep
+            self.first_lost = True
 
     def _restore(self) -> None:
         if self.rec.has_last():
             self._load(self.out / "last.pt")
+        elif self.first_lost:
+            self.emit({"event": "warning", "message": f"{self.out}: epoch 0 was recorded but its checkpoint was "
+                       "never written (the run was stopped while saving it); starting again from epoch 0"})
         self.rec.truncate_after(self.start_epoch - 1)
 
     def _load(self, ckpt_path: Path) -> None:
@@ -432,6 +483,10 @@ class _Setup:
         if diff:
             raise ConfigError(f"{ckpt_path}: cannot resume with different settings: "
                               + ", ".join(f"{k} {stored.to_dict()[k]!r} -> {self.cfg.to_dict()[k]!r}" for k in diff))
+        clips = _check_dataset(ckpt, self.fingerprint, ckpt_path, "resume")
+        if clips:
+            self.emit({"event": "warning", "message": f"{self.cfg.shards}: same classes, but other clips than "
+                       f"{ckpt_path} was trained on ({'; '.join(clips)}); continuing"})
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
@@ -440,10 +495,14 @@ class _Setup:
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.best = dict(ckpt["best"])
         _set_rng_state(ckpt["rng"])
+        if self.info.is_main and self.best["epoch"] == ckpt["epoch"]:
+            # killed between last.pt and its copy: best.pt must be this epoch's too
+            runfolder.atomic_copy(ckpt_path, self.out / runfolder.BEST)
 
     def setup(self) -> None:
-        self._check_folder()
         self._build()
+        self._lock()
+        self._check_folder()
         if self.resume:
             self._restore()
         self.rec.prepare(self.cfg, self.resume)
@@ -580,8 +639,8 @@ class _Recording:
         if s.info.is_main:
             ckpt = {"model": s.model.state_dict(), "optimizer": s.opt.state_dict(),
                     "scheduler": s.sched.state_dict(), "epoch": epoch, "step": s.global_step,
-                    "config": s.cfg.to_dict(), "classes": list(s.dataset.classes), "rng": _rng_state(),
-                    "best": dict(s.best), "method": s.plug.method.state_dict()}
+                    "config": s.cfg.to_dict(), "classes": list(s.dataset.classes), "dataset": s.fingerprint,
+                    "rng": _rng_state(), "best": dict(s.best), "method": s.plug.method.state_dict()}
             s.rec.append_metrics(record)
             s.rec.save_checkpoint(ckpt, improved)
         return improved
@@ -683,7 +742,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     the metrics.jsonl line, best: whether best.pt was updated), ``bad_sample`` (shard, key, problem:
     a corrupt sample rank 0's loader skipped), ``method_progress`` (method, task, done, total,
     eta_s: a method's own work before an epoch, e.g. gradient-blending's weight estimate, one unit
-    per batch of its model copies), ``end`` (summary). An exception
+    per batch of its model copies), ``warning`` (message: said once, e.g. a resume on shards
+    holding other clips than the run's), ``end`` (summary). An exception
     raised by ``on_event`` stops training; the last checkpoint stays resumable.
     ``on_epoch_end(dict)`` is called on every rank after each epoch's checkpoint with ``epoch``,
     ``step`` (global), ``rank`` and ``model`` (the unwrapped model; e.g. to compare ranks).
@@ -692,9 +752,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     when a run file cannot be written.
     """
     owns_group = not dist.is_distributed()
+    setup = None
     try:
-        return _run(_Setup(cfg, resume, on_event), on_epoch_end)
+        setup = _Setup(cfg, resume, on_event)
+        return _run(setup, on_epoch_end)
+    except RuntimeError as e:
+        if setup is not None and setup.info.world_size > 1 and dist.is_peer_loss(e):
+            raise PeerLostError(f"rank {setup.info.rank}: lost contact with another training process "
+                                f"({dist.peer_loss_reason(e)}); the last finished epoch is saved in "
+                                f"{setup.out}: rerun with --resume to continue") from None
+        raise
     finally:
+        if setup is not None:
+            setup.close()
         if owns_group:
             dist.shutdown()
 
@@ -713,11 +783,17 @@ def _load_run(run_dir, which: str, device) -> tuple[Balancer, Model, TrainConfig
     if which not in ("best", "last"):
         raise ConfigError(f"--which must be best or last, not {which!r}")
     run_dir = Path(run_dir)
-    ckpt = load_checkpoint(run_dir / f"{which}.pt")
+    path = run_dir / f"{which}.pt"
+    ckpt = load_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
     model = _build_model(cfg, len(ckpt["classes"]), encoder_weights=False)
     plug = _balancer(cfg, model)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:      # edited or foreign: its tensors do not fit the model it describes
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{path}: its weights do not fit the model its config describes "
+                          f"({first[-1].strip() if first else e})") from None
     plug.method.load_state_dict(ckpt.get("method", {}))
     return plug, model.to(device).eval(), cfg, ckpt
 
@@ -734,11 +810,13 @@ def evaluate(run_dir, split: str = "test", which: str = "best", *, shards: str |
     dev = select_device(device, info.local_rank)
     info = dist.init(dev)
     try:
-        plug, _, cfg, _ = _load_run(run_dir, which, device=dev)
+        plug, _, cfg, ckpt = _load_run(run_dir, which, device=dev)
         changes = {k: v for k, v in (("shards", shards), ("workers", workers), ("batch_size", batch_size))
                    if v is not None}
         cfg = dataclasses.replace(cfg, **changes)
-        return _evaluate_split(plug, cfg, split, dev, info)
+        dataset = _read_dataset(cfg)
+        _check_dataset(ckpt, dataset.fingerprint(), Path(run_dir) / f"{which}.pt", "evaluate")
+        return _evaluate_split(plug, cfg, split, dev, info, source=dataset)
     finally:
         if owns_group:
             dist.shutdown()

@@ -18,6 +18,7 @@ class Verdict:
     verify_checks: set[str] = field(default_factory=set)
     loader_yielded: set[str] = field(default_factory=set)
     loader_skipped: set[str] = field(default_factory=set)
+    loader_labels: dict[str, int] = field(default_factory=dict)     # key -> label of what it yielded
     loader_error: BaseException | None = None
     seconds: float = 0.0
 
@@ -35,6 +36,7 @@ def verdict(out, split: str = "val", index_keys: set[str] | None = None) -> Verd
                              on_bad_sample=lambda url, key, msg: v.loader_skipped.add(key))
         for batch in loader:
             v.loader_yielded.update(batch["key"])
+            v.loader_labels.update(zip(batch["key"], batch["label"].tolist()))
     except (AvprepError, TrainError) as e:
         v.loader_error = e
     v.seconds = time.perf_counter() - start

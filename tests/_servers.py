@@ -13,6 +13,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -122,7 +123,7 @@ class _RangeHandler(BaseHTTPRequestHandler):
         size, etag = st.st_size, f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
         start, end, status = 0, size - 1, 200
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        if m:
+        if m and self.server.files.ranges:
             if self.headers.get("If-Match") not in (None, etag):
                 return self._status(412)
             start, end, status = int(m[1]), min(int(m[2] or size - 1), size - 1), 206
@@ -136,6 +137,7 @@ class _RangeHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
         if body:
+            stall = self.server.files.stalls.pop(0) if self.server.files.stalls else None
             with open(path, "rb") as f:
                 f.seek(start)
                 left = end - start + 1
@@ -143,9 +145,14 @@ class _RangeHandler(BaseHTTPRequestHandler):
                     left = left // 2
                     self.close_connection = True
                 while left > 0:
-                    chunk = f.read(min(65536, left))
+                    chunk = f.read(min(65536, left if stall is None else min(left, stall[0])))
                     self.wfile.write(chunk)
                     left -= len(chunk)
+                    if stall is not None:      # stop sending mid-body, then hang up
+                        self.wfile.flush()
+                        time.sleep(stall[1])
+                        self.close_connection = True
+                        return
 
     def _status(self, code: int):
         self.send_response(code)
@@ -171,7 +178,10 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class FileServer:
     """Serves ``root`` over HTTP/1.1 with Range and ETag; ``log`` records (method, path, range).
-    Status codes appended to ``faults`` are answered (one per request) before serving again.
+    Status codes appended to ``faults`` are answered (one per request) before serving again;
+    ``(after_bytes, seconds)`` appended to ``stalls`` makes the next body stop after that many
+    bytes, stay silent that long and hang up; ``ranges = False`` ignores Range headers (200,
+    the whole file), as servers without Range support do.
     ``rules[path]`` is a list of actions for requests of that path, each taken in turn, the last
     one kept: a status code ("404"), "serve", "slow:<s>" / "stall:<s>" (wait that long first),
     "truncate" (announce the length, send half, close)."""
@@ -182,6 +192,8 @@ class FileServer:
         self.log: list = []
         self.faults: list[int] = []
         self.rules: dict[str, list[str]] = {}
+        self.stalls: list[tuple[int, float]] = []
+        self.ranges = True
         self._server = None
 
     @property
@@ -192,6 +204,7 @@ class FileServer:
         self._server = _HTTPServer(("127.0.0.1", self.port), _RangeHandler)
         self._server.root, self._server.log, self._server.faults = self.root, self.log, self.faults
         self._server.rules, self._server.rules_lock = self.rules, threading.Lock()
+        self._server.files = self
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self):

@@ -148,7 +148,8 @@ def test_verify_reports_the_side_file_error_the_loader_raises(out, damage):
     with pytest.raises((sf.ShardDataError, StorageError)) as raised:
         read_dataset(out).index("val")
     problems = [p for p in verify(out).problems if p.shard == name]
-    assert len(problems) == 1, problems
+    # a doubled line is also a key twice (checked across every index): the loader stops at the first
+    assert len(problems) == (2 if damage == "index-line-doubled" else 1), problems
     message = str(raised.value)
     if isinstance(raised.value, StorageError):      # a file that is not there: verify cannot read it
         assert problems[0].message == f"cannot read: {message}" and problems[0].check == "manifest"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from avprep import shardformat as sf
 from avprep.config import ExtractConfig, spec_preset
 from avprep.shardformat import ShardDataError
 from avprep.verify import verify
@@ -54,16 +55,18 @@ def write_tar(path: Path, members) -> None:
 
 
 def rehash(out: Path, shard: str) -> None:
-    """Make the manifest (size, sha256, sample counts) and the sample index (offsets, lengths,
-    CRC-32 of the samples the tar holds, as far as it reads) agree with the shard's bytes again."""
-    from avprep import shardformat as sf
+    """Make the manifest (size, sha256, sample counts), dataset.json's split size and the sample
+    index (offsets, lengths, CRC-32 and frame counts of the samples the tar holds, as far as it
+    reads; label and source of a new key from its .cls and .json) agree with the shard's bytes
+    again, as ``avprep index`` would."""
 
     split = shard.rsplit("-", 1)[0]
     data = (out / shard).read_bytes()
     spans = {}
     try:
         for s in sf.read_shard_samples(io.BytesIO(data), shard):
-            spans.setdefault(s.key, (s.offset, s.length, s.crc32))
+            spans.setdefault(s.key, (s.offset, s.length, s.crc32,
+                                     sum(1 for e in s.present if sf.FRAME.fullmatch(e)), s.members))
     except sf.ShardDataError:
         pass
     path = out / f"{split}.manifest.json"
@@ -73,12 +76,29 @@ def rehash(out: Path, shard: str) -> None:
             entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), num_samples=len(spans))
     m["num_samples"] = sum(e["num_samples"] for e in m["shards"])
     path.write_text(json.dumps(m))
+    meta = json.loads((out / "dataset.json").read_text())
+    meta["splits"][split] = m["num_samples"]
+    (out / "dataset.json").write_text(json.dumps(meta))
     index = out / f"{split}.samples.jsonl"
     records = [r for r in map(json.loads, index.read_text().splitlines()) if r["shard"] != shard]
-    for key, (offset, length, crc) in spans.items():
-        records.append({"key": key, "label": "", "label_index": 0, "shard": shard, "source": "", "duration": 0.0,
-                        "offset": offset, "length": length, "crc32": crc})
+    old = {r["key"]: r for r in map(json.loads, index.read_text().splitlines())}
+    classes = json.loads((out / "dataset.json").read_text())["classes"]
+    for key, (offset, length, crc, n_frames, members) in spans.items():      # as `avprep index` does
+        fields = {f: old[key][f] for f in ("label", "label_index", "source", "duration")} \
+            if key in old else _fields(members, classes)
+        records.append({"key": key, **fields, "shard": shard, "offset": offset, "length": length, "crc32": crc,
+                        "n_frames": n_frames})
     index.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _fields(members, classes) -> dict:
+    """The index fields of a sample not indexed before, from its .cls and .json."""
+    try:
+        label = sf.parse_cls(members[sf.CLS], len(classes))
+        meta = json.loads(bytes(members[sf.JSON]))
+        return {"label_index": label, "label": classes[label], "source": meta["source"], "duration": meta["duration"]}
+    except (KeyError, ValueError, sf.ShardDataError):
+        return {"label_index": 0}
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +178,9 @@ def _edit_manifest(field):
         if field == "num_samples":
             m["shards"][0]["num_samples"] += 1
             m["num_samples"] += 1          # consistent totals: only the shard's count is wrong
+            meta = json.loads((out / "dataset.json").read_text())
+            meta["splits"]["train"] += 1
+            (out / "dataset.json").write_text(json.dumps(meta))
         else:
             m["shards"][0]["sha256"] = hashlib.sha256(b"other").hexdigest()
         (out / "train.manifest.json").write_text(json.dumps(m))
@@ -403,7 +426,10 @@ def test_key_leakage_across_splits(out):
     test_shard = _add_sample(out, "test", 0, leaked, first=False)
 
     report = verify(out)
-    assert [(p.shard, p.key, p.check) for p in report.problems] == [(test_shard, key, "leakage")]
+    assert [(p.shard, p.key, p.check) for p in report.problems] == [("test.samples.jsonl", "", "index"),
+                                                                    (test_shard, key, "leakage")]
+    assert report.problems[0].message == (f"key {key} of {test_shard} is also in {TRAIN0} of split train (a "
+                                          "sample must appear once: a leak between splits, or a repeated clip)")
     assert "train" in report.problems[0].message and TRAIN0 in report.problems[0].message
 
 
@@ -412,7 +438,8 @@ def test_duplicate_key_within_split(out):
     key = _first_key(first)
     second = _add_sample(out, "train", 1, [m for m in first if m[0].startswith(key + ".")], first=True)
     report = verify(out)
-    assert [(p.shard, p.key, p.check) for p in report.problems] == [(second, key, "duplicate")]
+    assert [(p.shard, p.key, p.check) for p in report.problems] == [("train.samples.jsonl", "", "index"),
+                                                                    (second, key, "duplicate")]
 
 
 def test_unsafe_shard_name_in_manifest_is_never_opened(out, tmp_path):

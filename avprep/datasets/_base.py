@@ -125,8 +125,9 @@ _KEY_BAD = re.compile(r"[.\s/\\]+")
 
 
 def make_key(name: str) -> str:
-    """A WebDataset-safe key: no dots (they start the extension), no whitespace or slashes."""
-    key = _KEY_BAD.sub("_", name).strip("_")
+    """A WebDataset-safe key: no dots (they start the extension), no whitespace or slashes, and
+    valid UTF-8 (a name that is not UTF-8 on disk shows its bad bytes as ``xNN``)."""
+    key = _KEY_BAD.sub("_", safe_text(name)).strip("_")
     return key or "clip"
 
 
@@ -215,11 +216,27 @@ def dedupe(clips, src: Path) -> tuple[list[Clip], list[Problem]]:
 
 def finish(name: str, classes: list[str], clips: list[Clip], problems: list[Problem],
            skipped: dict[str, int], duration: float, notes: list[str] = ()) -> Discovery:
-    """A Discovery with clips sorted by key and problems by (key, stage): reruns compare equal."""
-    return Discovery(name=name, classes=list(classes), clips=sorted(clips, key=lambda c: c.key),
+    """A Discovery with clips sorted by key and problems by (key, stage): reruns compare equal.
+
+    Every text it carries is made valid UTF-8 here (``safe_text``), once for all adapters: a
+    label, class, meta value or message built from a name that is not UTF-8 on disk (a CSV read
+    with surrogateescape, a folder name) would otherwise stop the first JSON file written."""
+    clips = [dataclasses.replace(c, label=safe_text(c.label), meta=_safe_values(c.meta)) for c in clips]
+    problems = [Problem(safe_text(p.key), safe_text(p.source), p.stage, safe_text(p.error)) for p in problems]
+    return Discovery(name=name, classes=[safe_text(c) for c in classes], clips=sorted(clips, key=lambda c: c.key),
                      problems=sorted(problems, key=lambda p: (p.key, p.stage, p.source)),
-                     skipped={k: v for k, v in sorted(skipped.items()) if v},
-                     default_duration=duration, notes=list(notes))
+                     skipped={safe_text(k): v for k, v in sorted(skipped.items()) if v},
+                     default_duration=duration, notes=[safe_text(n) for n in notes])
+
+
+def _safe_values(value):
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, dict):
+        return {safe_text(str(k)): _safe_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_safe_values(v) for v in value)
+    return value
 
 
 def safe_text(text: str) -> str:

@@ -95,7 +95,7 @@ def set_files(src: Path) -> dict[str, Path]:
 def read_annotations(path: Path) -> list[tuple[str, str, str, str, float, float]]:
     """(where, category, video_id, quality, start, end) of an AVE annotation file."""
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetLayoutError(f"{path}: cannot read ({e})") from None
     rows = []

@@ -121,7 +121,7 @@ def read_split_files(split_files, classes: list[str] | None) -> SplitSource:
         if not path.is_file():
             raise DatasetLayoutError(f"{path}: split file not found")
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
         except (OSError, UnicodeDecodeError) as e:
             raise DatasetLayoutError(f"{path}: cannot read split file ({e})") from None
         if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):

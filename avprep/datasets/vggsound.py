@@ -75,7 +75,7 @@ def read_csv(path: Path) -> list[tuple[int, str, int, str, str]]:
     if not path.is_file():
         raise DatasetLayoutError(f"{path}: not found; expected {LAYOUT}")
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         for n, row in enumerate(csv.reader(f), 1):
             row = [x.strip() for x in row]
             if not any(row):

@@ -3,6 +3,7 @@
 resampling (``resample``); plain PCM WAVs read with numpy (``read_pcm_wav``); ``fit_duration``."""
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -12,8 +13,10 @@ import numpy as np
 from ..errors import ClipError
 from .demux import _one_line
 
-# av_channel_layout_default: what FFmpeg assumes for an unordered layout of n channels
-_DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+# Audio kept beyond what the spectrogram uses, so the resampler's first samples never depend on
+# where the input was cut (soxr HQ and swresample need well under 0.1 s of context).
+RESAMPLE_MARGIN_S = 1.0
+_LFE = frozenset({"LFE", "LFE2", "LFE3"})
 
 
 # FFmpeg's sample formats as numpy sees them: (dtype, scale to [-1, 1), offset), converted
@@ -45,11 +48,16 @@ def _graph(fmt: str, rate: int, layout: str, options: str) -> av.filter.Graph:
     return graph
 
 
-def _through_graph(planes: np.ndarray, rate: int, layout: str, options: str) -> np.ndarray:
-    """float32 ``planes`` (channels x samples) through one ``aresample`` filter, mono float32 out."""
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes, np.float32), format="fltp", layout=layout)
+def _through_graph(wave: np.ndarray, rate: int, layout, options: str) -> np.ndarray:
+    """float32 ``wave`` (samples x channels, interleaved) through one ``aresample`` filter, mono
+    float32 out. Packed on purpose: PyAV 18 builds planar frames of 8 or more channels with a
+    bad plane count (an IndexError, or heap corruption: ``double free``)."""
+    channels = wave.shape[1] if wave.ndim == 2 else 1
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave, np.float32).reshape(1, -1), format="flt",
+                                       layout=layout)
     frame.sample_rate, frame.pts = rate, 0
-    graph = _graph("fltp", rate, layout, options)
+    assert frame.samples * channels == wave.size
+    graph = _graph("flt", rate, layout, options)
     graph.push(frame)
     graph.push(None)
     out = []
@@ -61,17 +69,45 @@ def _through_graph(planes: np.ndarray, rate: int, layout: str, options: str) -> 
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def mono_weights(layout: str) -> tuple[float, ...]:
+    """The weight of each channel of ``layout`` (a PyAV layout name) in its mono downmix.
+
+    FFmpeg's matrix normalised not to clip (``ochl=mono``, ``rematrix_maxval=1``: as ``ffmpeg
+    -ac 1``; 5.1: centre 1, fronts and surrounds at -3 dB, no LFE, over their sum), read once
+    per layout as the mono response to an impulse on each channel. FFmpeg has no matrix for
+    some layouts (custom orders such as ``FL+FR+FC+LFE+BL+BR+SL+SR+TFL``, ambisonics, an
+    unordered 9, 11, 13 or 15 channels): there every channel but the LFEs weighs the same."""
+    names = [c.name for c in av.AudioLayout(layout).channels]
+    n = len(names)
+    try:
+        weights = _through_graph(np.eye(n, dtype=np.float32), 48000, layout, "ochl=mono:osf=flt:rematrix_maxval=1.0")
+        if weights.size == n and np.isfinite(weights).all() and weights.any():
+            return tuple(float(w) for w in weights)
+    except (av.error.FFmpegError, ValueError):
+        pass
+    kept = [name not in _LFE for name in names]
+    if not any(kept):
+        kept = [True] * n
+    return tuple(1.0 / sum(kept) if k else 0.0 for k in kept)
+
+
 def downmix(planes, layout: str) -> np.ndarray:
-    """Mono float32 of ``planes`` (one float32 array per channel): the channel itself, the mean of two (as
-    librosa.load), and FFmpeg's matrix normalised not to clip for more (5.1: centre, fronts and
-    surrounds at -3 dB, no LFE, like ``ffmpeg -ac 1``; without the normalisation a 5.1 mix
-    peaks at 1.7x the input)."""
+    """Mono float32 of ``planes`` (one float32 array per channel, in ``layout``'s order): the channel
+    itself, the mean of two (as librosa.load), and for more ``mono_weights`` summed channel by
+    channel in float32 (what swresample's float rematrix computes, bit for bit), any count."""
     if len(planes) == 1:
         return planes[0]
     if len(planes) == 2:
         return (planes[0] + planes[1]) * np.float32(0.5)
-    rate = 48000                # any: only the matrix is applied
-    return _through_graph(np.stack(planes), rate, layout, "ochl=mono:osf=flt:rematrix_maxval=1.0")
+    weights = mono_weights(layout)
+    if len(weights) != len(planes):
+        raise ValueError(f"{len(planes)} channels in a {layout} layout of {len(weights)}")
+    out = np.zeros(len(planes[0]), np.float32)
+    for w, plane in zip(weights, planes):
+        if w:
+            out += plane * np.float32(w)
+    return out
 
 
 def resample(wave: np.ndarray, rate: int, target: int, resampler: str = "soxr") -> np.ndarray:
@@ -88,43 +124,66 @@ def resample(wave: np.ndarray, rate: int, target: int, resampler: str = "soxr") 
         n = math.ceil(wave.size * target / rate)
         return out[:n] if out.size >= n else np.pad(out, (0, n - out.size))
     if resampler == "ffmpeg":
-        return _through_graph(wave[None], rate, "mono", f"osr={target}:osf=flt")
+        return _through_graph(wave, rate, "mono", f"osr={target}:osf=flt")
     raise ValueError(f"unknown resampler {resampler!r}")
 
 
 class _AudioCollector:
     """Collects decoded audio as views of the frames' planes (no copy, no conversion per
     frame: the views keep the decoder's buffers alive), then per clip one join per plane, one
-    conversion to float32, one downmix and one resampling.
+    conversion to float32, one downmix and one resampling. Planar frames of more than two
+    channels are first made packed by FFmpeg (PyAV 18 miscounts the planes of frames with 8 or
+    more: reading them crashes).
 
-    A stream that changes format, rate or layout mid-way is handled in segments, each
-    converted on its own."""
+    ``seconds``, when given, is how much audio is needed (the spectrogram's clip length):
+    frames stop being kept once ``seconds`` + ``RESAMPLE_MARGIN_S`` are in (``full``), so
+    memory does not grow with the clip's length. A stream that changes format, rate or layout
+    mid-way is handled in segments, each converted on its own."""
 
-    def __init__(self, sample_rate: int, path, resampler: str = "soxr"):
+    def __init__(self, sample_rate: int, path, resampler: str = "soxr", seconds: float | None = None):
         self.sample_rate, self.path, self.resampler = sample_rate, path, resampler
         self.segments: list[tuple[tuple, list[list[memoryview]]]] = []
         self.key: tuple | None = None
+        self.packer: av.AudioResampler | None = None
         self.seen = 0
+        self.limit = None if seconds is None else seconds + RESAMPLE_MARGIN_S
+        self.kept_s = 0.0
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.kept_s >= self.limit
 
     def feed(self, frame) -> None:
+        if self.full:
+            return
         fmt = frame.format
         channels = len(frame.layout.channels)
-        key = (fmt.name, frame.sample_rate, frame.layout.name, channels)
+        key = (fmt.packed.name if channels > 2 else fmt.name, frame.sample_rate, frame.layout.name, channels)
         if fmt.name.rstrip("p") not in _FORMATS:
             raise ClipError("audio", f"{self.path}: unsupported sample format {fmt.name}")
         if key != self.key:              # first frame, or the stream changed format mid-way
+            self._flush()
             self.key = key
-            self.segments.append((key, [[] for _ in range(channels if fmt.is_planar else 1)]))
+            self.segments.append((key, [[] for _ in range(channels if fmt.is_planar and channels <= 2 else 1)]))
+            self.packer = av.AudioResampler(format=fmt.packed, layout=frame.layout, rate=frame.sample_rate) \
+                if fmt.is_planar and channels > 2 else None
+        self.seen += 1
+        self.kept_s += frame.samples / frame.sample_rate
+        if self.packer is None:
+            self._keep(frame)
+            return
+        for packed in self.packer.resample(frame):
+            self._keep(packed)
+
+    def _keep(self, frame) -> None:
         planes = self.segments[-1][1]
-        size = frame.samples * fmt.bytes * (1 if fmt.is_planar else channels)
+        channels = len(frame.layout.channels)
+        size = frame.samples * frame.format.bytes * (channels if len(planes) == 1 else 1)
         for store, plane in zip(planes, frame.planes):
             store.append(memoryview(plane)[:size])
-        self.seen += 1
 
     def _segment(self, key, planes: list[list[memoryview]]) -> np.ndarray:
         fmt, rate, layout, channels = key
-        if layout.endswith(" channels"):     # unordered (e.g. WAV without a mask): FFmpeg's default
-            layout = _DEFAULT_LAYOUTS.get(channels, layout)
         arr = [_to_float(b"".join(p), fmt) for p in planes]
         if len(arr) < channels:             # packed: interleaved channels in one plane
             arr = list(arr[0].reshape(-1, channels).T)
@@ -133,7 +192,14 @@ class _AudioCollector:
         except (av.error.FFmpegError, ValueError) as e:
             raise ClipError("audio", f"{self.path}: cannot resample {key}: {_one_line(e)}") from None
 
+    def _flush(self) -> None:
+        if self.packer is not None:      # what the converter still holds
+            for packed in self.packer.resample(None):
+                self._keep(packed)
+            self.packer = None
+
     def finish(self) -> np.ndarray:
+        self._flush()
         waves = [self._segment(k, p) for k, p in self.segments if any(p[0])]
         if not waves or not sum(w.size for w in waves):
             raise ClipError("audio", f"{self.path}: audio stream has no decodable samples")
@@ -145,32 +211,37 @@ class _AudioCollector:
 _WAV_PCM = {(1, 8): "u8", (1, 16): "s16", (1, 32): "s32", (3, 32): "flt", (3, 64): "dbl"}
 
 
-def read_pcm_wav(path) -> tuple[np.ndarray, int] | None:
+def read_pcm_wav(path, *, seconds: float | None = None) -> tuple[np.ndarray, int] | None:
     """(float32 samples of each of at most two channels, rate) of a plain PCM/float WAV, read
     with numpy, or None for anything else: other codecs, 24-bit, more channels (whose layout
     matters for the downmix), RF64, a damaged header, no samples. FFmpeg then decodes the file
-    as any other, with its error messages.
+    as any other, with its error messages. With ``seconds``, only the first ``seconds`` of
+    samples are read (the chunk headers are walked with seeks: the file is never read whole).
 
     Opening a WAV through FFmpeg costs ~0.7 ms, ten times reading it: on CREMA-D that is a
     tenth of a clip's work. The samples are exactly what FFmpeg gives (integers divided by
     their full scale, u8 centred; tested against it)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return _read_pcm_wav(f, seconds)
     except OSError:
         return None
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+
+
+def _read_pcm_wav(f, seconds: float | None) -> tuple[np.ndarray, int] | None:
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
     fmt, pos = None, 12
-    while pos + 8 <= len(data):
-        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+    while len(chunk := f.read(8)) == 8:
+        cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
         body = pos + 8
         if cid == b"fmt " and size >= 16:
-            tag, channels, rate = (int.from_bytes(data[body + a:body + b], "little")
-                                   for a, b in ((0, 2), (2, 4), (4, 8)))
-            align, bits = (int.from_bytes(data[body + a:body + b], "little") for a, b in ((12, 14), (14, 16)))
+            data = f.read(min(size, 64))
+            tag, channels, rate = (int.from_bytes(data[a:b], "little") for a, b in ((0, 2), (2, 4), (4, 8)))
+            align, bits = (int.from_bytes(data[a:b], "little") for a, b in ((12, 14), (14, 16)))
             if tag == 0xFFFE and size >= 40:         # WAVE_FORMAT_EXTENSIBLE: the subformat's tag
-                tag = int.from_bytes(data[body + 24:body + 26], "little")
+                tag = int.from_bytes(data[24:26], "little")
             fmt = (_WAV_PCM.get((tag, bits)), channels, rate, align)
         elif cid == b"data":
             if fmt is None or fmt[0] is None or fmt[1] not in (1, 2) or fmt[2] <= 0 \
@@ -178,13 +249,18 @@ def read_pcm_wav(path) -> tuple[np.ndarray, int] | None:
                 return None
             name, channels, rate, align = fmt
             assert name is not None         # checked above (mypy cannot narrow a tuple's item)
-            end = len(data) if size in (0, 0xFFFFFFFF) else min(len(data), body + size)
-            end -= (end - body) % align             # whole sample frames only
-            if end <= body:
+            want = -1 if size in (0, 0xFFFFFFFF) else size       # 0 / all ones: to the end of the file
+            if seconds is not None:
+                most = math.ceil(seconds * rate) * align
+                want = most if want < 0 else min(want, most)
+            data = f.read(want) if want >= 0 else f.read()
+            data = data[:len(data) - len(data) % align]          # whole sample frames only
+            if not data:
                 return None
-            samples = _to_float(data[body:end], name)
+            samples = _to_float(data, name)
             return samples.reshape(-1, channels).T if channels > 1 else samples[None], rate
         pos = body + size + (size & 1)               # chunks are word-aligned
+        f.seek(pos)
     return None
 
 

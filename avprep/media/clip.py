@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ClipError
 from . import demux
-from .audio import _AudioCollector, downmix, read_pcm_wav, resample
+from .audio import RESAMPLE_MARGIN_S, _AudioCollector, downmix, read_pcm_wav, resample
 from .demux import _audio_stream, _declared_duration, _one_line, _OpenGop, open_media, video_stream
 from .video import _FramePicker
 
@@ -25,7 +25,8 @@ class DecodedClip:
 
 def decode_clip(video, audio=None, *, sample_rate: int | None = None, fps: float = 1,
                 frame_size: int = 256, jpeg_quality: int = 90, threads: int = 0,
-                resampler: str = "soxr", frame_rule: str = "middle") -> DecodedClip:
+                resampler: str = "soxr", frame_rule: str = "middle",
+                audio_seconds: float | None = None) -> DecodedClip:
     """Frames of ``video`` and, when ``sample_rate`` is given, the audio of ``audio`` (or of
     ``video`` itself when ``audio`` is None), reading a shared file in one demux pass.
 
@@ -36,19 +37,20 @@ def decode_clip(video, audio=None, *, sample_rate: int | None = None, fps: float
     frame). Streams with open GOPs, whose pictures may refer across a keyframe, are decoded
     whole up to the last kept frame (found at the first such picture; that part is read twice).
     ``threads`` is the video decoder's thread count: 0 lets FFmpeg use one per core, 1 suits
-    one worker process per core. Frame selection is as in ``decode_frames``.
+    one worker process per core. Frame selection is as in ``decode_frames``. ``audio_seconds``
+    (the spectrogram's clip length) caps the audio kept (see ``decode_audio``).
     """
     picker_args = dict(fps=fps, frame_size=frame_size, jpeg_quality=jpeg_quality, rule=frame_rule)
     picker, wave = _decode(video, sample_rate if audio is None else None, threads, picker_args,
-                           resampler=resampler)
+                           resampler=resampler, audio_seconds=audio_seconds)
     if sample_rate is not None and audio is not None:
-        wave = decode_audio(audio, sample_rate, resampler)
+        wave = decode_audio(audio, sample_rate, resampler, seconds=audio_seconds)
     return DecodedClip(picker.frames, [float(picker.target(i)) for i in range(len(picker.frames))],
                        picker.size or (0, 0), float(picker.duration), wave)
 
 
 def _decode(video, sample_rate, threads, picker_args, picker_class=None, collector_class=None,
-            resampler: str = "soxr"):
+            resampler: str = "soxr", audio_seconds: float | None = None):
     """(finished picker, wave or None) of ``video``: one demux pass skipping GOPs, or, for a
     stream with open GOPs, a second pass that does not."""
     for skip_gops in (True, False):
@@ -61,7 +63,7 @@ def _decode(video, sample_rate, threads, picker_args, picker_class=None, collect
                 time_base=vstream.time_base, rate=vstream.guessed_rate,
                 sar=vstream.codec_context.sample_aspect_ratio, **picker_args)
             collector = None if astream is None else \
-                (collector_class or _AudioCollector)(sample_rate, video, resampler)
+                (collector_class or _AudioCollector)(sample_rate, video, resampler, audio_seconds)
             try:
                 demux._read(container, video, vstream, picker, astream, collector, skip_gops)
             except _OpenGop:
@@ -71,15 +73,17 @@ def _decode(video, sample_rate, threads, picker_args, picker_class=None, collect
     raise AssertionError("unreachable: the pass without skipping never raises _OpenGop")
 
 
-def decode_audio(path, sample_rate: int, resampler: str = "soxr") -> np.ndarray:
+def decode_audio(path, sample_rate: int, resampler: str = "soxr", *, seconds: float | None = None) -> np.ndarray:
     """The first audio stream of ``path`` as float32 mono at ``sample_rate`` (any layout/rate).
 
     Downmix: see ``downmix`` (stereo: the mean). Resampling (``resample``): ``resampler``
     "soxr" (as librosa.load) or "ffmpeg". Mono audio already at ``sample_rate`` is only
     converted to float (integer PCM divided by its full scale, as FFmpeg does). Plain PCM
-    WAVs are read without FFmpeg (``read_pcm_wav``).
+    WAVs are read without FFmpeg (``read_pcm_wav``). With ``seconds``, only about the first
+    ``seconds`` + ``RESAMPLE_MARGIN_S`` are decoded and returned (their first ``seconds`` are
+    those of the whole file's result): memory is bounded whatever the file's length.
     """
-    pcm = read_pcm_wav(path)
+    pcm = read_pcm_wav(path, seconds=None if seconds is None else seconds + RESAMPLE_MARGIN_S)
     if pcm is not None:
         planes, rate = pcm
         try:
@@ -89,7 +93,7 @@ def decode_audio(path, sample_rate: int, resampler: str = "soxr") -> np.ndarray:
             raise ClipError("audio", f"{path}: cannot resample: {_one_line(e)}") from None
     container = open_media(path)
     with container:
-        collector = _AudioCollector(sample_rate, path, resampler)
+        collector = _AudioCollector(sample_rate, path, resampler, seconds)
         demux._read(container, path, None, None, _audio_stream(container, path), collector)
         return collector.finish()
 

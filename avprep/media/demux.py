@@ -217,7 +217,10 @@ class _Pass:
         try:
             while (packet := self.next_packet()) is not None:
                 if packet.stream.index != self.video_index:   # (a flush packet has no stream_index)
-                    self.decode(packet, "audio")
+                    if not self.collector.full:
+                        self.decode(packet, "audio")
+                    elif self.picker is None:      # audio alone, and enough of it
+                        break
                 elif self.video_packet(packet):
                     break
         except av.error.FFmpegError as e:     # a read error ends the file early: keep what we have

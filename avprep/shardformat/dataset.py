@@ -23,6 +23,7 @@ class Dataset:
     meta: DatasetMeta
     splits: dict[str, Manifest]
     _indexes: dict = field(default_factory=dict, repr=False)
+    _checked: list | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -50,6 +51,45 @@ class Dataset:
                 raise mismatch
             problems.append(mismatch)
         return entries
+
+    def check_indexes(self, problems: list[ShardDataError] | None = None) -> None:
+        """Every split's index against dataset.json and each other, once: a key appears in one
+        place only (a key in two shards is read twice; one in train and test is a leak) and each
+        sample's label is the class dataset.json lists at its label_index (swapped class names
+        would silently relabel the data). Raises the first ``ShardDataError`` (check ``index``,
+        naming the index file, the key and both places), or with ``problems`` appends them all.
+        A split whose index is missing or malformed is left to ``index``."""
+        if self._checked is None:
+            found: list[ShardDataError] = []
+            seen: dict[str, tuple[str, str]] = {}
+            classes = self.classes
+            for split in self.splits:
+                where = self.location.url(index_name(split))
+                try:
+                    entries = Dataset.index(self, split, problems=[])
+                except ShardDataError:
+                    continue
+                for e in entries:
+                    if e.key in seen:
+                        other_split, other_shard = seen[e.key]
+                        place = other_shard if other_split == split else f"{other_shard} of split {other_split}"
+                        found.append(ShardDataError(f"{where}: key {e.key} of {e.shard} is also in {place} (a "
+                                                    "sample must appear once: a leak between splits, or a "
+                                                    "repeated clip)", check="index", shard=index_name(split),
+                                                    key=e.key))
+                        continue
+                    seen[e.key] = (split, e.shard)
+                    if e.label_index >= len(classes) or (e.label and e.label != classes[e.label_index]):
+                        known = (f"dataset.json lists {classes[e.label_index]!r} at {e.label_index}"
+                                 if e.label_index < len(classes) else f"dataset.json has {len(classes)} classes")
+                        found.append(ShardDataError(f"{where}: sample {e.key} is labelled {e.label!r} (label_index "
+                                                    f"{e.label_index}) but {known}", check="index",
+                                                    shard=index_name(split), key=e.key))
+            self._checked = found
+        if problems is not None:
+            problems.extend(self._checked)
+        elif self._checked:
+            raise self._checked[0]
 
     def _read_index(self, split: str) -> tuple[list[IndexEntry], ShardDataError | None]:
         name = index_name(split)
@@ -79,7 +119,8 @@ def open_dataset(source, *, s3_endpoint: str | None = None, retry: Retry | None 
     Raises StorageError when dataset.json cannot be read (no dataset there) and ShardDataError
     when it is malformed. A manifest that is malformed raises ShardDataError (one that cannot
     be read, StorageError); with ``problems``, either is appended there as a ShardDataError
-    instead and its split left out, which is what ``avprep verify`` reports."""
+    instead and its split left out, which is what ``avprep verify`` reports. So is a split size
+    in dataset.json that is not its manifest's sample count."""
     loc = source if isinstance(source, Location) else open_location(source, s3_endpoint=s3_endpoint, retry=retry)
     meta = DatasetMeta.from_json(loc.read_bytes(DATASET), loc.url(DATASET))
     splits = {}
@@ -92,4 +133,14 @@ def open_dataset(source, *, s3_endpoint: str | None = None, retry: Retry | None 
                 raise
             problems.append(e if isinstance(e, ShardDataError) else
                             ShardDataError(f"{loc.url(name)}: cannot read: {e}", check="manifest", shard=name))
+    counted = meta.raw.get("splits")
+    if isinstance(counted, dict):       # (an old dataset.json lists split names only)
+        for split, manifest in splits.items():
+            if counted.get(split) != manifest.num_samples:
+                wrong = ShardDataError(f"{loc.url(DATASET)}: splits.{split} is {counted.get(split)!r} but "
+                                       f"{manifest_name(split)} lists {manifest.num_samples} samples",
+                                       check="manifest", shard=DATASET)
+                if problems is None:
+                    raise wrong
+                problems.append(wrong)
     return Dataset(loc, meta, splits)
