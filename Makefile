@@ -19,15 +19,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# OGMGE_COMMAND: the command the user typed, named by the Ctrl-C hint
 demo: $(STAMP)
-	$(PY) -m cli.demo --out demo-out
+	OGMGE_COMMAND="make demo" $(PY) -m cli.demo --out demo-out
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m mypy
 
 compare: $(STAMP)
-	$(PY) -m cli.demo --compare --out compare-out
+	OGMGE_COMMAND="make compare" $(PY) -m cli.demo --compare --out compare-out
 
 test: lint
 	$(PY) -m pytest -q
