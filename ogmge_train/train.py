@@ -567,10 +567,12 @@ class _EpochLoop:
         result = {}
         for split in s.eval_splits:
             s.emit({"event": "eval", "epoch": epoch, "split": split})
-            result[split] = _evaluate_split(
-                s.plug, s.cfg, split, s.device, s.info, s.dataset, on_bad_sample=s.bad_sample,
-                on_progress=lambda done, total, split=split: s.emit(
-                    {"event": "eval_step", "epoch": epoch, "split": split, "done": done, "total": total}))
+
+            def progress(done: int, total: int, split: str = split) -> None:
+                s.emit({"event": "eval_step", "epoch": epoch, "split": split, "done": done, "total": total})
+
+            result[split] = _evaluate_split(s.plug, s.cfg, split, s.device, s.info, s.dataset,
+                                            on_bad_sample=s.bad_sample, on_progress=progress)
         return result
 
 
