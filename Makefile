@@ -30,11 +30,15 @@ lint: $(STAMP)
 compare: $(STAMP)
 	OGMGE_COMMAND="make compare" $(PY) -m cli.demo --compare --out compare-out
 
-test: lint
-	$(PY) -m pytest -q
+# Both say how long they took (lint included), so a slow or loaded machine is visible.
+TIMED = start=$$(date +%s); $(1); rc=$$?; s=$$(( $$(date +%s) - start )); \
+	echo "make $@: $$(( s / 60 )) min $$(( s % 60 )) s (exit $$rc)"; exit $$rc
 
-test-all: lint
-	$(PY) -m pytest -q -m "slow or not slow"
+test: $(STAMP)
+	@$(call TIMED,$(MAKE) --no-print-directory lint && $(PY) -m pytest -q)
+
+test-all: $(STAMP)
+	@$(call TIMED,$(MAKE) --no-print-directory lint && $(PY) -m pytest -q -m "slow or not slow")
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all --out BENCHMARKS.md
