@@ -170,7 +170,8 @@ def reproduce_cmd(table, show_list, out, seeds, missing, preset, **explicit):
         if e["event"] == "skip":
             _ui.warn(f"row {e['row']} skipped: {e['reason']}")
         elif e["event"] == "run":
-            what = ": kept (finished by an earlier run)" if e["kept"] else ""
+            what = (": kept (finished by an earlier run)" if e["kept"]
+                    else progress.runs_eta(e["total"] - e["index"]))
             _ui.err_console.print(f"[bold]{e['row']}[/], seed {e['seed']} ({e['index'] + 1}/{e['total']}){what}")
         else:
             progress(e)

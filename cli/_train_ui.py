@@ -37,7 +37,7 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--shards", dict(help=f"Shard folder or URL (http(s)://, s3://) holding {sf.DATASET} (from `avprep extract`).",
                       show_default="required unless --resume")),
     ("--out", dict(type=click.Path(file_okay=False), help="Run folder to create (or resume).",
-                   show_default=f"train: a new {RUNS_DIR}/<dataset>-<fusion>-<method>-<n>")),
+                   show_default=f"a new {RUNS_DIR}/<dataset>-<fusion>-<method>-<n>")),
     ("--preset", dict(type=click.Choice(list(PRESETS)), show_default="none: the paper's settings below",
                       help="Settings of a paper experiment, or `demo` (small CPU encoders); flags override it.")),
     ("--fusion", dict(type=choice("fusion"), show_default=_default("fusion"),
