@@ -23,22 +23,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	OGMGE_COMMAND="make demo" $(PY) -m cli.demo --out demo-out
 
+LINT = $(PY) -m ruff check $(LINTED) && $(PY) -m mypy
+
 lint: $(STAMP)
-	$(PY) -m ruff check $(LINTED)
-	$(PY) -m mypy
+	$(LINT)
 
 compare: $(STAMP)
 	OGMGE_COMMAND="make compare" $(PY) -m cli.demo --compare --out compare-out
 
-# Both say how long they took (lint included), so a slow or loaded machine is visible.
+# Both say how long they took (lint included), so a slow or loaded machine is visible; make test
+# also lists its 15 slowest tests (no default test should take more than about a minute of CPU).
 TIMED = start=$$(date +%s); $(1); rc=$$?; s=$$(( $$(date +%s) - start )); \
 	echo "make $@: $$(( s / 60 )) min $$(( s % 60 )) s (exit $$rc)"; exit $$rc
 
 test: $(STAMP)
-	@$(call TIMED,$(MAKE) --no-print-directory lint && $(PY) -m pytest -q)
+	@$(call TIMED,$(LINT) && $(PY) -m pytest -q --durations=15)
 
 test-all: $(STAMP)
-	@$(call TIMED,$(MAKE) --no-print-directory lint && $(PY) -m pytest -q -m "slow or not slow")
+	@$(call TIMED,$(LINT) && $(PY) -m pytest -q -m "slow or not slow" --durations=15)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all --out BENCHMARKS.md
