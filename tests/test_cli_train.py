@@ -348,6 +348,12 @@ def test_train_without_out_makes_a_new_numbered_run_folder_and_says_so_first(sha
     code, output = cli("--shards", tmp_path / "nothing", *TINY)
     assert code == 2 and sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         "cremad-audio-none-1", "cremad-audio-none-2"]                  # a refused run makes no folder
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "runs").write_text("a file, not a folder")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, output = cli("--shards", shards, *TINY)
+    assert code == 2 and one_error_line(output) == \
+        "error: runs: cannot create the run folder (File exists); pass --out RUN"
 
 
 def test_ctrl_c_hints_name_what_the_user_typed(shards, tmp_path, monkeypatch):
