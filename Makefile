@@ -8,7 +8,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell printf '%s' '$(TORCH) $(TORCH_INDEX)' | tr -c 'A-Za-z0-9.' '_')
 LINTED := avprep ogmge_train cli
 
-.PHONY: demo compare test test-all lint bench install clean
+.PHONY: demo compare test test-all test-slow lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -41,6 +41,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	@$(call TIMED,$(LINT) && $(PY) -m pytest -q -m "slow or not slow" --durations=15)
+
+test-slow: $(STAMP)
+	@$(call TIMED,$(PY) -m pytest -q -m slow --durations=15)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all --out BENCHMARKS.md

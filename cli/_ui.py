@@ -125,16 +125,22 @@ def typed_command(extra: Sequence[str] = ()) -> str:
     The program is what click was started as (``ogmge-train``, ``python -m ogmge_train``);
     ``$OGMGE_COMMAND`` names it instead when a wrapper started it (``make demo``), and under
     torchrun it is ``torchrun … -m ogmge_train``, since torchrun's own options are not ours to see."""
-    ctx = click.get_current_context(silent=True)
-    typed = list(ctx.meta.get(_TYPED, [])) if ctx is not None else []
-    if not typed:       # a plain command started from the shell (cli.demo)
-        typed = [ctx.find_root().info_name if ctx is not None else Path(sys.argv[0]).name, *sys.argv[1:]]
-    prog, args = typed[0], typed[1:]
+    prog, *args = _typed()
     if os.environ.get("OGMGE_COMMAND"):
         prog, args = os.environ["OGMGE_COMMAND"], []
     elif "TORCHELASTIC_RUN_ID" in os.environ:
         prog = "torchrun … " + (prog.removeprefix("python ") if prog.startswith("python -m ") else prog)
     return " ".join([prog, *map(shlex.quote, args + _missing(args, list(extra)))])
+
+
+def _typed() -> list[str]:
+    """[program, *arguments]: recorded by ``Group``, else (a plain command started from the
+    shell, such as cli.demo) the program click detected and ``sys.argv``."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get(_TYPED):
+        return list(ctx.meta[_TYPED])
+    prog = ctx.find_root().info_name if ctx is not None else None
+    return [prog or Path(sys.argv[0]).name, *sys.argv[1:]]
 
 
 def _missing(args: list[str], extra: list[str]) -> list[str]:
@@ -152,8 +158,7 @@ def _missing(args: list[str], extra: list[str]) -> list[str]:
 
 def typed_arguments() -> list[str]:
     """The arguments of ``typed_command`` (without the program)."""
-    ctx = click.get_current_context(silent=True)
-    return list(ctx.meta.get(_TYPED, [])[1:]) if ctx is not None else sys.argv[1:]
+    return _typed()[1:]
 
 
 def add_typed_arguments(*args: str) -> None:
