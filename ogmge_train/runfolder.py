@@ -264,9 +264,12 @@ RUNS_DIR = "runs"       # parent of the numbered run folders, relative to the wo
 
 
 def run_stem(dataset: str, fusion: str, modulation: str, modality: str = "both") -> str:
-    """``cremad-concat-ogm-ge``; a unimodal run is named for its modality (``cremad-audio-none``)."""
+    """``cremad-concat-ogm-ge``; a unimodal run is named for its modality (``cremad-audio-none``).
+    The dataset name comes from the shards (untrusted): only letters, digits, ``-`` and ``_``
+    are kept, so it can never name a path outside ``runs/``."""
     head = fusion if modality == "both" else modality
-    return f"{dataset or 'dataset'}-{head}-{modulation}"
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", dataset).strip("_-") or "dataset"
+    return f"{name}-{head}-{modulation}"
 
 
 def new_run_folder(stem: str, parent=RUNS_DIR) -> Path:

@@ -101,6 +101,9 @@ def test_new_run_folder_takes_the_next_number_and_never_an_existing_path(tmp_pat
     runs = tmp_path / "runs"
     assert runfolder.run_stem("cremad", "concat", "ogm-ge") == "cremad-concat-ogm-ge"
     assert runfolder.run_stem("cremad", "concat", "none", modality="audio") == "cremad-audio-none"
+    for hostile in ("../../etc", "/abs", "..", "", "a/b\nc"):       # dataset.json's name is untrusted
+        stem = runfolder.run_stem(hostile, "sum", "ogm")
+        assert "/" not in stem and "." not in stem and "\n" not in stem and stem.endswith("-sum-ogm"), stem
     assert runfolder.new_run_folder("cremad-concat-ogm-ge", runs) == runs / "cremad-concat-ogm-ge-1"
     (runs / "cremad-concat-ogm-ge-3").mkdir()                      # a gap: numbers only grow
     (runs / "cremad-concat-ogm-ge-4").write_text("not a folder")    # any existing path is taken
