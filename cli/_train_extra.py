@@ -146,7 +146,7 @@ _ROW_OPTIONS = ("--seed", "--out", "--fusion", "--modulation", "--drop-modality"
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of every row, e.g. 0,1,2 or 0-4.")
 @click.option("--missing", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="Rows this build cannot run: skip them (listed in the report) or refuse before training.")
-@train_options(exclude=_ROW_OPTIONS, overrides={"--shards": dict(show_default="required")})
+@train_options(exclude=_ROW_OPTIONS, overrides={"--shards": dict(show_default="required unless --list")})
 @_ui.handle_errors(interrupt_hint=SWEEP_INTERRUPTED)
 def reproduce_cmd(table, show_list, out, seeds, missing, preset, **explicit):
     """Run a paper table's rows x seeds with the paper's settings; report ours next to the paper's.
