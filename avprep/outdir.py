@@ -95,7 +95,7 @@ def find_outputs(folder) -> list[Path]:
     folder = Path(folder)
 
     def written(out: Path) -> float:
-        return max(p.stat().st_mtime for p in (out / STATE_DIR, out / "dataset.json") if p.exists())
+        return max(p.stat().st_mtime for p in (out / STATE_DIR, out / shardformat.DATASET) if p.exists())
 
     try:
         candidates = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]

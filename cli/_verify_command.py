@@ -57,8 +57,8 @@ def verify_cmd(location: str | None, quick: bool, as_json: bool, json_path: Path
 def _last_output() -> str:
     found = outdir.find_outputs(".")
     if not found:
-        raise ConfigError("no extraction output here (a folder holding .avprep-state/ in . or a folder in it): "
-                          "pass one, e.g. `avprep verify shards/` or `avprep verify s3://bucket/prefix`")
+        raise ConfigError(f"no extraction output here (a folder holding {outdir.STATE_DIR}/ in . or a folder in "
+                          "it): pass one, e.g. `avprep verify shards/` or `avprep verify s3://bucket/prefix`")
     location = str(found[0])
     err_console.print(f"verifying {location} (the last extraction here)", soft_wrap=True, markup=False)
     return location
