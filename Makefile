@@ -8,7 +8,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell printf '%s' '$(TORCH) $(TORCH_INDEX)' | tr -c 'A-Za-z0-9.' '_')
 LINTED := avprep ogmge_train cli
 
-.PHONY: demo compare test test-all lint bench install clean
+.PHONY: demo compare test test-all test-slow lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -19,21 +19,31 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# OGMGE_COMMAND: the command the user typed, named by the Ctrl-C hint
 demo: $(STAMP)
-	$(PY) -m cli.demo --out demo-out
+	OGMGE_COMMAND="make demo" $(PY) -m cli.demo --out demo-out
+
+LINT = $(PY) -m ruff check $(LINTED) && $(PY) -m mypy
 
 lint: $(STAMP)
-	$(PY) -m ruff check $(LINTED)
-	$(PY) -m mypy
+	$(LINT)
 
 compare: $(STAMP)
-	$(PY) -m cli.demo --compare --out compare-out
+	OGMGE_COMMAND="make compare" $(PY) -m cli.demo --compare --out compare-out
 
-test: lint
-	$(PY) -m pytest -q
+# Both say how long they took (lint included), so a slow or loaded machine is visible; make test
+# also lists its 15 slowest tests (no default test should take more than about a minute of CPU).
+TIMED = start=$$(date +%s); $(1); rc=$$?; s=$$(( $$(date +%s) - start )); \
+	echo "make $@: $$(( s / 60 )) min $$(( s % 60 )) s (exit $$rc)"; exit $$rc
 
-test-all: lint
-	$(PY) -m pytest -q -m "slow or not slow"
+test: $(STAMP)
+	@$(call TIMED,$(LINT) && $(PY) -m pytest -q --durations=15)
+
+test-all: $(STAMP)
+	@$(call TIMED,$(LINT) && $(PY) -m pytest -q -m "slow or not slow" --durations=15)
+
+test-slow: $(STAMP)
+	@$(call TIMED,$(PY) -m pytest -q -m slow --durations=15)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all --out BENCHMARKS.md

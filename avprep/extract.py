@@ -45,8 +45,9 @@ _COUNTED_PROBLEMS = {"label", "duplicate"}
 
 @dataclass(frozen=True)
 class ExtractEvent:
-    """Progress report. ``kind``: "start", "retrying" (``error`` says what), "clip", "clip_failed",
-    "shard", "resumed", "finish".
+    """Progress report. ``kind``: "check" (the shards of an earlier run checked so far, before
+    "start": ``done`` counts their clips), "start", "retrying" (``error`` says what), "clip",
+    "clip_failed", "shard", "resumed", "finish".
 
     ``done``/``failed``/``total`` count clips over the whole run (resumed shards included), so
     a progress bar can use them directly; ``key``/``stage``/``error`` describe one clip and
@@ -179,7 +180,12 @@ def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: Extr
     Every shard file in ``out``, kept or new, goes to ``uploader`` when there is one; shards
     the engine built and uploaded elsewhere (``ShardState.in_bucket``) are only in ``loc``."""
     plans = shardlib.plan_shards(disc.clips, cfg)
-    kept = {p.name: s for p in plans if (s := outdir.finished_state(out, p, loc)) is not None}
+    kept, checked = {}, 0
+    for p in plans:         # hashes every shard a killed run left: minutes for a large output
+        if (st := outdir.finished_state(out, p, loc)) is not None:
+            kept[p.name] = st
+        checked += len(p.clips)
+        emit(ExtractEvent("check", checked, 0, len(disc.clips), shard=p.name))
     retried = {n for n, s in kept.items() if _worth_retrying(s, retry_failed)}
     kept = {n: s for n, s in kept.items() if n not in retried}
     todo = [p for p in plans if p.name not in kept]

@@ -87,6 +87,24 @@ def staging_dir(remote: str) -> Path:
     return Path(tempfile.gettempdir()) / f"avprep-staging-{digest}"
 
 
+def find_outputs(folder) -> list[Path]:
+    """The extraction output folders in ``folder`` itself and its direct subfolders (those
+    holding ``.avprep-state/``), the most recently written first (the later of the state
+    folder's and dataset.json's modification times). Reads only; nothing records "the last
+    extraction", so nothing is left behind in the working folder."""
+    folder = Path(folder)
+
+    def written(out: Path) -> float:
+        return max(p.stat().st_mtime for p in (out / STATE_DIR, out / shardformat.DATASET) if p.exists())
+
+    try:
+        candidates = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
+    except OSError:
+        return []
+    found = [p for p in candidates if (p / STATE_DIR).is_dir()]
+    return sorted(found, key=written, reverse=True)
+
+
 # ---------------------------------------------------------------- options
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -28,7 +28,8 @@ def _parse_bytes(ctx, param, value):
 
 
 @click.command("extract")
-@click.option("--dataset", "dataset", required=True, help="Dataset adapter (see `avprep datasets`).")
+@click.option("--dataset", "dataset", required=True, type=_ui.DatasetChoice(),
+              help="Dataset adapter (`avprep datasets` lists their raw layouts).")
 @click.option("--src", required=True, type=click.Path(exists=True, file_okay=False), help="Raw dataset folder.")
 @click.option("--out", required=True, help="Output folder, or s3://bucket/prefix.")
 @click.option("--spec", "spec", type=click.Choice(PRESET_NAMES), default="paper", show_default=True,
@@ -80,7 +81,7 @@ def _parse_bytes(ctx, param, value):
               help="S3-compatible endpoint for s3:// outputs.")
 @click.option("--staging", type=click.Path(file_okay=False), show_default="one per URL in the temp folder",
               help="Local folder for an s3:// output.")
-@_ui.handle_errors
+@_ui.handle_errors(interrupt_hint=_ui.RESUME_HINT)
 def extract_cmd(dataset, src, out, spec, sample_rate, n_fft, hop_length, win_length, center, duration,
                 resampler, fps, frame_rule, frame_size, jpeg_quality, spec_dtype, shard_size, shard_max_bytes,
                 workers, engine, ray_address, retry_failed, split_files, splits, split_by, seed, max_failures,
@@ -116,12 +117,20 @@ class _ExtractProgress:
 
     def __init__(self, progress):
         self.progress, self.task, self.resumed = progress, None, 0
+        self.check = None
         self.t_start = self.t_last = None
         self.done = 0
 
     def __call__(self, e) -> None:
         now = time.monotonic()
+        if e.kind == "check":       # an earlier run's shards, hashed before anything is extracted
+            if self.check is None:
+                self.check = self.progress.add_task("check finished shards", total=e.total, failures="")
+            self.progress.update(self.check, completed=e.done)
+            return
         if e.kind == "start":
+            if self.check is not None:
+                self.progress.remove_task(self.check)
             self.task = self.progress.add_task("extract", total=e.total, failures="")
             self.t_start = self.t_last = now
             return

@@ -27,7 +27,7 @@ def _source(entry) -> str:
 
 
 @splits_group.command("list")
-@click.option("--dataset", show_default="all", help="Only this dataset's entries.")
+@click.option("--dataset", type=_ui.DatasetChoice(), show_default="all", help="Only this dataset's entries.")
 @click.option("--json", "as_json", is_flag=True, help="Print every entry as JSON.")
 def list_cmd(dataset, as_json):
     """Every entry with its source, counts and hash."""

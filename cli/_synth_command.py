@@ -11,7 +11,7 @@ from . import _ui
 
 
 @click.command("synth")
-@click.option("--dataset", "dataset", required=True, type=click.Choice(synth.DATASETS),
+@click.option("--dataset", "dataset", required=True, type=_ui.DatasetChoice(),
               help="Raw layout to write (README: Datasets).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write the raw dataset into.")
@@ -27,7 +27,9 @@ from . import _ui
               show_default="CREMA-D 2-4 s, others 10 s", help="Clip length in seconds.")
 @click.option("--fps", default=10, show_default=True, type=click.IntRange(min=1), help="Frame rate of the clips.")
 @click.option("--size", default="96x72", show_default=True, help="Frame size WxH.")
-@_ui.handle_errors
+@_ui.handle_errors(interrupt_hint=lambda: _ui.render_hint(
+    f"interrupted; {click.get_current_context().params['out']} holds part of the dataset: delete it, then "
+    "`{command}` starts again"))
 def synth_cmd(dataset, out, clips, seed, audio_snr, visual_snr, num_classes, duration, fps, size):
     """Write a synthetic raw DATASET in its real layout, e.g. to try `avprep extract`."""
     try:

@@ -13,8 +13,12 @@ from ogmge_train.names import SELECTION_LABELS
 from . import _ui
 from ._train_ui import TrainProgress, absolute_shards, choice, metrics_table, train_options
 
-TRAIN_INTERRUPTED = ("interrupted; the last finished epoch is saved: run the same command with --resume "
-                     "to continue from it")
+
+def train_interrupted() -> str:
+    """The Ctrl-C hint of `train`: the typed command with --resume (and the run folder it made)."""
+    if "--out" not in _ui.typed_arguments():      # interrupted before the run folder was made
+        return _ui.render_hint(_ui.RESTART_HINT)
+    return f"interrupted; finished epochs are kept: `{_ui.typed_command(['--resume'])}` continues from the last one"
 
 
 @click.command("train")
@@ -22,11 +26,13 @@ TRAIN_INTERRUPTED = ("interrupted; the last finished epoch is saved: run the sam
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from last.pt (its config.json is the base; flags override it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@_ui.handle_errors(interrupt_hint=TRAIN_INTERRUPTED)
+@_ui.handle_errors(interrupt_hint=train_interrupted)
 def train_cmd(preset, resume, as_json, **explicit):
     """Train a model on shards into a run folder (README: Training)."""
     from ogmge_train.train import train
 
+    if resume and not explicit["out"]:
+        raise ConfigError("--resume needs --out RUN: the run folder to continue")
     base = _stored_config(explicit["out"]) if resume else None
     explicit["shards"] = absolute_shards(explicit["shards"])
     cfg = resolve(preset, base=base, **explicit)
@@ -74,12 +80,16 @@ def evaluate_cmd(runs, split, which, shards, device, workers, as_json):
     from ogmge_train.train import evaluate
 
     results = {}
-    for run in report_lib.expand_runs(runs):
-        metrics = evaluate(run, split=split, which=which, shards=absolute_shards(shards), device=device,
-                           workers=workers)
-        if not metrics:
-            raise ConfigError(f"{run}: split {split!r} has no samples")
-        results[str(run)] = metrics
+    with _ui.make_progress("batches", transient=True) as progress:
+        for run in report_lib.expand_runs(runs):
+            task = progress.add_task(f"evaluate {run} {split}", total=None)
+            metrics = evaluate(run, split=split, which=which, shards=absolute_shards(shards), device=device,
+                               workers=workers,
+                               on_progress=lambda done, total, task=task: progress.update(task, completed=done,
+                                                                                          total=total))
+            if not metrics:
+                raise ConfigError(f"{run}: split {split!r} has no samples")
+            results[str(run)] = metrics
     if as_json:
         _ui.print_json(next(iter(results.values())) if len(results) == 1 else results)
     elif len(results) == 1:

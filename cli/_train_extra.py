@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ogmge_train import report as report_lib
+from ogmge_train import runfolder
 from ogmge_train.errors import ConfigError
 from ogmge_train.probe import MODALITIES
 
@@ -91,13 +92,15 @@ def report_cmd(runs, out, title, split):
 
 # ----------------------------------------------------------------------------- sweep
 
-SWEEP_INTERRUPTED = ("interrupted; finished seeds are kept: re-run the same command to skip them and resume "
-                     "the interrupted seed from its last finished epoch")
+SWEEP_INTERRUPTED = ("interrupted; finished seeds are kept: `{command}` skips them and resumes the interrupted "
+                     "seed from its last finished epoch")
 
 
 @click.command("sweep")
 @click.option("--seeds", required=True, help="Seeds to run, e.g. 0,1,2 or 0-4.")
-@train_options(exclude=("--seed",))
+@train_options(exclude=("--seed",), overrides={
+    "--shards": dict(required=True),
+    "--out": dict(required=True, help="Sweep folder to create (or resume): one seed-<k> run folder per seed.")})
 @click.option("--json", "as_json", is_flag=True, help="Print the mean ± std row as JSON on stdout.")
 @_ui.handle_errors(interrupt_hint=SWEEP_INTERRUPTED)
 def sweep_cmd(seeds, as_json, preset, **explicit):
@@ -110,11 +113,10 @@ def sweep_cmd(seeds, as_json, preset, **explicit):
     seed_list = parse_seeds(seeds)
     explicit["shards"] = absolute_shards(explicit["shards"])
     cfg = resolve(preset, **explicit)
-    if not cfg.shards:
-        raise ConfigError("--shards is required (the folder or URL written by `avprep extract`)")
 
     def on_run(i, n, seed, folder):
-        _ui.err_console.print(f"[bold]seed {seed}[/] ({i + 1}/{n}) → {folder}")
+        left = sum(not runfolder.finished(runfolder.seed_dir(cfg.out, k), cfg.epochs) for k in seed_list[i:])
+        _ui.err_console.print(f"[bold]seed {seed}[/] ({i + 1}/{n}) → {folder}{progress.runs_eta(left)}")
 
     with TrainProgress() as progress:
         sweep(cfg, seed_list, on_event=progress, on_run=on_run)
@@ -147,7 +149,7 @@ _ROW_OPTIONS = ("--seed", "--out", "--fusion", "--modulation", "--drop-modality"
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of every row, e.g. 0,1,2 or 0-4.")
 @click.option("--missing", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="Rows this build cannot run: skip them (listed in the report) or refuse before training.")
-@train_options(exclude=_ROW_OPTIONS)
+@train_options(exclude=_ROW_OPTIONS, overrides={"--shards": dict(show_default="required unless --list")})
 @_ui.handle_errors(interrupt_hint=SWEEP_INTERRUPTED)
 def reproduce_cmd(table, show_list, out, seeds, missing, preset, **explicit):
     """Run a paper table's rows x seeds with the paper's settings; report ours next to the paper's.
@@ -171,7 +173,8 @@ def reproduce_cmd(table, show_list, out, seeds, missing, preset, **explicit):
         if e["event"] == "skip":
             _ui.warn(f"row {e['row']} skipped: {e['reason']}")
         elif e["event"] == "run":
-            what = ": kept (finished by an earlier run)" if e["kept"] else ""
+            what = (": kept (finished by an earlier run)" if e["kept"]
+                    else progress.runs_eta(e["total"] - e["index"]))
             _ui.err_console.print(f"[bold]{e['row']}[/], seed {e['seed']} ({e['index'] + 1}/{e['total']}){what}")
         else:
             progress(e)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import click
 
 from avprep import shardformat as sf
 from ogmge_train import report as report_lib
 from ogmge_train.config import CHOICES, PRESETS, TrainConfig
+from ogmge_train.runfolder import RUNS_DIR
 
 from . import _ui
 
@@ -34,7 +36,8 @@ def _default(name: str, note: str = _PRESET_NOTE) -> str:
 _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--shards", dict(help=f"Shard folder or URL (http(s)://, s3://) holding {sf.DATASET} (from `avprep extract`).",
                       show_default="required unless --resume")),
-    ("--out", dict(type=click.Path(file_okay=False), required=True, help="Run folder to create (or resume).")),
+    ("--out", dict(type=click.Path(file_okay=False), help="Run folder to create (or resume).",
+                   show_default=f"a new {RUNS_DIR}/<dataset>-<fusion>-<method>-<n>")),
     ("--preset", dict(type=click.Choice(list(PRESETS)), show_default="none: the paper's settings below",
                       help="Settings of a paper experiment, or `demo` (small CPU encoders); flags override it.")),
     ("--fusion", dict(type=choice("fusion"), show_default=_default("fusion"),
@@ -143,12 +146,17 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
 ]
 
 
-def train_options(exclude: tuple[str, ...] = ()):
-    """Decorator adding every training setting as a click option (in help order)."""
+def train_options(exclude: tuple[str, ...] = (), overrides: dict[str, dict] | None = None):
+    """Decorator adding every training setting as a click option (in help order); ``overrides``
+    changes a flag's click arguments for one command (``required=True`` drops its shown default)."""
     def decorate(fn):
         for flag, kw in reversed(_TRAIN_OPTIONS):
-            if flag not in exclude:
-                fn = click.option(flag, **kw)(fn)
+            if flag in exclude:
+                continue
+            change = (overrides or {}).get(flag, {})
+            if change.get("required"):
+                kw = {k: v for k, v in kw.items() if k != "show_default"}
+            fn = click.option(flag, **(kw | change))(fn)
         return fn
     return decorate
 
@@ -159,8 +167,10 @@ class TrainProgress:
 
     def __enter__(self):
         self.progress = _ui.make_progress("steps", extra="stats").__enter__()
-        self.task = None
+        self.task = self.eval_task = None
         self.method_tasks: dict[tuple[str, str], int] = {}
+        self.t_run: float | None = None
+        self.run_seconds: list[float] = []
         self.config: dict = {}
         return self
 
@@ -169,13 +179,20 @@ class TrainProgress:
 
     def __call__(self, e: dict) -> None:
         kind = e["event"]
-        if kind == "start":
+        if kind == "run_folder":
+            if e["new"]:        # no --out: the run's own new folder, said first
+                _ui.err_console.print(f"run folder: {e['out']}", soft_wrap=True, markup=False)
+                _ui.add_typed_arguments("--out", e["out"])
+        elif kind == "start":
+            self.t_run = time.monotonic()
             self.config = e.get("config", {})
             _ui.err_console.print(f"training on {e['device']} x{e['world_size']}, epochs {e['start_epoch']}.."
                                   f"{e['epochs'] - 1}, {e['steps']} steps/epoch")
         elif kind == "epoch_start":
-            if self.task is not None:
-                self.progress.remove_task(self.task)
+            for task in (self.task, self.eval_task):
+                if task is not None:
+                    self.progress.remove_task(task)
+            self.eval_task = None
             self.task = self.progress.add_task(f"epoch {e['epoch']}", total=e["steps"], stats="")
         elif kind == "step":
             stats = f"loss {_fmt(e['loss'], 3)} acc {_fmt(e['acc'], 3)}"
@@ -196,8 +213,23 @@ class TrainProgress:
             _ui.warn(e["message"])
         elif kind == "eval":
             self.progress.update(self.task, stats=f"evaluating {e['split']}")
+            if self.eval_task is not None:
+                self.progress.remove_task(self.eval_task)
+            self.eval_task = self.progress.add_task(f"epoch {e['epoch']} {e['split']}", total=None, stats="")
+        elif kind == "eval_step":
+            self.progress.update(self.eval_task, completed=e["done"], total=e["total"])
         elif kind == "epoch_end":
             self.progress.console.print(epoch_line(e["record"], e["best"], self.config), soft_wrap=True)
+        elif kind == "end" and self.t_run is not None:
+            self.run_seconds.append(time.monotonic() - self.t_run)
+            self.t_run = None
+
+    def runs_eta(self, left: int) -> str:
+        """``, ETA 0:12:00 for the 3 runs left`` from the mean wall time of the runs trained so
+        far (sweep seeds, reproduce rows); empty before the first one ends."""
+        if not self.run_seconds or left < 1:
+            return ""
+        return f", ETA {_ui._clock(sum(self.run_seconds) / len(self.run_seconds) * left)} for the {left} left"
 
     @property
     def bimodal(self) -> bool:

@@ -9,14 +9,17 @@ shown as one line too, with ``OGMGE_TRACEBACK=1`` to see the traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import functools
 import json
 import os
+import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -41,16 +44,33 @@ EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _LOG_WIDTH = 400
 
 
+_RULE_WIDTH = 80     # a rule in a log: as wide as a terminal would draw it, not _LOG_WIDTH
+
+
+class _Console(Console):
+    """Outside a terminal a rule is one plain line of ``_RULE_WIDTH`` characters."""
+
+    def rule(self, title="", *, characters: str = "─", **kwargs) -> None:
+        if self.is_terminal:
+            return super().rule(title, characters=characters, **kwargs)
+        text = Text.from_markup(title).plain if isinstance(title, str) else Text(title).plain
+        head = f"{characters * 2} {text} " if text else ""
+        self.print(head + characters * max(_RULE_WIDTH - len(head), 2), markup=False, highlight=False,
+                   soft_wrap=True)
+
+
 def _console(stderr: bool) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else _LOG_WIDTH
-    return Console(stderr=stderr, highlight=False, width=width)
+    return _Console(stderr=stderr, highlight=False, width=width)
 
 
 console = _console(stderr=False)       # results: stdout
 err_console = _console(stderr=True)    # progress, warnings, errors: stderr
 
-RESUME_HINT = "interrupted; finished work is kept, re-run the same command to resume"
+# Ctrl-C hints: ``{command}`` is the command the user typed (``typed_command``).
+RESUME_HINT = "interrupted; finished work is kept: `{command}` resumes"
+RESTART_HINT = "interrupted: `{command}` starts it again"
 
 
 def error(message: str) -> None:
@@ -90,9 +110,85 @@ def describe(exc: BaseException) -> tuple[str, int]:
             "(a bug; OGMGE_TRACEBACK=1 shows the traceback)"), EXIT_PROBLEMS
 
 
-def handle_errors(fn: Callable | None = None, *, interrupt_hint: str = RESUME_HINT):
+# ----------------------------------------------------------------------------- the typed command
+
+_TYPED = "cli.typed"          # click meta key: [program, *arguments] as the user typed them
+_OUTER: list[str] = []        # hints of the commands running ours in-process (cli.demo), outermost first
+
+Hint = str | Callable[[], str]
+
+
+def typed_command(extra: Sequence[str] = ()) -> str:
+    """The command the user typed, shell-quoted, with ``extra`` arguments appended (each flag of
+    ``extra`` already typed, with its value, is left out).
+
+    The program is what click was started as (``ogmge-train``, ``python -m ogmge_train``);
+    ``$OGMGE_COMMAND`` names it instead when a wrapper started it (``make demo``), and under
+    torchrun it is ``torchrun … -m ogmge_train``, since torchrun's own options are not ours to see."""
+    prog, *args = _typed()
+    if os.environ.get("OGMGE_COMMAND"):
+        prog, args = os.environ["OGMGE_COMMAND"], []
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        prog = "torchrun … " + (prog.removeprefix("python ") if prog.startswith("python -m ") else prog)
+    return " ".join([prog, *map(shlex.quote, args + _missing(args, list(extra)))])
+
+
+def _typed() -> list[str]:
+    """[program, *arguments]: recorded by ``Group``, else (a plain command started from the
+    shell, such as cli.demo) the program click detected and ``sys.argv``."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get(_TYPED):
+        return list(ctx.meta[_TYPED])
+    prog = ctx.find_root().info_name if ctx is not None else None
+    return [prog or Path(sys.argv[0]).name, *sys.argv[1:]]
+
+
+def _missing(args: list[str], extra: list[str]) -> list[str]:
+    """The flags of ``extra`` (each with the values up to the next flag) not in ``args``."""
+    out, i = [], 0
+    while i < len(extra):
+        j = i + 1
+        while j < len(extra) and not extra[j].startswith("-"):
+            j += 1
+        if extra[i] not in args and not any(a.startswith(extra[i] + "=") for a in args):
+            out += extra[i:j]
+        i = j
+    return out
+
+
+def typed_arguments() -> list[str]:
+    """The arguments of ``typed_command`` (without the program)."""
+    return _typed()[1:]
+
+
+def add_typed_arguments(*args: str) -> None:
+    """Arguments the command decided for itself (a default run folder): later hints show them,
+    so the command they print continues what this one started."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and _TYPED in ctx.meta:
+        ctx.meta[_TYPED] = [*ctx.meta[_TYPED], *_missing(ctx.meta[_TYPED], list(args))]
+
+
+@contextlib.contextmanager
+def outer_command(hint: Hint):
+    """Commands run in-process inside this block are steps of the outer command the user typed
+    (cli.demo): Ctrl-C in any of them prints the outer command's ``hint`` (rendered here, where
+    the outer command is the current one), not theirs."""
+    _OUTER.append(render_hint(hint))
+    try:
+        yield
+    finally:
+        _OUTER.pop()
+
+
+def render_hint(hint: Hint) -> str:
+    return hint() if callable(hint) else hint.replace("{command}", typed_command())
+
+
+def handle_errors(fn: Callable | None = None, *, interrupt_hint: Hint = RESTART_HINT):
     """Decorator for click commands: any exception becomes one red line and an exit code,
-    Ctrl-C ``interrupt_hint`` and exit 130. Click's own exceptions pass through."""
+    Ctrl-C ``interrupt_hint`` (a ``{command}`` template, or a function returning the text) and
+    exit 130; inside ``outer_command`` the outer command's hint. Click's own exceptions pass through."""
     if fn is None:
         return functools.partial(handle_errors, interrupt_hint=interrupt_hint)
 
@@ -103,7 +199,7 @@ def handle_errors(fn: Callable | None = None, *, interrupt_hint: str = RESUME_HI
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
-            fail(interrupt_hint, EXIT_INTERRUPTED)
+            fail(render_hint(_OUTER[0] if _OUTER else interrupt_hint), EXIT_INTERRUPTED)
         except Exception as e:
             if os.environ.get("OGMGE_TRACEBACK") == "1":
                 raise
@@ -118,6 +214,13 @@ class Group(click.Group):
     themselves, e.g. for a specific Ctrl-C hint) and whose unknown-command message suggests the
     closest name (``No such command 'evalute'. Did you mean 'evaluate'?``)."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        typed = [info_name or "", *args]
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        if parent is None:           # the meta dict is shared with the subcommands' contexts
+            ctx.meta[_TYPED] = typed
+        return ctx
+
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         if cmd.callback is not None and not getattr(cmd.callback, "_handles_errors", False):
             cmd.callback = handle_errors(cmd.callback)
@@ -130,6 +233,19 @@ class Group(click.Group):
             hint = f" Did you mean {close[0]!r}?" if close else ""
             ctx.fail(f"No such command {name!r}.{hint}")
         return super().resolve_command(ctx, args)
+
+
+class DatasetChoice(click.Choice):
+    """``--dataset`` of every command: a name of the adapter registry (``avprep.datasets.ADAPTERS``),
+    listed in ``--help``; other spellings of a name (``kinetics_sounds``, ``CREMAD``) are accepted."""
+
+    def __init__(self):
+        from avprep.datasets import ADAPTERS
+
+        super().__init__(list(ADAPTERS))
+
+    def convert(self, value, param, ctx):
+        return super().convert(str(value).strip().lower().replace("_", "-"), param, ctx)
 
 
 class RateColumn(ProgressColumn):

@@ -28,7 +28,7 @@ from ogmge_train import report as report_lib
 from ogmge_train import runfolder
 
 from ._train_ui import summary_table
-from ._ui import console, err_console, fail, handle_errors
+from ._ui import EXIT_INTERRUPTED, RESUME_HINT, console, err_console, fail, handle_errors, outer_command
 
 _SYNTH_MARKER = ".demo-synth.json"
 
@@ -43,12 +43,15 @@ def _run(step: str, prog: str, args: list[str], note: str = "") -> None:
         err_console.print(note)
     err_console.print(f"$ {prog} {shlex.join(args)}", style="dim")
     try:
-        rc = main.main(args, prog_name=prog, standalone_mode=False)
+        with outer_command(RESUME_HINT):        # Ctrl-C names the demo's command, not this step's
+            rc = main.main(args, prog_name=prog, standalone_mode=False)
     except click.ClickException as e:
         e.show()
         rc = e.exit_code
     except click.exceptions.Exit as e:
         rc = e.exit_code
+    if rc == EXIT_INTERRUPTED:      # the step printed the demo's Ctrl-C hint
+        raise click.exceptions.Exit(rc)
     if isinstance(rc, int) and rc != 0:
         fail(f"demo stopped: `{prog} {args[0]}` exited with {rc}", rc)
 
@@ -99,7 +102,7 @@ def _synth(cfg, raw: Path, kept: list[str]) -> None:
               help="Write the results block between the demo markers of this README.")
 @click.option("--note", default="", help="Text added after the wall times in the results block "
               "(e.g. how loaded the machine was).")
-@handle_errors
+@handle_errors(interrupt_hint=RESUME_HINT)
 def main(out, compare, clips, epochs, seeds, update_readme, note):
     """Run the OGM-GE demo end to end on this CPU and write OUT/report.md."""
     from ogmge_train.sweep import parse_seeds

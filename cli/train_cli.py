@@ -1,13 +1,14 @@
 """`ogmge-train`: the click group over ogmge_train (README: Training).
 
-``ogmge-train --shards OUT --out RUN [...]`` trains (the same as ``ogmge-train train ...``): a
+``ogmge-train --shards OUT [--out RUN] [...]`` trains (the same as ``ogmge-train train ...``): a
 first argument that starts with ``-`` and is not --help/--version means ``train``; a first
 argument that is no subcommand is a typo (``No such command 'evalute'. Did you mean
 'evaluate'?``). Commands: ``train``, ``evaluate`` (cli/_train_commands.py), ``probe``,
 ``report``, ``sweep``, ``reproduce`` (cli/_train_extra.py), each registered here once.
 
-Multi-process training: ``torchrun --nproc-per-node N -m cli.train_cli ...`` runs this module
-(the library has no ``__main__``: it never imports the CLI); only rank 0 draws.
+Multi-process training: ``torchrun --nproc-per-node N -m ogmge_train ...`` (its entry point,
+``ogmge_train/__main__.py``, runs this group; no library module imports the CLI) or
+``torchrun ... $(which ogmge-train) ...``; only rank 0 draws.
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ Files (ARCHITECTURE.md "Run folder"): ``config.json``, ``metrics.jsonl`` (one li
 ``probe_<modality>.json``. A sweep folder holds ``seed-<k>`` run folders. ``.lock`` keeps a
 second training run out of a folder while one writes into it (``writer_lock``).
 
+Without ``--out`` a run gets a new numbered folder, ``runs/<dataset>-<fusion>-<method>-<n>``
+(``new_run_folder``), created with one ``mkdir`` so two runs starting at once never share one.
+
 Writes are atomic (temporary name, fsync, rename), so a kill never leaves a half-written JSON
 or checkpoint under its final name; jsonl lines are appended and fsynced. Readers tolerate a
 torn *last* line of a jsonl file (a kill mid-append) and raise ``RunFolderError`` naming the
@@ -30,7 +33,8 @@ __all__ = ["CONFIG", "METRICS", "STEPS", "SUMMARY", "LAST", "BEST", "SEED_DIR", 
            "atomic_save", "atomic_copy", "json_line", "append_jsonl", "read_json", "read_jsonl",
            "keep_epochs", "read_config", "read_summary", "read_metrics", "read_steps", "read_probe",
            "write_config", "write_summary", "write_probe", "record_of", "is_run", "expand_runs",
-           "finished", "absolute_location", "LOCK", "writer_lock", "remove_temp"]
+           "finished", "absolute_location", "LOCK", "writer_lock", "remove_temp", "RUNS_DIR", "run_stem",
+           "new_run_folder"]
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -328,3 +332,40 @@ def remove_temp(run) -> list[Path]:
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
+
+
+# ----------------------------------------------------------------------------- default run folders
+
+RUNS_DIR = "runs"       # parent of the numbered run folders, relative to the working directory
+
+
+def run_stem(dataset: str, fusion: str, modulation: str, modality: str = "both") -> str:
+    """``cremad-concat-ogm-ge``; a unimodal run is named for its modality (``cremad-audio-none``).
+    The dataset name comes from the shards (untrusted): only letters, digits, ``-`` and ``_``
+    are kept, so it can never name a path outside ``runs/``."""
+    head = fusion if modality == "both" else modality
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", dataset).strip("_-") or "dataset"
+    return f"{name}-{head}-{modulation}"
+
+
+def new_run_folder(stem: str, parent=RUNS_DIR) -> Path:
+    """Create and return ``parent/<stem>-<n>``, n one more than the highest existing one (from 1).
+
+    Never reuses an existing path (file or folder), and ``mkdir`` either creates the folder or
+    fails, so runs racing for the same number each end up with their own folder."""
+    parent = Path(parent)
+    pattern = re.compile(re.escape(stem) + r"-(\d+)")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        taken = [int(m.group(1)) for p in parent.iterdir() if (m := pattern.fullmatch(p.name))]
+        n = max(taken, default=0) + 1
+        while True:
+            path = parent / f"{stem}-{n}"
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                n += 1
+    except OSError as e:
+        raise RunFolderError(f"{e.filename or parent}: cannot create the run folder ({e.strerror or e}); "
+                             "pass --out RUN") from None

@@ -50,7 +50,7 @@ from .plugin import Balancer
 
 __all__ = ["EVENT_TYPES", "evaluate", "load_checkpoint", "load_run", "select_device", "train"]
 
-EVENT_TYPES = ("start", "epoch_start", "step", "eval", "epoch_end", "end")     # of every run
+EVENT_TYPES = ("run_folder", "start", "epoch_start", "step", "eval", "eval_step", "epoch_end", "end")
 # Settings a resumed run may change: where and how it runs, and for how long (workers and
 # device may change the numbers, but not what the experiment is).
 _RESUMABLE = {"epochs", "workers", "device", "out", "shards", "s3_endpoint"}
@@ -254,13 +254,17 @@ def _to(batch: dict, device: torch.device):
 
 # ---------------------------------------------------------------- evaluation
 
+Progress = Callable[[int, int], None]
+
+
 @torch.no_grad()
-def _predict(plug: Balancer, loader, device: torch.device, cfg: TrainConfig) -> dict:
+def _predict(plug: Balancer, loader, device: torch.device, cfg: TrainConfig, on_progress: Progress | None = None,
+             ) -> dict:
     """This rank's logits (fused by the method's evaluation rule, and unimodal), labels and keys
-    for one pass over ``loader``."""
+    for one pass over ``loader``; ``on_progress(batches done, batches)`` after each batch."""
     plug.modalities.model.eval()
     parts: dict[str, list] = {"logits": [], "logits_a": [], "logits_v": [], "labels": [], "keys": []}
-    for batch in loader:
+    for i, batch in enumerate(loader, 1):
         audio, visual, labels = _to(batch, device)
         labels, keys = localisation.rows(plug.modalities.model, batch, labels, list(batch["key"]))
         with _autocast(cfg, device):
@@ -272,6 +276,8 @@ def _predict(plug: Balancer, loader, device: torch.device, cfg: TrainConfig) -> 
                 parts[k].append(out.unimodal[u].float().cpu())
         parts["labels"].append(labels.cpu())
         parts["keys"].extend(keys)
+        if on_progress is not None:
+            on_progress(i, len(loader))
     return {k: (torch.cat(v) if v and k != "keys" else v) for k, v in parts.items()}
 
 
@@ -305,9 +311,9 @@ def _metrics(pred: dict, split: str = "") -> dict:
 
 
 def _evaluate_split(plug: Balancer, cfg: TrainConfig, split: str, device, info: dist.DistInfo,
-                    source=None, on_bad_sample=None) -> dict:
+                    source=None, on_bad_sample=None, on_progress: Progress | None = None) -> dict:
     loader = _loader(cfg, split, train=False, epoch=0, info=info, source=source, on_bad_sample=on_bad_sample)
-    local = _predict(plug, loader, device, cfg)
+    local = _predict(plug, loader, device, cfg, on_progress)
     return _metrics(_gather_predictions(local), split)
 
 
@@ -365,10 +371,8 @@ class _Setup:
         self.info = dist.env_info()
         self.device = select_device(cfg.device, self.info.local_rank)
         self.info = dist.init(self.device)
-        if not cfg.out:
-            raise ConfigError("--out is required: the folder of the run")
-        self.out = Path(cfg.out)
-        self.rec = Recorder(self.out, self.info.is_main)
+        if resume and not cfg.out:
+            raise ConfigError("--resume needs --out RUN: the run folder to continue")
         self.emit = on_event if (on_event is not None and self.info.is_main) else (lambda e: None)
         self.dataset = _read_dataset(cfg)
         self.fingerprint = self.dataset.fingerprint()      # checks the indexes: no leak, labels agree
@@ -382,6 +386,27 @@ class _Setup:
         self._warned: set[str] = set()
         self.dataset.on_warning = self.warning
         self._check_splits()
+        made = not self.cfg.out
+        if made:
+            self.cfg = dataclasses.replace(self.cfg, out=self._new_run_folder())
+        self.emit({"event": "run_folder", "out": self.cfg.out, "new": made})
+        self.out = Path(self.cfg.out)
+        self.rec = Recorder(self.out, self.info.is_main)
+
+    def _new_run_folder(self) -> str:
+        """No --out: rank 0 creates runs/<dataset>-<fusion>-<method>-<n>, every rank gets its name."""
+        made = problem = None
+        if self.info.is_main:
+            cfg = self.cfg
+            try:
+                made = str(runfolder.new_run_folder(runfolder.run_stem(cfg.dataset, cfg.fusion, cfg.modulation,
+                                                                       cfg.modality)))
+            except RunFolderError as e:
+                problem = str(e)
+        made, problem = dist.all_gather_object((made, problem))[0]
+        if problem is not None:
+            raise RunFolderError(problem)
+        return made
 
     @property
     def global_step(self) -> int:
@@ -611,8 +636,12 @@ class _EpochLoop:
         result = {}
         for split in s.eval_splits:
             s.emit({"event": "eval", "epoch": epoch, "split": split})
+
+            def progress(done: int, total: int, split: str = split) -> None:
+                s.emit({"event": "eval_step", "epoch": epoch, "split": split, "done": done, "total": total})
+
             result[split] = _evaluate_split(s.plug, s.cfg, split, s.device, s.info, s.dataset,
-                                            on_bad_sample=s.bad_sample)
+                                            on_bad_sample=s.bad_sample, on_progress=progress)
         return result
 
 
@@ -735,10 +764,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     epochs/workers/device/locations); without it an existing run folder is an error, so a typo
     never overwrites results. Under torchrun this joins the process group (and leaves it at the
     end); the caller sees the same summary on rank 0 and an empty dict elsewhere.
-    ``on_event(dict)`` is called on rank 0 with ``{"event": kind, ...}``:
-    ``start`` (epochs, start_epoch, steps, world_size, device, config), ``epoch_start`` (epoch,
+    Without ``cfg.out`` the run gets a new folder, ``runs/<dataset>-<fusion>-<method>-<n>``
+    (``runfolder.new_run_folder``).
+    ``on_event(dict)`` is called on rank 0 with ``{"event": kind, ...}``: ``run_folder`` (out,
+    new: whether this run made it; before anything is written), ``start`` (epochs, start_epoch,
+    steps, world_size, device, config), ``epoch_start`` (epoch,
     epochs, steps), ``step`` (epoch, step in epoch, steps, loss, acc so far, rho_a, rho_v, k_a,
-    k_v, samples_per_s over all ranks), ``eval`` (epoch, split), ``epoch_end`` (epoch, record:
+    k_v, samples_per_s over all ranks), ``eval`` (epoch, split), ``eval_step`` (epoch, split,
+    done, total: rank 0's evaluation batches), ``epoch_end`` (epoch, record:
     the metrics.jsonl line, best: whether best.pt was updated), ``bad_sample`` (shard, key, problem:
     a corrupt sample rank 0's loader skipped), ``method_progress`` (method, task, done, total,
     eta_s: a method's own work before an epoch, e.g. gradient-blending's weight estimate, one unit
@@ -799,11 +832,13 @@ def _load_run(run_dir, which: str, device) -> tuple[Balancer, Model, TrainConfig
 
 
 def evaluate(run_dir, split: str = "test", which: str = "best", *, shards: str | None = None,
-             device: str = "auto", workers: int | None = None, batch_size: int | None = None) -> dict:
+             device: str = "auto", workers: int | None = None, batch_size: int | None = None,
+             on_progress: Progress | None = None) -> dict:
     """Metrics of a saved checkpoint on ``split`` (same keys as metrics.jsonl's val/test entries).
 
     Uses the run's own shards unless ``shards`` is given. Works under torchrun too (every rank
-    evaluates its part, the predictions are gathered).
+    evaluates its part, the predictions are gathered). ``on_progress(batches done, batches)``
+    is called on rank 0 as its batches are scored.
     """
     owns_group = not dist.is_distributed()
     info = dist.env_info()
@@ -816,7 +851,8 @@ def evaluate(run_dir, split: str = "test", which: str = "best", *, shards: str |
         cfg = dataclasses.replace(cfg, **changes)
         dataset = _read_dataset(cfg)
         _check_dataset(ckpt, dataset.fingerprint(), Path(run_dir) / f"{which}.pt", "evaluate")
-        return _evaluate_split(plug, cfg, split, dev, info, source=dataset)
+        return _evaluate_split(plug, cfg, split, dev, info, source=dataset,
+                               on_progress=on_progress if info.is_main else None)
     finally:
         if owns_group:
             dist.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -87,7 +88,7 @@ def test_usage_and_config_errors_exit_2(raw, extracted, tmp_path):
     assert code == 2 and "other options" in output and "--overwrite" in output
     assert _files(out) == _files(extracted[0])
     for args, message in [
-        (["--dataset", "nope"], "unknown dataset"),
+        (["--dataset", "nope"], "'nope' is not one of 'cremad', 'kinetics-sounds', 'vggsound', 'ave', 'folder'"),
         (["--dataset", "cremad", "--spec", "mel"], "Invalid value"),
         (["--dataset", "cremad", "--split-by", "colour"], "split-by"),
         (["--dataset", "cremad", "--hop-length", "0"], "invalid STFT"),
@@ -193,3 +194,71 @@ def test_extract_in_a_log_prints_plain_progress_lines(raw, tmp_path):
     assert r.exit_code == 0, r.output
     lines = [line for line in r.output.splitlines() if line.startswith("extract: ")]
     assert lines and lines[-1].startswith("extract: 8/8 clips (100%), ") and "clips/s" in lines[-1], r.output
+
+
+def test_dataset_is_a_choice_of_the_adapter_registry_everywhere(raw, extracted, tmp_path):
+    from avprep.datasets import ADAPTERS
+
+    def commands(group, prefix=""):
+        for name, cmd in group.commands.items():
+            yield f"{prefix}{name}", cmd
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, f"{prefix}{name} ")
+
+    seen = []
+    for name, cmd in commands(main):
+        for p in cmd.params:
+            if p.name == "dataset":      # every --dataset: names of the registry (download: those it can fetch)
+                assert isinstance(p.type, click.Choice) and set(p.type.choices) <= set(ADAPTERS), name
+                assert name == "download" or list(p.type.choices) == list(ADAPTERS), name
+                seen.append(name)
+    assert {"extract", "synth", "splits list", "download"} <= set(seen)
+    # other spellings of a registered name are still accepted (what datasets.get accepts)
+    code, output = run("extract", "--dataset", "CREMAD", "--src", raw, "--out", tmp_path / "o", *FAST)
+    assert code == 0, output
+    assert _files(tmp_path / "o") == _files(extracted[0])
+
+
+def test_find_outputs_newest_first_and_reads_only(tmp_path):
+    import os
+
+    from avprep import outdir
+
+    def output(path, written, finished=True):
+        (path / outdir.STATE_DIR).mkdir(parents=True)
+        os.utime(path / outdir.STATE_DIR, (written, written))
+        if finished:
+            (path / "dataset.json").write_text("{}")
+            os.utime(path / "dataset.json", (written + 5, written + 5))
+
+    output(tmp_path / "old", 1_000_000)
+    output(tmp_path / "new", 2_000_000)
+    output(tmp_path / "running", 1_500_000, finished=False)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    output(tmp_path / "deep" / "er" / "shards", 3_000_000)            # two levels down: not looked at
+    listing = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert outdir.find_outputs(tmp_path) == [tmp_path / n for n in ("new", "running", "old")]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == listing
+    output(tmp_path, 4_000_000)                                         # the folder itself is one
+    assert outdir.find_outputs(tmp_path)[0] == tmp_path
+    assert outdir.find_outputs(tmp_path / "missing") == []
+
+
+def test_verify_without_an_argument_checks_the_last_extraction_here(extracted, tmp_path, monkeypatch):
+    import os
+
+    from cli.avprep_cli import main as avprep_main
+
+    shutil.copytree(extracted[0], tmp_path / "older")
+    shutil.copytree(extracted[0], tmp_path / "newer")
+    (tmp_path / "newer" / "train-000000.tar").write_bytes(b"damaged")
+    os.utime(tmp_path / "older" / "dataset.json", (1_000_000, 1_000_000))
+    os.utime(tmp_path / "older" / ".avprep-state", (1_000_000, 1_000_000))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(avprep_main, ["verify"], catch_exceptions=False)
+    assert r.exit_code == 1 and r.stderr.splitlines()[0] == "verifying newer (the last extraction here)", r.output
+    assert "train-000000.tar" in r.stdout
+    monkeypatch.chdir(tmp_path / "older")
+    r = CliRunner().invoke(avprep_main, ["verify", "--quick"], catch_exceptions=False)
+    assert r.exit_code == 0 and r.stderr.splitlines()[0] == "verifying . (the last extraction here)", r.output

@@ -1,4 +1,4 @@
-"""A real 2-process DDP run (gloo on CPU) launched the way users launch it: torchrun -m cli.train_cli.
+"""A real 2-process DDP run (gloo on CPU) launched the way users launch it: torchrun -m ogmge_train.
 
 Parameter hashes reach the test through ``train(on_epoch_end=...)`` in tests/ddp_worker.py.
 What must hold (SPEC §5): with OGM-GE every rank uses the same k (all-reduced batch scores) and
@@ -65,16 +65,32 @@ def test_ddp_parameters_identical_and_metrics_cover_every_sample(small_shards, t
         assert single == pytest.approx(record[split], abs=1e-5)
 
 
-def test_torchrun_module_entry_point(small_shards, tmp_path):
-    """``torchrun -m cli.train_cli`` (how users launch it) trains and reports on rank 0."""
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [*torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "cli.train_cli",
-           "--preset", "demo", "--shards", str(small_shards), "--out", str(out), "--epochs", "1",
+@pytest.mark.parametrize("entry", ["-m ogmge_train", "$(which ogmge-train)"])
+def test_torchrun_entry_points(small_shards, tmp_path, entry):
+    """``torchrun -m ogmge_train`` and ``torchrun $(which ogmge-train)`` (how users launch it)
+    train on 2 gloo processes into one default run folder, made by rank 0, reported on rank 0."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = shutil.which("ogmge-train", path=str(Path(sys.executable).parent))
+    if entry.startswith("$(") and script is None:
+        pytest.skip("the ogmge-train console script is not installed (make install)")
+    target = ["-m", "ogmge_train"] if entry.startswith("-m") else [script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [*torchrun(), "--standalone", "--nproc-per-node", "2", *target,
+           "--preset", "demo", "--shards", str(small_shards), "--epochs", "1",
            "--batch-size", "4", "--image-size", "32", "--device", "cpu", "--workers", "0", "--json"]
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads(r.stdout)["world_size"] == 2
+    summary = json.loads(r.stdout)
+    assert summary["world_size"] == 2
+    steps = json.loads((small_shards / "dataset.json").read_text())["splits"]["train"] // (4 * 2)
+    ours = [line for line in r.stderr.splitlines() if line.startswith(("run folder: ", "training on "))]
+    assert ours == ["run folder: runs/cremad-concat-ogm-ge-1", f"training on cpu x2, epochs 0..0, {steps} steps/epoch"]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["cremad-concat-ogm-ge-1"]
+    assert json.loads((tmp_path / "runs" / "cremad-concat-ogm-ge-1" / "summary.json").read_text()) == summary
 
 
 @pytest.mark.parametrize("settings", [

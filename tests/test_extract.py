@@ -254,6 +254,10 @@ def test_resume_after_interruption_is_byte_identical(raw, out1, tmp_path):
     assert redone == {shards[0], shards[1]}
     assert _public_files(out) == _public_files(out1)
     assert not list(out.rglob("*.tmp-*"))
+    # the earlier run's shards are checked (hashed) with progress, one event each, before "start"
+    check = events[:[e.kind for e in events].index("start")]
+    assert [e.kind for e in check] == ["check"] * len(shards) and sorted(e.shard for e in check) == shards
+    assert [e.done for e in check] == sorted(e.done for e in check) and check[-1].done == check[-1].total == N_CLIPS
 
 
 def test_refuses_to_resume_with_other_options(raw, out1, tmp_path):

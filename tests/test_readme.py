@@ -14,7 +14,8 @@ scripts, stdout and stderr together); the lines up to the next ``$`` are its out
 is its exit status (0 when absent). Compared: every non-blank line, with trailing spaces
 stripped and rates (``89.3 clips/s``, ``24 samples/s``) and elapsed times (``(2.2 s,``)
 masked. A block right after ``<!-- readme-test: slow -->`` is marked slow (``make test-all``);
-later fast blocks must not depend on it.
+later fast blocks must not depend on it (``-m slow`` runs the fast blocks before a slow block
+first, without comparing them).
 
 ``README_UPDATE=1 pytest tests/test_readme.py -m "slow or not slow"`` rewrites each block's
 output from what the commands print (review the diff before committing).
@@ -117,17 +118,31 @@ def test_readme_has_command_blocks():
     assert all(b.steps and b.steps[0].command for b in BLOCKS)
 
 
+@dataclass
+class Workdir:
+    path: Path
+    ran: set[int] = field(default_factory=set)      # blocks whose commands ran here
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("readme")
+    return Workdir(tmp_path_factory.mktemp("readme"))
 
 
 @pytest.mark.parametrize("block", [pytest.param(b, id=f"line{b.line}", marks=[pytest.mark.slow] if b.slow else [])
                                    for b in BLOCKS])
 def test_readme_block(block: Block, workdir):
+    # a block may use what the fast blocks before it made: run those first when they were not
+    # selected (`pytest -m slow` runs the slow blocks alone)
+    for earlier in BLOCKS[:block.index]:
+        if not earlier.slow and earlier.index not in workdir.ran:
+            for step in earlier.steps:
+                run(step, workdir.path)
+            workdir.ran.add(earlier.index)
+    workdir.ran.add(block.index)
     actual_text = []
     for step in block.steps:
-        code, lines = run(step, workdir)
+        code, lines = run(step, workdir.path)
         actual_text += [f"$ {step.command}", *lines] + ([f"[exit {code}]"] if code else [])
         if os.environ.get("README_UPDATE") == "1":
             continue

@@ -3,6 +3,7 @@ shards next to the paper's values (both selections: on validation and the best t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,11 @@ def test_reproduce_command_reports_and_says_what_it_kept(shards, tmp_path):
             "--device", "cpu"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+    runs = [line for line in result.output.splitlines() if ", seed 0 (" in line]
+    rows = [r.name for r in rp.TABLE_ROWS[7]]
+    assert runs[0] == f"{rows[0]}, seed 0 (1/{len(rows)})"        # then an ETA from the runs trained so far
+    assert re.fullmatch(rf"{re.escape(rows[1])}, seed 0 \(2/{len(rows)}\), ETA 0:\d\d:\d\d for the "
+                        rf"{len(rows) - 1} left", runs[1]), runs
     numbers = read_json(out / "reproduce.json")
     assert [r["name"] for r in numbers["rows"]] == [r.name for r in rp.TABLE_ROWS[7]] and numbers["seeds"] == [0]
     assert "60.2" in (out / "report.md").read_text()               # the paper's GE-alone value

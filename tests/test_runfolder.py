@@ -95,3 +95,50 @@ def test_absolute_location(tmp_path, monkeypatch):
     assert runfolder.absolute_location("shards") == str(tmp_path / "shards")
     assert runfolder.absolute_location("s3://b/p") == "s3://b/p"
     assert runfolder.absolute_location("") == ""
+
+
+def test_new_run_folder_takes_the_next_number_and_never_an_existing_path(tmp_path):
+    runs = tmp_path / "runs"
+    assert runfolder.run_stem("cremad", "concat", "ogm-ge") == "cremad-concat-ogm-ge"
+    assert runfolder.run_stem("cremad", "concat", "none", modality="audio") == "cremad-audio-none"
+    for hostile in ("../../etc", "/abs", "..", "", "a/b\nc"):       # dataset.json's name is untrusted
+        stem = runfolder.run_stem(hostile, "sum", "ogm")
+        assert "/" not in stem and "." not in stem and "\n" not in stem and stem.endswith("-sum-ogm"), stem
+    assert runfolder.new_run_folder("cremad-concat-ogm-ge", runs) == runs / "cremad-concat-ogm-ge-1"
+    (runs / "cremad-concat-ogm-ge-3").mkdir()                      # a gap: numbers only grow
+    (runs / "cremad-concat-ogm-ge-4").write_text("not a folder")    # any existing path is taken
+    (runs / "cremad-concat-ogm-ge-x").mkdir()
+    (runs / "cremad-concat-ogm-ge-extra-9").mkdir()                 # another stem
+    made = runfolder.new_run_folder("cremad-concat-ogm-ge", runs)
+    assert made == runs / "cremad-concat-ogm-ge-5" and made.is_dir() and not any(made.iterdir())
+    assert runfolder.new_run_folder("cremad-sum-none", runs) == runs / "cremad-sum-none-1"
+
+
+def test_runs_racing_for_a_number_each_get_their_own_folder(tmp_path, monkeypatch):
+    import threading
+
+    runs, n = tmp_path / "runs", 8
+    # every racer lists the folder before any creates one, so all start from the same number
+    listed = threading.Barrier(n)
+    real_iterdir = type(runs).iterdir
+
+    def iterdir(self):
+        found = list(real_iterdir(self))
+        listed.wait(timeout=30)
+        return iter(found)
+
+    monkeypatch.setattr(type(runs), "iterdir", iterdir)
+    made: list = []
+    threads = [threading.Thread(target=lambda: made.append(runfolder.new_run_folder("ks-sum-ogm", runs)))
+               for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p.name for p in made) == sorted(f"ks-sum-ogm-{i}" for i in range(1, n + 1))
+
+
+def test_new_run_folder_in_an_unwritable_place_is_one_typed_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunFolderError, match=r"file.*cannot create the run folder.*pass --out RUN"):
+        runfolder.new_run_folder("x", tmp_path / "file" / "runs")

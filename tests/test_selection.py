@@ -27,7 +27,7 @@ def shards(train_shards):
 def _scripted(monkeypatch, val, test):
     val, test = iter(val), iter(test)
 
-    def scripted(model, cfg, split, device, info, source=None, on_bad_sample=None):
+    def scripted(model, cfg, split, device, info, source=None, on_bad_sample=None, on_progress=None):
         acc = next(val if split == "val" else test)
         return {k: acc for k in EVAL_KEYS}
 

@@ -138,7 +138,7 @@ def test_best_is_selected_on_val_never_on_test(shards, tmp_path, monkeypatch):
     val = iter([0.2, 0.6, 0.4])
     test = iter([0.1, 0.3, 0.9])
 
-    def scripted(model, cfg, split, device, info, source=None, on_bad_sample=None):
+    def scripted(model, cfg, split, device, info, source=None, on_bad_sample=None, on_progress=None):
         acc = next(val if split == "val" else test)
         return {k: acc for k in EVAL_KEYS}
 
