@@ -14,6 +14,7 @@ import click
 from avprep import shardformat as sf
 from ogmge_train import report as report_lib
 from ogmge_train.config import CHOICES, PRESETS, TrainConfig
+from ogmge_train.names import METHOD_HELP
 from ogmge_train.runfolder import RUNS_DIR
 
 from . import _ui
@@ -43,7 +44,8 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--fusion", dict(type=choice("fusion"), show_default=_default("fusion"),
                       help="Fusion head (README: Training).")),
     ("--modulation", dict(type=choice("modulation"), show_default=_default("modulation"),
-                          help="Balancing method applied during training.")),
+                          help="Balancing method applied during training: "
+                               + "; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items()) + ".")),
     ("--alpha", dict(type=float,
                      show_default="per dataset: 0.8 CREMA-D and Kinetics-Sounds, 0.1 VGGSound, 0.2 AVE, "
                                   "0.3 others (sources: README)",
@@ -88,6 +90,14 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
                           help="gradient-blending: fraction of train held out to estimate the weights.")),
     ("--agm-alpha", dict(type=float, show_default=_default("agm_alpha"),
                          help="agm: strength of the gradient coefficients.")),
+    ("--relearn-lambda", dict(type=float, show_default=_default("relearn_lambda"),
+                              help="relearning: re-initialisation weight tanh(lambda * purity gap).")),
+    ("--relearn-every", dict(type=int, show_default=_default("relearn_every"),
+                             help="relearning: epochs between two re-initialisations.")),
+    ("--relearn-times", dict(type=int, show_default=_default("relearn_times"),
+                             help="relearning: number of re-initialisations.")),
+    ("--relearn-holdout", dict(type=float, show_default=_default("relearn_holdout"),
+                               help="relearning: fraction of train held out (never trained on) for the diagnosis.")),
     ("--head-init", dict(type=choice("head_init"), show_default=_default("head_init"),
                          help="Fusion head init: xavier (xavier-normal weights, zero bias, as the reference code) "
                               "or torch (PyTorch's Linear default).")),

@@ -71,6 +71,10 @@ class TrainConfig:
     gb_super_epoch: int = 10              # gradient-blending: epochs between weight estimates
     gb_holdout: float = 0.08              # gradient-blending: part of train held out to estimate the weights
     agm_alpha: float = 0.1                # agm: strength of the gradient coefficients
+    relearn_lambda: float = 3.0           # relearning: w = tanh(lambda * purity gap) (official script)
+    relearn_every: int = 20               # relearning: epochs between re-initialisations (official script)
+    relearn_times: int = 3                # relearning: number of re-initialisations (official script)
+    relearn_holdout: float = 0.11         # relearning: part of train held out for the diagnosis (official val share)
     head_init: str = "xavier"             # fusion head init: xavier (reference code) or torch
     on_nonfinite: str = "stop"            # a non-finite loss/gradient: stop (NonFiniteError) or skip the step
     modality: str = "both"
@@ -121,6 +125,10 @@ class TrainConfig:
         _check(0.0 <= self.opm_p_exe <= 1.0, "opm_p_exe", "must be in [0, 1]")
         _check(self.pmr_alpha >= 0, "pmr_alpha", "must be >= 0")
         _check(self.agm_alpha >= 0, "agm_alpha", "must be >= 0")
+        _check(self.relearn_lambda >= 0, "relearn_lambda", "must be >= 0")
+        _check(self.relearn_every >= 1, "relearn_every", "must be >= 1")
+        _check(self.relearn_times >= 0, "relearn_times", "must be >= 0")
+        _check(0.0 < self.relearn_holdout < 1.0, "relearn_holdout", "must be in (0, 1)")
         _check(self.gb_super_epoch >= 1, "gb_super_epoch", "must be >= 1")
         _check(0.0 < self.gb_holdout < 1.0, "gb_holdout", "must be in (0, 1)")
         _check(0.0 <= self.pmr_momentum <= 1.0, "pmr_momentum", "must be in [0, 1]")

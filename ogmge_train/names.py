@@ -23,7 +23,22 @@ MODALITIES = ("both", "audio", "visual")
 HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
 METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
-           "agm")
+           "agm", "relearning")
+# one line per method (the CLI's --modulation help; README: Training gives the equations)
+METHOD_HELP = {
+    "none": "plain joint training (cross-entropy of the fused logits)",
+    "ogm": "OGM (CVPR 2022): the dominant encoder's gradients scaled by 1 - tanh(alpha rho)",
+    "ge": "GE (CVPR 2022): Gaussian noise of the gradients' own std, no scaling",
+    "ogm-ge": "OGM-GE (CVPR 2022): OGM scaling plus GE noise",
+    "modality-drop": "modality dropout before fusion (OGM-GE Table 2)",
+    "gradient-blending": "Gradient-Blending (CVPR 2020): loss weights from overfitting-to-generalisation ratios",
+    "opm": "OPM (TPAMI 2024): drop the dominant modality's features, probability from the discrepancy",
+    "opm-ge": "OPM plus GE noise",
+    "pmr": "PMR (CVPR 2023): prototype cross-entropy for the weaker modality",
+    "mmpareto": "MMPareto (ICML 2024): Pareto combination of multimodal and unimodal gradients",
+    "agm": "AGM (ICCV 2023): Shapley-style mono-modal responses, exponential gradient scaling",
+    "relearning": "Diagnosing & Re-learning (ECCV 2024): purity gap train vs held-out drives soft re-initialisation",
+}
 # methods that work with some fusion heads only (the others work with every head)
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum")}
 SCOPES = ("conv", "all")
