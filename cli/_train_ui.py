@@ -98,6 +98,13 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
                              help="relearning: number of re-initialisations.")),
     ("--relearn-holdout", dict(type=float, show_default=_default("relearn_holdout"),
                                help="relearning: fraction of train held out (never trained on) for the diagnosis.")),
+    ("--inforeg-beta-a", dict(type=float, show_default=_default("inforeg_beta_a"),
+                              help="inforeg: proximal strength on the audio encoder when audio dominates.")),
+    ("--inforeg-beta-v", dict(type=float, show_default=_default("inforeg_beta_v"),
+                              help="inforeg: proximal strength on the visual encoder when visual dominates.")),
+    ("--inforeg-window", dict(type=float, show_default=_default("inforeg_window"),
+                              help="inforeg: the prime learning window lasts while the information gain rate "
+                                   "exceeds this.")),
     ("--head-init", dict(type=choice("head_init"), show_default=_default("head_init"),
                          help="Fusion head init: xavier (xavier-normal weights, zero bias, as the reference code) "
                               "or torch (PyTorch's Linear default).")),

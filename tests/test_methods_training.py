@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # settings that make each method act within a 2-3 epoch run
 SETTINGS = {
     "relearning": {"relearn_every": 1, "relearn_times": 1, "relearn_holdout": 0.3},
+    "inforeg": {},
 }
 WALL_TIME = {"time_s", "samples_per_s"}
 

@@ -29,6 +29,7 @@ from .base import (
 )
 from .ge import GE
 from .gradient_blending import GradientBlending
+from .inforeg import InfoReg
 from .mmpareto import MMPareto
 from .modality_drop import ModalityDrop
 from .none import NoModulation
@@ -39,7 +40,8 @@ from .pmr import PMR
 from .relearning import ReLearning
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning)}
+    NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
+    InfoReg)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 
