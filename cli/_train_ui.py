@@ -105,6 +105,8 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--inforeg-window", dict(type=float, show_default=_default("inforeg_window"),
                               help="inforeg: the prime learning window lasts while the information gain rate "
                                    "exceeds this.")),
+    ("--cml-lambda", dict(type=float, show_default=_default("cml_lambda"),
+                          help="cml: weight of the confidence penalty.")),
     ("--head-init", dict(type=choice("head_init"), show_default=_default("head_init"),
                          help="Fusion head init: xavier (xavier-normal weights, zero bias, as the reference code) "
                               "or torch (PyTorch's Linear default).")),

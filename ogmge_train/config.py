@@ -78,6 +78,7 @@ class TrainConfig:
     inforeg_beta_a: float = 0.95          # inforeg: proximal strength when audio dominates (official code)
     inforeg_beta_v: float = 0.1           # inforeg: proximal strength when visual dominates (official code)
     inforeg_window: float = 0.05          # inforeg: the prime learning window lasts while the gain rate exceeds this
+    cml_lambda: float = 0.1               # cml: weight of the confidence penalty (BalanceBenchmark)
     head_init: str = "xavier"             # fusion head init: xavier (reference code) or torch
     on_nonfinite: str = "stop"            # a non-finite loss/gradient: stop (NonFiniteError) or skip the step
     modality: str = "both"
@@ -134,6 +135,7 @@ class TrainConfig:
         _check(0.0 < self.relearn_holdout < 1.0, "relearn_holdout", "must be in (0, 1)")
         _check(self.inforeg_beta_a >= 0, "inforeg_beta_a", "must be >= 0")
         _check(self.inforeg_beta_v >= 0, "inforeg_beta_v", "must be >= 0")
+        _check(self.cml_lambda >= 0, "cml_lambda", "must be >= 0")
         _check(self.gb_super_epoch >= 1, "gb_super_epoch", "must be >= 1")
         _check(0.0 < self.gb_holdout < 1.0, "gb_holdout", "must be in (0, 1)")
         _check(0.0 <= self.pmr_momentum <= 1.0, "pmr_momentum", "must be in [0, 1]")

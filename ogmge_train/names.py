@@ -23,7 +23,7 @@ MODALITIES = ("both", "audio", "visual")
 HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
 METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
-           "agm", "relearning", "inforeg")
+           "agm", "relearning", "inforeg", "cml")
 # one line per method (the CLI's --modulation help; README: Training gives the equations)
 METHOD_HELP = {
     "none": "plain joint training (cross-entropy of the fused logits)",
@@ -39,6 +39,7 @@ METHOD_HELP = {
     "agm": "AGM (ICCV 2023): Shapley-style mono-modal responses, exponential gradient scaling",
     "relearning": "Diagnosing & Re-learning (ECCV 2024): purity gap train vs held-out drives soft re-initialisation",
     "inforeg": "InfoReg (CVPR 2025): proximal term on the dominant encoder in the prime learning window",
+    "cml": "CML (ICML 2023): penalise confidence that rises when a modality is removed",
 }
 # methods that work with some fusion heads only (the others work with every head)
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum")}

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SETTINGS = {
     "relearning": {"relearn_every": 1, "relearn_times": 1, "relearn_holdout": 0.3},
     "inforeg": {},
+    "cml": {"cml_lambda": 0.5},
 }
 WALL_TIME = {"time_s", "samples_per_s"}
 

@@ -27,6 +27,7 @@ from .base import (
     unimodal_scores,
     unit_stats,
 )
+from .cml import CML
 from .ge import GE
 from .gradient_blending import GradientBlending
 from .inforeg import InfoReg
@@ -41,7 +42,7 @@ from .relearning import ReLearning
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
-    InfoReg)}
+    InfoReg, CML)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 
