@@ -23,7 +23,7 @@ MODALITIES = ("both", "audio", "visual")
 HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
 METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
-           "agm", "relearning", "inforeg", "cml")
+           "agm", "relearning", "inforeg", "cml", "mbsd")
 # one line per method (the CLI's --modulation help; README: Training gives the equations)
 METHOD_HELP = {
     "none": "plain joint training (cross-entropy of the fused logits)",
@@ -40,6 +40,7 @@ METHOD_HELP = {
     "relearning": "Diagnosing & Re-learning (ECCV 2024): purity gap train vs held-out drives soft re-initialisation",
     "inforeg": "InfoReg (CVPR 2025): proximal term on the dominant encoder in the prime learning window",
     "cml": "CML (ICML 2023): penalise confidence that rises when a modality is removed",
+    "mbsd": "MBSD (BalanceBenchmark): unimodal losses plus confidence-weighted logit and KL distillation",
 }
 # methods that work with some fusion heads only (the others work with every head)
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum")}

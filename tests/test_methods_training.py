@@ -23,6 +23,7 @@ SETTINGS = {
     "relearning": {"relearn_every": 1, "relearn_times": 1, "relearn_holdout": 0.3},
     "inforeg": {},
     "cml": {"cml_lambda": 0.5},
+    "mbsd": {},
 }
 WALL_TIME = {"time_s", "samples_per_s"}
 
