@@ -21,7 +21,8 @@ from avprep import shardformat as sf
 from . import runfolder
 from .names import SELECTION_LABELS
 
-__all__ = ["RunRecord", "Group", "Report", "COLUMNS", "read_run", "expand_runs", "group_runs",
+__all__ = ["RunRecord", "Group", "Report", "COLUMNS", "IMBALANCE_COLUMNS", "imbalance_table", "plot_shapley",
+           "read_run", "expand_runs", "group_runs",
            "mean_std", "format_cell", "run_values", "group_table", "markdown_table", "plot_accuracy",
            "plot_rho", "plot_loss", "write_report", "dominant_modality", "test_clips", "clips_sentence",
            "t_quantile_975", "paired_difference", "per_seed", "plot_seed_bars", "selection"]
@@ -40,6 +41,12 @@ COLUMNS = (
     ("audio probe acc", "probe_a"),
     ("visual probe acc", "probe_v"),
     ("selected epoch", "epoch"),
+)
+# The imbalance measure (ogmge_train.imbalance): each modality's Shapley value of the fused test
+# accuracy at the selected epoch, BalanceBenchmark's definition; a table of its own after the main one.
+IMBALANCE_COLUMNS = (
+    ("audio Shapley", "shapley_a"),
+    ("visual Shapley", "shapley_v"),
 )
 
 
@@ -148,7 +155,8 @@ def run_values(run: RunRecord) -> dict:
     epoch, _val, test = _selected(run)
     return {"acc": test.get("acc"), "map": test.get("map"), "acc_a": test.get("acc_a"),
             "acc_v": test.get("acc_v"), "probe_a": _probe_acc(run, "audio"),
-            "probe_v": _probe_acc(run, "visual"), "epoch": epoch}
+            "probe_v": _probe_acc(run, "visual"), "epoch": epoch,
+            "shapley_a": test.get("shapley_a"), "shapley_v": test.get("shapley_v")}
 
 
 def mean_std(values) -> tuple[float | None, float | None]:
@@ -215,7 +223,7 @@ def group_table(groups: list[Group]) -> list[dict]:
         per_run = [run_values(r) for r in g.runs]
         kinds = {selection(r) for r in g.runs}
         row = {"label": g.label, "n": len(g.runs), "selection": kinds.pop() if len(kinds) == 1 else "mixed"}
-        for _title, key in COLUMNS[1:]:
+        for _title, key in (*COLUMNS[1:], *IMBALANCE_COLUMNS):
             row[key] = mean_std(v[key] for v in per_run)
         rows.append(row)
     return rows
@@ -255,6 +263,18 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
+
+def imbalance_table(rows: list[dict]) -> str:
+    """The Shapley columns of ``group_table`` rows as a markdown table ("" when no run has them)."""
+    if not any(row[key][0] is not None for row in rows for _t, key in IMBALANCE_COLUMNS):
+        return ""
+    head = ["run", *(t for t, _ in IMBALANCE_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["label"].replace("|", "\\|"), *(format_cell(key, row[key]) for _t, key in IMBALANCE_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
 
 def _figure(ncols: int, title: str, width: float = 4.2):
     # Figure + Agg canvas, not pyplot: no global state, no display needed
@@ -317,6 +337,20 @@ def plot_accuracy(groups: list[Group], path, split: str = "test") -> Path:
             if curve is not None:
                 _draw(ax, curve, g.label, _colour(i), 100)
         _epoch_axis(ax, "accuracy (%)", title)
+    _legend(axes)
+    return _save(fig, path)
+
+
+def plot_shapley(groups: list[Group], path, split: str = "test") -> Path:
+    """Each modality's Shapley value of the fused accuracy per epoch (ogmge_train.imbalance)."""
+    split = _split_of(groups, split)
+    fig, axes = _figure(2, f"{split} Shapley value of the fused accuracy per epoch (mean ± std over seeds)")
+    for ax, (key, title) in zip(axes, (("shapley_a", "audio"), ("shapley_v", "visual"))):
+        for i, g in enumerate(groups):
+            curve = _epoch_curve(g.runs, lambda m, k=key: (m.get(split) or {}).get(k))
+            if curve is not None:
+                _draw(ax, curve, g.label, _colour(i), 100)
+        _epoch_axis(ax, "Shapley value (accuracy points)", title)
     _legend(axes)
     return _save(fig, path)
 
@@ -497,6 +531,9 @@ def write_report(paths, out, *, title: str = "Training runs", split: str = "test
     plots = {"accuracy": plot_accuracy(groups, out / "accuracy.png", split),
              "rho": plot_rho(groups, out / "rho.png"),
              "loss": plot_loss(groups, out / "loss.png")}
+    shapley = imbalance_table(rows)
+    if shapley:
+        plots["shapley"] = plot_shapley(groups, out / "shapley.png", split)
     parts = [f"# {title}\n"]
     if preamble:
         parts.append(preamble.rstrip() + "\n")
@@ -513,6 +550,11 @@ def write_report(paths, out, *, title: str = "Training runs", split: str = "test
     if sentence:
         parts.append(sentence + "\n")
     parts.append(markdown_table(rows))
+    if shapley:
+        parts.append("Imbalance: each modality's Shapley value of the fused test accuracy at the selected "
+                     "epoch (accuracy points; v(S) with the other inputs zeroed, as BalanceBenchmark "
+                     "measures it; the two sum to the accuracy gained over no input).\n")
+        parts.append(shapley)
     if conclusion:
         parts.append(conclusion.rstrip() + "\n")
     parts.append("\n".join(f"![{name}]({p.name})" for name, p in plots.items()) + "\n")

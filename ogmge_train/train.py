@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from avprep import shardformat as sf
 
-from . import data, dist, frameworks, localisation, modulation, names, runfolder
+from . import data, dist, frameworks, imbalance, localisation, modulation, names, runfolder
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, PeerLostError, RunFolderError, TrainError
 from .frameworks import Model
@@ -260,17 +260,22 @@ Progress = Callable[[int, int], None]
 @torch.no_grad()
 def _predict(plug: Balancer, loader, device: torch.device, cfg: TrainConfig, on_progress: Progress | None = None,
              ) -> dict:
-    """This rank's logits (fused by the method's evaluation rule, and unimodal), labels and keys
-    for one pass over ``loader``; ``on_progress(batches done, batches)`` after each batch."""
+    """This rank's logits (fused by the method's evaluation rule, and unimodal), the Shapley
+    coalitions' fused logits (``imbalance``), labels and keys for one pass over ``loader``;
+    ``on_progress(batches done, batches)`` after each batch."""
     plug.modalities.model.eval()
     parts: dict[str, list] = {"logits": [], "logits_a": [], "logits_v": [], "labels": [], "keys": []}
     for i, batch in enumerate(loader, 1):
         audio, visual, labels = _to(batch, device)
         labels, keys = localisation.rows(plug.modalities.model, batch, labels, list(batch["key"]))
+        inputs = {"audio": audio, "visual": visual}
         with _autocast(cfg, device):
-            out = plug.modalities.run({"audio": audio, "visual": visual})
+            out = plug.modalities.run(inputs)
             logits = plug.predict(out)
+            coalitions = imbalance.coalition_logits(plug, inputs)
         parts["logits"].append(logits.float().cpu())
+        for k, lg in coalitions.items():
+            parts.setdefault(k, []).append(lg.float().cpu())
         for k, u in (("logits_a", "audio"), ("logits_v", "visual")):
             if u in out.unimodal:
                 parts[k].append(out.unimodal[u].float().cpu())
@@ -287,15 +292,18 @@ def _gather_predictions(local: dict) -> dict:
     keys = [k for r in ranks for k in r["keys"]]
     order = torch.as_tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)
     out = {"keys": [keys[i] for i in order.tolist()]}
-    for k in ("logits", "logits_a", "logits_v", "labels"):
+    for k in ranks[0]:
+        if k == "keys":
+            continue
         tensors = [r[k] for r in ranks if isinstance(r[k], torch.Tensor)]
         if tensors:
             out[k] = torch.cat(tensors)[order]
     return out
 
 
-def _metrics(pred: dict, split: str = "") -> dict:
-    """loss, acc, map of the fused logits and acc/map of each modality's unimodal logits.
+def _metrics(pred: dict, split: str = "", modalities=None) -> dict:
+    """loss, acc, map of the fused logits, acc/map of each modality's unimodal logits and, given
+    ``modalities`` (the model side), each one's Shapley value (``imbalance``).
 
     Non-finite logits raise ``NonFiniteError`` naming the samples: a NaN must never decide which
     epoch is selected (the loader drops non-finite inputs; this guards the model side too)."""
@@ -307,14 +315,15 @@ def _metrics(pred: dict, split: str = "") -> dict:
         bad = [pred["keys"][i] for i in (~finite).nonzero().flatten().tolist()]
         raise NonFiniteError(f"{split or 'evaluation'}: non-finite logits for {len(bad)} sample(s), "
                              f"e.g. {', '.join(map(str, bad[:3]))}")
-    return {"loss": F.cross_entropy(pred["logits"], labels).item(), **output_metrics(pred)}
+    shapley = imbalance.shapley(pred, modalities.names, modalities.tags) if modalities is not None else {}
+    return {"loss": F.cross_entropy(pred["logits"], labels).item(), **output_metrics(pred), **shapley}
 
 
 def _evaluate_split(plug: Balancer, cfg: TrainConfig, split: str, device, info: dist.DistInfo,
                     source=None, on_bad_sample=None, on_progress: Progress | None = None) -> dict:
     loader = _loader(cfg, split, train=False, epoch=0, info=info, source=source, on_bad_sample=on_bad_sample)
     local = _predict(plug, loader, device, cfg, on_progress)
-    return _metrics(_gather_predictions(local), split)
+    return _metrics(_gather_predictions(local), split, plug.modalities)
 
 
 def _sync_buffers(model: torch.nn.Module) -> None:

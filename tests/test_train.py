@@ -25,7 +25,7 @@ from ogmge_train.errors import (
 )
 
 WALL_TIME = {"time_s", "samples_per_s"}
-EVAL_KEYS = {"loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v"}
+EVAL_KEYS = {"loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v", "shapley_a", "shapley_v"}
 RECORD_KEYS = {"epoch", "lr", "train", "val", "test", "rho_a", "rho_v", "k_a", "k_v", "update_norm_a", "update_norm_v",
                "samples_per_s", "time_s"}
 
