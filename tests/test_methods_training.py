@@ -119,3 +119,18 @@ def test_ddp_keeps_parameters_identical(train_shards, tmp_path, method, fusion):
     steps = read_jsonl(out / "steps.jsonl")
     if method == "relearning":                 # the gathered diagnosis gave both ranks the same weights
         assert steps[-1]["relearn_w_a"] + steps[-1]["relearn_w_v"] > 0
+
+
+def test_bb_presets_carry_the_benchmarks_recipe_and_method_settings():
+    """BalanceBenchmark's global recipe, then its per-method settings, then explicit flags."""
+    from ogmge_train.config import BB_METHOD_SETTINGS, PRESETS
+    assert {"bb-cremad", "bb-ks", "bb-vggsound"} <= set(PRESETS)
+    c = resolve("bb-cremad", shards="s", out="o", modulation="relearning")
+    assert (c.optimizer, c.lr, c.weight_decay, c.batch_size, c.epochs, c.lr_step, c.lr_gamma, c.frames) == \
+        ("adamw", 1e-3, 0.01, 32, 30, 10, 0.1, 2)
+    assert (c.relearn_lambda, c.relearn_every, c.relearn_times) == (3.0, 15, 2)
+    c = resolve("bb-ks", shards="s", out="o", modulation="ogm", alpha=0.5)
+    assert (c.frames, c.alpha, c.modulation_start, c.modulation_end) == (3, 0.5, 10, 80)   # the flag wins
+    assert resolve("bb-ks", shards="s", out="o", modulation="pmr").pmr_momentum == 0.5
+    assert resolve("demo", shards="s", out="o", modulation="pmr").pmr_momentum == 0.2      # only under bb-*
+    assert set(BB_METHOD_SETTINGS) <= set(names.METHODS)
