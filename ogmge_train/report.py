@@ -21,7 +21,7 @@ from avprep import shardformat as sf
 from . import runfolder
 from .names import SELECTION_LABELS
 
-__all__ = ["RunRecord", "Group", "Report", "COLUMNS", "IMBALANCE_COLUMNS", "imbalance_table", "plot_shapley",
+__all__ = ["RunRecord", "Group", "Report", "COLUMNS", "plot_shapley",
            "read_run", "expand_runs", "group_runs",
            "mean_std", "format_cell", "run_values", "group_table", "markdown_table", "plot_accuracy",
            "plot_rho", "plot_loss", "write_report", "dominant_modality", "test_clips", "clips_sentence",
@@ -41,10 +41,8 @@ COLUMNS = (
     ("audio probe acc", "probe_a"),
     ("visual probe acc", "probe_v"),
     ("selected epoch", "epoch"),
-)
-# The imbalance measure (ogmge_train.imbalance): each modality's Shapley value of the fused test
-# accuracy at the selected epoch, BalanceBenchmark's definition; a table of its own after the main one.
-IMBALANCE_COLUMNS = (
+    # the imbalance measure (ogmge_train.imbalance): each modality's Shapley value of the fused
+    # test accuracy at the selected epoch, BalanceBenchmark's definition, in accuracy points
     ("audio Shapley", "shapley_a"),
     ("visual Shapley", "shapley_v"),
 )
@@ -223,7 +221,7 @@ def group_table(groups: list[Group]) -> list[dict]:
         per_run = [run_values(r) for r in g.runs]
         kinds = {selection(r) for r in g.runs}
         row = {"label": g.label, "n": len(g.runs), "selection": kinds.pop() if len(kinds) == 1 else "mixed"}
-        for _title, key in (*COLUMNS[1:], *IMBALANCE_COLUMNS):
+        for _title, key in COLUMNS[1:]:
             row[key] = mean_std(v[key] for v in per_run)
         rows.append(row)
     return rows
@@ -263,18 +261,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
-
-def imbalance_table(rows: list[dict]) -> str:
-    """The Shapley columns of ``group_table`` rows as a markdown table ("" when no run has them)."""
-    if not any(row[key][0] is not None for row in rows for _t, key in IMBALANCE_COLUMNS):
-        return ""
-    head = ["run", *(t for t, _ in IMBALANCE_COLUMNS)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row["label"].replace("|", "\\|"), *(format_cell(key, row[key]) for _t, key in IMBALANCE_COLUMNS)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
 
 def _figure(ncols: int, title: str, width: float = 4.2):
     # Figure + Agg canvas, not pyplot: no global state, no display needed
@@ -531,8 +517,7 @@ def write_report(paths, out, *, title: str = "Training runs", split: str = "test
     plots = {"accuracy": plot_accuracy(groups, out / "accuracy.png", split),
              "rho": plot_rho(groups, out / "rho.png"),
              "loss": plot_loss(groups, out / "loss.png")}
-    shapley = imbalance_table(rows)
-    if shapley:
+    if any(row["shapley_a"][0] is not None for row in rows):
         plots["shapley"] = plot_shapley(groups, out / "shapley.png", split)
     parts = [f"# {title}\n"]
     if preamble:
@@ -545,16 +530,14 @@ def write_report(paths, out, *, title: str = "Training runs", split: str = "test
     parts.append(f"Test metrics at {how}, in percent, "
                  "mean ± sample std over seeds. Unimodal accuracies come from each modality's "
                  "own logits; probe accuracies from a linear classifier fitted on the frozen "
-                 "encoder's features. A cell without ± comes from one seed.\n")
+                 "encoder's features. The Shapley columns are BalanceBenchmark's imbalance measure: "
+                 "each modality's Shapley value of the fused accuracy, the other inputs zeroed "
+                 "(accuracy points; the two sum to the accuracy gained over no input). A cell "
+                 "without ± comes from one seed.\n")
     sentence = clips_sentence(test_clips(groups))
     if sentence:
         parts.append(sentence + "\n")
     parts.append(markdown_table(rows))
-    if shapley:
-        parts.append("Imbalance: each modality's Shapley value of the fused test accuracy at the selected "
-                     "epoch (accuracy points; v(S) with the other inputs zeroed, as BalanceBenchmark "
-                     "measures it; the two sum to the accuracy gained over no input).\n")
-        parts.append(shapley)
     if conclusion:
         parts.append(conclusion.rstrip() + "\n")
     parts.append("\n".join(f"![{name}]({p.name})" for name, p in plots.items()) + "\n")

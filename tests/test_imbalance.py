@@ -107,6 +107,6 @@ def test_training_records_shapley_per_epoch_and_the_report_shows_it(train_shards
     rep = report.write_report([out], tmp_path / "report")
     md = rep.markdown.read_text()
     test = records[rep.groups[0].runs[0].summary["selected_epoch"]]["test"]
-    assert "| run | audio Shapley | visual Shapley |" in md
+    assert "| selected epoch | audio Shapley | visual Shapley |" in md
     assert f"| {100 * test['shapley_a']:.1f} | {100 * test['shapley_v']:.1f} |" in md
     assert rep.plots["shapley"].read_bytes()[:4] == b"\x89PNG"

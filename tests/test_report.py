@@ -58,7 +58,7 @@ def test_report_writes_pngs_and_a_table_with_one_row_per_run(tmp_path):
 
     head, rows = _parse_table(rep.markdown.read_text())
     assert head == ["run", "seeds", "fused acc", "fused mAP", "audio acc", "visual acc",
-                    "audio probe acc", "visual probe acc", "selected epoch"]
+                    "audio probe acc", "visual probe acc", "selected epoch", "audio Shapley", "visual Shapley"]
     assert [r[0] for r in rows] == ["base", "ogm"]
     # the selected epoch's test numbers (epoch 1), not the last epoch's
     # one seed: no "± 0.0", the spread was not measured
