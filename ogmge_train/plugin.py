@@ -246,6 +246,11 @@ class Balancer:
         """The fused logits of an evaluation forward (the method's test-time fusion rule, if any)."""
         return self.method.fuse(out, self.modalities)
 
+    def evaluate(self, out: Output) -> Output:
+        """An evaluation forward as the method reads it: ``predict``'s fused logits and each
+        modality's logits (the method's own heads' where it has them)."""
+        return Output(self.predict(out), self.method.unimodal(out, self.modalities), out.features)
+
     def state_dict(self) -> dict:
         return {"method": self.method.state_dict(), "step": self.step, "epoch": self.epoch}
 

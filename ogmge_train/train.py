@@ -270,10 +270,9 @@ def _predict(plug: Balancer, loader, device: torch.device, cfg: TrainConfig, on_
         labels, keys = localisation.rows(plug.modalities.model, batch, labels, list(batch["key"]))
         inputs = {"audio": audio, "visual": visual}
         with _autocast(cfg, device):
-            out = plug.modalities.run(inputs)
-            logits = plug.predict(out)
+            out = plug.evaluate(plug.modalities.run(inputs))
             coalitions = imbalance.coalition_logits(plug, inputs)
-        parts["logits"].append(logits.float().cpu())
+        parts["logits"].append(out.logits.float().cpu())
         for k, lg in coalitions.items():
             parts.setdefault(k, []).append(lg.float().cpu())
         for k, u in (("logits_a", "audio"), ("logits_v", "visual")):

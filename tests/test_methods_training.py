@@ -24,6 +24,7 @@ SETTINGS = {
     "inforeg": {},
     "cml": {"cml_lambda": 0.5},
     "mbsd": {},
+    "mla": {},
 }
 WALL_TIME = {"time_s", "samples_per_s"}
 
@@ -70,6 +71,8 @@ def test_trains_with_every_fusion_it_allows(shards, tmp_path, method, fusion):
         assert {s["cml_removed"] for s in steps} <= {0.0, 1.0}
     if method == "mbsd":
         assert any(s["mbsd_rs"] > 0 for s in steps)
+    if method == "mla":                        # two rounds (updates) per step, the projection in the state
+        assert int(saved["rounds"]) == 2 * len(steps) and saved["P"].shape == (128, 128)
 
 
 def _strip(lines):
@@ -81,7 +84,7 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("method,fusion", [("relearning", "concat"), ("inforeg", "film"), ("cml", "sum"),
-                                           ("mbsd", "gated")])
+                                           ("mbsd", "gated"), ("mla", "concat")])
 def test_resume_is_bit_exact(shards, tmp_path, method, fusion):
     full, part = tmp_path / "full", tmp_path / "part"
     train_mod.train(tiny_config(shards, full, method, fusion=fusion, epochs=3))
@@ -101,7 +104,7 @@ def test_resume_is_bit_exact(shards, tmp_path, method, fusion):
 
 
 @pytest.mark.parametrize("method,fusion", [
-    ("relearning", "concat"), ("inforeg", "sum"),
+    ("relearning", "concat"), ("inforeg", "sum"), ("mla", "concat"),
     pytest.param("cml", "gated", marks=pytest.mark.slow), pytest.param("mbsd", "film", marks=pytest.mark.slow)])
 def test_ddp_keeps_parameters_identical(train_shards, tmp_path, method, fusion):
     shards = train_shards(shard_size=3)

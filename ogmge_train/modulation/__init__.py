@@ -32,6 +32,7 @@ from .ge import GE
 from .gradient_blending import GradientBlending
 from .inforeg import InfoReg
 from .mbsd import MBSD
+from .mla import MLA
 from .mmpareto import MMPareto
 from .modality_drop import ModalityDrop
 from .none import NoModulation
@@ -43,7 +44,7 @@ from .relearning import ReLearning
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
-    InfoReg, CML, MBSD)}
+    InfoReg, CML, MBSD, MLA)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 

@@ -343,6 +343,7 @@ class Method:
     ``loss(out, step)`` -> the scalar to back-propagate (default: cross-entropy of the fused logits);
     ``after_backward(out, step)`` between backward and the optimizer step (gradient surgery) -> stats;
     ``fuse(out, modalities)`` the fused logits at evaluation (default ``out.logits``);
+    ``unimodal(out, modalities)`` each modality's logits at evaluation (default ``out.unimodal``);
     ``state_dict()`` / ``load_state_dict()``: what must survive ``--resume``.
 
     Class attributes: ``fusions`` (our fusion heads it works with; None: all), ``options``
@@ -490,6 +491,12 @@ class Method:
     def fuse(self, out: Output, modalities: Modalities) -> torch.Tensor:
         """The fused logits of an evaluation forward (a method's own fusion rule at test time)."""
         return out.logits
+
+    def unimodal(self, out: Output, modalities: Modalities) -> dict[str, torch.Tensor]:
+        """Each modality's own logits of an evaluation forward (what reports call acc_a, acc_v):
+        the model's by default; a method that classifies each modality with heads of its own
+        (``setup``) gives those."""
+        return out.unimodal
 
     def state_dict(self) -> dict:
         """Tensors and primitives only (checkpoints load with ``weights_only=True``)."""
