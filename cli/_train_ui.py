@@ -107,6 +107,12 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
                                    "exceeds this.")),
     ("--cml-lambda", dict(type=float, show_default=_default("cml_lambda"),
                           help="cml: weight of the confidence penalty.")),
+    ("--recon-w1", dict(type=float, show_default=_default("recon_w1"),
+                        help="reconboost: weight of the learner's own cross-entropy in the boosting loss.")),
+    ("--recon-w2", dict(type=float, show_default=_default("recon_w2"),
+                        help="reconboost: weight of the term against the other modalities' ensemble.")),
+    ("--recon-boost-rate", dict(type=float, show_default=_default("recon_boost_rate"),
+                                help="reconboost: initial (learned) rate of the ensemble.")),
     ("--head-init", dict(type=choice("head_init"), show_default=_default("head_init"),
                          help="Fusion head init: xavier (xavier-normal weights, zero bias, as the reference code) "
                               "or torch (PyTorch's Linear default).")),

@@ -23,7 +23,7 @@ MODALITIES = ("both", "audio", "visual")
 HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
 METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
-           "agm", "relearning", "inforeg", "cml", "mbsd", "mla")
+           "agm", "relearning", "inforeg", "cml", "mbsd", "mla", "reconboost")
 # one line per method (the CLI's --modulation help; README: Training gives the equations)
 METHOD_HELP = {
     "none": "plain joint training (cross-entropy of the fused logits)",
@@ -42,10 +42,11 @@ METHOD_HELP = {
     "cml": "CML (ICML 2023): penalise confidence that rises when a modality is removed",
     "mbsd": "MBSD (BalanceBenchmark): unimodal losses plus confidence-weighted logit and KL distillation",
     "mla": "MLA (CVPR 2024): alternating unimodal steps through one shared head, entropy-gated fusion at test",
+    "reconboost": "ReconBoost (ICML 2024): a boosting step per modality, each followed by a global rectification",
 }
 # methods that work with some fusion heads only (the others work with every head)
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum"),
-                  "mla": ("concat",)}
+                  "mla": ("concat",), "reconboost": ("concat",)}
 SCOPES = ("conv", "all")
 # GE's noise: the official code's N(0, std(g)) per tensor, or the paper's mini-batch gradient covariance
 GE_NOISES = ("code", "paper")

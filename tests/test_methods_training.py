@@ -25,6 +25,7 @@ SETTINGS = {
     "cml": {"cml_lambda": 0.5},
     "mbsd": {},
     "mla": {},
+    "reconboost": {},
 }
 WALL_TIME = {"time_s", "samples_per_s"}
 
@@ -73,6 +74,9 @@ def test_trains_with_every_fusion_it_allows(shards, tmp_path, method, fusion):
         assert any(s["mbsd_rs"] > 0 for s in steps)
     if method == "mla":                        # two rounds (updates) per step, the projection in the state
         assert int(saved["rounds"]) == 2 * len(steps) and saved["P"].shape == (128, 128)
+    if method == "reconboost":                 # boosting terms, the consolidation term from the second epoch
+        assert all(s["recon_boost_a"] > 0 and s["recon_boost_v"] > 0 for s in steps)
+        assert {s["recon_ga_a"] > 0 for s in steps} == {False, True} and steps[-1]["recon_rate"] != 1.0
 
 
 def _strip(lines):
@@ -84,7 +88,8 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("method,fusion", [("relearning", "concat"), ("inforeg", "film"), ("cml", "sum"),
-                                           ("mbsd", "gated"), ("mla", "concat")])
+                                           ("mbsd", "gated"), ("mla", "concat"),
+                                           ("reconboost", "concat")])
 def test_resume_is_bit_exact(shards, tmp_path, method, fusion):
     full, part = tmp_path / "full", tmp_path / "part"
     train_mod.train(tiny_config(shards, full, method, fusion=fusion, epochs=3))
@@ -104,7 +109,7 @@ def test_resume_is_bit_exact(shards, tmp_path, method, fusion):
 
 
 @pytest.mark.parametrize("method,fusion", [
-    ("relearning", "concat"), ("inforeg", "sum"), ("mla", "concat"),
+    ("relearning", "concat"), ("inforeg", "sum"), ("mla", "concat"), ("reconboost", "concat"),
     pytest.param("cml", "gated", marks=pytest.mark.slow), pytest.param("mbsd", "film", marks=pytest.mark.slow)])
 def test_ddp_keeps_parameters_identical(train_shards, tmp_path, method, fusion):
     shards = train_shards(shard_size=3)

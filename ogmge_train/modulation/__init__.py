@@ -40,11 +40,12 @@ from .ogm import OGM
 from .ogm_ge import OGMGE
 from .opm import OPM, OPMGE
 from .pmr import PMR
+from .reconboost import ReconBoost
 from .relearning import ReLearning
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
-    InfoReg, CML, MBSD, MLA)}
+    InfoReg, CML, MBSD, MLA, ReconBoost)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 

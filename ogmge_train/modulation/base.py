@@ -519,6 +519,30 @@ def linear_heads(modalities: Modalities, init: str = "xavier") -> nn.ModuleDict:
     return nn.ModuleDict(linears)
 
 
+def shared_head(modalities: Modalities, what: str, init: str = "xavier") -> nn.Linear:
+    """One linear classifier for the features of every modality (MLA, ReconBoost): they need one
+    width (ValueError naming ``what`` otherwise); ``xavier`` init as ``linear_heads``."""
+    assert modalities.dims is not None and modalities.num_classes is not None
+    widths = set(modalities.dims.values())
+    if len(widths) > 1:
+        raise ValueError(f"{what} is shared by every modality, so their features need one width, not "
+                         f"{', '.join(f'{u} {d}' for u, d in modalities.dims.items())}")
+    head = nn.Linear(widths.pop(), modalities.num_classes)
+    if init == "xavier":
+        nn.init.xavier_normal_(head.weight)
+        nn.init.zeros_(head.bias)
+    return head
+
+
+def keep_grads(model: nn.Module, keep: Iterable[nn.Parameter]) -> None:
+    """Every gradient of ``model`` outside ``keep`` set to None, so the optimizer step leaves those
+    parameters alone (a round of an alternating method that reached them with zeros for DDP)."""
+    kept = {id(p) for p in keep}
+    for p in model.parameters():
+        if id(p) not in kept:
+            p.grad = None
+
+
 def check_modalities(method: Method, modalities: Modalities) -> None:
     """Refuse a model side the method's definition does not cover (ValueError, one line)."""
     n = len(modalities.names)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..modalities import Modalities, Output
 from ..names import METHOD_FUSIONS
-from .base import EpochStart, Method, Step, StepResult, StepRun
+from .base import EpochStart, Method, Step, StepResult, StepRun, keep_grads, shared_head
 
 
 def gating_weights(logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,16 +76,7 @@ class MLA(Method):
         self._batch, self._batches = 0, 1
 
     def setup(self, modalities: Modalities) -> nn.Module:
-        assert modalities.dims is not None and modalities.num_classes is not None
-        widths = set(modalities.dims.values())
-        if len(widths) > 1:
-            raise ValueError(f"its head is shared by every modality, so their features need one width, not "
-                             f"{', '.join(f'{u} {d}' for u, d in modalities.dims.items())}")
-        head = nn.Linear(widths.pop(), modalities.num_classes)
-        if self.head_init == "xavier":           # the official weight_init
-            nn.init.xavier_normal_(head.weight)
-            nn.init.zeros_(head.bias)
-        return head
+        return shared_head(modalities, "its head", self.head_init)      # xavier: the official weight_init
 
     def begin_epoch(self, start: EpochStart) -> None:
         if start.steps is None:
@@ -104,13 +95,6 @@ class MLA(Method):
 
     # -- training
 
-    def _only(self, m: Modalities, keep: list[nn.Parameter]) -> None:
-        """Drop the gradients of every parameter outside ``keep`` (reached with zeros for DDP)."""
-        kept = {id(p) for p in keep}
-        for p in m.model.parameters():
-            if id(p) not in kept:
-                p.grad = None
-
     def train_step(self, step: Step, run: StepRun) -> StepResult | None:
         m = step.modalities
         head = m.aux
@@ -121,6 +105,7 @@ class MLA(Method):
             loss = F.cross_entropy(gated_fusion(logits).float(), step.labels) + 0.0 * out.logits.float().sum()
             if not run.backward(loss * step.weight):
                 return None
+            keep_grads(m.model, [*(p for u in m.names for p in m.params(u)), *head.parameters()])
             run.update()
             self._batch += 1
             return self._result(out, logits, {u: loss.detach() for u in m.names}, loss.detach(), step, run)
@@ -137,7 +122,7 @@ class MLA(Method):
             with torch.no_grad():      # the batch counts once in BatchNorm's running statistics
                 for b, k in zip(buffers, kept):
                     b.copy_(k)
-            self._only(m, [*m.params(u), *head.parameters()])
+            keep_grads(m.model, [*m.params(u), *head.parameters()])
             self._project(head, out.features[u].detach(), step)
             run.update()
             logits[u], losses[u] = z.detach(), loss.detach()
