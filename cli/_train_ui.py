@@ -107,6 +107,8 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
                                    "exceeds this.")),
     ("--cml-lambda", dict(type=float, show_default=_default("cml_lambda"),
                           help="cml: weight of the confidence penalty.")),
+    ("--mmcosine-scale", dict(type=float, show_default=_default("mmcosine_scale"),
+                              help="mmcosine: scale of the cosine logits.")),
     ("--recon-w1", dict(type=float, show_default=_default("recon_w1"),
                         help="reconboost: weight of the learner's own cross-entropy in the boosting loss.")),
     ("--recon-w2", dict(type=float, show_default=_default("recon_w2"),

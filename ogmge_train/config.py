@@ -81,6 +81,7 @@ class TrainConfig:
     cml_lambda: float = 0.1               # cml: weight of the confidence penalty (BalanceBenchmark)
     recon_w1: float = 5.0                 # reconboost: weight of the learner's own CE term (official code)
     recon_w2: float = 1.0                 # reconboost: weight of the others'-ensemble term (official code)
+    mmcosine_scale: float = 15.0          # mmcosine: scale s of the cosine logits (BalanceBenchmark)
     recon_boost_rate: float = 1.0         # reconboost: initial ensemble rate (official code; BalanceBenchmark 0.01)
     head_init: str = "xavier"             # fusion head init: xavier (reference code) or torch
     on_nonfinite: str = "stop"            # a non-finite loss/gradient: stop (NonFiniteError) or skip the step
@@ -139,6 +140,7 @@ class TrainConfig:
         _check(self.inforeg_beta_a >= 0, "inforeg_beta_a", "must be >= 0")
         _check(self.inforeg_beta_v >= 0, "inforeg_beta_v", "must be >= 0")
         _check(self.cml_lambda >= 0, "cml_lambda", "must be >= 0")
+        _check(self.mmcosine_scale > 0, "mmcosine_scale", "must be > 0")
         _check(self.recon_w1 >= 0, "recon_w1", "must be >= 0")
         _check(self.recon_w2 >= 0, "recon_w2", "must be >= 0")
         _check(self.gb_super_epoch >= 1, "gb_super_epoch", "must be >= 1")
@@ -213,7 +215,7 @@ BB_METHOD_SETTINGS: dict[str, dict] = {
     "opm": dict(opm_q_base=0.4, opm_lam=0.5, opm_p_exe=0.7), "opm-ge": dict(opm_q_base=0.4, opm_lam=0.5, opm_p_exe=0.7),
     "gradient-blending": dict(gb_super_epoch=10), "cml": dict(cml_lambda=0.1),
     "relearning": dict(relearn_lambda=3.0, relearn_every=15, relearn_times=2),
-    "reconboost": dict(recon_w1=5.0, recon_w2=1.0, recon_boost_rate=0.01),
+    "reconboost": dict(recon_w1=5.0, recon_w2=1.0, recon_boost_rate=0.01), "mmcosine": dict(mmcosine_scale=15.0),
 }
 _PAPER = dict(arch="resnet18", epochs=100, batch_size=64, lr=1e-3, optimizer="sgd",
               lr_step=70, lr_gamma=0.1, image_size=224)

@@ -23,7 +23,7 @@ MODALITIES = ("both", "audio", "visual")
 HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
 METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
-           "agm", "relearning", "inforeg", "cml", "mbsd", "mla", "reconboost")
+           "agm", "relearning", "inforeg", "cml", "mbsd", "mla", "reconboost", "mmcosine")
 # one line per method (the CLI's --modulation help; README: Training gives the equations)
 METHOD_HELP = {
     "none": "plain joint training (cross-entropy of the fused logits)",
@@ -43,10 +43,12 @@ METHOD_HELP = {
     "mbsd": "MBSD (BalanceBenchmark): unimodal losses plus confidence-weighted logit and KL distillation",
     "mla": "MLA (CVPR 2024): alternating unimodal steps through one shared head, entropy-gated fusion at test",
     "reconboost": "ReconBoost (ICML 2024): a boosting step per modality, each followed by a global rectification",
+    "mmcosine": "MMCosine (ICASSP 2023): scaled cosine logits per modality block of the head, summed",
 }
 # methods that work with some fusion heads only (the others work with every head)
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum"),
-                  "mla": ("concat",), "reconboost": ("concat",)}
+                  "mla": ("concat",), "reconboost": ("concat",),
+                  "mmcosine": ("concat", "sum")}
 SCOPES = ("conv", "all")
 # GE's noise: the official code's N(0, std(g)) per tensor, or the paper's mini-batch gradient covariance
 GE_NOISES = ("code", "paper")

@@ -26,6 +26,7 @@ SETTINGS = {
     "mbsd": {},
     "mla": {},
     "reconboost": {},
+    "mmcosine": {},
 }
 WALL_TIME = {"time_s", "samples_per_s"}
 
@@ -74,6 +75,8 @@ def test_trains_with_every_fusion_it_allows(shards, tmp_path, method, fusion):
         assert any(s["mbsd_rs"] > 0 for s in steps)
     if method == "mla":                        # two rounds (updates) per step, the projection in the state
         assert int(saved["rounds"]) == 2 * len(steps) and saved["P"].shape == (128, 128)
+    if method == "mmcosine":                   # rho from the cosine logits (scale 15: far from the head's own)
+        assert all(s["k_a"] == s["k_v"] == 1.0 for s in steps)
     if method == "reconboost":                 # boosting terms, the consolidation term from the second epoch
         assert all(s["recon_boost_a"] > 0 and s["recon_boost_v"] > 0 for s in steps)
         assert {s["recon_ga_a"] > 0 for s in steps} == {False, True} and steps[-1]["recon_rate"] != 1.0
@@ -89,7 +92,7 @@ class Crash(Exception):
 
 @pytest.mark.parametrize("method,fusion", [("relearning", "concat"), ("inforeg", "film"), ("cml", "sum"),
                                            ("mbsd", "gated"), ("mla", "concat"),
-                                           ("reconboost", "concat")])
+                                           ("reconboost", "concat"), ("mmcosine", "sum")])
 def test_resume_is_bit_exact(shards, tmp_path, method, fusion):
     full, part = tmp_path / "full", tmp_path / "part"
     train_mod.train(tiny_config(shards, full, method, fusion=fusion, epochs=3))
@@ -110,6 +113,7 @@ def test_resume_is_bit_exact(shards, tmp_path, method, fusion):
 
 @pytest.mark.parametrize("method,fusion", [
     ("relearning", "concat"), ("inforeg", "sum"), ("mla", "concat"), ("reconboost", "concat"),
+    ("mmcosine", "concat"),
     pytest.param("cml", "gated", marks=pytest.mark.slow), pytest.param("mbsd", "film", marks=pytest.mark.slow)])
 def test_ddp_keeps_parameters_identical(train_shards, tmp_path, method, fusion):
     shards = train_shards(shard_size=3)

@@ -33,6 +33,7 @@ from .gradient_blending import GradientBlending
 from .inforeg import InfoReg
 from .mbsd import MBSD
 from .mla import MLA
+from .mmcosine import MMCosine
 from .mmpareto import MMPareto
 from .modality_drop import ModalityDrop
 from .none import NoModulation
@@ -45,7 +46,7 @@ from .relearning import ReLearning
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
-    InfoReg, CML, MBSD, MLA, ReconBoost)}
+    InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 
