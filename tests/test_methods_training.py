@@ -27,6 +27,7 @@ SETTINGS = {
     "mla": {},
     "reconboost": {},
     "mmcosine": {},
+    "ume": {},
 }
 WALL_TIME = {"time_s", "samples_per_s"}
 
@@ -92,7 +93,8 @@ class Crash(Exception):
 
 @pytest.mark.parametrize("method,fusion", [("relearning", "concat"), ("inforeg", "film"), ("cml", "sum"),
                                            ("mbsd", "gated"), ("mla", "concat"),
-                                           ("reconboost", "concat"), ("mmcosine", "sum")])
+                                           ("reconboost", "concat"), ("mmcosine", "sum"),
+                                           ("ume", "concat")])
 def test_resume_is_bit_exact(shards, tmp_path, method, fusion):
     full, part = tmp_path / "full", tmp_path / "part"
     train_mod.train(tiny_config(shards, full, method, fusion=fusion, epochs=3))
@@ -113,7 +115,7 @@ def test_resume_is_bit_exact(shards, tmp_path, method, fusion):
 
 @pytest.mark.parametrize("method,fusion", [
     ("relearning", "concat"), ("inforeg", "sum"), ("mla", "concat"), ("reconboost", "concat"),
-    ("mmcosine", "concat"),
+    ("mmcosine", "concat"), ("ume", "concat"),
     pytest.param("cml", "gated", marks=pytest.mark.slow), pytest.param("mbsd", "film", marks=pytest.mark.slow)])
 def test_ddp_keeps_parameters_identical(train_shards, tmp_path, method, fusion):
     shards = train_shards(shard_size=3)

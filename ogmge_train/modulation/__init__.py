@@ -43,10 +43,11 @@ from .opm import OPM, OPMGE
 from .pmr import PMR
 from .reconboost import ReconBoost
 from .relearning import ReLearning
+from .ume import UME
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
-    InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine)}
+    InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine, UME)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 
