@@ -115,3 +115,13 @@ def sample_members(key: str, n_frames: int = 3, label: int = 1) -> list[tuple[st
     spec = np.arange(12, dtype=np.float16).reshape(3, 4)
     return ([(f"{key}.cls", str(label).encode()), (f"{key}.json", b'{"k": 1}'), (f"{key}.spec.npy", npy_bytes(spec))]
             + [(f"{key}.f{j:03d}.jpg", grey_jpeg(20 * j + 10)) for j in range(n_frames)])
+
+
+def av_batch(batch: int, classes: int, seed: int = 0):
+    """(audio, visual, labels) of random inputs shaped for the small test models: spectrograms
+    (B, 1, 32, 48), three 32x32 frames (B, 1, 3, 32, 32), labels in [0, classes)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 1, 32, 48, generator=g), torch.randn(batch, 1, 3, 32, 32, generator=g),
+            torch.randint(0, classes, (batch,), generator=g))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ogmge_train import modulation
 from ogmge_train.models import build_model
 from ogmge_train.modulation.inforeg import gain_rate
+from tests._helpers import av_batch
 
 B, C = 8, 5
 
@@ -17,9 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, 1, 32, 48, generator=g), torch.randn(B, 1, 3, 32, 32, generator=g),
-            torch.randint(0, C, (B,), generator=g))
+    return av_batch(B, C, seed)
 
 
 def _official_k(traces):

@@ -10,6 +10,7 @@ from ogmge_train.config import resolve
 from ogmge_train.errors import ConfigError
 from ogmge_train.models import build_model
 from ogmge_train.plugin import Balancer
+from tests._helpers import av_batch
 from tests.test_plugin import NAMES3, _tri, _tri_batch
 
 B, C, S = 8, 5, 15.0
@@ -18,9 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, 1, 32, 48, generator=g), torch.randn(B, 1, 3, 32, 32, generator=g),
-            torch.randint(0, C, (B,), generator=g))
+    return av_batch(B, C, seed)
 
 
 def _cos(x, w):

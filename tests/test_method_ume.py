@@ -1,6 +1,5 @@
 """ume (ICML 2023): one run equals two separately trained uni-modal models (same batches, same
 optimizer), and the evaluation ensemble is the mean of their logits (float64 reference)."""
-import copy
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from ogmge_train.config import resolve
 from ogmge_train.errors import ConfigError
 from ogmge_train.models import build_model
 from ogmge_train.plugin import Balancer
+from tests._helpers import av_batch
 
 B, C = 8, 5
 
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, 1, 32, 48, generator=g), torch.randn(B, 1, 3, 32, 32, generator=g),
-            torch.randint(0, C, (B,), generator=g))
+    return av_batch(B, C, seed)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
