@@ -121,6 +121,10 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--on-nonfinite", dict(type=choice("on_nonfinite"), show_default=_default("on_nonfinite"),
                             help="A non-finite loss or gradient: stop with an error naming epoch and step, or "
                                  "skip the step.")),
+    ("--amco-sigma", dict(type=float, show_default=_default("amco_sigma"),
+                          help="amco: a modality whose mean softmax share exceeds this is masked next step.")),
+    ("--amco-eps", dict(type=float, show_default=_default("amco_eps"),
+                        help="amco: mask ratio sin(pi/2 min(eps, l)/eps); l grows by epoch/10 per step.")),
     ("--modality", dict(type=choice("modality"), show_default=_default("modality"),
                         help="both, or a unimodal baseline.")),
     ("--epochs", dict(type=int, show_default=_default("epochs"), help="Number of epochs (counted from 0).")),

@@ -85,6 +85,8 @@ class TrainConfig:
     recon_boost_rate: float = 1.0         # reconboost: initial ensemble rate (official code; BalanceBenchmark 0.01)
     head_init: str = "xavier"             # fusion head init: xavier (reference code) or torch
     on_nonfinite: str = "stop"            # a non-finite loss/gradient: stop (NonFiniteError) or skip the step
+    amco_sigma: float = 0.5               # amco: softmax share above which a modality is dependent (BalanceBenchmark)
+    amco_eps: float = 0.3                 # amco: the mask ratio reaches 1 at level eps (BalanceBenchmark)
     modality: str = "both"
     epochs: int = 100
     batch_size: int = 64
@@ -148,6 +150,8 @@ class TrainConfig:
         _check(0.0 <= self.pmr_momentum <= 1.0, "pmr_momentum", "must be in [0, 1]")
         _check(self.pmr_entropy >= 0, "pmr_entropy", "must be >= 0")
         _check(self.pmr_entropy_epochs >= 0, "pmr_entropy_epochs", "must be >= 0")
+        _check(0.0 <= self.amco_sigma <= 1.0, "amco_sigma", "must be in [0, 1]")
+        _check(self.amco_eps > 0, "amco_eps", "must be > 0")
         allowed = names.METHOD_FUSIONS.get(self.modulation)
         if allowed is not None and self.modality == "both" and self.fusion not in allowed:
             raise ConfigError(f"--modulation {self.modulation} works with --fusion {' or '.join(allowed)}, "

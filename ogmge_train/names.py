@@ -23,7 +23,8 @@ MODALITIES = ("both", "audio", "visual")
 HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
 METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
-           "agm", "relearning", "inforeg", "cml", "mbsd", "mla", "reconboost", "mmcosine", "ume")
+           "agm", "relearning", "inforeg", "cml", "mbsd", "mla", "reconboost", "mmcosine", "ume",
+           "amco")
 # one line per method (the CLI's --modulation help; README: Training gives the equations)
 METHOD_HELP = {
     "none": "plain joint training (cross-entropy of the fused logits)",
@@ -45,11 +46,13 @@ METHOD_HELP = {
     "reconboost": "ReconBoost (ICML 2024): a boosting step per modality, each followed by a global rectification",
     "mmcosine": "MMCosine (ICASSP 2023): scaled cosine logits per modality block of the head, summed",
     "ume": "UME (ICML 2023): each modality trained as its own unimodal model, their logits averaged at test",
+    "amco": "AMCo (ICASSP 2023): class mask on the dependent modality's logits, unimodal co-optimisation",
 }
 # methods that work with some fusion heads only (the others work with every head)
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum"),
                   "mla": ("concat",), "reconboost": ("concat",),
-                  "mmcosine": ("concat", "sum"), "ume": ("concat",)}
+                  "mmcosine": ("concat", "sum"), "ume": ("concat",),
+                  "amco": ("concat", "sum")}
 SCOPES = ("conv", "all")
 # GE's noise: the official code's N(0, std(g)) per tensor, or the paper's mini-batch gradient covariance
 GE_NOISES = ("code", "paper")

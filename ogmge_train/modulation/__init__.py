@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ..names import METHODS as NAMES
 from .agm import AGM
+from .amco import AMCo
 from .base import (
     STAT_KEYS,
     UNIT_STATS,
@@ -47,7 +48,7 @@ from .ume import UME
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
-    InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine, UME)}
+    InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine, UME, AMCo)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 
