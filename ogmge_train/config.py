@@ -87,6 +87,8 @@ class TrainConfig:
     on_nonfinite: str = "stop"            # a non-finite loss/gradient: stop (NonFiniteError) or skip the step
     amco_sigma: float = 0.5               # amco: softmax share above which a modality is dependent (BalanceBenchmark)
     amco_eps: float = 0.3                 # amco: the mask ratio reaches 1 at level eps (BalanceBenchmark)
+    greedy_eps: float = 0.01              # greedy: |d_BDR| above which a re-balancing window starts (official)
+    greedy_window: int = 5                # greedy: steps of a re-balancing window (official)
     modality: str = "both"
     epochs: int = 100
     batch_size: int = 64
@@ -152,6 +154,8 @@ class TrainConfig:
         _check(self.pmr_entropy_epochs >= 0, "pmr_entropy_epochs", "must be >= 0")
         _check(0.0 <= self.amco_sigma <= 1.0, "amco_sigma", "must be in [0, 1]")
         _check(self.amco_eps > 0, "amco_eps", "must be > 0")
+        _check(self.greedy_eps >= 0, "greedy_eps", "must be >= 0")
+        _check(self.greedy_window >= 1, "greedy_window", "must be >= 1")
         allowed = names.METHOD_FUSIONS.get(self.modulation)
         if allowed is not None and self.modality == "both" and self.fusion not in allowed:
             raise ConfigError(f"--modulation {self.modulation} works with --fusion {' or '.join(allowed)}, "

@@ -42,7 +42,7 @@ def coalition_logits(plug, inputs: dict[str, torch.Tensor]) -> dict[str, torch.T
     if len(names) < 2:
         return {}
     return {key(kept): plug.predict(plug.modalities.run(
-                {u: (x if u in kept else torch.zeros_like(x)) for u, x in inputs.items()}))
+                {u: (x if u in kept else torch.zeros_like(x)) for u, x in inputs.items()}, plug.eval_hook()))
             for kept in coalitions(names)}
 
 

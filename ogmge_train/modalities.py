@@ -92,6 +92,10 @@ class Modalities:
       features (OPM, which drops features by them before fusion).
     - ``head``: the fusion head (a module or parameters; AGM clips by its gradients).
     - ``num_classes``, ``dims`` (feature width per modality): for methods that add heads.
+    - ``stages``: modality -> channels of its feature maps after each encoder stage, for a model
+      whose forward calls ``hook.stage(i, maps)`` (when the hook has that attribute) after stage
+      i of every encoder, with ``maps[u]`` of shape (B, C_i, ...), and goes on with the maps it
+      returns: mid-fusion methods (greedy) insert layers there.
     """
 
     def __init__(self, model: nn.Module, params: Mapping[str, nn.Module | Iterable[nn.Parameter]], *,
@@ -99,7 +103,8 @@ class Modalities:
                  forward: Callable[[nn.Module, dict, FeatureHook | None], Output] | None = None,
                  unimodal: Callable[[nn.Module, dict], dict] | None = None,
                  head: nn.Module | Iterable[nn.Parameter] | None = None,
-                 num_classes: int | None = None, dims: Mapping[str, int] | None = None):
+                 num_classes: int | None = None, dims: Mapping[str, int] | None = None,
+                 stages: Mapping[str, Iterable[int]] | None = None):
         self.model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) \
             else model
         if not params:
@@ -117,6 +122,7 @@ class Modalities:
         self._forward, self._unimodal = forward, unimodal
         self.num_classes = num_classes
         self.dims = dict(dims) if dims is not None else None
+        self.stages = {u: tuple(stages[u]) for u in self.names} if stages is not None else None
         self._resolve()
 
     @staticmethod
@@ -169,10 +175,10 @@ class Modalities:
         return self._unimodal(self.model if model is None else model, features)
 
     def has(self, part: str) -> bool:
-        """Whether the model side gives ``part``: forward, unimodal, head, num_classes, dims."""
+        """Whether the model side gives ``part``: forward, unimodal, head, num_classes, dims, stages."""
         return {"forward": self._forward is not None, "unimodal": self._unimodal is not None,
                 "head": bool(self._head), "num_classes": self.num_classes is not None,
-                "dims": self.dims is not None}[part]
+                "dims": self.dims is not None, "stages": self.stages is not None}[part]
 
     def copy(self) -> Modalities:
         """The same description of a deep copy of the model (its attached method modules too)."""

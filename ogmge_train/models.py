@@ -69,6 +69,8 @@ def _forward(model, inputs: dict, hook) -> Output:
     def feature_hook(a, v):
         f = hook({"audio": a, "visual": v})
         return f["audio"], f["visual"]
+    if hasattr(hook, "stage"):
+        feature_hook.stage = hook.stage       # type: ignore[attr-defined]
     return av_output(model(audio, visual, feature_hook=feature_hook))
 
 
@@ -118,9 +120,18 @@ class ResNet18Trunk(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    widths = (64, 128, 256, 512)
+
+    def stage(self, i: int, x):
+        """Stage i of 4 (0: stem and layer1, then layer2..layer4): where a mid-fusion hook is called."""
+        if i == 0:
+            return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        return (self.layer2, self.layer3, self.layer4)[i - 1](x)
+
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for i in range(4):
+            x = self.stage(i, x)
+        return x
 
 
 class SmallTrunk(nn.Module):
@@ -135,6 +146,11 @@ class SmallTrunk(nn.Module):
             blocks += [nn.Conv2d(cin, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             cin = w
         self.body = nn.Sequential(*blocks)
+        self.widths = tuple(widths)
+
+    def stage(self, i: int, x):
+        """Block i (conv-BN-ReLU): where a mid-fusion hook is called."""
+        return self.body[3 * i:3 * i + 3](x)
 
     def forward(self, x):
         return self.body(x)
@@ -153,7 +169,10 @@ class AudioEncoder(nn.Module):
         self.out_dim = self.trunk.out_dim
 
     def forward(self, audio):
-        return self.trunk(audio).mean(dim=(2, 3))
+        return self.pool(self.trunk(audio))
+
+    def pool(self, maps):
+        return maps.mean(dim=(2, 3))
 
 
 def make_audio_encoder(arch: str, audio_arch: str = "same", bins: int | None = None) -> nn.Module:
@@ -179,9 +198,10 @@ class VisualEncoder(nn.Module):
         self.out_dim = self.trunk.out_dim
 
     def forward(self, visual):
-        b, n = visual.shape[:2]
-        maps = self.trunk(visual.flatten(0, 1))          # (B*n, D, h, w)
-        return maps.unflatten(0, (b, n)).mean(dim=(1, 3, 4))
+        return self.pool(self.trunk(visual.flatten(0, 1)), visual.shape[0])      # maps: (B*n, D, h, w)
+
+    def pool(self, maps, batch: int):
+        return maps.unflatten(0, (batch, -1)).mean(dim=(1, 3, 4))
 
 
 # ---------------------------------------------------------------- fusion heads
@@ -294,6 +314,8 @@ class AVModel(nn.Module):
 
     ``forward(audio, visual, feature_hook=None)``: ``feature_hook(feat_a, feat_v)`` may replace
     the pooled features before the head (modality-drop); the output's features are the hooked ones.
+    A hook with a ``stage(i, maps)`` attribute (mid-fusion methods: greedy) is also called after
+    each of the encoders' stages, which then run interleaved (``_mid_fusion``).
     A unimodal model ignores the other input (it may be None).
     """
 
@@ -330,11 +352,34 @@ class AVModel(nn.Module):
             feat = self.visual_encoder(visual)
             logits = self.head(feat)
             return ModelOutput(logits, None, logits, None, feat)
-        feat_a, feat_v = self.audio_encoder(audio), self.visual_encoder(visual)
+        stage_hook = getattr(feature_hook, "stage", None)
+        if stage_hook is not None:
+            feat_a, feat_v = self._mid_fusion(audio, visual, stage_hook)
+        else:
+            feat_a, feat_v = self.audio_encoder(audio), self.visual_encoder(visual)
         if feature_hook is not None:
             feat_a, feat_v = feature_hook(feat_a, feat_v)
         logits, logits_a, logits_v = self.head(feat_a, feat_v)
         return ModelOutput(logits, logits_a, logits_v, feat_a, feat_v)
+
+    @staticmethod
+    def _stages(encoders: dict) -> dict | None:
+        """Channels after each stage, when both encoders are trunks that run stage by stage (not x-vector)."""
+        trunks = {u: getattr(e, "trunk", None) for u, e in encoders.items()}
+        if len(trunks) < 2 or not all(hasattr(t, "stage") for t in trunks.values()):
+            return None
+        return {u: t.widths for u, t in trunks.items()}
+
+    def _mid_fusion(self, audio, visual, stage_hook):
+        """Both encoders stage by stage, ``stage_hook(i, maps)`` after each stage: maps are
+        (B, C, F, T) audio and (B, C, n, h, w) visual (a view of the frames' maps), the same
+        layouts go back."""
+        a, v, b = audio, visual.flatten(0, 1), visual.shape[0]
+        for i in range(len(self.audio_encoder.trunk.widths)):
+            a, v = self.audio_encoder.trunk.stage(i, a), self.visual_encoder.trunk.stage(i, v)
+            maps = stage_hook(i, {"audio": a, "visual": v.unflatten(0, (b, -1)).transpose(1, 2)})
+            a, v = maps["audio"], maps["visual"].transpose(1, 2).flatten(0, 1)
+        return self.audio_encoder.pool(a), self.visual_encoder.pool(v, b)
 
     def modalities(self, scope: str = "conv") -> Modalities:
         """The model side of the plug-in API: modalities "audio" and "visual" (those this model
@@ -349,7 +394,8 @@ class AVModel(nn.Module):
                                                      for u in names},
                           forward=_forward, unimodal=_unimodal if self.modality == "both" else None,
                           head=[m.weight for m in self.head.modules() if isinstance(m, nn.Linear)],
-                          num_classes=self.num_classes, dims={u: e.out_dim for u, e in encoders.items()})
+                          num_classes=self.num_classes, dims={u: e.out_dim for u, e in encoders.items()},
+                          stages=self._stages(encoders))
 
     def encoder(self, modality: str) -> nn.Module | None:
         """The encoder of ``modality`` ("audio" or "visual"); None when the model lacks it."""

@@ -50,8 +50,10 @@ _HOW = {
     "transform_inputs": "run the forward on balancer.transform_inputs(inputs)",
     "transform_features": "pass balancer.feature_hook() to your forward (it changes the features before fusion)",
     "loss": "back-propagate loss = balancer.loss(out, labels) (it adds its own terms)",
+    "transform_stage": "pass balancer.feature_hook() to your forward (its stage attribute runs between encoder "
+                       "stages) and balancer.eval_hook() to evaluation forwards",
 }
-_PER_STEP = ("train_rows", "begin_step", "transform_inputs", "transform_features", "loss")
+_PER_STEP = ("train_rows", "begin_step", "transform_inputs", "transform_features", "transform_stage", "loss")
 
 
 def _all_reduce() -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, int]:
@@ -183,7 +185,7 @@ class Balancer:
         """A function (features by modality -> features) for your forward to apply before fusion,
         or None when the method leaves features alone."""
         step = self._require_open("feature_hook")
-        self._called.add("transform_features")
+        self._called.update(("transform_features", "transform_stage"))
         return self.method.feature_hook(True, step)
 
     def loss(self, out: Output, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,6 +243,10 @@ class Balancer:
         return result
 
     # -- evaluation and state
+
+    def eval_hook(self) -> Callable[[dict], dict] | None:
+        """The feature hook of an evaluation forward (a mid-fusion method's layers), or None."""
+        return self.method.feature_hook(False, None) if self.method.uses("transform_stage") else None
 
     def predict(self, out: Output) -> torch.Tensor:
         """The fused logits of an evaluation forward (the method's test-time fusion rule, if any)."""

@@ -270,7 +270,7 @@ def _predict(plug: Balancer, loader, device: torch.device, cfg: TrainConfig, on_
         labels, keys = localisation.rows(plug.modalities.model, batch, labels, list(batch["key"]))
         inputs = {"audio": audio, "visual": visual}
         with _autocast(cfg, device):
-            out = plug.evaluate(plug.modalities.run(inputs))
+            out = plug.evaluate(plug.modalities.run(inputs, plug.eval_hook()))
             coalitions = imbalance.coalition_logits(plug, inputs)
         parts["logits"].append(out.logits.float().cpu())
         for k, lg in coalitions.items():

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # settings that make each method act within a 2-3 epoch run
 SETTINGS: dict[str, dict] = {
     "amco": {},
+    "greedy": {"greedy_eps": 0.0, "greedy_window": 2},
 }
 WALL_TIME = {"time_s", "samples_per_s"}
 
@@ -55,6 +56,10 @@ def _check_run(method, steps, saved, record):
         assert max(s["amco_p"] for s in steps if s["epoch"] == 1) == 1.0
         assert all(s["amco_dep_a"] + s["amco_dep_v"] >= 0 for s in steps)
         assert set(saved) == {"level", "dependent"}
+    if method == "greedy":                     # windows of 2 steps after each measurement (eps 0)
+        cur = [s["greedy_cur_a"] + s["greedy_cur_v"] for s in steps]
+        assert cur[:3] == [0.0, 1.0, 1.0] and set(cur) == {0.0, 1.0}
+        assert saved["speeds"].shape == (4,) and bool((saved["speeds"] > 0).all())
 
 
 @pytest.mark.parametrize("fusion", names.FUSIONS)

@@ -31,6 +31,7 @@ from .base import (
 from .cml import CML
 from .ge import GE
 from .gradient_blending import GradientBlending
+from .greedy import Greedy
 from .inforeg import InfoReg
 from .mbsd import MBSD
 from .mla import MLA
@@ -48,7 +49,8 @@ from .ume import UME
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
-    InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine, UME, AMCo)}
+    InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine, UME, AMCo,
+    Greedy)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 

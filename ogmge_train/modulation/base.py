@@ -429,11 +429,20 @@ class Method:
                            step: Step | None = None) -> dict[str, torch.Tensor]:
         return features
 
+    def transform_stage(self, i: int, maps: dict[str, torch.Tensor], *, training: bool,
+                        step: Step | None = None) -> dict[str, torch.Tensor]:
+        """The encoders' feature maps after stage i (mid-fusion; models with ``Modalities(stages=)``),
+        in training and evaluation forwards alike."""
+        return maps
+
     def feature_hook(self, training: bool, step: Step | None = None) -> Callable | None:
-        """The forward's feature hook for this method, or None when it leaves features alone."""
-        if not self.uses("transform_features"):
+        """The forward's feature hook for this method, or None when it leaves features alone; with
+        ``transform_stage`` in use it carries it as its ``stage(i, maps)`` attribute."""
+        staged = self.uses("transform_stage")
+        if not (self.uses("transform_features") or staged):
             return None
-        return lambda features: self.transform_features(features, training=training, step=step)
+        return _Hook(self, training, step) if staged else \
+            (lambda features: self.transform_features(features, training=training, step=step))
 
     def train_step(self, step: Step, run: StepRun) -> StepResult | None:
         """One training step (None when ``run.backward`` asked to skip it)."""
@@ -506,6 +515,19 @@ class Method:
         pass
 
 
+class _Hook:
+    """A feature hook that also has ``stage(i, maps)`` (``Method.transform_stage``)."""
+
+    def __init__(self, method: Method, training: bool, step: Step | None):
+        self.method, self.training, self.step = method, training, step
+
+    def __call__(self, features: dict) -> dict:
+        return self.method.transform_features(features, training=self.training, step=self.step)
+
+    def stage(self, i: int, maps: dict) -> dict:
+        return self.method.transform_stage(i, maps, training=self.training, step=self.step)
+
+
 def linear_heads(modalities: Modalities, init: str = "xavier") -> nn.ModuleDict:
     """A linear classifier per modality on its pooled features (MMPareto, Gradient-Blending),
     initialised as the reference code initialises every Linear (``xavier``: xavier-normal weights,
@@ -557,4 +579,5 @@ def check_modalities(method: Method, modalities: Modalities) -> None:
 
 _NEEDS = {"forward": "it runs the model itself", "unimodal": "it needs each modality's logits from its features",
           "head": "it reads the fusion head's gradients", "num_classes": "it adds a classifier per modality",
-          "dims": "it needs each modality's feature width"}
+          "dims": "it needs each modality's feature width",
+          "stages": "it inserts layers between encoder stages: the forward must call hook.stage(i, maps)"}
