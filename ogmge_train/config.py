@@ -89,6 +89,9 @@ class TrainConfig:
     amco_eps: float = 0.3                 # amco: the mask ratio reaches 1 at level eps (BalanceBenchmark)
     greedy_eps: float = 0.01              # greedy: |d_BDR| above which a re-balancing window starts (official)
     greedy_window: int = 5                # greedy: steps of a re-balancing window (official)
+    umt_teacher_audio: str | None = None  # umt: folder of the --modality audio run distilled into the audio encoder
+    umt_teacher_visual: str | None = None  # umt: folder of the --modality visual run for the visual encoder
+    umt_scaling: float = 10.0             # umt: weight of the feature MSE terms (BalanceBenchmark)
     modality: str = "both"
     epochs: int = 100
     batch_size: int = 64
@@ -156,6 +159,7 @@ class TrainConfig:
         _check(self.amco_eps > 0, "amco_eps", "must be > 0")
         _check(self.greedy_eps >= 0, "greedy_eps", "must be >= 0")
         _check(self.greedy_window >= 1, "greedy_window", "must be >= 1")
+        _check(self.umt_scaling >= 0, "umt_scaling", "must be >= 0")
         allowed = names.METHOD_FUSIONS.get(self.modulation)
         if allowed is not None and self.modality == "both" and self.fusion not in allowed:
             raise ConfigError(f"--modulation {self.modulation} works with --fusion {' or '.join(allowed)}, "
@@ -224,6 +228,7 @@ BB_METHOD_SETTINGS: dict[str, dict] = {
     "gradient-blending": dict(gb_super_epoch=10), "cml": dict(cml_lambda=0.1),
     "relearning": dict(relearn_lambda=3.0, relearn_every=15, relearn_times=2),
     "reconboost": dict(recon_w1=5.0, recon_w2=1.0, recon_boost_rate=0.01), "mmcosine": dict(mmcosine_scale=15.0),
+    "umt": dict(umt_scaling=10.0),
 }
 _PAPER = dict(arch="resnet18", epochs=100, batch_size=64, lr=1e-3, optimizer="sgd",
               lr_step=70, lr_gamma=0.1, image_size=224)

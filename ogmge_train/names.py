@@ -24,7 +24,7 @@ HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
 METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
            "agm", "relearning", "inforeg", "cml", "mbsd", "mla", "reconboost", "mmcosine", "ume",
-           "amco", "greedy")
+           "amco", "greedy", "umt")
 # one line per method (the CLI's --modulation help; README: Training gives the equations)
 METHOD_HELP = {
     "none": "plain joint training (cross-entropy of the fused logits)",
@@ -48,6 +48,7 @@ METHOD_HELP = {
     "ume": "UME (ICML 2023): each modality trained as its own unimodal model, their logits averaged at test",
     "amco": "AMCo (ICASSP 2023): class mask on the dependent modality's logits, unimodal co-optimisation",
     "greedy": "Greedy (ICML 2022): MMTM mid-fusion, re-balancing windows from conditional learning speeds",
+    "umt": "UMT (ICML 2023): features of frozen uni-modal teacher runs distilled into the encoders (MSE)",
 }
 # methods that work with some fusion heads only (the others work with every head)
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum"),

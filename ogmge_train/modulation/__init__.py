@@ -46,11 +46,12 @@ from .pmr import PMR
 from .reconboost import ReconBoost
 from .relearning import ReLearning
 from .ume import UME
+from .umt import UMT
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
     InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine, UME, AMCo,
-    Greedy)}
+    Greedy, UMT)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 
