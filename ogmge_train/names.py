@@ -24,7 +24,7 @@ HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
 METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
            "agm", "relearning", "inforeg", "cml", "mbsd", "mla", "reconboost", "mmcosine", "ume",
-           "amco", "greedy", "umt")
+           "amco", "greedy", "umt", "lfm")
 # one line per method (the CLI's --modulation help; README: Training gives the equations)
 METHOD_HELP = {
     "none": "plain joint training (cross-entropy of the fused logits)",
@@ -49,12 +49,14 @@ METHOD_HELP = {
     "amco": "AMCo (ICASSP 2023): class mask on the dependent modality's logits, unimodal co-optimisation",
     "greedy": "Greedy (ICML 2022): MMTM mid-fusion, re-balancing windows from conditional learning speeds",
     "umt": "UMT (ICML 2023): features of frozen uni-modal teacher runs distilled into the encoders (MSE)",
+    "lfm": "LFM (NeurIPS 2024): CE and a modality-alignment loss mixed by an epoch-fitted weight",
 }
 # methods that work with some fusion heads only (the others work with every head)
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum"),
                   "mla": ("concat",), "reconboost": ("concat",),
                   "mmcosine": ("concat", "sum"), "ume": ("concat",),
-                  "amco": ("concat", "sum"), "greedy": ("sum",)}
+                  "amco": ("concat", "sum"), "greedy": ("sum",),
+                  "lfm": ("concat", "sum")}
 SCOPES = ("conv", "all")
 # GE's noise: the official code's N(0, std(g)) per tensor, or the paper's mini-batch gradient covariance
 GE_NOISES = ("code", "paper")

@@ -33,6 +33,7 @@ from .ge import GE
 from .gradient_blending import GradientBlending
 from .greedy import Greedy
 from .inforeg import InfoReg
+from .lfm import LFM
 from .mbsd import MBSD
 from .mla import MLA
 from .mmcosine import MMCosine
@@ -51,7 +52,7 @@ from .umt import UMT
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
     InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine, UME, AMCo,
-    Greedy, UMT)}
+    Greedy, UMT, LFM)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 

@@ -402,8 +402,8 @@ class Method:
         the model as ``model.aux_heads`` before the optimizer and DDP are built, so they are
         ordinary parameters (optimizer, DDP, checkpoints); reach them through
         ``modalities.aux``, which for a copy of the model (``Modalities.copy``) is the copy's.
-        Frozen modules (teachers) stay in the method: keep them in eval mode with
-        ``requires_grad=False`` and save them in ``state_dict``."""
+        Frozen modules (teachers) stay in the method, in eval mode with ``requires_grad=False``,
+        saved in ``state_dict``, or, loaded from files, recorded there by path and hash (umt)."""
         return None
 
     # -- per epoch and step
