@@ -23,13 +23,14 @@ modalities (one teacher each). Step stats: ``umt_mse_<tag>`` (the unscaled MSE t
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from avprep.shards import sha256_file
 
 from .. import frameworks, runfolder
 from ..config import TrainConfig
@@ -48,14 +49,6 @@ class RunTeacher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x, None) if self.modality == "audio" else self.model(None, x)
         return out.feat_a if self.modality == "audio" else out.feat_v
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_run_teacher(run: str | Path, modality: str, width: int | None) -> tuple[RunTeacher, str, str]:
@@ -86,7 +79,7 @@ def load_run_teacher(run: str | Path, modality: str, width: int | None) -> tuple
     have = getattr(model.encoder(modality), "out_dim", None)
     if width is not None and have != width:
         raise ConfigError(f"{what}: its {cfg.arch} features are {have}-d, this model's {modality} features {width}-d")
-    return teacher, str(path), _sha256(path)
+    return teacher, str(path), sha256_file(path)
 
 
 class UMT(Method):
