@@ -135,6 +135,8 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
                                   help="umt: folder of a finished --modality visual run (its best.pt teaches).")),
     ("--umt-scaling", dict(type=float, show_default=_default("umt_scaling"),
                            help="umt: weight of the teacher-feature MSE terms.")),
+    ("--amss-temperature", dict(type=float, show_default=_default("amss_temperature"),
+                                help="amss/amss-plus: temperature T of the keep shares softmax(-rate / T).")),
     ("--modality", dict(type=choice("modality"), show_default=_default("modality"),
                         help="both, or a unimodal baseline.")),
     ("--epochs", dict(type=int, show_default=_default("epochs"), help="Number of epochs (counted from 0).")),

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SETTINGS: dict[str, dict] = {
     "amco": {},
     "greedy": {"greedy_eps": 0.0, "greedy_window": 2},
+    "amss": {},
+    "amss-plus": {},
 }
 WALL_TIME = {"time_s", "samples_per_s"}
 
@@ -60,6 +62,10 @@ def _check_run(method, steps, saved, record):
         cur = [s["greedy_cur_a"] + s["greedy_cur_v"] for s in steps]
         assert cur[:3] == [0.0, 1.0, 1.0] and set(cur) == {0.0, 1.0}
         assert saved["speeds"].shape == (4,) and bool((saved["speeds"] > 0).all())
+    if method in ("amss", "amss-plus"):       # keep shares of every step, summing to 1 (clamps are symmetric)
+        assert all(0.1 <= s["amss_keep_a"] <= 0.9 and abs(s["amss_keep_a"] + s["amss_keep_v"] - 1) < 1e-9
+                   for s in steps)
+        assert saved == {}
 
 
 @pytest.mark.parametrize("fusion", names.FUSIONS)

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from ..names import METHODS as NAMES
 from .agm import AGM
 from .amco import AMCo
+from .amss import AMSS, AMSSPlus
 from .base import (
     STAT_KEYS,
     UNIT_STATS,
@@ -52,7 +53,7 @@ from .umt import UMT
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
     InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine, UME, AMCo,
-    Greedy, UMT, LFM)}
+    Greedy, UMT, LFM, AMSS, AMSSPlus)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 
