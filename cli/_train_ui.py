@@ -137,6 +137,9 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
                            help="umt: weight of the teacher-feature MSE terms.")),
     ("--amss-temperature", dict(type=float, show_default=_default("amss_temperature"),
                                 help="amss/amss-plus: temperature T of the keep shares softmax(-rate / T).")),
+    ("--valuation-part-ratio", dict(type=float, show_default=_default("valuation_part_ratio"),
+                                    help="valuation-modality: share of the training samples whose Shapley "
+                                         "values give each modality's mean.")),
     ("--modality", dict(type=choice("modality"), show_default=_default("modality"),
                         help="both, or a unimodal baseline.")),
     ("--epochs", dict(type=int, show_default=_default("epochs"), help="Number of epochs (counted from 0).")),

@@ -93,6 +93,7 @@ class TrainConfig:
     umt_teacher_visual: str | None = None  # umt: folder of the --modality visual run for the visual encoder
     umt_scaling: float = 10.0             # umt: weight of the feature MSE terms (BalanceBenchmark)
     amss_temperature: float = 0.2         # amss/amss-plus: temperature of the keep shares (official AV code)
+    valuation_part_ratio: float = 0.2     # valuation-modality: share of samples valued for the mean (official)
     modality: str = "both"
     epochs: int = 100
     batch_size: int = 64
@@ -162,6 +163,7 @@ class TrainConfig:
         _check(self.greedy_window >= 1, "greedy_window", "must be >= 1")
         _check(self.umt_scaling >= 0, "umt_scaling", "must be >= 0")
         _check(self.amss_temperature > 0, "amss_temperature", "must be > 0")
+        _check(0.0 < self.valuation_part_ratio <= 1.0, "valuation_part_ratio", "must be in (0, 1]")
         allowed = names.METHOD_FUSIONS.get(self.modulation)
         if allowed is not None and self.modality == "both" and self.fusion not in allowed:
             raise ConfigError(f"--modulation {self.modulation} works with --fusion {' or '.join(allowed)}, "

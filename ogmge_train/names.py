@@ -24,7 +24,8 @@ HEAD_INITS = ("xavier", "torch")
 # modulation methods, one module each in ogmge_train/modulation/
 METHODS = ("none", "ogm", "ge", "ogm-ge", "modality-drop", "gradient-blending", "opm", "opm-ge", "pmr", "mmpareto",
            "agm", "relearning", "inforeg", "cml", "mbsd", "mla", "reconboost", "mmcosine", "ume",
-           "amco", "greedy", "umt", "lfm", "amss", "amss-plus")
+           "amco", "greedy", "umt", "lfm", "amss", "amss-plus",
+           "valuation-sample", "valuation-modality")
 # one line per method (the CLI's --modulation help; README: Training gives the equations)
 METHOD_HELP = {
     "none": "plain joint training (cross-entropy of the fused logits)",
@@ -52,6 +53,8 @@ METHOD_HELP = {
     "lfm": "LFM (NeurIPS 2024): CE and a modality-alignment loss mixed by an epoch-fitted weight",
     "amss": "AMSS (TPAMI 2025): encoder gradient units kept by Fisher importance, fewer for the significant modality",
     "amss-plus": "AMSS+ (TPAMI 2025): AMSS with kept units rescaled by 1 / (p + 1/n)",
+    "valuation-sample": "Sample-level valuation (CVPR 2024): per-sample Shapley values; copies train the low one alone",
+    "valuation-modality": "Modality-level valuation (CVPR 2024): copies of random samples train the weaker modality",
 }
 # methods that work with some fusion heads only (the others work with every head)
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum"),

@@ -148,10 +148,10 @@ class Balancer:
         ``make_optimizer(params)``, ``steps`` (batches per epoch) and ``epochs`` (the run's) are
         needed by the methods that look at data before an epoch (pmr, gradient-blending);
         ``on_event`` receives their progress (``method_progress`` events)."""
-        reduce, _ = _all_reduce()
+        reduce, rank = _all_reduce()
         self.epoch, self._began = epoch, True
         self.method.begin_epoch(EpochStart(self.modalities, epoch, steps, batches, reduce, keyed_batches,
-                                           make_optimizer, epochs, on_event or (lambda e: None)))
+                                           make_optimizer, epochs, on_event or (lambda e: None), self.seed, rank))
 
     # -- your loop, per step
 
@@ -227,15 +227,17 @@ class Balancer:
         if not self.modalities.has("forward"):
             raise ConfigError("train_step runs the model: give Modalities(..., forward=...)")
         weight = 1.0
+        if keys is None and (self.method.uses("train_rows") or "keys" in self.method.needs):
+            raise ConfigError(f"{self.name} reads the samples' keys: give train_step(..., keys=...)")
         if self.method.uses("train_rows"):
-            if keys is None:
-                raise ConfigError(f"{self.name} holds out samples by key: give train_step(..., keys=...)")
+            assert keys is not None
             mask = self.method.train_rows(keys)
             if mask is not None:
                 rows, weight = keep_rows(mask)
                 rows = rows.to(labels.device)
                 inputs, labels = {u: x[rows] for u, x in inputs.items()}, labels[rows]
-        step = self._new_step(labels, inputs, weight)
+                keys = [k for k, kept in zip(keys, rows.tolist()) if kept]
+        step = dataclasses.replace(self._new_step(labels, inputs, weight), keys=keys)
         self.method.begin_step(step)
         result = self.method.train_step(step, StepRun(step, optimizer, model, autocast, on_backward))
         if result is not None:

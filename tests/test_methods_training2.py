@@ -25,6 +25,8 @@ SETTINGS: dict[str, dict] = {
     "greedy": {"greedy_eps": 0.0, "greedy_window": 2},
     "amss": {},
     "amss-plus": {},
+    "valuation-sample": {},
+    "valuation-modality": {"valuation_part_ratio": 0.5},
 }
 WALL_TIME = {"time_s", "samples_per_s"}
 
@@ -66,6 +68,9 @@ def _check_run(method, steps, saved, record):
         assert all(0.1 <= s["amss_keep_a"] <= 0.9 and abs(s["amss_keep_a"] + s["amss_keep_v"] - 1) < 1e-9
                    for s in steps)
         assert saved == {}
+    if method.startswith("valuation"):         # every step: the epoch's mean Shapley values, its copies
+        assert all(-0.5 <= s["phi_a"] <= 1.5 and -0.5 <= s["phi_v"] <= 1.5 and s["copies"] >= 0 for s in steps)
+        assert sum(s["copies"] for s in steps) > 0 and saved == {}
 
 
 @pytest.mark.parametrize("fusion", names.FUSIONS)

@@ -49,11 +49,12 @@ from .reconboost import ReconBoost
 from .relearning import ReLearning
 from .ume import UME
 from .umt import UMT
+from .valuation import ModalityValuation, SampleValuation
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoModulation, OGM, GE, OGMGE, ModalityDrop, GradientBlending, OPM, OPMGE, PMR, MMPareto, AGM, ReLearning,
     InfoReg, CML, MBSD, MLA, ReconBoost, MMCosine, UME, AMCo,
-    Greedy, UMT, LFM, AMSS, AMSSPlus)}
+    Greedy, UMT, LFM, AMSS, AMSSPlus, SampleValuation, ModalityValuation)}
 assert tuple(METHODS) == NAMES, "ogmge_train.names.METHODS and the method classes disagree"
 
 

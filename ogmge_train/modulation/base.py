@@ -63,7 +63,8 @@ class Step:
     step and different on every rank (per-sample draws); ``inputs``: the batch's inputs by
     modality (for methods that evaluate the model on variants); ``step``: steps taken before
     this one; ``weight``: the loss weight (0 for a batch with no sample to train on, see
-    ``keep_rows``).
+    ``keep_rows``); ``keys``: the batch's sample keys (``train_step(..., keys=)``; methods that
+    need them declare ``needs = (..., "keys")``).
     """
 
     modalities: Modalities
@@ -76,6 +77,7 @@ class Step:
     seed: int = 0
     rank: int = 0
     weight: float = 1.0
+    keys: list[str] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -106,7 +108,8 @@ class EpochStart:
     ``(inputs, labels, keys)``; ``make_optimizer(params)`` builds the run's optimizer kind (same
     lr and weight decay) for a method's own copies of the model; ``epochs``: the run's number of
     epochs (None when open-ended); ``emit(event)``: progress events for the caller's display
-    (``{"event": "method_progress", ...}``, see ``progress_event``)."""
+    (``{"event": "method_progress", ...}``, see ``progress_event``); ``seed`` (the balancer's) and
+    ``rank`` seed an epoch's draws (the same on every rank with ``rank`` left out)."""
 
     modalities: Modalities
     epoch: int
@@ -117,6 +120,8 @@ class EpochStart:
     make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None
     epochs: int | None = None
     emit: Callable[[dict], None] = field(default=lambda e: None)
+    seed: int = 0
+    rank: int = 0
 
     @property
     def model(self) -> nn.Module:
@@ -349,7 +354,8 @@ class Method:
     Class attributes: ``fusions`` (our fusion heads it works with; None: all), ``options``
     (TrainConfig fields it takes), ``max_modalities`` (None: any number >= 2), ``needs`` (parts of
     ``Modalities`` it uses beyond the parameters: forward, unimodal, head, num_classes, dims; and
-    ``inputs`` when it reads ``step.inputs``, so a loop of one's own must pass them to ``begin_step``),
+    ``inputs`` when it reads ``step.inputs``, so a loop of one's own must pass them to ``begin_step``;
+    ``keys`` when it reads ``step.keys``, given to ``train_step``),
     ``accumulation`` (whether it works with gradient accumulation: one ``after_backward`` on the
     micro-batches' concatenated outputs).
 
@@ -571,7 +577,7 @@ def check_modalities(method: Method, modalities: Modalities) -> None:
     if n >= 2 and method.max_modalities is not None and n > method.max_modalities:
         raise ValueError(f"{method.name} is defined for {method.max_modalities} modalities, not {n} "
                          f"({', '.join(modalities.names)})")
-    missing = [p for p in method.needs if p != "inputs" and not modalities.has(p)]
+    missing = [p for p in method.needs if p not in ("inputs", "keys") and not modalities.has(p)]
     if n >= 2 and missing:
         raise ValueError(f"{method.name} needs Modalities(..., {'=..., '.join(missing)}=...) "
                          f"({', '.join(_NEEDS[p] for p in missing)})")
