@@ -233,6 +233,8 @@ BB_METHOD_SETTINGS: dict[str, dict] = {
     "relearning": dict(relearn_lambda=3.0, relearn_every=15, relearn_times=2),
     "reconboost": dict(recon_w1=5.0, recon_w2=1.0, recon_boost_rate=0.01), "mmcosine": dict(mmcosine_scale=15.0),
     "umt": dict(umt_scaling=10.0),
+    "valuation-sample": dict(modulation_start=1),
+    "valuation-modality": dict(modulation_start=1, valuation_part_ratio=0.2),
 }
 _PAPER = dict(arch="resnet18", epochs=100, batch_size=64, lr=1e-3, optimizer="sgd",
               lr_step=70, lr_gamma=0.1, image_size=224)
