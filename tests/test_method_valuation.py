@@ -1,7 +1,6 @@
 """valuation-sample / valuation-modality (CVPR 2024): per-sample Shapley values, the re-sampling
 plans and one training step against naive float64 references."""
 import copy
-import math
 
 import pytest
 import torch
@@ -122,7 +121,7 @@ def _sgd(model, lr):
 
 
 def test_step_matches_reference():
-    """Rows and copies shuffled by the step's local generator, ceil(rows / batch) SGD steps of CE
+    """Rows and copies shuffled by the step's local generator, round(rows / batch) SGD steps of CE
     on the fused logits with each copy's other modality zeroed, against a float64 twin."""
     torch.manual_seed(0)
     model = build_model("small", "concat", C)
@@ -139,8 +138,8 @@ def test_step_matches_reference():
     rows = list(range(B)) + [0, 0, 0, 3, 5, 5, 6, 6, 6]
     keep = [(1.0, 1.0)] * B + [(1, 0), (1, 0), (0, 1), (0, 1), (1, 0), (0, 1), (0, 1), (0, 1), (0, 1)]
     order = torch.randperm(len(rows), generator=step_generator(4, 9, torch.device("cpu"), 0, 1)).tolist()
-    parts = math.ceil(len(rows) / B)
-    assert result.updates == parts == 3 and len(result.labels) == len(rows)
+    parts = round(len(rows) / B)
+    assert result.updates == parts == 2 and len(result.labels) == len(rows)
     for chunk in torch.tensor_split(torch.tensor(order), parts):
         idx = [rows[j] for j in chunk.tolist()]
         mask = torch.tensor([keep[j] for j in chunk.tolist()], dtype=torch.float64)
@@ -175,3 +174,22 @@ def test_inactive_epochs_train_plainly_and_keys_are_required():
     bal.epoch = 2                                # a step of an epoch that was not valued is refused
     with pytest.raises(RuntimeError, match="begin_epoch"):
         bal.train_step(inputs, labels, _sgd(model, 0.1), keys=keys)
+
+
+def test_a_rank_with_fewer_rows_than_updates_steps_with_weight_zero():
+    """Under DDP the update count comes from every rank's rows: a rank left with fewer rows than
+    updates makes the missing ones with loss weight 0 (every rank takes the same number of steps)."""
+    torch.manual_seed(0)
+    model = build_model("small", "concat", C)
+    side = model.modalities()
+    method = modulation.build("valuation-sample")
+    method._planned, method.phi_mean = 0, [0.0, 0.0]
+    audio, visual, labels = av_batch(2, C, 1)
+
+    def other_rank(t):                      # the other rank: 2 samples and 16 copies
+        t += torch.tensor([18.0, 2.0], dtype=t.dtype)
+        return t
+    step = modulation.Step(side, labels, 0, all_reduce=other_rank, inputs={"audio": audio, "visual": visual},
+                           keys=["x", "y"])
+    result = method.train_step(step, StepRun(step, _sgd(model, 0.1)))
+    assert result.updates == 5 and len(result.labels) == 2 and torch.isfinite(result.loss)

@@ -22,24 +22,26 @@ other's features zeroed before fusion):
   own samples (generators seeded by (seed, epoch, rank)) and the means are over all ranks.
 
 The copies of a sample join the step of its batch: the batch's rows and their copies, shuffled
-(``step.local_generator``), make ``K = ceil(rows / batch)`` optimizer steps of about a batch each
-(K from the sums over ranks, the same on every rank), loss CE of the fused logits. The official
-code instead shuffles the enlarged training set as a whole, so copies meet other batches' samples;
-the number of updates per epoch differs only by rounding. Every fusion; two modalities. Step stats:
-``phi_<tag>`` (the epoch's mean Shapley values over all ranks), ``copies`` (this rank's copies in
-the step). Before ``--modulation-start`` (the official warm-up is 5 epochs) a step is plain training.
+(``step.local_generator``), make ``K = round(rows / batch)`` (at least 1) optimizer steps of about a
+batch each (K from the sums over ranks, the same on every rank), loss CE of the fused logits. The
+official code instead shuffles the enlarged training set as a whole (copies meet other batches'
+samples) and makes ``total rows / batch`` updates; here each batch rounds its own share.
+Every fusion; two modalities. Step stats: ``phi_<tag>`` (the epoch's mean Shapley values over all
+ranks), ``copies`` (this rank's copies in the step), ``valuation_d`` (modality level). Before
+``--modulation-start`` (the official warm-up is 5 epochs) a step is plain training.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from itertools import combinations
 
 import torch
 import torch.nn.functional as F
 
 from ..modalities import Output
-from .base import EpochStart, Method, Step, StepResult, StepRun, step_generator
+from .base import EpochStart, Method, Step, StepResult, StepRun, progress_event, step_generator
 
 
 def shapley(correct: dict[tuple[str, ...], torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
@@ -102,8 +104,9 @@ class _Valuation(Method):
         keys, phis = [], []
         was_training = m.model.training
         m.model.eval()
+        t0, total = time.monotonic(), start.steps or 0
         try:
-            for inputs, labels, batch_keys in start.keyed_batches(start.epoch):
+            for done, (inputs, labels, batch_keys) in enumerate(start.keyed_batches(start.epoch), 1):
                 correct = {}
                 for kept in kept_sets:
                     mask = torch.tensor([u in kept for u in names]).expand(len(labels), -1)
@@ -111,6 +114,7 @@ class _Valuation(Method):
                     correct[kept] = m.run(inputs, hook).logits.argmax(1) == labels
                 phis.append(shapley(correct, names).cpu())
                 keys += list(batch_keys)
+                start.emit(progress_event(self.name, "sample valuation", done, max(total, done), t0, time.monotonic()))
         finally:
             m.model.train(was_training)
         return keys, torch.cat(phis) if phis else torch.zeros(0, len(names), dtype=torch.float64)
@@ -145,7 +149,7 @@ class _Valuation(Method):
                 kept.append([k == j for k in range(len(names))])
         sizes = step.reduce(torch.tensor([float(len(rows)), float(len(labels))], dtype=torch.float64,
                                          device=labels.device))
-        parts = math.ceil(float(sizes[0]) / float(sizes[1]))
+        parts = max(1, math.floor(float(sizes[0]) / float(sizes[1]) + 0.5))    # updates of about a batch
         g = step.local_generator
         order = torch.randperm(len(rows), generator=g, device=g.device).to(labels.device)
         rows_t = torch.tensor(rows, device=labels.device)
