@@ -8,6 +8,10 @@ make one modality dominant (the imbalance OGM-GE is about):
 - visual: a class-specific colour in the centre of the frame mixed with pixel noise at
   ``visual_snr`` dB.
 
+``audio_cue_fraction`` < 1 leaves the audio of the other clips pure noise (no tone), so audio
+decides most clips but not all: the shape of the imbalance the OGM-GE demo needs (a dominant
+modality that is learnt first, and a weaker one that still matters for the rest).
+
 Each frame also carries a noise-free time marker in its top-left corner: the left block's grey
 level encodes ``floor(t)`` and the right block's the fraction of the second, so a decoded
 frame tells which presentation time it was (``read_marker``). Media is written with PyAV
@@ -28,7 +32,7 @@ from .datasets import ADAPTERS
 from .errors import ConfigError
 
 __all__ = ["write_clip", "write_wav", "make_dataset", "read_marker", "tone_frequency", "class_colour",
-           "check_options", "DATASETS", "MARKER_BLOCK"]
+           "check_options", "audio_cue_clips", "DATASETS", "MARKER_BLOCK"]
 
 DATASETS = tuple(ADAPTERS)
 
@@ -265,12 +269,15 @@ def write_clip(path, *, duration: float, label_index: int, num_classes: int,
 
 # ----------------------------------------------------------------------------- datasets
 
-def check_options(name: str, clips: int, num_classes: int | None = None) -> int:
+def check_options(name: str, clips: int, num_classes: int | None = None,
+                  audio_cue_fraction: float = 1.0) -> int:
     """Raise ConfigError for options ``make_dataset`` cannot honour; returns the class count used."""
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if clips < 1:
         raise ConfigError("clips must be >= 1")
+    if not 0.0 <= audio_cue_fraction <= 1.0:
+        raise ConfigError(f"audio cue fraction must be in [0, 1], not {audio_cue_fraction}")
     layout = ADAPTERS[name].synth
     k = num_classes or layout.default_classes
     if not 1 <= k <= layout.max_classes:
@@ -281,8 +288,17 @@ def check_options(name: str, clips: int, num_classes: int | None = None) -> int:
     return min(k, clips)     # every class gets a clip, so derived class lists match ours
 
 
+def audio_cue_clips(clips: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """Which clips (by plan order) carry the audio tone: exactly ``round(fraction * clips)`` of
+    them, drawn by ``seed`` independently of labels and names (bool array)."""
+    chosen = np.zeros(clips, bool)
+    order = np.random.default_rng([seed, 0xA0D10]).permutation(clips)
+    chosen[order[:int(round(fraction * clips))]] = True
+    return chosen
+
+
 def make_dataset(name: str, out, clips: int, *, seed: int = 0, audio_snr: float = 20.0,
-                 visual_snr: float = 20.0, num_classes: int | None = None,
+                 visual_snr: float = 20.0, audio_cue_fraction: float = 1.0, num_classes: int | None = None,
                  duration: float | None = None, fps: int = 10, size: tuple[int, int] = (96, 72),
                  missing: int = 0, split_folders: bool = False,
                  on_progress: Callable[[int, int], None] | None = None) -> Path:
@@ -292,20 +308,23 @@ def make_dataset(name: str, out, clips: int, *, seed: int = 0, audio_snr: float 
     (default: all of CREMA-D / KS / AVE, 10 VGGSound labels, 5 folder classes); the cue of a
     clip is that of its label's index in the class order the adapter derives (so cue and
     label agree). Durations are as in the real data (CREMA-D 2-4 s, others 10 s) unless
-    ``duration`` is given. ``missing`` adds VGGSound CSV rows without a video;
+    ``duration`` is given. ``audio_cue_fraction``: the share of clips whose audio carries the
+    tone (``audio_cue_clips``); the others' audio is noise only. ``missing`` adds VGGSound CSV rows without a video;
     ``split_folders`` makes the folder layout ``<split>/<class>/<file>``. Small frames
     (96x72) at 10 fps by default: 200 CREMA-D clips take seconds, not minutes.
     ``on_progress(done, total)`` is called after each clip. Same arguments, same bytes.
     """
-    k = check_options(name, clips, num_classes)
+    k = check_options(name, clips, num_classes, audio_cue_fraction)
     out = Path(out)
     rng = np.random.default_rng(seed)
     # the layout (paths, text files, classes) is the dataset module's; the media is ours
     classes, plans = ADAPTERS[name].synth.plan(out, clips, k, rng, duration, missing=missing,
                                                split_folders=split_folders)
+    tone = audio_cue_clips(len(plans), audio_cue_fraction, seed)
     for n, plan in enumerate(plans):
         write_clip(plan.video, duration=plan.duration, label_index=plan.label_index,
-                   num_classes=len(classes), audio_snr=audio_snr, visual_snr=visual_snr,
+                   num_classes=len(classes), audio_snr=audio_snr if tone[n] else -math.inf,
+                   visual_snr=visual_snr,
                    fps=fps, size=size, seed=seed * 1_000_003 + n, audio_path=plan.audio_path)
         if on_progress is not None:
             on_progress(n + 1, len(plans))

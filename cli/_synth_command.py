@@ -21,6 +21,8 @@ from . import _ui
               help="Audio cue strength in dB (tone vs noise); -inf for no cue.")
 @click.option("--visual-snr", default=20.0, show_default=True, type=float,
               help="Visual cue strength in dB (class colour vs noise); -inf for no cue.")
+@click.option("--audio-cue-fraction", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Share of clips whose audio carries the class tone; the others' audio is noise only.")
 @click.option("--classes", "num_classes", default=None, type=click.IntRange(min=1),
               show_default="the dataset's own count; VGGSound 10, folder 5", help="Number of classes.")
 @click.option("--duration", default=None, type=click.FloatRange(min=0.1),
@@ -30,7 +32,8 @@ from . import _ui
 @_ui.handle_errors(interrupt_hint=lambda: _ui.render_hint(
     f"interrupted; {click.get_current_context().params['out']} holds part of the dataset: delete it, then "
     "`{command}` starts again"))
-def synth_cmd(dataset, out, clips, seed, audio_snr, visual_snr, num_classes, duration, fps, size):
+def synth_cmd(dataset, out, clips, seed, audio_snr, visual_snr, audio_cue_fraction, num_classes, duration, fps,
+              size):
     """Write a synthetic raw DATASET in its real layout, e.g. to try `avprep extract`."""
     try:
         w, h = (int(v) for v in size.lower().split("x"))
@@ -44,7 +47,8 @@ def synth_cmd(dataset, out, clips, seed, audio_snr, visual_snr, num_classes, dur
     with _ui.make_progress("clips") as progress:
         task = progress.add_task(f"synth {dataset}", total=None)
         synth.make_dataset(dataset, out, clips, seed=seed, audio_snr=audio_snr,
-                           visual_snr=visual_snr, num_classes=num_classes, duration=duration,
+                           visual_snr=visual_snr, audio_cue_fraction=audio_cue_fraction,
+                           num_classes=num_classes, duration=duration,
                            fps=fps, size=(w, h),
                            on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     click.echo(f"wrote {clips} {dataset} clips to {out}")

@@ -149,6 +149,30 @@ def test_progress_callback_and_bad_options(tmp_path):
 
 # ----------------------------------------------------------------------------- cues
 
+def test_audio_cue_fraction_leaves_exactly_that_many_tones(tmp_path):
+    """The demo's design: the tone on an exact share of clips, chosen independently of labels;
+    the other clips' audio is noise only (no power at the class tone above the noise floor)."""
+    assert synth.audio_cue_clips(10, 0.7, 0).sum() == 7 and synth.audio_cue_clips(10, 1.0, 3).all()
+    assert not synth.audio_cue_clips(10, 0.0, 3).any()
+    assert (synth.audio_cue_clips(50, 0.5, 1) != synth.audio_cue_clips(50, 0.5, 2)).any()
+    root = synth.make_dataset("cremad", tmp_path / "r", 8, seed=4, duration=0.5, audio_snr=0.0,
+                              audio_cue_fraction=0.5, size=(16, 12), fps=2)
+    wavs = sorted((root / "AudioWAV").glob("*.wav"))
+    toned = []
+    for wav in wavs:
+        samples, rate = media.read_pcm_wav(wav)
+        from avprep.datasets import cremad
+
+        index = cremad.CLASSES.index(wav.stem.split("_")[2])
+        spectrum = np.abs(np.fft.rfft(samples[0])) ** 2
+        freqs = np.fft.rfftfreq(len(samples[0]), 1 / rate)
+        f = synth.tone_frequency(index, 6)
+        peak = spectrum[np.abs(freqs - f) < 20].max()
+        toned.append(peak > 20 * np.median(spectrum))
+    assert sum(toned) == 4
+    with pytest.raises(ConfigError, match="audio cue fraction"):
+        synth.make_dataset("cremad", tmp_path / "x", 2, audio_cue_fraction=1.5)
+
 @pytest.mark.parametrize("snr_db", [0.0, 10.0])
 def test_audio_cue_has_the_requested_snr(tmp_path, snr_db):
     # WAV is lossless, so the measured tone share must match the requested SNR
