@@ -145,6 +145,8 @@ _TRAIN_OPTIONS: list[tuple[str, dict]] = [
     ("--epochs", dict(type=int, show_default=_default("epochs"), help="Number of epochs (counted from 0).")),
     ("--batch-size", dict(type=int, show_default=_default("batch_size"),
                           help="Per process (global batch = this x processes).")),
+    ("--eval-every", dict(type=int, show_default=_default("eval_every"),
+                          help="Evaluate val and test every N epochs and after the last (selection sees those).")),
     ("--lr", dict(type=float, show_default=_default("lr"), help="Initial learning rate.")),
     ("--optimizer", dict(type=choice("optimizer"), show_default=_default("optimizer"), help="Optimizer.")),
     ("--weight-decay", dict(type=float, show_default=_default("weight_decay"), help="L2 weight decay.")),

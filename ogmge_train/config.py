@@ -123,6 +123,7 @@ class TrainConfig:
     s3_endpoint: str | None = None
     eval_splits: tuple[str, ...] = ("val", "test")
     select_on: str = "val"                # the split whose accuracy selects the best epoch
+    eval_every: int = 1                   # evaluate every N epochs and after the last (selection sees those)
     dataset: str = ""                     # dataset.json's name, filled by with_dataset
 
     def __post_init__(self):
@@ -135,6 +136,7 @@ class TrainConfig:
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.lr_step >= 1, "lr_step", "must be >= 1")
         _check(self.workers >= 0, "workers", "must be >= 0")
+        _check(self.eval_every >= 1, "eval_every", "must be >= 1")
         _check(self.image_size >= 16, "image_size", "must be >= 16")
         _check(0.0 <= self.drop_p < 1.0, "drop_p", "must be in [0, 1)")
         _check(0.0 <= self.opm_q_base <= 1.0, "opm_q_base", "must be in [0, 1]")

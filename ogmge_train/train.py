@@ -669,7 +669,8 @@ class _Recording:
         if bad:
             raise NonFiniteError(f"{s.out}: non-finite values in {bad[0]} (and {len(bad) - 1} more) after "
                                  f"epoch {epoch}; not saved, last.pt holds the last finite epoch")
-        improved = s.select_on is None or record[s.select_on]["acc"] > s.best["acc"]
+        # an epoch without evaluation (--eval-every) is never selected, except without a val split
+        improved = s.select_on is None or (s.select_on in record and record[s.select_on]["acc"] > s.best["acc"])
         if improved:
             acc = record[s.select_on]["acc"] if s.select_on else math.nan
             s.best = {"epoch": epoch, "acc": acc}
@@ -708,7 +709,7 @@ def _run(s: _Setup, on_epoch_end: EpochHook | None) -> dict:
         t0, lr = time.perf_counter(), s.opt.param_groups[0]["lr"]
         trained = loop.train_epoch(epoch)
         s.sched.step()
-        evaluated = loop.evaluate(epoch)
+        evaluated = loop.evaluate(epoch) if _evaluates(cfg, epoch) else {}
         record = {"epoch": epoch, "lr": lr, **trained, **evaluated, "time_s": time.perf_counter() - t0}
         best = rec.checkpoint(epoch, record)
         if on_epoch_end is not None:
@@ -755,6 +756,11 @@ class _UpdateNorms:
 
     def _device(self):
         return next(p.device for ps in self.params for p in ps)
+
+
+def _evaluates(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether ``epoch`` is evaluated: every ``eval_every``-th epoch and the last one."""
+    return (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
 
 
 def _correct(logits, labels) -> torch.Tensor:

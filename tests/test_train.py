@@ -166,6 +166,20 @@ def test_without_val_the_last_epoch_is_selected(shards, tmp_path):
     assert summary["val"] == {} and summary["test"] == read_jsonl(out / "metrics.jsonl")[-1]["test"]
 
 
+def test_eval_every_evaluates_every_nth_and_the_last_epoch(shards, tmp_path):
+    """--eval-every 2 over 3 epochs: epochs 1 and 2 are evaluated, epoch 0 is not and is never
+    selected (the demo evaluates once, after its last epoch)."""
+    out = tmp_path / "run"
+    summary = train_mod.train(tiny_config(shards, out, epochs=3, eval_every=2))
+    lines = read_jsonl(out / "metrics.jsonl")
+    assert [("val" in r, "test" in r) for r in lines] == [(False, False), (True, True), (True, True)]
+    assert all("k_a" in r and "train" in r for r in lines)
+    assert summary["selected_epoch"] in (1, 2) and ckpt(out / "best.pt")["epoch"] == summary["selected_epoch"]
+    assert summary["test"] == lines[summary["selected_epoch"]]["test"]
+    with pytest.raises(ConfigError, match="--eval-every must be >= 1"):
+        tiny_config(shards, tmp_path / "x", eval_every=0)
+
+
 # ---------------------------------------------------------------- resume
 
 class Crash(Exception):
