@@ -8,7 +8,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell printf '%s' '$(TORCH) $(TORCH_INDEX)' | tr -c 'A-Za-z0-9.' '_')
 LINTED := avprep ogmge_train cli
 
-.PHONY: demo compare test test-all test-slow lint bench install clean
+.PHONY: demo demo-quick compare test test-all test-slow lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -24,6 +24,9 @@ demo: $(STAMP)
 	OGMGE_COMMAND="make demo" $(PY) -m cli.demo --out demo-out
 
 LINT = $(PY) -m ruff check $(LINTED) && $(PY) -m mypy
+
+demo-quick: $(STAMP)
+	OGMGE_COMMAND="make demo-quick" $(PY) -m cli.demo --quick --out demo-quick-out
 
 lint: $(STAMP)
 	$(LINT)
@@ -49,4 +52,4 @@ bench: $(STAMP)
 	$(PY) -m bench.run_all --out BENCHMARKS.md
 
 clean:
-	rm -rf .venv demo-out compare-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv demo-out demo-quick-out compare-out .pytest_cache .mypy_cache .ruff_cache

@@ -324,9 +324,9 @@ def metrics_table(title: str, rows: dict[str, dict]):
                      numeric=set(range(1, len(keys) + 1)))
 
 
-def summary_table(title: str, rows: list[dict]):
-    """The report's mean ± std rows as a rich table."""
-    head = ["run", *(t for t, _ in report_lib.COLUMNS)]
+def summary_table(title: str, rows: list[dict], at: str = "selected"):
+    """The report's mean ± std rows as a rich table (``at``: the epoch they are from)."""
+    head = ["run", *report_lib.column_titles(at)]
     body = ([r["label"], r["n"],
              *(report_lib.format_cell(k, r[k], r.get("selection")) for _t, k in report_lib.COLUMNS[1:])]
             for r in rows)

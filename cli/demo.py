@@ -1,21 +1,28 @@
-"""`make demo` = ``python -m cli.demo --out demo-out``; `make compare` adds ``--compare``.
+"""`make demo` = ``python -m cli.demo --out demo-out``; `make demo-quick` adds ``--quick``, `make
+compare` ``--compare``.
 
 synthesize a CREMA-D-layout dataset → the demo's split files → ``avprep extract`` → ``avprep
-verify`` → ``ogmge-train sweep`` per arm and seed → ``ogmge-train probe`` → ``OUT/report.md``
-with the table, plots, the precondition and a verdict generated from the numbers. Every step is
-the real CLI command (printed, so it can be rerun by hand), called in this process. Settings:
-``ogmge_train.demo.DEMO`` (``COMPARE`` with ``--compare``); options here override a few.
+verify`` → per arm ``ogmge-train sweep`` over the seeds, then ``ogmge-train probe --which last``
+→ ``OUT/report.md`` with the design, the pre-registered protocol, the table, plots, the
+precondition and the statistics generated from the numbers. Every step is the real CLI command
+(printed, so it can be rerun by hand). Data steps run in this process; the trainings run as
+``jobs`` processes side by side with one torch thread each (on small CPU models two single-thread
+processes do about twice the work of one two-thread process), each arm's output in
+``OUT/logs/<arm>.log``. Settings: ``ogmge_train.demo.DEMO`` (``QUICK``, ``COMPARE``); options here
+override a few.
 
 Re-running resumes and says what it kept: the finished raw dataset, the extracted shards
-(``avprep extract`` keeps finished shards), every finished seed and every probe newer than its
+(``avprep extract`` keeps finished shards), every finished seed and every probe of the last
 checkpoint. ``--update-readme README.md`` writes the results block between its markers.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +38,7 @@ from ._train_ui import summary_table
 from ._ui import EXIT_INTERRUPTED, RESUME_HINT, console, err_console, fail, handle_errors, outer_command
 
 _SYNTH_MARKER = ".demo-synth.json"
+_POLL_S = 0.5
 
 
 def _run(step: str, prog: str, args: list[str], note: str = "") -> None:
@@ -68,7 +76,8 @@ def _duration(seconds: float) -> str:
 
 def _synth(cfg, raw: Path, kept: list[str]) -> None:
     settings = {"clips": cfg.clips, "seed": cfg.synth_seed, "audio_snr": cfg.audio_snr,
-                "visual_snr": cfg.visual_snr, "duration": cfg.duration}
+                "visual_snr": cfg.visual_snr, "audio_cue_fraction": cfg.audio_cue_fraction,
+                "classes": cfg.num_classes, "duration": cfg.duration, "fps": cfg.synth_fps, "size": cfg.synth_size}
     marker = raw / _SYNTH_MARKER
     if marker.is_file():
         if json.loads(marker.read_text()) == settings:
@@ -86,33 +95,196 @@ def _synth(cfg, raw: Path, kept: list[str]) -> None:
     _run("1/7 synthesize the raw dataset", "avprep", [
         "synth", "--dataset", "cremad", "--out", str(partial), "--clips", str(cfg.clips),
         "--seed", str(cfg.synth_seed), "--audio-snr", str(cfg.audio_snr),
-        "--visual-snr", str(cfg.visual_snr), "--duration", str(cfg.duration)])
+        "--visual-snr", str(cfg.visual_snr), "--audio-cue-fraction", str(cfg.audio_cue_fraction),
+        "--classes", str(cfg.num_classes), "--duration", str(cfg.duration), "--fps", str(cfg.synth_fps),
+        "--size", cfg.synth_size])
     runfolder.atomic_write_json(partial / _SYNTH_MARKER, settings)
     partial.rename(raw)
 
 
+# ----------------------------------------------------------------------------- trainings
+
+@dataclasses.dataclass
+class _Job:
+    """One arm: its sweep over the seeds, then the probes of its last checkpoints."""
+
+    arm: demo_lib.Arm
+    commands: list[list[str]]     # ogmge-train argument lists, run in order
+    runs: int                     # seed runs this job still trains
+    cost: float                   # relative CPU cost (a two-encoder run is ~2 single-encoder ones)
+    log: Path
+    proc: subprocess.Popen | None = None
+    step: str = ""                # the subcommand running now
+    started: float = 0.0
+
+
+def _probe_fresh(run: Path, wanted: list[str]) -> bool:
+    """Every wanted probe exists, is of last.pt, and is newer than last.pt."""
+    last = runfolder.checkpoint_path(run, "last")
+    if not last.is_file():
+        return False
+    for m in wanted:
+        probe = runfolder.read_probe(run, m)
+        path = runfolder.probe_path(run, m)
+        if probe is None or probe.get("which") != "last" or path.stat().st_mtime_ns < last.stat().st_mtime_ns:
+            return False
+    return True
+
+
+def _modalities(arm) -> list[str]:
+    return [m for m in ("audio", "visual") if arm.settings.get("modality", "both") in ("both", m)]
+
+
+def _plan_jobs(cfg, shards: Path, runs: Path, logs: Path) -> tuple[list[_Job], int, int, int]:
+    """The jobs still to do, and (runs kept, probed runs kept, all runs)."""
+    jobs, kept, probed = [], 0, 0
+    for arm in cfg.arms:
+        folder = runs / arm.name
+        todo = [s for s in cfg.seeds if not runfolder.finished(runfolder.seed_dir(folder, s), cfg.epochs)]
+        kept += len(cfg.seeds) - len(todo)
+        fresh = [s for s in cfg.seeds if s not in todo
+                 and _probe_fresh(runfolder.seed_dir(folder, s), _modalities(arm))]
+        probed += len(fresh)
+        commands = []
+        if todo:
+            commands.append(["sweep", "--seeds", ",".join(map(str, todo)), "--shards", str(shards),
+                             "--out", str(folder), "--preset", cfg.preset,
+                             *_flags(demo_lib.arm_settings(cfg, arm))])
+        stale = [s for s in cfg.seeds if s not in fresh]
+        if stale:
+            commands.append(["probe", *(str(runfolder.seed_dir(folder, s)) for s in stale), "--which", "last",
+                             "--max-iter", str(cfg.probe_steps)])
+        if commands:
+            cost = (2.0 if arm.multimodal else 1.0) * (len(todo) + 0.3 * len(stale))
+            jobs.append(_Job(arm, commands, len(todo), cost, logs / f"{arm.name}.log"))
+    # longest first, so the lanes end together
+    jobs.sort(key=lambda j: -j.cost)
+    return jobs, kept, probed, len(cfg.arms) * len(cfg.seeds)
+
+
+def _finished_runs(cfg, runs: Path) -> int:
+    return sum(runfolder.finished(runfolder.seed_dir(runs / a.name, s), cfg.epochs)
+               for a in cfg.arms for s in cfg.seeds)
+
+
+def _start(job: _Job, threads: int) -> None:
+    args = job.commands.pop(0)
+    job.step = args[0]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    err_console.print(f"$ ogmge-train {shlex.join(args)}   [dim]→ {job.log}[/]", soft_wrap=True)
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    with job.log.open("a") as log:
+        log.write(f"$ ogmge-train {shlex.join(args)}\n")
+        log.flush()
+        job.proc = subprocess.Popen([sys.executable, "-m", "cli.train_cli", *args], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    job.started = time.monotonic()
+
+
+def _stop_all(running: list[_Job]) -> None:
+    for job in running:
+        if job.proc is not None and job.proc.poll() is None:
+            job.proc.terminate()
+    for job in running:
+        if job.proc is not None:
+            try:
+                job.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _train_all(cfg, jobs: list[_Job], runs: Path, lanes: int, threads: int) -> None:
+    """Run the jobs ``lanes`` at a time; print progress with an ETA as runs finish."""
+    total = len(cfg.arms) * len(cfg.seeds)
+    todo_cost = sum(j.cost for j in jobs)
+    queue, running = list(jobs), []
+    done_before = _finished_runs(cfg, runs)
+    seen, t0 = done_before, time.monotonic()
+    err_console.print(f"{sum(j.runs for j in jobs)} trainings to go in {len(jobs)} jobs, {lanes} at a time "
+                      f"({threads} torch thread{'s' if threads > 1 else ''} each); the ETA follows the first")
+    try:
+        while queue or running:
+            while queue and len(running) < lanes:
+                job = queue.pop(0)
+                err_console.rule(f"[bold]5/7 train and probe {job.arm.name}")
+                _start(job, threads)
+                running.append(job)
+            time.sleep(_POLL_S)
+            for job in list(running):
+                assert job.proc is not None
+                rc = job.proc.poll()
+                if rc is None:
+                    continue
+                if rc != 0:
+                    _stop_all(running)
+                    err_console.print(_tail(job.log), markup=False, highlight=False)
+                    fail(f"demo stopped: `ogmge-train {job.step}` for {job.arm.name} exited with {rc} "
+                         f"(log: {job.log}); run the demo again to resume", rc)
+                if job.commands:
+                    _start(job, threads)
+                else:
+                    running.remove(job)
+                    err_console.print(f"[green]done[/] {job.arm.name}")
+            now = _finished_runs(cfg, runs)
+            if now != seen:
+                seen = now
+                done_cost = todo_cost - sum(j.cost for j in queue) - sum(
+                    j.cost * (1 - _job_progress(cfg, runs, j)) for j in running)
+                left = (time.monotonic() - t0) / max(done_cost, 1e-9) * (todo_cost - done_cost)
+                err_console.print(f"trained {now}/{total} runs; ETA ~{_duration(left)} (training and probes)")
+    except KeyboardInterrupt:
+        _stop_all(running)
+        raise
+
+
+def _job_progress(cfg, runs: Path, job: _Job) -> float:
+    """Share of a running job's trainings done, its current one counted as half done (so the
+    first ETA, when one lane has finished a run and the other is halfway, is not twice too long)."""
+    if not job.runs:
+        return 0.0
+    done = sum(runfolder.finished(runfolder.seed_dir(runs / job.arm.name, s), cfg.epochs) for s in cfg.seeds)
+    done -= len(cfg.seeds) - job.runs
+    return min(1.0, (done + (0.5 if done < job.runs else 0.0)) / job.runs)
+
+
+# ----------------------------------------------------------------------------- the command
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the data, runs and report (re-running resumes in it).")
-@click.option("--compare", is_flag=True, help="Every method (`make compare`), not the demo's four arms.")
+@click.option("--compare", is_flag=True, help="Every method (`make compare`), not the demo's arms.")
+@click.option("--quick", is_flag=True, help="`make demo-quick`: 512 test clips, 3 seeds, the four core arms.")
 @click.option("--clips", type=click.IntRange(12), help=f"Synthetic clips [default: {demo_lib.DEMO.clips}].")
 @click.option("--epochs", type=click.IntRange(1), help=f"Epochs per run [default: {demo_lib.DEMO.epochs}].")
-@click.option("--seeds", help=f"Seeds, e.g. 0-4 [default: {','.join(map(str, demo_lib.DEMO.seeds))}].")
+@click.option("--seeds", help=f"Seeds, e.g. 0-4 [default: {demo_lib._seed_list(demo_lib.DEMO.seeds)}].")
+@click.option("--jobs", type=click.IntRange(1), help=f"Trainings side by side [default: {demo_lib.DEMO.jobs}, "
+              "at most the CPU count].")
 @click.option("--update-readme", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Write the results block between the demo markers of this README.")
 @click.option("--note", default="", help="Text added after the wall times in the results block "
               "(e.g. how loaded the machine was).")
 @handle_errors(interrupt_hint=RESUME_HINT)
-def main(out, compare, clips, epochs, seeds, update_readme, note):
+def main(out, compare, quick, clips, epochs, seeds, jobs, update_readme, note):
     """Run the OGM-GE demo end to end on this CPU and write OUT/report.md."""
     from ogmge_train.sweep import parse_seeds
 
-    base = demo_lib.COMPARE if compare else demo_lib.DEMO
+    if compare and quick:
+        raise click.UsageError("--compare and --quick exclude each other")
+    base = demo_lib.COMPARE if compare else demo_lib.QUICK if quick else demo_lib.DEMO
     cfg = dataclasses.replace(base, **{k: v for k, v in {
-        "clips": clips, "epochs": epochs, "seeds": tuple(parse_seeds(seeds)) if seeds else None}.items()
-        if v is not None})
+        "clips": clips, "epochs": epochs, "seeds": tuple(parse_seeds(seeds)) if seeds else None,
+        "jobs": jobs}.items() if v is not None})
+    lanes = max(1, min(cfg.jobs, os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // lanes)
     out = Path(out)
-    raw, shards, runs, splits = out / "raw", out / "shards", out / "runs", out / "splits"
+    raw, shards, runs, splits, logs = out / "raw", out / "shards", out / "runs", out / "splits", out / "logs"
     seconds, kept, t0 = {}, [], time.monotonic()
     # Stage times of the run that did the work: a resumed run keeps the earlier numbers of the
     # stages it skipped, so the report's wall times describe the whole job.
@@ -150,65 +322,40 @@ def main(out, compare, clips, epochs, seeds, update_readme, note):
     _run("4/7 verify shards", "avprep", ["verify", str(shards)])
     lap("verify")
 
-    jobs = [(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
-    done_before = [j for j in jobs if runfolder.finished(runfolder.seed_dir(runs / j[0].name, j[1]), cfg.epochs)]
+    jobs_, done_before, probed, total = _plan_jobs(cfg, shards.resolve(), runs, logs)
     if done_before:
-        kept.append(f"{len(done_before)} of {len(jobs)} trainings")
-    trained, train_time = 0, 0.0
-    for i, (arm, seed) in enumerate(jobs):
-        if (arm, seed) in done_before:
-            continue
-        left = sum(1 for j in jobs[i:] if j not in done_before)
-        eta = (f"ETA: ~{_duration(train_time / trained * left)} of training left ({left} runs), then probes"
-               if trained else f"{left} trainings to go; the ETA follows the first")
-        t_run = time.monotonic()
-        _run(f"5/7 train {arm.name}, seed {seed} ({i + 1}/{len(jobs)})", "ogmge-train", [
-            "sweep", "--seeds", str(seed), "--shards", str(shards), "--out", str(runs / arm.name),
-            "--preset", cfg.preset, "--epochs", str(cfg.epochs),
-            "--modulation-end", str(demo_lib.modulation_end(cfg)), *_flags(arm.settings), *_flags(cfg.train)],
-             note=eta)
-        trained += 1
-        train_time += time.monotonic() - t_run
-    lap("train", trained > 0)
-
-    probed = 0
-    for arm in cfg.arms:
-        for seed in cfg.seeds:
-            run = runfolder.seed_dir(runs / arm.name, seed)
-            wanted = [m for m in ("audio", "visual") if arm.settings.get("modality", "both") in ("both", m)]
-            best = runfolder.checkpoint_path(run, "best")
-            fresh = all(runfolder.probe_path(run, m).is_file() and best.is_file()
-                        and runfolder.probe_path(run, m).stat().st_mtime_ns >= best.stat().st_mtime_ns
-                        for m in wanted)
-            if fresh:
-                probed += 1
-                continue
-            _run(f"6/7 linear probes of {arm.name}, seed {seed}", "ogmge-train", [
-                "probe", str(run), "--max-iter", str(cfg.probe_steps)])
+        kept.append(f"{done_before} of {total} trainings")
     if probed:
         kept.append(f"{probed} probed runs")
-    lap("probe", probed < len(cfg.arms) * len(cfg.seeds))
+    if jobs_:
+        _train_all(cfg, jobs_, runs, lanes, threads)
+    else:
+        err_console.rule("[bold]5/7 train and 6/7 probe")
+        err_console.print("every training and probe was kept")
+    lap("train and probe", bool(jobs_))
 
     err_console.rule("[bold]7/7 report")
     folders = [runs / a.name for a in cfg.arms]
     groups = {a.name: [report_lib.read_run(p) for p in runfolder.expand_runs([runs / a.name])
                        if int(runfolder.read_config(p).get("seed", -1)) in cfg.seeds] for a in cfg.arms}
     findings = demo_lib.conclusion(groups, cfg)
-    rep = report_lib.write_report(folders, out, title=("Every method" if compare else "OGM-GE demo")
-                                  + " (synthetic CREMA-D)", preamble=_preamble(cfg, seconds, skipped),
-                                  conclusion=findings)
+    title = {"make compare": "Every method", "make demo-quick": "OGM-GE demo, quick preview"}.get(cfg.label,
+                                                                                                 "OGM-GE demo")
+    rep = report_lib.write_report(folders, out, title=f"{title} (synthetic CREMA-D)", split="train", at="last",
+                                  preamble=_preamble(cfg, seconds, skipped, lanes), conclusion=findings)
     extra = _extra_plots(cfg, groups, rep, out, compare)
     lap("report")
     out.mkdir(parents=True, exist_ok=True)
     runfolder.atomic_write_json(times_file, seconds)
-    footer = f"Wall time on this machine: {_times(seconds)}." + (f" {note}" if note else "")
-    block = demo_lib.readme_block(cfg, report_lib.markdown_table(rep.table), findings, footer=footer)
+    footer = (f"Wall time on this machine ({cfg.label}, {lanes} trainings side by side): {_times(seconds)}."
+              + (f" {note}" if note else ""))
+    block = demo_lib.readme_block(cfg, report_lib.markdown_table(rep.table, "last"), findings, footer=footer)
     runfolder.atomic_write_text(out / "readme-block.md", block)
     if update_readme:
         demo_lib.update_readme(update_readme, block)
         err_console.print(f"updated the results block of {update_readme}")
 
-    console.print(summary_table("results (test %, mean ± std over seeds)", rep.table))
+    console.print(summary_table("results (test %, last epoch, mean ± std over seeds)", rep.table, at="last"))
     console.print(findings)
     if kept:
         err_console.print("kept from an earlier run: " + ", ".join(kept))
@@ -221,36 +368,51 @@ def _times(seconds: dict[str, float]) -> str:
 
 
 def _extra_plots(cfg, groups, rep, out: Path, compare: bool) -> list[Path]:
-    """The precondition figure, and (compare) Figure-1/3-style plots of each method vs the baseline."""
+    """The precondition figure, the primary contrasts, the mechanism and (compare) Figure-1/3-style
+    plots of each method vs the baseline."""
+    def branch(arm):
+        return report_lib.per_seed(groups.get(arm, []), "acc_v", at="last")
+
+    series = {f"{cfg.visual_only} (visual model)": report_lib.per_seed(groups.get(cfg.visual_only, []), "acc",
+                                                                       at="last"),
+              f"{cfg.baseline}: its visual branch": branch(cfg.baseline)}
+    if groups.get(cfg.treated):
+        series[f"{cfg.treated}: its visual branch"] = branch(cfg.treated)
     paths = [report_lib.plot_seed_bars(
-        {f"{cfg.visual_only} (visual model)": report_lib.per_seed(groups.get(cfg.visual_only, []), "acc"),
-         f"{cfg.baseline}: its visual branch": report_lib.per_seed(groups.get(cfg.baseline, []), "acc_v"),
-         **({f"{cfg.treated}: its visual branch": report_lib.per_seed(groups[cfg.treated], "acc_v")}
-            if groups.get(cfg.treated) else {})},
-        out / "precondition.png", "precondition: visual test accuracy, visual-only model vs inside concat")]
+        series, out / "precondition.png", "precondition: visual test accuracy at the last epoch, visual-only "
+        "model vs the visual branch inside concat")]
+    res = demo_lib.analyse(groups, cfg)
+    paths.append(report_lib.plot_contrasts(
+        {label: res["primary"][label] for label in res["order"]}, out / "effects.png",
+        "primary endpoint: fused test accuracy at the last epoch, paired differences by seed"))
+    mech = demo_lib.mechanism(groups, cfg)
+    paths.append(report_lib.plot_mechanism(mech["curves"], out / "mechanism.png", window=mech["window"],
+                                           whole_run={a.name for a in cfg.arms if a.whole_run}))
     if compare:
         by_label = {g.label: g for g in rep.groups}
         base = by_label.get(cfg.baseline)
         for arm in cfg.arms:
             g = by_label.get(arm.name)
-            if g is None or base is None or arm.name == cfg.baseline or arm.settings.get("modality", "both") != "both":
+            if g is None or base is None or arm.name == cfg.baseline or not arm.multimodal:
                 continue
             folder = out / "methods" / arm.name
-            paths.append(report_lib.plot_accuracy([base, g], folder / "accuracy.png"))
+            paths.append(report_lib.plot_accuracy([base, g], folder / "accuracy.png", "train"))
             paths.append(report_lib.plot_rho([base, g], folder / "rho.png"))
     return paths
 
 
-def _preamble(cfg, seconds: dict[str, float], skipped: list[str]) -> str:
-    common = f"--preset {cfg.preset} --epochs {cfg.epochs} --modulation-end {demo_lib.modulation_end(cfg)}"
-    arms = "\n".join(f"- `{a.name}`: `ogmge-train sweep {common} {shlex.join(_flags(a.settings) + _flags(cfg.train))}`"
-                     for a in cfg.arms)
-    text = (demo_lib.setup_markdown(cfg) + f"\nExtracted with `--frame-size {cfg.frame_size} "
-            f"{shlex.join(_flags(cfg.spec))}` from the demo's split files; each arm trained with the same "
-            f"budget:\n\n{arms}\n\nWall time: {_times(seconds)}.\n")
+def _preamble(cfg, seconds: dict[str, float], skipped: list[str], lanes: int) -> str:
+    arms = "\n".join(f"- `{a.name}`: `ogmge-train sweep --preset {cfg.preset} "
+                     f"{shlex.join(_flags(demo_lib.arm_settings(cfg, a)))}`" for a in cfg.arms)
+    text = (demo_lib.setup_markdown(cfg) + "\n" + demo_lib.design_markdown(cfg) + "\n"
+            + demo_lib.protocol_markdown(cfg) + "\n### Runs\n\n"
+            f"Extracted with `--frame-size {cfg.frame_size} {shlex.join(_flags(cfg.spec))}` from the demo's split "
+            f"files; each arm trained with the same budget, seeds {demo_lib._seed_list(cfg.seeds)}, probes of "
+            f"last.pt (`ogmge-train probe --which last`):\n\n{arms}\n\n"
+            f"Wall time ({lanes} trainings side by side): {_times(seconds)}.\n")
     if skipped:
         text += "\nNot run (this build lacks them): " + "; ".join(skipped) + ".\n"
-    return text + "\n![precondition](precondition.png)\n"
+    return text + "\n![precondition](precondition.png) ![effects](effects.png) ![mechanism](mechanism.png)\n"
 
 
 if __name__ == "__main__":

@@ -1,14 +1,28 @@
-"""The demo experiment (``make demo``, ``make compare``): its settings in one place, the data
-split it trains on, and the findings generated from its numbers.
+"""The demo experiment (``make demo``, ``make demo-quick``, ``make compare``): its design, settings,
+pre-registered protocol and statistics in one place, and the findings generated from its numbers.
 
-The task is built, in the spirit of the field's Colored-and-Gray-MNIST, so that joint training
-under-uses one modality: a synthetic CREMA-D-layout dataset whose audio cue (a class tone) is
-learnt within an epoch or two and whose visual cue (a class colour under heavy pixel noise) is
-weaker but learnable on its own. The demo checks that premise (the *precondition*: inside the
-concat model the visual branch stays >= 10 points below a visual-only model) before it reads
-anything into the comparison of concat with concat + OGM-GE, and reports paired differences
-over seeds with a 95% t-interval. ``cli/demo.py`` runs the real commands with these settings;
-this module holds no CLI strings and runs nothing.
+Design (README: "What `make demo` shows"). A synthetic CREMA-D-layout task built to have the
+paper's signature, so that OGM-GE has something to fix and the fix can show in fused accuracy:
+
+- audio: a class tone that is easy (learnt within an epoch) but present on only
+  ``audio_cue_fraction`` of the clips; the others' audio is pure noise;
+- visual: a class colour under heavy pixel noise on every clip: weak, slow to learn, but a
+  visual-only model learns it.
+
+Joint training fits the toned clips through audio at once and then memorises the noise of the
+few toneless training clips through audio too, so the training loss reaches ~0 and the visual
+encoder stops receiving gradient: it is under-trained (the *precondition*). At test, the fused
+prediction on a toneless clip is the visual branch's, so the under-trained visual encoder costs
+fused accuracy: there is *headroom* below a model that uses both cues fully. A purely
+complementary design (audio names a class group, vision the class within it) has no such
+suppression: the within-group loss always reaches vision.
+
+The protocol is fixed before any number is seen (``protocol_markdown``): one primary endpoint,
+fused test accuracy at the last epoch (every arm the same number of steps); secondary endpoints
+at the last epoch too (visual branch, visual and audio linear probes of last.pt); planned
+paired contrasts with an exact sign-flip test, Holm's correction, a TOST equivalence test for
+"no effect larger than X", and the minimal detectable effect from the observed paired SD.
+Nothing here prints or runs commands: ``cli/demo.py`` runs the real CLI with these settings.
 """
 from __future__ import annotations
 
@@ -17,78 +31,129 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import runfolder
+from . import names, runfolder, stats
 from .errors import RunFolderError
-from .report import RunRecord, format_cell, paired_difference, per_seed
+from .report import RunRecord, format_cell, per_seed
 
-__all__ = ["Arm", "DemoConfig", "DEMO", "COMPARE", "README_BEGIN", "README_END", "modulation_end",
-           "split_counts", "assign_splits", "write_split_files", "arm_problem", "precondition",
-           "comparisons", "conclusion", "setup_markdown", "readme_block", "readme_section",
-           "update_readme"]
+__all__ = ["Arm", "DemoConfig", "DEMO", "QUICK", "COMPARE", "README_BEGIN", "README_END", "ENDPOINTS",
+           "PRIMARY", "SECONDARY", "modulation_end", "arm_settings", "split_counts", "assign_splits",
+           "write_split_files", "arm_problem", "reference_accuracy", "precondition", "contrasts",
+           "analyse", "mechanism", "design_markdown", "protocol_markdown", "conclusion", "setup_markdown",
+           "readme_block", "readme_section", "update_readme", "method_arms"]
 
 
 @dataclass(frozen=True)
 class Arm:
     name: str                 # folder name under OUT/runs and row label of the report
     settings: dict            # TrainConfig fields on top of the preset (e.g. {"modulation": "ogm"})
+    whole_run: bool = False   # modulate every epoch (default: the demo's modulation window)
+
+    @property
+    def multimodal(self) -> bool:
+        return self.settings.get("modality", "both") == "both"
 
 
-_UNIMODAL_AUDIO = Arm("audio-only", {"modality": "audio", "modulation": "none"})
-_UNIMODAL_VISUAL = Arm("visual-only", {"modality": "visual", "modulation": "none"})
-_CONCAT = Arm("concat", {"fusion": "concat", "modulation": "none"})
-_OGM_GE = Arm("concat+ogm-ge", {"fusion": "concat", "modulation": "ogm-ge"})
+AUDIO_ONLY = Arm("audio-only", {"modality": "audio", "modulation": "none"})
+VISUAL_ONLY = Arm("visual-only", {"modality": "visual", "modulation": "none"})
+CONCAT = Arm("concat", {"fusion": "concat", "modulation": "none"})
+OGM_GE = Arm("concat+ogm-ge", {"fusion": "concat", "modulation": "ogm-ge"})
+OGM = Arm("concat+ogm", {"fusion": "concat", "modulation": "ogm"})
+# The positive control: OGM so strong that it must move the endpoint if the endpoint can move
+# at all (every epoch, every encoder parameter, alpha = 3: k_a = 1 - tanh(3 rho_a) < 0.01
+# whenever audio leads).
+CONTROL = Arm("control-ogm-strong", {"fusion": "concat", "modulation": "ogm", "alpha": 3.0,
+                                      "modulation_scope": "all"}, whole_run=True)
+
+ENDPOINTS = {"acc": "fused test accuracy", "acc_v": "visual-branch test accuracy",
+             "probe_v": "visual linear-probe test accuracy", "probe_a": "audio linear-probe test accuracy"}
+PRIMARY = "acc"
+SECONDARY = ("acc_v", "probe_v", "probe_a")
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Every setting of the demo. SNRs are in dB (see avprep.synth)."""
 
-    clips: int = 640
+    clips: int = 3072
     # The demo writes its own split files: test_fraction of the clips (by a hash of the clip
-    # name) are test, val_fraction of the rest val. 256 test clips: one clip = 0.39 points.
-    test_fraction: float = 0.4
-    val_fraction: float = 0.1
-    audio_snr: float = -14.0           # audio-only: ~100% test accuracy within 2-3 epochs
-    visual_snr: float = -26.0          # visual-only: well above chance, far from perfect
+    # name) are test, val_fraction of the rest val: 2048 test clips (one clip = 0.05 points),
+    # 512 val, 512 train.
+    test_fraction: float = 2 / 3
+    val_fraction: float = 0.5
+    num_classes: int = 6
+    audio_snr: float = -8.0            # the tone: an audio-only model is right on every toned clip
+    audio_cue_fraction: float = 0.65   # share of clips with a tone; the rest: noise only
+    visual_snr: float = -23.0          # visual-only: far above chance, far from perfect, still learning
     synth_seed: int = 0
-    duration: float = 2.0              # seconds per clip (spectrograms are tiled to CREMA-D's 3 s)
-    # extraction: small frames and a 65x75 STFT keep the CPU encoders fast (the class tones,
-    # 250-3500 Hz, still fall in distinct 125-Hz bins)
-    frame_size: int = 64
-    spec: dict = field(default_factory=lambda: {"n_fft": 128, "win_length": 128, "hop_length": 640})
-    shard_size: int = 64
+    duration: float = 1.0              # seconds per clip (spectrograms are tiled to CREMA-D's 3 s)
+    synth_fps: int = 1
+    synth_size: str = "48x36"
+    # extraction: 32-px frames and a 33x25 STFT keep the CPU encoders fast (the class tones,
+    # 250-3500 Hz, still fall in distinct 250-Hz bins)
+    frame_size: int = 32
+    spec: dict = field(default_factory=lambda: {"n_fft": 64, "win_length": 64, "hop_length": 1920})
+    shard_size: int = 256
     extract_workers: int = 2
-    # training: the `demo` preset (small CNNs, Adam) for every arm, same budget and seeds
+    # training: the `demo` preset (small CNNs, SGD momentum 0.9, weight decay 1e-4) for every arm,
+    # same budget and seeds; evaluated once, after the last epoch (--eval-every = epochs)
     preset: str = "demo"
-    epochs: int = 10
-    seeds: tuple = (0, 1, 2, 3, 4)
+    epochs: int = 15
+    seeds: tuple = tuple(range(10))
     # OGM-GE modulates the first half of the epochs, as the reference code does (epochs 0-50 of 100)
     modulation_fraction: float = 0.5
-    train: dict = field(default_factory=dict)     # extra settings for every arm
+    train: dict = field(default_factory=lambda: {"image_size": 32})   # extra settings for every arm
     probe_steps: int = 100
-    arms: tuple = (_UNIMODAL_AUDIO, _UNIMODAL_VISUAL, _CONCAT, _OGM_GE)
+    jobs: int = 2                      # trainings run side by side, one torch thread each
+    arms: tuple = (AUDIO_ONLY, VISUAL_ONLY, CONCAT, OGM_GE, OGM, CONTROL)
     baseline: str = "concat"           # the arm every other multimodal arm is compared with
     treated: str = "concat+ogm-ge"     # the arm the headline verdict is about
-    visual_only: str = "visual-only"   # the precondition's reference
-    precondition_gap: float = 0.10     # the visual branch must stay this far below visual-only
+    ogm: str = "concat+ogm"            # OGM-GE is also contrasted with OGM directly
+    control: str = "control-ogm-strong"
+    audio_only: str = "audio-only"
+    visual_only: str = "visual-only"
+    # pre-registered thresholds (points are fractions here: 0.15 = 15 points)
+    precondition_gap: float = 0.15     # visual branch of concat below visual-only, at least
+    headroom: float = 0.10             # concat's fused accuracy below the reference, at least
+    equivalence_margin: float = 0.02   # "no effect larger than 2 points" needs TOST at this margin
+    level: float = 0.05                # two-sided, family-wise over the planned contrasts (Holm)
+    power: float = 0.8                 # of the minimal detectable effect
+    label: str = "make demo"
 
 
 DEMO = DemoConfig()
+# `make demo-quick`: the same task and protocol on fewer test clips and seeds and the four core
+# arms; a preview of the report (3 seeds: no sign-flip p can fall below 0.25).
+QUICK = dataclasses.replace(DEMO, clips=1536, test_fraction=1 / 3, val_fraction=0.5, seeds=(0, 1, 2),
+                            arms=(AUDIO_ONLY, VISUAL_ONLY, CONCAT, OGM_GE), label="make demo-quick")
+
+
+def method_arms() -> tuple:
+    """One concat arm per balancing method of the registry (``names.METHODS``), with the paper's
+    rows where Table 2 has them (Modality-Drop of audio, of visual, the input dropped), in
+    registry order."""
+    from .reproduce import TABLE_ROWS
+
+    variants: dict[str, list[Arm]] = {}
+    for row in TABLE_ROWS[2]:
+        method = row.settings.get("modulation", "none")
+        variants.setdefault(method, []).append(Arm(row.name, {"fusion": "concat", **row.settings}))
+    arms = []
+    for method in names.METHODS:
+        if method == "none":
+            continue
+        fusions = names.METHOD_FUSIONS.get(method)
+        fusion = "concat" if fusions is None or "concat" in fusions else fusions[0]
+        arms += variants.get(method) or [Arm(f"{fusion}+{method}", {"fusion": fusion, "modulation": method})]
+    return tuple(arms)
 
 
 def _compare_arms() -> tuple:
-    from .reproduce import TABLE_ROWS
-
-    # Table 2's other rows; Modality-Drop as these arms were measured (pooled features, not input)
-    extra = tuple(Arm(row.name, {k: v for k, v in row.settings.items() if k != "drop_at"})
-                  for row in TABLE_ROWS[2] if row.name not in ("concat", "concat+ogm-ge"))
-    more = tuple(Arm(f"concat+{m}", {"fusion": "concat", "modulation": m})
-                 for m in ("opm", "opm-ge", "mmpareto", "pmr", "agm"))
-    return (*DEMO.arms, *extra, *more)
+    have = {a.name for a in DEMO.arms}
+    return (*DEMO.arms, *(a for a in method_arms() if a.name not in have))
 
 
-# `make compare`: every method on the demo's data, seeds and budget (<= 45 min on 2 cores).
-COMPARE = dataclasses.replace(DEMO, arms=_compare_arms())
+# `make compare`: every method on the demo's task, seeds, budget, protocol and statistics.
+COMPARE = dataclasses.replace(DEMO, arms=_compare_arms(), label="make compare")
 
 README_BEGIN = "<!-- demo-results:begin (written by `python -m cli.demo --update-readme`) -->"
 README_END = "<!-- demo-results:end -->"
@@ -97,6 +162,14 @@ README_END = "<!-- demo-results:end -->"
 def modulation_end(cfg: DemoConfig) -> int:
     """Last modulated epoch (0-based, inclusive): the first ``modulation_fraction`` of the epochs."""
     return max(0, math.ceil(cfg.epochs * cfg.modulation_fraction) - 1)
+
+
+def arm_settings(cfg: DemoConfig, arm: Arm) -> dict:
+    """Every TrainConfig field the demo sets for ``arm`` on top of its preset, in flag order:
+    budget and evaluation (the same for every arm), the modulation window, the arm's own."""
+    window = cfg.epochs - 1 if arm.whole_run else modulation_end(cfg)
+    return {"epochs": cfg.epochs, "eval_every": cfg.epochs, "modulation_end": window, **cfg.train,
+            **arm.settings}
 
 
 def arm_problem(arm: Arm) -> str | None:
@@ -115,15 +188,15 @@ def split_counts(cfg: DemoConfig) -> dict[str, int]:
     return {"train": cfg.clips - test - val, "val": val, "test": test}
 
 
-def assign_splits(names, cfg: DemoConfig) -> dict[str, str]:
+def assign_splits(names_, cfg: DemoConfig) -> dict[str, str]:
     """Clip name -> split: ordered by a hash of the name, the first ``test`` are test, the next
     ``val`` val (exact counts, no dependence on the order names are listed in)."""
     from avprep.datasets._base import hash_fraction
 
-    names = sorted(names, key=lambda n: (hash_fraction(n, cfg.synth_seed), n))
-    counts = split_counts(dataclasses.replace(cfg, clips=len(names)))
+    ordered = sorted(names_, key=lambda n: (hash_fraction(n, cfg.synth_seed), n))
+    counts = split_counts(dataclasses.replace(cfg, clips=len(ordered)))
     out = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(ordered):
         out[name] = "test" if i < counts["test"] else "val" if i < counts["test"] + counts["val"] else "train"
     return out
 
@@ -131,118 +204,348 @@ def assign_splits(names, cfg: DemoConfig) -> dict[str, str]:
 def write_split_files(raw, folder, cfg: DemoConfig) -> dict[str, Path]:
     """Write ``folder/<split>.csv`` (the OGM-GE CREMA-D format ``<clip>,<EMO>``) for the clips of
     the synthetic CREMA-D tree ``raw``; returns split -> path. Same clips, same bytes."""
-    names = sorted(p.stem for p in (Path(raw) / "VideoFlash").glob("*.flv"))
-    if len(names) != cfg.clips:
-        raise RunFolderError(f"{raw}: {len(names)} clips, expected {cfg.clips}; "
+    clip_names = sorted(p.stem for p in (Path(raw) / "VideoFlash").glob("*.flv"))
+    if len(clip_names) != cfg.clips:
+        raise RunFolderError(f"{raw}: {len(clip_names)} clips, expected {cfg.clips}; "
                              "delete the demo folder and run the demo again")
-    split = assign_splits(names, cfg)
+    split = assign_splits(clip_names, cfg)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for s in ("train", "val", "test"):
-        lines = "".join(f"{n},{n.split('_')[2]}\n" for n in names if split[n] == s)
+        lines = "".join(f"{n},{n.split('_')[2]}\n" for n in clip_names if split[n] == s)
         paths[s] = runfolder.atomic_write_text(folder / f"{s}.csv", lines)
     return paths
 
 
-# ----------------------------------------------------------------------------- findings
+# ----------------------------------------------------------------------------- numbers
+
+Groups = dict[str, list[RunRecord]]
+
+
+def _values(groups: Groups, arm: str, key: str) -> dict[int, float]:
+    """Seed -> the arm's ``key`` at its last epoch (probes of that epoch's last.pt only)."""
+    return per_seed(groups.get(arm, []), key, at="last")
+
+
+def reference_accuracy(groups: Groups, cfg: DemoConfig = DEMO) -> dict[int, float]:
+    """Per seed, the fused test accuracy of a model that uses both cues fully: the audio-only
+    model's answer on toned clips and the visual-only model's on the others,
+    ``ref = A + (1 - p) (V - 1/K)`` with A, V the unimodal models' test accuracies at the last
+    epoch, p the share of toned clips and K the classes. (A = p A_toned + (1 - p) / K, since no
+    predictor beats chance on audio that carries no class, and V is the same on toned and
+    toneless clips, since the tone is assigned independently of label and frames.)"""
+    a, v = _values(groups, cfg.audio_only, "acc"), _values(groups, cfg.visual_only, "acc")
+    p = cfg.audio_cue_fraction
+    return {s: a[s] + (1 - p) * (v[s] - 1 / cfg.num_classes) for s in sorted(set(a) & set(v))}
+
+
+def precondition(groups: Groups, cfg: DemoConfig = DEMO) -> dict:
+    """The design's premises, paired by seed: ``gap`` (visual-only's test accuracy minus concat's
+    visual branch: vision under-learnt in joint training, >= ``precondition_gap``) and ``headroom``
+    (the reference minus concat's fused accuracy, >= ``headroom``); each a ``paired_difference``
+    with ``holds`` (mean clears the threshold) and ``established`` (the 95% interval does)."""
+    gap = stats.paired_difference(_values(groups, cfg.baseline, "acc_v"), _values(groups, cfg.visual_only, "acc"))
+    room = stats.paired_difference(_values(groups, cfg.baseline, "acc"), reference_accuracy(groups, cfg))
+    out = {}
+    for name, d, threshold in (("gap", gap, cfg.precondition_gap), ("headroom", room, cfg.headroom)):
+        holds = d["mean"] is not None and d["mean"] >= threshold
+        out[name] = {**d, "threshold": threshold, "holds": holds,
+                     "established": holds and d["ci"] is not None and d["ci"][0] >= threshold}
+    out["holds"] = out["gap"]["holds"] and out["headroom"]["holds"]
+    return out
+
+
+def contrasts(cfg: DemoConfig, present=None) -> list[tuple[str, str]]:
+    """The planned contrasts ``(treated, base)``, primary first: OGM-GE vs concat, every other
+    multimodal arm vs concat (the positive control last), then OGM-GE vs OGM directly. Arms not
+    in ``present`` (when given) are left out."""
+    have = {a.name for a in cfg.arms if a.multimodal} if present is None else set(present)
+    others = [a.name for a in cfg.arms if a.multimodal and a.name not in (cfg.baseline, cfg.treated, cfg.control)]
+    out = [(cfg.treated, cfg.baseline), *((o, cfg.baseline) for o in others), (cfg.control, cfg.baseline),
+           (cfg.treated, cfg.ogm)]
+    return [c for c in out if c[0] in have and c[1] in have]
+
+
+def _label(c: tuple[str, str]) -> str:
+    return f"{c[0]} − {c[1]}"
+
+
+def analyse(groups: Groups, cfg: DemoConfig = DEMO) -> dict:
+    """Every planned contrast on the primary endpoint (paired difference, Holm-adjusted sign-flip
+    p over the family, TOST at the pre-registered margin, MDE) and on each secondary endpoint
+    (Holm within the secondary family). Returns ``{"primary": {label: d}, "secondary": {label:
+    {key: d}}, "order": [labels]}``."""
+    planned = contrasts(cfg, [a for a, runs in groups.items() if runs])
+    primary = {_label(c): stats.paired_difference(_values(groups, c[1], PRIMARY), _values(groups, c[0], PRIMARY))
+               for c in planned}
+    m = len(primary)
+    for label, adj in stats.holm({k: d["p"] for k, d in primary.items()}).items():
+        d = primary[label]
+        d["p_holm"] = adj
+        d["tost"] = stats.tost(d["diffs"], cfg.equivalence_margin)
+        d["bound"] = stats.equivalence_bound(d["diffs"], cfg.level)
+        d["mde"] = stats.minimal_detectable_effect(d["sd"], d["n"], alpha=cfg.level, power=cfg.power)
+        d["mde_family"] = stats.minimal_detectable_effect(d["sd"], d["n"], alpha=cfg.level / max(m, 1),
+                                                          power=cfg.power)
+    secondary = {_label(c): {k: stats.paired_difference(_values(groups, c[1], k), _values(groups, c[0], k))
+                             for k in SECONDARY} for c in planned}
+    flat = {(lab, k): d["p"] for lab, ds in secondary.items() for k, d in ds.items()}
+    for (lab, k), adj in stats.holm(flat).items():
+        secondary[lab][k]["p_holm"] = adj
+    return {"primary": primary, "secondary": secondary, "order": [_label(c) for c in planned],
+            "contrasts": planned}
+
+
+MECHANISM_KEYS = ("rho_a", "k_a", "k_v", "update_norm_a", "update_norm_v")
+
+
+def mechanism(groups: Groups, cfg: DemoConfig = DEMO) -> dict:
+    """Per multimodal arm, the per-epoch means over seeds of ``MECHANISM_KEYS`` (metrics.jsonl;
+    a key absent from a run's lines is None), and over the modulated epochs: mean k_a and the
+    audio/visual encoder update norms relative to the baseline's (ratio of means, paired epochs).
+    ``recorded``: whether the runs carry the update norms at all."""
+    window = range(0, modulation_end(cfg) + 1)
+    per_arm, recorded = {}, False
+    for arm in cfg.arms:
+        runs = groups.get(arm.name) or []
+        if not arm.multimodal or not runs:
+            continue
+        curves: dict[str, dict[int, float | None]] = {}
+        for key in MECHANISM_KEYS:
+            rows = [{int(m["epoch"]): m.get(key) for m in r.metrics if "epoch" in m} for r in runs]
+            epochs = sorted(set.intersection(*(set(x) for x in rows)))
+            curves[key] = {e: _mean([x[e] for x in rows]) for e in epochs}
+        recorded = recorded or any(v is not None for v in curves["update_norm_a"].values())
+        per_arm[arm.name] = curves
+    summary = {}
+    base = per_arm.get(cfg.baseline)
+    for name, curves in per_arm.items():
+        entry = {"k_a": _mean([curves["k_a"].get(e) for e in window if e in curves["k_a"]])}
+        for key in ("update_norm_a", "update_norm_v"):
+            ours = [curves[key].get(e) for e in window]
+            theirs = [base[key].get(e) for e in window] if base else [None] * len(ours)
+            pairs = [(x, y) for x, y in zip(ours, theirs) if x is not None and y]
+            entry[key] = sum(x for x, _ in pairs) / sum(y for _, y in pairs) if pairs else None
+        summary[name] = entry
+    return {"curves": per_arm, "summary": summary, "recorded": recorded, "window": (window.start, window.stop - 1)}
+
+
+def _mean(values) -> float | None:
+    """Mean of the values; None when there are none or any is missing."""
+    values = list(values)
+    if not values or any(v is None for v in values):
+        return None
+    return sum(float(v) for v in values) / len(values)
+
+
+# ----------------------------------------------------------------------------- text
+
+def _pts(x: float | None, sign: bool = True) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return f"{p:.4f}" if p < 0.001 else f"{p:.3f}"
+
 
 def _ms(ms) -> str:
     return format_cell("acc", ms)
 
 
-def _interval(d: dict) -> str:
+def _ci(d: dict) -> str:
     if d["ci"] is None:
-        return "one seed, no interval"
-    lo, hi = d["ci"]
-    return f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f}"
+        return "no interval (one seed)"
+    return f"95% CI {_pts(d['ci'][0])} to {_pts(d['ci'][1])}"
 
 
-def precondition(groups: dict[str, list[RunRecord]], cfg: DemoConfig = DEMO) -> dict:
-    """Inside ``baseline`` (concat), is the visual branch >= ``precondition_gap`` below a
-    visual-only model? Paired by seed: ``gap`` = visual-only acc - concat's visual-branch acc."""
-    ref = per_seed(groups.get(cfg.visual_only, []), "acc")
-    branch = per_seed(groups.get(cfg.baseline, []), "acc_v")
-    d = paired_difference(branch, ref)
-    gap = d["mean"]
-    holds = gap is not None and gap >= cfg.precondition_gap
-    # established: the whole 95% interval of the gap clears the threshold
-    established = holds and d["ci"] is not None and d["ci"][0] >= cfg.precondition_gap
-    return {**d, "gap": gap, "holds": holds, "established": established, "visual_only": d["treated"],
-            "branch": d["base"]}
+def design_markdown(cfg: DemoConfig = DEMO) -> str:
+    """The task and why it is built this way (deterministic)."""
+    p = cfg.audio_cue_fraction
+    return (
+        "### Design\n\n"
+        f"A synthetic CREMA-D-layout dataset with two class cues. **Audio**: a class tone at {cfg.audio_snr:g} dB "
+        f"SNR, easy (an audio-only model is right on every toned clip after one epoch), but present on only "
+        f"{100 * p:.0f}% of the clips; the others' audio is noise only. **Visual**: a class colour under pixel "
+        f"noise at {cfg.visual_snr:g} dB on every clip: weak and slow to learn, but a visual-only model learns it.\n\n"
+        "Why: joint training fits the toned clips through audio at once and then memorises the few toneless "
+        "training clips through audio as well (their noise is as distinctive as any pattern to a CNN), so the "
+        "training loss reaches ~0 and the visual encoder stops receiving gradient: joint training under-learns "
+        "vision although vision alone could learn it (the paper's Figure 1). At test, fused logits are the sum of "
+        "the audio and visual branches, so on a toneless clip the fused prediction is the visual branch's: an "
+        "under-trained visual encoder costs *fused* accuracy, the paper's headline endpoint. A purely "
+        "complementary design (audio gives a class group, vision the class within it) would show no suppression: "
+        "the within-group loss reaches vision whatever audio does.\n\n"
+        "**Reference for the headroom** (a model that uses both cues fully): per seed, the audio-only model's "
+        "answer on toned clips and the visual-only model's on the others, "
+        f"ref = A + (1 − p)(V − 1/K), with A and V the unimodal models' test accuracies at the last epoch, "
+        f"p = {p:g} the share of toned clips and K = {cfg.num_classes} classes (no predictor beats chance on "
+        "audio without a tone, and the tone is drawn independently of label and frames).\n")
 
 
-def comparisons(groups: dict[str, list[RunRecord]], cfg: DemoConfig = DEMO) -> dict[str, dict]:
-    """For every multimodal arm but the baseline: paired differences from the baseline on the
-    visual probe, the fused accuracy and the audio probe (metric key -> paired_difference)."""
-    base = groups.get(cfg.baseline, [])
-    out = {}
-    for arm in cfg.arms:
-        if arm.name == cfg.baseline or arm.settings.get("modality", "both") != "both":
-            continue
-        runs = groups.get(arm.name)
-        if not runs:
-            continue
-        out[arm.name] = {key: paired_difference(per_seed(base, key), per_seed(runs, key))
-                         for key in ("probe_v", "acc", "acc_v", "probe_a")}
-    return out
+def protocol_markdown(cfg: DemoConfig = DEMO, present=None) -> str:
+    """The pre-registered protocol (written before any number; deterministic)."""
+    planned = contrasts(cfg, present)
+    m = len(planned)
+    lines = [
+        "### Protocol (pre-registered: fixed before the runs, stated before the numbers)\n",
+        f"- **Primary endpoint**: {ENDPOINTS[PRIMARY]} at the **last epoch** ({_epochs(cfg.epochs)}, the same "
+        "number of optimizer steps for every arm; no epoch is selected).",
+        "- **Secondary endpoints**, also at the last epoch: " + "; ".join(ENDPOINTS[k] for k in SECONDARY)
+        + " (the probes are fitted on the frozen encoders of last.pt, so no selected epoch enters them).",
+        f"- **Precondition** (the design's premise, checked before reading any contrast): concat's visual branch "
+        f"at least {100 * cfg.precondition_gap:.0f} points below the visual-only model, and concat's fused "
+        f"accuracy at least {100 * cfg.headroom:.0f} points below the reference; both paired by seed.",
+        f"- **Planned contrasts** on the primary endpoint, paired by seed ({len(cfg.seeds)} seeds): "
+        + "; ".join(f"`{t}` − `{b}`" for t, b in planned)
+        + f". The first is the primary contrast; `{cfg.control}` is the **positive control** (modulation so strong "
+        "that it must move the endpoint if the endpoint can move: if it does not, a null result of the other arms "
+        "says nothing).",
+        f"- **Tests**: per-seed paired differences, their mean with a 95% Student-t interval, and the exact "
+        f"two-sided sign-flip permutation test (all 2^n sign patterns). **Holm's** step-down correction over the "
+        f"{m} planned contrasts (family-wise level {cfg.level:g}); secondary endpoints: Holm over their own family "
+        "(supportive, not confirmatory).",
+        f"- **Verdict rule**: an effect is claimed when the Holm-adjusted p ≤ {cfg.level:g}. Otherwise \"no effect "
+        f"larger than {100 * cfg.equivalence_margin:g} points\" is claimed only when the paired TOST equivalence test "
+        f"at that margin gives p < {cfg.level:g}; else the contrast is **inconclusive**, and the report says which "
+        "effects the data cannot exclude.",
+        f"- **Power**: the minimal detectable effect (MDE, {100 * cfg.power:.0f}% power, two-sided paired t at "
+        f"{cfg.level:g}) from each contrast's observed paired SD, and at the first Holm step ({cfg.level:g}/{m}).",
+        "- **Mechanism**: per epoch, the mean discrepancy ratio rho_a, the coefficients k_a and k_v and the norm "
+        "of each encoder's parameter update per step (metrics.jsonl `update_norm_a`, `update_norm_v`).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
-_WHAT = {"probe_v": "visual linear-probe accuracy", "acc": "fused test accuracy",
-         "acc_v": "visual-branch test accuracy", "probe_a": "audio linear-probe accuracy"}
-
-
-def _direction(d: dict) -> str:
-    if d["n"] == 0:
-        return "could not be compared"
-    if d["ci"] is None:
-        return "changed (one seed: not tested)" if d["mean"] else "did not change"
-    lo, hi = d["ci"]
-    if lo > 0:
-        return "raised"
-    if hi < 0:
-        return "lowered"
-    return "did not detectably change"
-
-
-def _sentence(arm: str, base: str, key: str, d: dict) -> str:
-    if d["n"] == 0:
-        return f"The {_WHAT[key]} could not be compared (no seed has it for both `{base}` and `{arm}`)."
-    return (f"`{arm}` **{_direction(d)}** the {_WHAT[key]}: {_ms(d['treated'])}% vs {_ms(d['base'])}% "
-            f"for `{base}`, paired difference {100 * d['mean']:+.1f} points ({_interval(d)}; higher in "
-            f"{d['up']} and lower in {d['down']} of {d['n']} seeds).")
-
-
-def conclusion(groups: dict[str, list[RunRecord]], cfg: DemoConfig = DEMO) -> str:
-    """Markdown: the precondition, then the verdict on the treated arm (every arm for compare),
-    generated from the numbers; it says what it finds whichever way it falls."""
-    pre = precondition(groups, cfg)
+def _precondition_text(pre: dict, cfg: DemoConfig) -> list[str]:
     lines = ["## Precondition", ""]
-    if pre["n"] == 0:
-        lines.append(f"Not measured: `{cfg.visual_only}` and `{cfg.baseline}` share no seed.")
-    else:
-        lines.append(
-            f"Inside `{cfg.baseline}` the visual branch scores {_ms(pre['branch'])}% on test, a "
-            f"`{cfg.visual_only}` model {_ms(pre['visual_only'])}%: a gap of {100 * pre['gap']:.1f} points "
-            f"({_interval(pre)}, {pre['n']} paired seeds). The demo needs a gap of at least "
-            f"{100 * cfg.precondition_gap:.0f} points (joint training under-uses the visual modality): it "
-            + (("**holds**." if pre["established"] else
-                "**holds** on the mean, but its 95% interval reaches below "
-                f"{100 * cfg.precondition_gap:.0f} points: not established with this many seeds.")
-               if pre["holds"] else
-               "**does not hold**, so the comparison below does not test what the demo is built to show."))
-    lines += ["", "## Verdict", "",
-              f"Each arm against `{cfg.baseline}` (same data, seeds and budget), paired by seed, with a "
-              "95% t-interval of the mean difference over seeds:", ""]
-    found = comparisons(groups, cfg)
-    order = [cfg.treated, *(a for a in found if a != cfg.treated)]
-    for arm in order:
-        if arm not in found:
+    g, h = pre["gap"], pre["headroom"]
+    if g["n"] == 0 or h["n"] == 0:
+        return lines + [f"Not measured: `{cfg.visual_only}`, `{cfg.audio_only}` and `{cfg.baseline}` share no seed.",
+                        ""]
+
+    def verdict(d: dict) -> str:
+        if d["established"]:
+            return "**met**"
+        if d["holds"]:
+            return (f"**met** on the mean, but its 95% interval reaches below {100 * d['threshold']:.0f} points "
+                    "(not established with this many seeds)")
+        return "**not met**"
+
+    lines.append(
+        f"- Vision under-learnt: inside `{cfg.baseline}` the visual branch scores {_ms(g['base'])}% on test, a "
+        f"`{cfg.visual_only}` model {_ms(g['treated'])}%: a gap of {_pts(g['mean'], False)} points ({_ci(g)}, "
+        f"{g['n']} paired seeds; needed: {100 * cfg.precondition_gap:.0f}): {verdict(g)}.")
+    lines.append(
+        f"- Headroom: `{cfg.baseline}` fuses to {_ms(h['base'])}%, the reference that uses both cues fully "
+        f"{_ms(h['treated'])}%: {_pts(h['mean'], False)} points of headroom ({_ci(h)}; needed: "
+        f"{100 * cfg.headroom:.0f}): {verdict(h)}.")
+    if not pre["holds"]:
+        lines.append("")
+        lines.append("The premise **does not hold**, so the contrasts below do not test what the demo is built to "
+                     "show; they are reported as measured.")
+    return lines + [""]
+
+
+def _primary_verdict(label: str, d: dict, cfg: DemoConfig) -> str:
+    t, b = label.split(" − ")
+    if d["n"] == 0:
+        return f"`{t}` vs `{b}`: could not be compared (no common seed)."
+    head = (f"`{t}` vs `{b}`: {_pts(d['mean'])} points ({_ms(d['treated'])}% vs {_ms(d['base'])}%, {_ci(d)}, "
+            f"sign-flip p = {_p(d['p'])}, Holm p = {_p(d['p_holm'])}; higher in {d['up']}, lower in {d['down']} "
+            f"of {d['n']} seeds)")
+    if d["p_holm"] is not None and d["p_holm"] <= cfg.level:
+        return f"{head}: **{'raised' if d['mean'] > 0 else 'lowered'}** the fused accuracy."
+    tost = d["tost"]
+    margin = 100 * cfg.equivalence_margin
+    if tost["p"] is not None and tost["p"] < cfg.level:
+        return f"{head}: **no effect larger than {margin:g} points** (TOST p = {_p(tost['p'])})."
+    bound = "" if d["bound"] is None else f"; effects up to {100 * d['bound']:.1f} points are not excluded"
+    tost_p = "" if tost["p"] is None else f" (TOST at ±{margin:g} points: p = {_p(tost['p'])})"
+    return f"{head}: **inconclusive**: no effect detected, none excluded{tost_p}{bound}."
+
+
+def _secondary_table(res: dict) -> list[str]:
+    head = ["contrast", *(ENDPOINTS[k] for k in SECONDARY)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in res["order"]:
+        cells = [label]
+        for k in SECONDARY:
+            d = res["secondary"][label][k]
+            cells.append("—" if d["n"] == 0 else f"{_pts(d['mean'])} ({_ci(d).replace('95% CI ', '')}; "
+                                                  f"Holm p {_p(d['p_holm'])})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _primary_table(res: dict) -> list[str]:
+    lines = ["| contrast | seeds | mean difference (points) | 95% CI | sign-flip p | Holm p | TOST p | MDE (80%) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label in res["order"]:
+        d = res["primary"][label]
+        ci = "—" if d["ci"] is None else f"{_pts(d['ci'][0])} to {_pts(d['ci'][1])}"
+        lines.append(f"| {label} | {d['n']} | {_pts(d['mean'])} | {ci} | {_p(d['p'])} | {_p(d['p_holm'])} | "
+                     f"{_p(d['tost']['p'])} | {_pts(d['mde'], False)} |")
+    return lines
+
+
+def _mechanism_text(mech: dict, cfg: DemoConfig) -> list[str]:
+    lo, hi = mech["window"]
+    lines = ["## Mechanism", "",
+             f"`mechanism.png`: per epoch, mean over seeds of rho_a, k_a, k_v and each encoder's update norm "
+             f"(modulated epochs {lo}–{hi} shaded; the positive control modulates every epoch)."]
+    for name, s in mech["summary"].items():
+        if name == cfg.baseline:
             continue
-        for key in ("probe_v", "acc", "probe_a"):
-            lines.append("- " + _sentence(arm, cfg.baseline, key, found[arm][key]))
-    lines += ["", "An interval that contains 0 means no difference was detected with this many seeds; "
-              "it is not evidence that there is none."]
+        parts = [f"mean k_a {s['k_a']:.2f}" if s["k_a"] is not None else "k_a not recorded"]
+        if mech["recorded"]:
+            for key, what in (("update_norm_a", "audio"), ("update_norm_v", "visual")):
+                if s[key] is not None:
+                    parts.append(f"{what} encoder update {s[key]:.2f}× `{cfg.baseline}`'s")
+        lines.append(f"- `{name}`, epochs {lo}–{hi}: " + ", ".join(parts) + ".")
+    if not mech["recorded"]:
+        lines.append("- Encoder update norms: **not recorded** (this build's metrics.jsonl has no `update_norm_a` / "
+                     "`update_norm_v`), so the plot shows k and rho only.")
+    return lines + [""]
+
+
+def conclusion(groups: Groups, cfg: DemoConfig = DEMO) -> str:
+    """Markdown generated from the numbers, whichever way they fall: the precondition, power, the
+    primary contrasts (with the positive control and OGM-GE vs OGM), the secondary endpoints and
+    the mechanism."""
+    pre = precondition(groups, cfg)
+    res = analyse(groups, cfg)
+    lines = _precondition_text(pre, cfg)
+    lines += ["## Primary endpoint: fused test accuracy at the last epoch", ""]
+    if not res["order"]:
+        lines += ["No planned contrast could be measured.", ""]
+    else:
+        lines += _primary_table(res) + [""]
+        lines += ["- " + _primary_verdict(label, res["primary"][label], cfg) for label in res["order"]]
+        primary = res["primary"][res["order"][0]]
+        if primary["mde"] is not None:
+            lines += ["", f"Power: the paired SD of the primary contrast is {_pts(primary['sd'], False)} points over "
+                      f"{primary['n']} seeds, so its minimal detectable effect (80% power) is "
+                      f"{_pts(primary['mde'], False)} points at level {cfg.level:g} and "
+                      f"{_pts(primary['mde_family'], False)} points at the first Holm step."]
+        control = res["primary"].get(_label((cfg.control, cfg.baseline)))
+        if control is not None and control["n"]:
+            moved = control["p_holm"] is not None and control["p_holm"] <= cfg.level
+            lines += ["", f"Positive control: `{cfg.control}` moved the fused accuracy by {_pts(control['mean'])} "
+                      f"points (Holm p = {_p(control['p_holm'])}): " +
+                      ("the endpoint is sensitive to modulating the encoders." if moved else
+                       "**not detected**, so the endpoint may be insensitive to modulation at this budget and a null "
+                       "result above is uninformative.")]
+        lines += ["", "## Secondary endpoints (last epoch)", "",
+                  "Paired differences in points (95% CI; Holm over this table's family):", ""]
+        lines += _secondary_table(res) + [""]
+    lines += _mechanism_text(mechanism(groups, cfg), cfg)
+    lines += ["An interval that contains 0 is no evidence that there is no effect; only the TOST line says which "
+              "effects the data exclude."]
     return "\n".join(lines) + "\n"
 
 
@@ -253,12 +556,23 @@ def setup_markdown(cfg: DemoConfig = DEMO) -> str:
     copy must equal this for DEMO (tested)."""
     n = split_counts(cfg)
     arms = ", ".join(f"`{a.name}`" for a in cfg.arms)
-    return (f"Synthetic CREMA-D layout, {cfg.clips} clips of {cfg.duration:g} s, 6 classes: audio cue at "
-            f"{cfg.audio_snr:g} dB SNR (a class tone), visual cue at {cfg.visual_snr:g} dB (a class colour "
-            f"under pixel noise). Splits: {n['train']} train, {n['val']} val, {n['test']} test clips "
-            f"(one test clip = {100 / n['test']:.2f} points). Arms {arms}; preset `{cfg.preset}`, "
-            f"{cfg.epochs} epochs, modulation in epochs 0–{modulation_end(cfg)}, seeds "
-            f"{', '.join(map(str, cfg.seeds))}.\n")
+    return (f"Synthetic CREMA-D layout, {cfg.clips} clips of {cfg.duration:g} s, {cfg.num_classes} classes: audio "
+            f"cue at {cfg.audio_snr:g} dB SNR (a class tone) on {100 * cfg.audio_cue_fraction:.0f}% of the clips, "
+            f"visual cue at {cfg.visual_snr:g} dB (a class colour under pixel noise) on all. Splits: {n['train']} "
+            f"train, {n['val']} val, {n['test']} test clips (one test clip = {100 / n['test']:.2f} points). Arms "
+            f"{arms}; preset `{cfg.preset}` (SGD), {_epochs(cfg.epochs)}, modulation in epochs "
+            f"0–{modulation_end(cfg)}, seeds {_seed_list(cfg.seeds)}.\n")
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def _seed_list(seeds) -> str:
+    seeds = list(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ", ".join(map(str, seeds))
 
 
 def readme_block(cfg: DemoConfig, table: str, conclusion_md: str, footer: str = "") -> str:

@@ -20,12 +20,12 @@ from avprep import shardformat as sf
 
 from . import runfolder
 from .names import SELECTION_LABELS
+from .stats import mean_std
 
-__all__ = ["RunRecord", "Group", "Report", "COLUMNS", "plot_shapley",
-           "read_run", "expand_runs", "group_runs",
+__all__ = ["RunRecord", "Group", "Report", "COLUMNS", "plot_shapley", "read_run", "expand_runs", "group_runs",
            "mean_std", "format_cell", "run_values", "group_table", "markdown_table", "plot_accuracy",
            "plot_rho", "plot_loss", "write_report", "dominant_modality", "test_clips", "clips_sentence",
-           "t_quantile_975", "paired_difference", "per_seed", "plot_seed_bars", "selection"]
+           "per_seed", "plot_seed_bars", "plot_contrasts", "plot_mechanism", "column_titles", "AT", "selection"]
 
 # Config keys that do not change the experiment (so runs that differ only there are seeds).
 _NOT_EXPERIMENT = {"seed", "out", "resume", "shards", "s3_endpoint", "workers", "device",
@@ -143,83 +143,61 @@ def _selected(run: RunRecord) -> tuple[int | None, dict, dict]:
     return best.get("epoch"), best.get("val") or {}, best.get("test") or {}
 
 
-def _probe_acc(run: RunRecord, modality: str):
+def _last(run: RunRecord) -> tuple[int | None, dict, dict]:
+    """(epoch, val metrics, test metrics) of the run's last epoch, whether or not it was selected
+    (None, {}, {} when that epoch was not evaluated on test)."""
+    rows = [m for m in run.metrics if "epoch" in m]
+    if not rows or not rows[-1].get("test"):
+        return None, {}, {}
+    return rows[-1]["epoch"], rows[-1].get("val") or {}, rows[-1]["test"]
+
+
+AT = ("selected", "last")
+
+
+def _probe_acc(run: RunRecord, modality: str, epoch: int | None = None):
+    """The probe's test accuracy; with ``epoch``, only a probe of that epoch's last.pt counts
+    (a probe of best.pt would mix in the selected epoch)."""
     probe = run.probes.get(modality)
-    return None if probe is None else (probe.get("test") or {}).get("acc")
+    if probe is None:
+        return None
+    if epoch is not None and (probe.get("which") != "last" or probe.get("checkpoint_epoch") != epoch):
+        return None
+    return (probe.get("test") or {}).get("acc")
 
 
-def run_values(run: RunRecord) -> dict:
-    """The table's numbers for one run (None where the run has no such output)."""
-    epoch, _val, test = _selected(run)
+def run_values(run: RunRecord, at: str = "selected") -> dict:
+    """The table's numbers for one run (None where the run has no such output): test metrics at
+    the epoch selected on val (``at="selected"``, probes of any checkpoint) or at the run's last
+    epoch (``at="last"``, probes of last.pt at that epoch only)."""
+    if at not in AT:
+        raise ValueError(f"at must be one of {', '.join(AT)}, not {at!r}")
+    epoch, _val, test = _selected(run) if at == "selected" else _last(run)
+    probe_epoch = epoch if at == "last" else None
+    if at == "last" and epoch is None:
+        probe_epoch = -1            # no last epoch on test: no probe counts either
     return {"acc": test.get("acc"), "map": test.get("map"), "acc_a": test.get("acc_a"),
-            "acc_v": test.get("acc_v"), "probe_a": _probe_acc(run, "audio"),
-            "probe_v": _probe_acc(run, "visual"), "epoch": epoch,
+            "acc_v": test.get("acc_v"), "probe_a": _probe_acc(run, "audio", probe_epoch),
+            "probe_v": _probe_acc(run, "visual", probe_epoch), "epoch": epoch,
             "shapley_a": test.get("shapley_a"), "shapley_v": test.get("shapley_v")}
 
 
-def mean_std(values) -> tuple[float | None, float | None]:
-    """Mean and sample std (ddof=1) of the non-None values; (None, None) if none. One value has
-    no measured spread: its std is None (shown without "±")."""
-    xs = [float(v) for v in values if v is not None]
-    if not xs:
-        return None, None
-    if len(xs) == 1:
-        return xs[0], None
-    return float(np.mean(xs)), float(np.std(xs, ddof=1))
-
-
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (standard tables).
-_T975 = (12.70620, 4.30265, 3.18245, 2.77645, 2.57058, 2.44691, 2.36462, 2.30600, 2.26216, 2.22814,
-         2.20099, 2.17881, 2.16037, 2.14479, 2.13145, 2.11991, 2.10982, 2.10092, 2.09302, 2.08596,
-         2.07961, 2.07387, 2.06866, 2.06390, 2.05954, 2.05553, 2.05183, 2.04841, 2.04523, 2.04227)
-
-
-def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (table to 30, then the
-    Cornish-Fisher expansion around the normal quantile, within 1e-3)."""
-    if df < 1:
-        raise ValueError("df must be >= 1")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
-def paired_difference(base: dict, treated: dict) -> dict:
-    """``treated - base`` over the seeds both have (dicts seed -> value): ``n``, ``mean``,
-    ``ci`` (95% t-interval over seeds; None below two seeds), ``up``/``down`` (seeds that rose /
-    fell) and ``base``/``treated`` (mean, std) over those seeds."""
-    seeds = sorted(set(base) & set(treated))
-    out = {"n": len(seeds), "seeds": seeds}
-    if not seeds:
-        return {**out, "mean": None, "ci": None, "up": 0, "down": 0, "base": (None, None),
-                "treated": (None, None)}
-    d = np.array([treated[s] - base[s] for s in seeds], dtype=float)
-    mean = float(d.mean())
-    ci = None
-    if len(d) > 1:
-        half = t_quantile_975(len(d) - 1) * float(d.std(ddof=1)) / np.sqrt(len(d))
-        ci = (mean - half, mean + half)
-    return {**out, "mean": mean, "ci": ci, "up": int((d > 0).sum()), "down": int((d < 0).sum()),
-            "base": mean_std(base[s] for s in seeds), "treated": mean_std(treated[s] for s in seeds)}
-
-
-def per_seed(runs: list[RunRecord], key: str) -> dict[int, float]:
-    """``run_values(run)[key]`` by the run's seed (runs without the value left out)."""
+def per_seed(runs: list[RunRecord], key: str, at: str = "selected") -> dict[int, float]:
+    """``run_values(run, at)[key]`` by the run's seed (runs without the value left out)."""
     out = {}
     for r in runs:
-        v = run_values(r)[key]
+        v = run_values(r, at)[key]
         if v is not None:
             out[int(r.config.get("seed", 0))] = float(v)
     return out
 
 
-def group_table(groups: list[Group]) -> list[dict]:
+def group_table(groups: list[Group], at: str = "selected") -> list[dict]:
     """One row per group: ``label``, ``n`` and ``(mean, std)`` for each column key."""
     rows = []
     for g in groups:
-        per_run = [run_values(r) for r in g.runs]
-        kinds = {selection(r) for r in g.runs}
+        per_run = [run_values(r, at) for r in g.runs]
+        kinds = {"last"} if at == "last" else {selection(r) for r in g.runs}
         row = {"label": g.label, "n": len(g.runs), "selection": kinds.pop() if len(kinds) == 1 else "mixed"}
         for _title, key in COLUMNS[1:]:
             row[key] = mean_std(v[key] for v in per_run)
@@ -242,16 +220,21 @@ def _format(key: str, ms) -> str:
     if mean is None:
         return "—"
     if key == "epoch":
-        if not std:
+        if std is None:
             return f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.1f}"
         return f"{mean:.1f} ± {std:.1f}"
     # metrics are fractions in [0, 1]; the table shows percent
     return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
+def column_titles(at: str = "selected") -> list[str]:
+    """The table's column titles after "run" (the epoch column names which epoch it is)."""
+    return [("last epoch" if at == "last" and key == "epoch" else t) for t, key in COLUMNS]
+
+
+def markdown_table(rows: list[dict], at: str = "selected") -> str:
     """A GitHub markdown table of ``group_table`` rows (accuracies in percent, mean ± std)."""
-    head = ["run", *(t for t, _ in COLUMNS)]
+    head = ["run", *column_titles(at)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["label"].replace("|", "\\|"), str(row["n"])]
@@ -262,15 +245,24 @@ def markdown_table(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- plots
 
-def _figure(ncols: int, title: str, width: float = 4.2):
+# Characters of text that fit in one inch of figure width (DejaVu Sans at 100 dpi, with the
+# layout margins): the
+# suptitle (12 pt) and the legend ("small", 10 pt) wrap or take fewer columns to stay inside.
+_TITLE_CHARS_PER_INCH = 10.5
+_LEGEND_CHARS_PER_INCH = 14.0
+
+
+def _figure(ncols: int, title: str, width: float = 4.2, nrows: int = 1, height: float = 3.4):
     # Figure + Agg canvas, not pyplot: no global state, no display needed
+    import textwrap
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * ncols, 3.4), layout="constrained")
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    fig.suptitle(title)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig.suptitle(textwrap.fill(title, max(20, int(width * ncols * _TITLE_CHARS_PER_INCH))))
     return fig, axes
 
 
@@ -300,11 +292,20 @@ def _draw(ax, curve, label, colour, scale=1.0):
         ax.fill_between(x, scale * (mean - std), scale * (mean + std), alpha=0.2, color=colour, linewidth=0)
 
 
-def _epoch_axis(ax, ylabel: str, title: str | None = None):
+def _epoch_axis(ax, ylabel: str, title: str | None = None, span: tuple[float, float] | None = None):
+    """Epoch x axis with integer ticks only. ``span``: the x range to show (default: the data's,
+    widened to at least one epoch, so a one-epoch run gets tick 0, not -0.045 ... 0.045)."""
     from matplotlib.ticker import MaxNLocator
 
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # min_n_ticks=1: with one integer in view MaxNLocator would otherwise fall back to fractions
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if span is None and ax.has_data():
+        lo, hi = float(ax.dataLim.x0), float(ax.dataLim.x1)
+        if hi - lo < 1:
+            span = (lo - 0.5, hi + 0.5)
+    if span is not None:
+        ax.set_xlim(*span)
     ax.grid(alpha=0.3)
 
 
@@ -402,7 +403,6 @@ def plot_rho(groups: list[Group], path, smooth: int = 5) -> Path:
     fig, axes = _figure(1, f"{key} = {ratio} ({dom} dominates) per step, moving average, mean over seeds",
                         7.0)
     ax = axes[0]
-    last_epoch = 0.0
     for i, g in enumerate(groups):
         if not _multimodal(g):
             continue        # unimodal runs have no discrepancy ratio
@@ -411,17 +411,21 @@ def plot_rho(groups: list[Group], path, smooth: int = 5) -> Path:
             curve = _epoch_curve(g.runs, lambda m: m.get(key))
         if curve is not None:
             _draw(ax, curve, g.label, _colour(i))
-            last_epoch = max(last_epoch, float(curve[0][-1]) + 1)
+    ran = _epochs_run(groups)       # step x values run from 0 to the number of epochs run
     window = _modulation_window(groups)
-    if window is not None:
-        lo, hi = window
-        ax.axvspan(lo, min(hi, last_epoch) if last_epoch else hi, color="grey", alpha=0.12,
-                   label=f"modulated (epochs {lo}–{hi - 1})")
+    if window is not None and ran and window[0] < ran:
+        lo, hi = window[0], min(window[1], ran)      # the band never extends past the run
+        ax.axvspan(lo, hi, color="grey", alpha=0.12, label=f"modulated (epochs {lo}–{hi - 1})")
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set(xlabel="epoch", ylabel=key)
-    ax.grid(alpha=0.3)
+    _epoch_axis(ax, key, span=(0, ran) if ran else None)
     _legend(axes)
     return _save(fig, path)
+
+
+def _epochs_run(groups: list[Group]) -> int:
+    """Epochs the longest multimodal run of ``groups`` trained (0 when none has metrics)."""
+    return max((max((int(m["epoch"]) + 1 for m in r.metrics if "epoch" in m), default=0)
+                for g in groups if _multimodal(g) for r in g.runs), default=0)
 
 
 def plot_loss(groups: list[Group], path) -> Path:
@@ -458,8 +462,74 @@ def plot_seed_bars(series: dict[str, dict[int, float]], path, title: str, ylabel
     return _save(fig, path)
 
 
+def plot_contrasts(contrasts: dict[str, dict], path, title: str) -> Path:
+    """One row per contrast (``stats.paired_difference`` dicts): each seed's difference as a dot,
+    the mean with its 95% t-interval as a bar, in points; a dashed line at 0."""
+    labels = list(contrasts)
+    fig, axes = _figure(1, title, 8.0, height=max(2.4, 0.55 * len(labels) + 1.6))
+    ax = axes[0]
+    for i, label in enumerate(labels):
+        d = contrasts[label]
+        y = len(labels) - 1 - i
+        diffs = [100 * x for x in d.get("diffs") or []]
+        if diffs:
+            jitter = np.linspace(-0.15, 0.15, len(diffs)) if len(diffs) > 1 else np.zeros(1)
+            ax.scatter(diffs, y + jitter, s=14, color="C0", alpha=0.6, label="one seed" if i == 0 else None,
+                       zorder=2)
+        if d.get("mean") is not None:
+            lo, hi = (100 * d["ci"][0], 100 * d["ci"][1]) if d.get("ci") else (100 * d["mean"],) * 2
+            ax.errorbar(100 * d["mean"], y, xerr=[[100 * d["mean"] - lo], [hi - 100 * d["mean"]]], fmt="D",
+                        color="C3", capsize=4, label="mean, 95% CI" if i == 0 else None, zorder=3)
+    ax.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_yticks(range(len(labels)), list(reversed(labels)))
+    ax.set(xlabel="difference (points of accuracy)")
+    ax.grid(alpha=0.3, axis="x")
+    if labels:
+        ax.set_ylim(-0.6, len(labels) - 0.4)
+    _legend(axes)
+    return _save(fig, path)
+
+
+_MECHANISM_PANELS = (("rho_a", "rho_a = s_a / s_v"), ("k", "k_a (solid), k_v (dashed)"),
+                     ("update_norm_a", "audio encoder update per step"),
+                     ("update_norm_v", "visual encoder update per step"))
+
+
+def plot_mechanism(curves: dict[str, dict[str, dict[int, float | None]]], path, *,
+                   window: tuple[int, int] | None = None, whole_run=()) -> Path:
+    """The modulation itself, per epoch: rho_a, k_a and k_v, and the norm of each encoder's
+    parameter update per step (``curves``: arm -> key -> epoch -> mean over seeds; keys of
+    ``demo.MECHANISM_KEYS``). ``window``: the modulated epochs (shaded; arms in ``whole_run``
+    modulate every epoch). A panel whose values no run recorded says so."""
+    fig, axes = _figure(2, "mechanism: discrepancy, coefficients and encoder updates per epoch (mean over seeds)",
+                        4.6, nrows=2, height=2.9)
+    last = max((e for c in curves.values() for vals in c.values() for e in vals), default=0)
+    for ax, (key, title) in zip(axes, _MECHANISM_PANELS):
+        drawn = False
+        for i, (label, c) in enumerate(curves.items()):
+            for k, style in ((("k_a", "-"), ("k_v", "--")) if key == "k" else ((key, "-"),)):
+                pts = sorted((e, v) for e, v in c.get(k, {}).items() if v is not None)
+                if pts:
+                    ax.plot([e for e, _ in pts], [v for _, v in pts], style, color=_colour(i), marker=".",
+                            label=label if k != "k_v" else None)
+                    drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "not recorded by this build", transform=ax.transAxes, ha="center", va="center",
+                    color="grey")
+        if window is not None and drawn:
+            ax.axvspan(window[0] - 0.5, min(window[1], last) + 0.5, color="grey", alpha=0.12,
+                       label="modulated epochs" + (f" ({', '.join(sorted(whole_run))}: every epoch)"
+                                                   if whole_run else ""))
+        if key == "rho_a" and drawn:
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        _epoch_axis(ax, "", title, span=(-0.5, last + 0.5))
+    _legend(axes)
+    return _save(fig, path)
+
+
 def _legend(axes):
-    """One legend for the figure, below the panels, so it never covers a curve."""
+    """One legend for the figure, below the panels, so it never covers a curve; as many columns
+    (at most 4) as the labels fit into the figure's width."""
     handles, labels = {}, []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -467,8 +537,14 @@ def _legend(axes):
                 handles[lab] = h
                 labels.append(lab)
     if labels:
-        axes[0].figure.legend([handles[lab] for lab in labels], labels, loc="outside lower center",
-                              ncols=min(len(labels), 4), fontsize="small", frameon=False)
+        fig = axes[0].figure
+        room = fig.get_figwidth() * _LEGEND_CHARS_PER_INCH
+        ncols = min(len(labels), 4)
+        # a column is as wide as its longest label plus the handle (~5 characters)
+        while ncols > 1 and sum(sorted((len(lab) + 5 for lab in labels), reverse=True)[:ncols]) > room:
+            ncols -= 1
+        fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center",
+                   ncols=ncols, fontsize="small", frameon=False)
 
 
 def _save(fig, path) -> Path:
@@ -503,17 +579,18 @@ def clips_sentence(n: int | None, split: str = "test") -> str:
     return f"The {split} split has {n} clips: one clip is {100 / n:.2f} points of accuracy."
 
 def write_report(paths, out, *, title: str = "Training runs", split: str = "test",
-                 preamble: str = "", conclusion: str = "") -> Report:
+                 preamble: str = "", conclusion: str = "", at: str = "selected") -> Report:
     """Read the runs (run or sweep folders), write ``out/report.md`` and three PNGs.
 
     ``preamble`` and ``conclusion`` are markdown put before and after the table (the demo
-    passes its setup and a sentence generated from the numbers). Returns the paths, the
+    passes its setup and a sentence generated from the numbers). ``at``: the table's epoch,
+    "selected" (by val accuracy) or "last" (see ``run_values``). Returns the paths, the
     table rows and the groups, so callers can print or test them.
     """
     out = Path(out)
     runs = [read_run(p) for p in expand_runs(paths)]
     groups = group_runs(runs)
-    rows = group_table(groups)
+    rows = group_table(groups, at)
     plots = {"accuracy": plot_accuracy(groups, out / "accuracy.png", split),
              "rho": plot_rho(groups, out / "rho.png"),
              "loss": plot_loss(groups, out / "loss.png")}
@@ -522,11 +599,14 @@ def write_report(paths, out, *, title: str = "Training runs", split: str = "test
     parts = [f"# {title}\n"]
     if preamble:
         parts.append(preamble.rstrip() + "\n")
-    test_selected = [r["label"] for r in rows if r.get("selection") in ("test", "mixed")]
-    how = "the epoch selected by validation accuracy"
-    if test_selected:
-        how += (f" (for {', '.join(test_selected)}: the {SELECTION_LABELS['test']}, the epoch with the highest "
-                "test accuracy, which overstates it; such cells say so)")
+    if at == "last":
+        how = "the last epoch (probes of last.pt)"
+    else:
+        test_selected = [r["label"] for r in rows if r.get("selection") in ("test", "mixed")]
+        how = "the epoch selected by validation accuracy"
+        if test_selected:
+            how += (f" (for {', '.join(test_selected)}: the {SELECTION_LABELS['test']}, the epoch with the highest "
+                    "test accuracy, which overstates it; such cells say so)")
     parts.append(f"Test metrics at {how}, in percent, "
                  "mean ± sample std over seeds. Unimodal accuracies come from each modality's "
                  "own logits; probe accuracies from a linear classifier fitted on the frozen "
@@ -537,7 +617,7 @@ def write_report(paths, out, *, title: str = "Training runs", split: str = "test
     sentence = clips_sentence(test_clips(groups))
     if sentence:
         parts.append(sentence + "\n")
-    parts.append(markdown_table(rows))
+    parts.append(markdown_table(rows, at))
     if conclusion:
         parts.append(conclusion.rstrip() + "\n")
     parts.append("\n".join(f"![{name}]({p.name})" for name, p in plots.items()) + "\n")

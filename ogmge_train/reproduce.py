@@ -320,7 +320,8 @@ def _per_seed(runs, on: str, key: str) -> dict[int, float]:
 
 
 def _summarise(table, dataset, rows, configs, out, seeds) -> list[dict]:
-    from .report import mean_std, paired_difference, read_run
+    from .report import read_run
+    from .stats import mean_std, paired_difference
 
     groups = {row.name: [read_run(p) for p in runfolder.expand_runs([out / "runs" / row.name])
                          if int(runfolder.read_config(p).get("seed", -1)) in seeds] for row in rows}

@@ -1,5 +1,7 @@
-"""The demo: split sizes, precondition and verdict from the numbers (paired, 95% t-interval),
-the README's copy of its results, and the real demo end to end twice (the second run resumes)."""
+"""The demo: its settings (SGD, power, arms from the method registry), the protocol, the
+precondition and verdict generated from the numbers (paired, sign-flip, Holm, TOST), the
+mechanism summary, the README's copy of its results, and the real demo end to end twice (the
+second run resumes)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,81 +11,109 @@ from pathlib import Path
 
 import pytest
 
-from ogmge_train import demo, report
-from ogmge_train.demo import DEMO
+from ogmge_train import demo, names, stats
+from ogmge_train.demo import COMPARE, DEMO, QUICK
 from ogmge_train.report import RunRecord
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+LAST = DEMO.epochs - 1
 
 
-def _run(seed: int, acc: float, probe_v: float | None = None, acc_v: float | None = None) -> RunRecord:
-    probes = {} if probe_v is None else {"visual": {"test": {"acc": probe_v}}}
-    return RunRecord(Path(f"x/seed-{seed}"), {"seed": seed}, [], [],
-                     {"selected_epoch": 3, "val": {}, "test": {"acc": acc, "acc_v": acc_v}}, probes)
+def _run(seed: int, acc: float, *, acc_v: float | None = None, probe_v: float | None = None,
+         probe_a: float | None = None, which: str = "last", epochs: int = DEMO.epochs,
+         extra: dict | None = None) -> RunRecord:
+    """A run whose last epoch (only) is evaluated on test, as the demo's runs are."""
+    metrics = [{"epoch": e, "train": {"acc": 0.5}, "rho_a": 2.0, "k_a": 0.1 if e <= 7 else 1.0, "k_v": 1.0,
+                **(extra or {})} for e in range(epochs)]
+    metrics[-1]["test"] = {"acc": acc, "acc_v": acc_v}
+    probes = {m: {"which": which, "checkpoint_epoch": epochs - 1, "test": {"acc": v}}
+              for m, v in (("visual", probe_v), ("audio", probe_a)) if v is not None}
+    return RunRecord(Path(f"x/seed-{seed}"), {"seed": seed}, metrics, [], None, probes)
 
 
-def test_t_quantile_matches_scipy():
-    from scipy import stats
-
-    for df in range(1, 31):
-        assert report.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4)
-    for df in (31, 40, 60, 200):
-        assert report.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
-
-
-def test_paired_difference_is_a_t_interval_over_seeds():
-    from scipy import stats
-
-    base = {0: 0.50, 1: 0.52, 2: 0.47, 3: 0.55, 4: 0.49, 9: 0.1}
-    treated = {0: 0.56, 1: 0.55, 2: 0.52, 3: 0.56, 4: 0.57}
-    d = report.paired_difference(base, treated)
-    diffs = [treated[s] - base[s] for s in range(5)]
-    lo, hi = stats.t.interval(0.95, 4, loc=sum(diffs) / 5, scale=stats.sem(diffs))
-    assert d["n"] == 5 and d["seeds"] == [0, 1, 2, 3, 4] and (d["up"], d["down"]) == (5, 0)
-    assert d["mean"] == pytest.approx(sum(diffs) / 5)
-    assert d["ci"] == pytest.approx((lo, hi), abs=1e-6)
-    one = report.paired_difference({0: 0.5}, {0: 0.6})
-    assert one["ci"] is None and one["mean"] == pytest.approx(0.1)
-    assert report.paired_difference({0: 0.5}, {1: 0.6})["n"] == 0
+def _groups(n=10, *, treated_gain=0.03, noise=0.004, visual_only=0.55, branch=0.38, control=-0.06):
+    """Fabricated arms over n seeds: concat fuses to ~0.72; the reference (audio 0.72, visual
+    ``visual_only``, p = 0.7) is ~0.84: 11 points of headroom."""
+    wiggle = [noise * ((-1) ** s) * (1 + s % 3) for s in range(n)]
+    g = {
+        "audio-only": [_run(s, 0.72, probe_a=0.7) for s in range(n)],
+        "visual-only": [_run(s, visual_only + 0.002 * s, acc_v=visual_only, probe_v=0.6) for s in range(n)],
+        "concat": [_run(s, 0.72 + 0.001 * s, acc_v=branch, probe_v=0.5, probe_a=0.7) for s in range(n)],
+        "concat+ogm-ge": [_run(s, 0.72 + 0.001 * s + treated_gain + wiggle[s], acc_v=branch + 0.05, probe_v=0.55,
+                               probe_a=0.69) for s in range(n)],
+        "concat+ogm": [_run(s, 0.72 + 0.001 * s + treated_gain + 0.5 * wiggle[s], acc_v=branch + 0.04,
+                            probe_v=0.54, probe_a=0.69) for s in range(n)],
+        "control-ogm-strong": [_run(s, 0.72 + 0.001 * s + control + wiggle[s], acc_v=branch + 0.1, probe_v=0.58,
+                                    probe_a=0.6) for s in range(n)],
+    }
+    return g
 
 
-def test_split_counts_are_exact_and_deterministic():
+# ----------------------------------------------------------------------------- settings
+
+def test_split_counts_are_exact_powered_and_deterministic():
     n = demo.split_counts(DEMO)
-    assert sum(n.values()) == DEMO.clips and n["test"] > 200          # one clip < 0.5 points
-    names = [f"{1001 + i}_DFA_ANG_XX" for i in range(DEMO.clips)]
-    split = demo.assign_splits(names, DEMO)
+    assert sum(n.values()) == DEMO.clips
+    assert n["test"] >= 2048 and 100 / n["test"] < 0.05          # one test clip < 0.05 points
+    assert n["val"] >= 500                                       # enough to select on
+    assert len(DEMO.seeds) >= 10 and COMPARE.seeds == DEMO.seeds
+    names_ = [f"{1001 + i % 91}_{i // 91:03d}_ANG_XX" for i in range(DEMO.clips)]
+    split = demo.assign_splits(names_, DEMO)
     assert {s: list(split.values()).count(s) for s in ("train", "val", "test")} == n
-    assert demo.assign_splits(list(reversed(names)), DEMO) == split    # order of listing is irrelevant
-    assert len(DEMO.seeds) >= 5
+    assert demo.assign_splits(list(reversed(names_)), DEMO) == split    # order of listing is irrelevant
 
 
-def test_precondition_and_verdict_state_what_they_find():
-    seeds = range(5)
-    visual_only = [_run(s, 0.70 + 0.01 * s) for s in seeds]
-    concat = [_run(s, 0.95, probe_v=0.40, acc_v=0.50 + 0.01 * s) for s in seeds]
-    ogm = [_run(s, 0.95 - 0.001 * s, probe_v=0.48 + 0.01 * (s % 2), acc_v=0.55) for s in seeds]
-    groups = {"visual-only": visual_only, "concat": concat, "concat+ogm-ge": ogm}
-    pre = demo.precondition(groups)
-    assert pre["holds"] and pre["gap"] == pytest.approx(0.20) and pre["n"] == 5
-    text = demo.conclusion(groups)
-    assert "a gap of 20.0 points" in text and "**holds**." in text and pre["established"]
-    probe = next(ln for ln in text.splitlines() if "visual linear-probe" in ln)
-    assert probe.startswith("- `concat+ogm-ge` **raised**") and "+8.4 points (95% CI" in probe
-    assert "higher in 5 and lower in 0 of 5 seeds" in probe
-    fused = next(ln for ln in text.splitlines() if "fused test accuracy" in ln)
-    assert "**lowered**" in fused or "**did not detectably change**" in fused
-    # the premise fails: the report says so instead of reading the comparison as evidence
-    weak = {**groups, "visual-only": [_run(s, 0.52) for s in seeds]}
-    text = demo.conclusion(weak)
-    assert "**does not hold**" in text and "does not test what the demo is built to show" in text
-    # the mean clears 10 points but the interval does not: said so
-    noisy = {**groups, "visual-only": [_run(s, v) for s, v in zip(seeds, (0.9, 0.55, 0.8, 0.52, 0.7))]}
-    text = demo.conclusion(noisy)
-    assert "**holds** on the mean, but its 95% interval reaches below 10 points" in text
-    # one seed: no interval and no "± 0.0"
-    single = {k: v[:1] for k, v in groups.items()}
-    text = demo.conclusion(single)
-    assert "one seed, no interval" in text and "± 0.0" not in text
+def test_demo_and_compare_train_with_sgd_momentum_and_weight_decay():
+    """The paper's optimiser: SGD, momentum 0.9, weight decay 1e-4, for every arm of the demo, the
+    quick demo and compare (Adam stays available for Table 6)."""
+    import torch
+
+    from ogmge_train.config import resolve
+    from ogmge_train.train import _optimizer
+
+    for cfg in (DEMO, QUICK, COMPARE):
+        assert cfg.preset == "demo"
+        for arm in cfg.arms:
+            settings = demo.arm_settings(cfg, arm)
+            assert "optimizer" not in settings and "weight_decay" not in settings and "lr" not in settings
+            run = resolve(cfg.preset, shards="s", out="o", **settings)
+            assert run.optimizer == "sgd" and run.weight_decay == 1e-4
+            # every arm: the same budget, evaluated once after its last epoch (last-epoch endpoint)
+            assert run.epochs == cfg.epochs and run.eval_every == cfg.epochs
+    opt = _optimizer(resolve("demo", shards="s", out="o"), [torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["weight_decay"] == 1e-4
+    assert "adam" in names.OPTIMIZERS
+
+
+def test_compare_arms_come_from_the_method_registry(monkeypatch):
+    methods = {a.settings.get("modulation") for a in COMPARE.arms}
+    assert set(names.METHODS) <= methods
+    assert len({a.name for a in COMPARE.arms}) == len(COMPARE.arms)
+    assert [a.name for a in COMPARE.arms[:len(DEMO.arms)]] == [a.name for a in DEMO.arms]
+    assert {"concat+modality-drop-audio", "concat+modality-drop-visual"} <= {a.name for a in COMPARE.arms}
+    # a method added to the registry gets its arm without a hand-kept list
+    monkeypatch.setattr(names, "METHODS", (*names.METHODS, "brand-new"))
+    assert "concat+brand-new" in [a.name for a in demo.method_arms()]
+    # every compare arm this build has runs with the same protocol
+    assert all(demo.arm_problem(a) is None for a in COMPARE.arms)
+
+
+def test_planned_contrasts_primary_first_then_control_and_ogm_ge_vs_ogm():
+    assert demo.contrasts(DEMO) == [("concat+ogm-ge", "concat"), ("concat+ogm", "concat"),
+                                    ("control-ogm-strong", "concat"), ("concat+ogm-ge", "concat+ogm")]
+    planned = demo.contrasts(COMPARE)
+    assert planned[0] == ("concat+ogm-ge", "concat") and planned[-1] == ("concat+ogm-ge", "concat+ogm")
+    assert planned[-2] == ("control-ogm-strong", "concat")
+    assert {t for t, _ in planned} == {a.name for a in COMPARE.arms if a.multimodal} - {"concat"}
+    # an arm that did not run leaves its contrasts out
+    assert demo.contrasts(DEMO, ["concat", "concat+ogm-ge"]) == [("concat+ogm-ge", "concat")]
+
+
+def test_the_control_modulates_every_epoch_and_the_others_the_first_half():
+    window = {a.name: demo.arm_settings(DEMO, a)["modulation_end"] for a in DEMO.arms}
+    assert window["control-ogm-strong"] == DEMO.epochs - 1
+    assert window["concat+ogm-ge"] == demo.modulation_end(DEMO) == DEMO.epochs // 2
 
 
 def test_demo_settings_live_in_one_place():
@@ -92,11 +122,96 @@ def test_demo_settings_live_in_one_place():
     source = Path(cli.demo.__file__).read_text()
     assert not re.search(r"snr\W+[-0-9]", source.replace("cfg.audio_snr", "").replace("cfg.visual_snr", ""))
     # the library holds settings, not CLI flag strings
-    assert "--" not in "".join(json.dumps(a.settings) for a in DEMO.arms)
-    assert DEMO.audio_snr > DEMO.visual_snr
-    assert {a.name for a in DEMO.arms} >= {DEMO.baseline, DEMO.treated, DEMO.visual_only}
+    assert "--" not in "".join(json.dumps(a.settings) for a in COMPARE.arms)
+    assert DEMO.audio_snr > DEMO.visual_snr and 0 < DEMO.audio_cue_fraction < 1
+    assert {a.name for a in DEMO.arms} >= {DEMO.baseline, DEMO.treated, DEMO.visual_only, DEMO.audio_only,
+                                           DEMO.ogm, DEMO.control}
     assert all(demo.arm_problem(a) is None for a in DEMO.arms)       # make demo's arms all exist
 
+
+# ----------------------------------------------------------------------------- findings
+
+def test_reference_uses_audio_on_toned_clips_and_vision_elsewhere():
+    g = _groups()
+    ref = demo.reference_accuracy(g)
+    p, k = DEMO.audio_cue_fraction, DEMO.num_classes
+    assert ref[3] == pytest.approx(0.72 + (1 - p) * (0.55 + 0.006 - 1 / k))
+    assert sorted(ref) == list(range(10))
+
+
+def test_probes_of_a_selected_checkpoint_do_not_count():
+    run = _run(0, 0.7, probe_v=0.5)
+    assert demo._values({"a": [run]}, "a", "probe_v") == {0: 0.5}
+    best = _run(0, 0.7, probe_v=0.5, which="best")
+    assert demo._values({"a": [best]}, "a", "probe_v") == {}
+    # a run that stopped early has no last-epoch values at all
+    short = RunRecord(Path("x/seed-0"), {"seed": 0}, [{"epoch": 0, "train": {}}], [], None, {})
+    assert demo._values({"a": [short]}, "a", "acc") == {}
+
+
+def test_precondition_and_primary_verdicts_follow_the_numbers():
+    g = _groups()
+    pre = demo.precondition(g)
+    assert pre["gap"]["mean"] == pytest.approx(0.55 + 0.002 * 4.5 - 0.38) and pre["gap"]["established"]
+    assert pre["headroom"]["holds"] and pre["holds"]
+    res = demo.analyse(g)
+    assert res["order"][0] == "concat+ogm-ge − concat"
+    prim = res["primary"]["concat+ogm-ge − concat"]
+    assert prim["n"] == 10 and prim["p"] == pytest.approx(2 / 1024)       # every seed up: exact sign-flip p
+    # Holm over the four planned contrasts, against the module's holm (checked in test_stats)
+    raw = {k: d["p"] for k, d in res["primary"].items()}
+    assert {k: d["p_holm"] for k, d in res["primary"].items()} == pytest.approx(stats.holm(raw))
+    assert prim["mde"] == pytest.approx(stats.minimal_detectable_effect(prim["sd"], 10))
+    text = demo.conclusion(g)
+    line = next(ln for ln in text.splitlines() if ln.startswith("- `concat+ogm-ge` vs `concat`"))
+    assert "**raised** the fused accuracy" in line and "sign-flip p = 0.002" in line and "95% CI +" in line
+    assert f"Holm p = {prim['p_holm']:.3f}" in line
+    assert "Positive control: `control-ogm-strong` moved the fused accuracy by -6.0 points" in text
+    assert "the endpoint is sensitive" in text
+    assert "**met**" in text and "does not hold" not in text
+    assert "| concat+ogm-ge − concat | 10 | +3.0 |" in text
+
+
+def test_null_results_are_equivalence_only_with_tost_else_inconclusive():
+    tight = demo.conclusion(_groups(treated_gain=0.0, noise=0.002))
+    line = next(ln for ln in tight.splitlines() if ln.startswith("- `concat+ogm-ge` vs `concat`"))
+    assert "**no effect larger than 2 points** (TOST p = " in line
+    noisy = demo.conclusion(_groups(treated_gain=0.0, noise=0.03))
+    line = next(ln for ln in noisy.splitlines() if ln.startswith("- `concat+ogm-ge` vs `concat`"))
+    assert "**inconclusive**" in line and "effects up to" in line and "raised" not in line
+    # a control that does not move: the report says the null results are uninformative
+    dull = demo.conclusion(_groups(treated_gain=0.0, noise=0.03, control=0.0))
+    assert "**not detected**, so the endpoint may be insensitive" in dull
+
+
+def test_a_failed_premise_is_said_before_any_contrast():
+    text = demo.conclusion(_groups(visual_only=0.40))
+    assert "**not met**" in text and "The premise **does not hold**" in text
+    assert text.index("does not hold") < text.index("## Primary endpoint")
+
+
+def test_mechanism_summarises_k_and_update_norms_or_says_they_were_not_recorded():
+    g = _groups()
+    mech = demo.mechanism(g)
+    assert not mech["recorded"] and mech["summary"]["concat+ogm-ge"]["k_a"] == pytest.approx(0.1)
+    assert "**not recorded**" in demo.conclusion(g)
+    norms = {name: [_run(s, 0.7, extra={"update_norm_a": 0.5 if name != "concat" else 2.0,
+                                        "update_norm_v": 1.0}) for s in range(3)] for name in g}
+    mech = demo.mechanism(norms)
+    assert mech["recorded"] and mech["summary"]["concat+ogm-ge"]["update_norm_a"] == pytest.approx(0.25)
+    assert mech["summary"]["concat+ogm-ge"]["update_norm_v"] == pytest.approx(1.0)
+    text = demo.conclusion(norms)
+    assert "audio encoder update 0.25× `concat`'s" in text and "not recorded" not in text
+
+
+def test_protocol_comes_before_the_numbers_and_names_every_contrast():
+    text = demo.protocol_markdown(DEMO)
+    for t, b in demo.contrasts(DEMO):
+        assert f"`{t}` − `{b}`" in text
+    assert "last epoch" in text and "sign-flip" in text and "Holm" in text and "TOST" in text and "MDE" in text
+
+
+# ----------------------------------------------------------------------------- the README block
 
 def _table_layout(block: str) -> list[list[str]]:
     lines = [ln for ln in block.splitlines() if ln.startswith("| ")]
@@ -113,7 +228,8 @@ def test_readme_results_block_matches_the_demo_settings():
     assert demo.setup_markdown(DEMO) in block, "README demo block is stale: rerun the demo with --update-readme"
     layout = _table_layout(block)
     assert layout[0] == ["run", "seeds"]
-    assert layout[1:] == [[a.name, str(len(DEMO.seeds))] for a in DEMO.arms]
+    runs = [row for row in layout[1:] if row[0] in {a.name for a in DEMO.arms}]
+    assert runs == [[a.name, str(len(DEMO.seeds))] for a in DEMO.arms]
     # headings nest under the README's "Results of the demo"
     assert "\n#### Precondition\n" in block and "\n## Precondition" not in block
 
@@ -125,75 +241,88 @@ def test_update_readme_replaces_only_the_block(tmp_path):
     assert readme.read_text() == f"intro\n\n{demo.README_BEGIN}\nnew\n{demo.README_END}\n\nrest\n"
 
 
+# ----------------------------------------------------------------------------- end to end
+
 def test_tiny_demo_end_to_end_twice(tmp_path):
-    """Every step of the real demo on 60 clips, 1 epoch, 2 seeds; then the same command again
-    resumes: it keeps the dataset, shards, trainings and probes and says so."""
+    """Every step of the real demo (`make demo-quick`'s four arms) on 120 clips, 1 epoch, 2 seeds;
+    then the same command again resumes: it keeps the dataset, shards, trainings and probes and
+    says so. (The six arms of `make demo` run end to end in the slow compare test.)"""
     from click.testing import CliRunner
 
     from cli.demo import main
 
     out = tmp_path / "demo"
-    args = ["--out", str(out), "--clips", "60", "--epochs", "1", "--seeds", "0,1"]
+    args = ["--quick", "--out", str(out), "--clips", "120", "--epochs", "1", "--seeds", "0,1"]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     md = (out / "report.md").read_text()
-    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| run")]
-    assert [r.split("|")[1].strip() for r in rows] == [a.name for a in DEMO.arms]
-    assert all(r.split("|")[2].strip() == "2" for r in rows)          # two seeds each
-    assert "## Precondition" in md and "## Verdict" in md and "visual linear-probe accuracy" in md
-    small = dataclasses.replace(DEMO, clips=60, epochs=1, seeds=(0, 1))
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith(("| run", "| contrast"))]
+    assert [r.split("|")[1].strip() for r in rows[:len(QUICK.arms)]] == [a.name for a in QUICK.arms]
+    assert all(r.split("|")[2].strip() == "2" for r in rows[:len(QUICK.arms)])          # two seeds each
+    # the design and protocol are stated before the first number
+    assert md.index("### Design") < md.index("### Protocol") < md.index("| run |") < md.index("## Precondition")
+    for heading in ("## Primary endpoint", "## Secondary endpoints", "## Mechanism"):
+        assert heading in md
+    small = dataclasses.replace(QUICK, clips=120, epochs=1, seeds=(0, 1))
     n_test = demo.split_counts(small)["test"]
     assert f"The test split has {n_test} clips: one clip is {100 / n_test:.2f} points" in md
-    assert "8 trainings to go; the ETA follows the first" in res.output
-    assert "ETA: ~" in res.output                                       # once one training finished
-    for png in ("accuracy.png", "rho.png", "loss.png", "precondition.png"):
+    said = " ".join(res.output.split())
+    assert "8 trainings to go" in said and "ETA ~" in said
+    for png in ("accuracy.png", "rho.png", "loss.png", "precondition.png", "effects.png", "mechanism.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    manifest = json.loads((out / "shards" / "test.manifest.json").read_text())
-    assert manifest["num_samples"] == n_test
-    assert (out / "runs" / "concat+ogm-ge" / "seed-1" / "probe_visual.json").is_file()
+    assert json.loads((out / "shards" / "test.manifest.json").read_text())["num_samples"] == n_test
+    probe = json.loads((out / "runs" / "concat+ogm-ge" / "seed-1" / "probe_visual.json").read_text())
+    assert probe["which"] == "last" and probe["checkpoint_epoch"] == 0
     assert (out / "runs" / "audio-only" / "seed-0" / "probe_audio.json").is_file()
     assert not (out / "runs" / "audio-only" / "seed-0" / "probe_visual.json").exists()
+    cfg = json.loads((out / "runs" / "concat+ogm-ge" / "seed-0" / "config.json").read_text())
+    assert (cfg["optimizer"], cfg["eval_every"], cfg["image_size"]) == ("sgd", 1, 32)
+    assert (out / "logs" / "concat.log").read_text().startswith("$ ogmge-train sweep")
     block = (out / "readme-block.md").read_text()
     assert demo.setup_markdown(small) in block
-    assert _table_layout(block)[1:] == [[a.name, "2"] for a in DEMO.arms]
+    assert _table_layout(block)[1:len(QUICK.arms) + 1] == [[a.name, "2"] for a in QUICK.arms]
 
     ckpt = out / "runs" / "concat" / "seed-0" / "last.pt"
-    probe = out / "runs" / "concat" / "seed-0" / "probe_visual.json"
-    stamps = (ckpt.stat().st_mtime_ns, probe.stat().st_mtime_ns)
+    probe_file = out / "runs" / "concat" / "seed-0" / "probe_visual.json"
+    stamps = (ckpt.stat().st_mtime_ns, probe_file.stat().st_mtime_ns)
     again = CliRunner().invoke(main, args, catch_exceptions=False)
     assert again.exit_code == 0, again.output
     said = " ".join(again.output.split())          # rich wraps long lines at the terminal width
-    assert "kept from an earlier run: raw dataset (60 clips), extracted shards, 8 of 8 trainings, " \
+    assert "kept from an earlier run: raw dataset (120 clips), extracted shards, 8 of 8 trainings, " \
            "8 probed runs" in said, again.output
-    assert (ckpt.stat().st_mtime_ns, probe.stat().st_mtime_ns) == stamps
-    assert "train concat" not in again.output                 # no training ran
+    assert (ckpt.stat().st_mtime_ns, probe_file.stat().st_mtime_ns) == stamps
+    assert "ogmge-train sweep" not in again.output                 # no training ran
     assert _table_layout((out / "readme-block.md").read_text()) == _table_layout(block)
 
 
+@pytest.mark.slow
 def test_tiny_compare_end_to_end(tmp_path):
     """`make compare` on tiny settings: every method this build has, per-method plots, the
     precondition figure; methods this build lacks are named, not silently dropped."""
     from click.testing import CliRunner
 
     from cli.demo import main
-    from ogmge_train.demo import COMPARE
 
     out = tmp_path / "cmp"
-    res = CliRunner().invoke(main, ["--compare", "--out", str(out), "--clips", "36", "--epochs", "1",
+    res = CliRunner().invoke(main, ["--compare", "--out", str(out), "--clips", "120", "--epochs", "1",
                                     "--seeds", "0"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     runnable = [a.name for a in COMPARE.arms if demo.arm_problem(a) is None]
     missing = [a.name for a in COMPARE.arms if demo.arm_problem(a) is not None]
     md = (out / "report.md").read_text()
-    rows = [ln.split("|")[1].strip() for ln in md.splitlines()
+    rows = [ln.split("|")[1].strip() for ln in md.split("## Precondition")[0].splitlines()
             if ln.startswith("| ") and not ln.startswith("| run")]
     assert rows == runnable and "concat+ogm" in runnable
     said = " ".join(res.output.split())
     for name in missing:
         assert f"skipped {name}:" in said and name in md
-    assert "± 0.0" not in md                                  # one seed: no spread shown
+    assert "± 0.0" not in md.split("## Precondition")[0]                # one seed: no spread shown
     for arm in runnable:
         if arm not in ("concat", "audio-only", "visual-only"):
             for png in ("accuracy.png", "rho.png"):
                 assert (out / "methods" / arm / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "precondition.png").read_bytes()[:4] == b"\x89PNG"
+    # one Holm family over every method's contrast with concat
+    table = md.split("## Primary endpoint")[1].split("## Secondary")[0]
+    assert sum(ln.startswith("| concat+") or ln.startswith("| control") for ln in table.splitlines()) == \
+        len(demo.contrasts(dataclasses.replace(COMPARE, arms=tuple(a for a in COMPARE.arms if a.name in runnable))))

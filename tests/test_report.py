@@ -119,12 +119,26 @@ def test_bad_folders_name_the_file(tmp_path):
 
 
 def test_mean_std_edge_cases():
-    assert report.mean_std([]) == (None, None)
+    from ogmge_train.stats import mean_std
+
+    assert mean_std([]) == (None, None)
     # one value: no measured spread, so no std (the table prints no "± 0.0")
-    assert report.mean_std([None, 0.4]) == (0.4, None)
+    assert mean_std([None, 0.4]) == (0.4, None)
     assert report.format_cell("acc", (0.4, None)) == "40.0"
     assert report.format_cell("acc", (0.4, 0.0)) == "40.0 ± 0.0"
     assert report.format_cell("epoch", (3.0, None)) == "3"
+
+
+def test_two_seeds_with_equal_values_print_their_zero_spread(tmp_path):
+    """The legend says a cell without ± is one seed: two seeds that agree print "± 0.0"
+    (issue 24: the selected-epoch cell of two seeds selecting the same epoch had no ±)."""
+    for k in range(2):
+        _write_run(tmp_path / "sweep" / f"seed-{k}", seed=k, test_acc=0.5)
+    rep = report.write_report([tmp_path / "sweep"], tmp_path / "out")
+    _head, rows = _parse_table(rep.markdown.read_text())
+    assert rows[0][1] == "2" and rows[0][2] == "50.0 ± 0.0" and rows[0][8] == "1.0 ± 0.0"
+    assert all("±" in cell for cell in rows[0][2:] if cell != "—")
+    assert report.format_cell("epoch", (3.0, 0.0)) == "3.0 ± 0.0"
 
 
 # ----------------------------------------------------------------------------- the linear probe
@@ -301,3 +315,63 @@ def test_rho_plot_follows_the_dominant_modality(tmp_path):
     (run / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     groups = report.group_runs([report.read_run(run)])
     assert report.dominant_modality(groups) == "visual"
+
+
+def _text_outside_canvas(fig) -> list[str]:
+    """Text of a drawn figure that reaches outside its canvas (1 px slack): the suptitle, legend
+    entries and axis titles/labels one by one, and everything drawn (tick labels in view
+    included) through the figure's tight bounding box."""
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    texts = [fig._suptitle] if fig._suptitle is not None else []
+    texts += [t for leg in fig.legends for t in leg.get_texts()]
+    texts += [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+    out = []
+    for t in texts:
+        if not t.get_visible() or not t.get_text().strip():
+            continue
+        e = t.get_window_extent(renderer)
+        if e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1:
+            out.append(t.get_text())
+    tight = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)
+    if tight.x0 < box.x0 - 1 or tight.y0 < box.y0 - 1 or tight.x1 > box.x1 + 1 or tight.y1 > box.y1 + 1:
+        out.append(f"drawn artists reach {tight.bounds} on a canvas of {box.bounds}")
+    return out
+
+
+@pytest.mark.parametrize("seeds", [1, 2, 3, 10])
+def test_seed_bars_keep_title_and_legend_inside_the_canvas(tmp_path, monkeypatch, seeds):
+    """precondition.png with few seeds clipped its title and legend (issue 24)."""
+    figs = _captured_figures(monkeypatch)
+    series = {label: {s: 0.5 + 0.01 * s for s in range(seeds)} for label in
+              ("visual-only (visual model)", "concat: its visual probe", "concat+ogm-ge: its visual probe")}
+    report.plot_seed_bars(series, tmp_path / "pre.png",
+                          "precondition: visual linear-probe test accuracy, visual-only model vs inside concat")
+    fig = figs["pre.png"]
+    fig.canvas.draw()
+    assert _text_outside_canvas(fig) == []
+    assert fig.legends and len(fig.legends[0].get_texts()) == 3
+
+
+def test_one_epoch_runs_get_integer_ticks_and_no_band_past_the_run(tmp_path, monkeypatch):
+    """A one-epoch run: x ticks are whole epochs (not -0.045 ...) and the modulation band
+    (configured for epochs 0-4) stops where the run stopped (issue 24)."""
+    figs = _captured_figures(monkeypatch)
+    runs = [_write_run(tmp_path / "runs" / name, seed=0, modulation=m, epochs=1, summary=False)
+            for name, m in (("base", "none"), ("ogm", "ogm-ge"))]
+    cfg = json.loads((runs[1] / "config.json").read_text())
+    (runs[1] / "config.json").write_text(json.dumps({**cfg, "modulation_start": 0, "modulation_end": 4}))
+    report.write_report(runs, tmp_path / "out")
+    for name in ("accuracy.png", "rho.png", "loss.png"):
+        fig = figs[name]
+        fig.canvas.draw()
+        assert _text_outside_canvas(fig) == [], name
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks and all(float(t).is_integer() for t in ticks), (name, ticks)
+    ax = figs["rho.png"].axes[0]
+    (band,) = [p for p in ax.patches if p.get_label().startswith("modulated")]
+    x0, x1 = band.get_x(), band.get_x() + band.get_width()
+    assert (x0, x1) == (0, 1) and ax.get_xlim()[1] <= 1
+    assert band.get_label() == "modulated (epochs 0–0)"
