@@ -135,22 +135,55 @@ def _modalities(arm) -> list[str]:
     return [m for m in ("audio", "visual") if arm.settings.get("modality", "both") in ("both", m)]
 
 
-def _plan_jobs(cfg, shards: Path, runs: Path, logs: Path) -> tuple[list[_Job], int, int, int]:
-    """The jobs still to do, and (runs kept, probed runs kept, all runs)."""
-    jobs, kept, probed = [], 0, 0
+def _changed_runs(cfg, arm, folder: Path, shards: Path) -> list[str]:
+    """The seeds of ``arm`` under ``folder`` whose config.json differs from what the demo would
+    train now, as one phrase each (e.g. ``seed-0: lr 0.01 → 0.03``)."""
+    import dataclasses as dc
+
+    from ogmge_train.config import resolve
+
+    out = []
+    for s in demo_lib.arm_seeds(cfg, arm):
+        run = runfolder.seed_dir(folder, s)
+        if not runfolder.is_run(run):
+            continue
+        wanted = dc.asdict(resolve(cfg.preset, shards=str(shards), out=str(run), seed=s,
+                                   **demo_lib.arm_settings(cfg, arm)))
+        changes = demo_lib.setting_changes(runfolder.read_config(run), wanted)
+        if changes:
+            out.append(f"{run.name}: " + ", ".join(f"{k} {a} → {b}" for k, (a, b) in list(changes.items())[:3]))
+    return out
+
+
+def _plan_jobs(cfg, shards: Path, runs: Path, logs: Path) -> tuple[list[_Job], list[str], int, int]:
+    """The jobs still to do, what was kept (one phrase per arm with finished runs of the same
+    settings), probed runs kept, and all runs. Stops, changing nothing, when a run of an earlier
+    demo has other settings than this one would use."""
+    changed = {arm.name: c for arm in cfg.arms if (c := _changed_runs(cfg, arm, runs / arm.name, shards))}
+    if changed:
+        name, what = next(iter(changed.items()))
+        fail(f"{runs / name} holds runs trained with other settings ({what[0]}"
+             + (f"; {len(changed) - 1} more arm(s) too" if len(changed) > 1 else "")
+             + "); delete those arm folders or choose another --out")
+    jobs, kept, probed, total = [], [], 0, 0
     for arm in cfg.arms:
         folder = runs / arm.name
-        todo = [s for s in cfg.seeds if not runfolder.finished(runfolder.seed_dir(folder, s), cfg.epochs)]
-        kept += len(cfg.seeds) - len(todo)
-        fresh = [s for s in cfg.seeds if s not in todo
-                 and _probe_fresh(runfolder.seed_dir(folder, s), _modalities(arm))]
-        probed += len(fresh)
+        seeds = demo_lib.arm_seeds(cfg, arm)
+        total += len(seeds)
+        todo = [s for s in seeds if not runfolder.finished(runfolder.seed_dir(folder, s), cfg.epochs)]
+        done = [s for s in seeds if s not in todo]
+        if done:
+            kept.append(f"{arm.name} seed{'s' if len(done) > 1 else ''} {demo_lib._seed_list(done)}")
+        # the probes are secondary endpoints of the multimodal contrasts: unimodal arms need none
+        fresh = [s for s in done if not arm.multimodal
+                 or _probe_fresh(runfolder.seed_dir(folder, s), _modalities(arm))]
+        probed += len(fresh) if arm.multimodal else 0
         commands = []
         if todo:
             commands.append(["sweep", "--seeds", ",".join(map(str, todo)), "--shards", str(shards),
                              "--out", str(folder), "--preset", cfg.preset,
                              *_flags(demo_lib.arm_settings(cfg, arm))])
-        stale = [s for s in cfg.seeds if s not in fresh]
+        stale = [s for s in seeds if s not in fresh] if arm.multimodal else []
         if stale:
             commands.append(["probe", *(str(runfolder.seed_dir(folder, s)) for s in stale), "--which", "last",
                              "--max-iter", str(cfg.probe_steps)])
@@ -159,12 +192,16 @@ def _plan_jobs(cfg, shards: Path, runs: Path, logs: Path) -> tuple[list[_Job], i
             jobs.append(_Job(arm, commands, len(todo), cost, logs / f"{arm.name}.log"))
     # longest first, so the lanes end together
     jobs.sort(key=lambda j: -j.cost)
-    return jobs, kept, probed, len(cfg.arms) * len(cfg.seeds)
+    return jobs, kept, probed, total
+
+
+def _total_runs(cfg) -> int:
+    return sum(len(demo_lib.arm_seeds(cfg, a)) for a in cfg.arms)
 
 
 def _finished_runs(cfg, runs: Path) -> int:
     return sum(runfolder.finished(runfolder.seed_dir(runs / a.name, s), cfg.epochs)
-               for a in cfg.arms for s in cfg.seeds)
+               for a in cfg.arms for s in demo_lib.arm_seeds(cfg, a))
 
 
 def _start(job: _Job, threads: int) -> None:
@@ -202,7 +239,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def _train_all(cfg, jobs: list[_Job], runs: Path, lanes: int, threads: int) -> None:
     """Run the jobs ``lanes`` at a time; print progress with an ETA as runs finish."""
-    total = len(cfg.arms) * len(cfg.seeds)
+    total = _total_runs(cfg)
     todo_cost = sum(j.cost for j in jobs)
     queue, running = list(jobs), []
     done_before = _finished_runs(cfg, runs)
@@ -249,8 +286,9 @@ def _job_progress(cfg, runs: Path, job: _Job) -> float:
     first ETA, when one lane has finished a run and the other is halfway, is not twice too long)."""
     if not job.runs:
         return 0.0
-    done = sum(runfolder.finished(runfolder.seed_dir(runs / job.arm.name, s), cfg.epochs) for s in cfg.seeds)
-    done -= len(cfg.seeds) - job.runs
+    seeds = demo_lib.arm_seeds(cfg, job.arm)
+    done = sum(runfolder.finished(runfolder.seed_dir(runs / job.arm.name, s), cfg.epochs) for s in seeds)
+    done -= len(seeds) - job.runs
     return min(1.0, (done + (0.5 if done < job.runs else 0.0)) / job.runs)
 
 
@@ -322,9 +360,11 @@ def main(out, compare, quick, clips, epochs, seeds, jobs, update_readme, note):
     _run("4/7 verify shards", "avprep", ["verify", str(shards)])
     lap("verify")
 
-    jobs_, done_before, probed, total = _plan_jobs(cfg, shards.resolve(), runs, logs)
+    jobs_, kept_runs, probed, total = _plan_jobs(cfg, shards.resolve(), runs, logs)
+    done_before = _finished_runs(cfg, runs)
     if done_before:
         kept.append(f"{done_before} of {total} trainings")
+        err_console.print("kept finished runs with the same settings: " + "; ".join(kept_runs))
     if probed:
         kept.append(f"{probed} probed runs")
     if jobs_:
@@ -337,7 +377,8 @@ def main(out, compare, quick, clips, epochs, seeds, jobs, update_readme, note):
     err_console.rule("[bold]7/7 report")
     folders = [runs / a.name for a in cfg.arms]
     groups = {a.name: [report_lib.read_run(p) for p in runfolder.expand_runs([runs / a.name])
-                       if int(runfolder.read_config(p).get("seed", -1)) in cfg.seeds] for a in cfg.arms}
+                       if int(runfolder.read_config(p).get("seed", -1)) in demo_lib.arm_seeds(cfg, a)]
+              for a in cfg.arms}
     findings = demo_lib.conclusion(groups, cfg)
     title = {"make compare": "Every method", "make demo-quick": "OGM-GE demo, quick preview"}.get(cfg.label,
                                                                                                  "OGM-GE demo")
@@ -407,8 +448,8 @@ def _preamble(cfg, seconds: dict[str, float], skipped: list[str], lanes: int) ->
     text = (demo_lib.setup_markdown(cfg) + "\n" + demo_lib.design_markdown(cfg) + "\n"
             + demo_lib.protocol_markdown(cfg) + "\n### Runs\n\n"
             f"Extracted with `--frame-size {cfg.frame_size} {shlex.join(_flags(cfg.spec))}` from the demo's split "
-            f"files; each arm trained with the same budget, seeds {demo_lib._seed_list(cfg.seeds)}, probes of "
-            f"last.pt (`ogmge-train probe --which last`):\n\n{arms}\n\n"
+            f"files; each arm trained with the same budget, seeds {demo_lib.seeds_text(cfg)}; the two-modality "
+            f"arms' encoders probed from last.pt (`ogmge-train probe --which last`):\n\n{arms}\n\n"
             f"Wall time ({lanes} trainings side by side): {_times(seconds)}.\n")
     if skipped:
         text += "\nNot run (this build lacks them): " + "; ".join(skipped) + ".\n"

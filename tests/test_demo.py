@@ -80,6 +80,8 @@ def test_demo_and_compare_train_with_sgd_momentum_and_weight_decay():
             assert run.optimizer == "sgd" and run.weight_decay == 1e-4
             # every arm: the same budget, evaluated once after its last epoch (last-epoch endpoint)
             assert run.epochs == cfg.epochs and run.eval_every == cfg.epochs
+            # the paper's step decay: x0.1 after 2/3 of the epochs (epoch 70 of 100 there)
+            assert (run.lr_step, run.lr_gamma) == (round(2 * cfg.epochs / 3), 0.1)
     opt = _optimizer(resolve("demo", shards="s", out="o"), [torch.nn.Parameter(torch.zeros(1))])
     assert isinstance(opt, torch.optim.SGD)
     assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["weight_decay"] == 1e-4
@@ -97,6 +99,27 @@ def test_compare_arms_come_from_the_method_registry(monkeypatch):
     assert "concat+brand-new" in [a.name for a in demo.method_arms()]
     # every compare arm this build has runs with the same protocol
     assert all(demo.arm_problem(a) is None for a in COMPARE.arms)
+
+
+def test_compare_keeps_every_seed_for_the_verdict_arms_and_fewer_for_the_other_methods():
+    seeds = {a.name: demo.arm_seeds(COMPARE, a) for a in COMPARE.arms}
+    verdict = demo.verdict_arms(COMPARE)
+    assert verdict == {a.name for a in DEMO.arms}
+    assert all(seeds[n] == DEMO.seeds for n in verdict)
+    assert all(seeds[n] == DEMO.seeds[:COMPARE.method_seeds] for n in seeds if n not in verdict)
+    assert COMPARE.method_seeds == 5 and all(demo.arm_seeds(DEMO, a) == DEMO.seeds for a in DEMO.arms)
+    assert "(the other methods: 0–4)" in demo.setup_markdown(COMPARE)
+    assert "5 for the methods outside the demo's verdict" in demo.protocol_markdown(COMPARE)
+
+
+def test_setting_changes_name_what_differs_and_ignore_place_and_new_fields():
+    stored = {"lr": 0.01, "epochs": 15, "eval_splits": ["val", "test"], "out": "a/seed-0", "shards": "/x",
+              "workers": 0, "gone": 1}
+    wanted = {"lr": 0.03, "epochs": 15, "eval_splits": ("val", "test"), "out": "b/seed-0", "shards": "/y",
+              "workers": 2, "new_field": 3, "alpha": None, "dataset": ""}
+    stored.update(alpha=0.8, dataset="cremad")       # filled from the dataset at training time
+    assert demo.setting_changes(stored, wanted) == {"lr": (0.01, 0.03)}
+    assert demo.setting_changes(stored, {**wanted, "lr": 0.01}) == {}
 
 
 def test_planned_contrasts_primary_first_then_control_and_ogm_ge_vs_ogm():
@@ -243,7 +266,7 @@ def test_update_readme_replaces_only_the_block(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_tiny_demo_end_to_end_twice(tmp_path):
+def test_tiny_demo_end_to_end_twice(tmp_path, monkeypatch):
     """Every step of the real demo (`make demo-quick`'s four arms) on 120 clips, 1 epoch, 2 seeds;
     then the same command again resumes: it keeps the dataset, shards, trainings and probes and
     says so. (The six arms of `make demo` run end to end in the slow compare test.)"""
@@ -273,8 +296,9 @@ def test_tiny_demo_end_to_end_twice(tmp_path):
     assert json.loads((out / "shards" / "test.manifest.json").read_text())["num_samples"] == n_test
     probe = json.loads((out / "runs" / "concat+ogm-ge" / "seed-1" / "probe_visual.json").read_text())
     assert probe["which"] == "last" and probe["checkpoint_epoch"] == 0
-    assert (out / "runs" / "audio-only" / "seed-0" / "probe_audio.json").is_file()
-    assert not (out / "runs" / "audio-only" / "seed-0" / "probe_visual.json").exists()
+    assert (out / "runs" / "concat" / "seed-0" / "probe_audio.json").is_file()
+    # unimodal arms enter only through their test accuracy: no probe is spent on them
+    assert not list((out / "runs" / "audio-only" / "seed-0").glob("probe_*.json"))
     cfg = json.loads((out / "runs" / "concat+ogm-ge" / "seed-0" / "config.json").read_text())
     assert (cfg["optimizer"], cfg["eval_every"], cfg["image_size"]) == ("sgd", 1, 32)
     assert (out / "logs" / "concat.log").read_text().startswith("$ ogmge-train sweep")
@@ -289,10 +313,28 @@ def test_tiny_demo_end_to_end_twice(tmp_path):
     assert again.exit_code == 0, again.output
     said = " ".join(again.output.split())          # rich wraps long lines at the terminal width
     assert "kept from an earlier run: raw dataset (120 clips), extracted shards, 8 of 8 trainings, " \
-           "8 probed runs" in said, again.output
+           "4 probed runs" in said, again.output
+    assert "kept finished runs with the same settings: audio-only seeds 0, 1; visual-only seeds 0, 1; " \
+           "concat seeds 0, 1; concat+ogm-ge seeds 0, 1" in said
     assert (ckpt.stat().st_mtime_ns, probe_file.stat().st_mtime_ns) == stamps
     assert "ogmge-train sweep" not in again.output                 # no training ran
     assert _table_layout((out / "readme-block.md").read_text()) == _table_layout(block)
+
+    # other settings: refused before anything is trained or removed
+    changed = CliRunner().invoke(main, [*args[:5], "--epochs", "2", *args[-2:]], catch_exceptions=False)
+    assert changed.exit_code != 0
+    said = " ".join(changed.output.split())
+    assert "holds runs trained with other settings (seed-0: epochs 1 → 2" in said, changed.output
+    assert "choose another --out" in said and ckpt.stat().st_mtime_ns == stamps[0]
+
+    # a method added later (compare after a new entry in names.METHODS): only its arm trains
+    monkeypatch.setattr(demo, "QUICK", dataclasses.replace(QUICK, arms=(*QUICK.arms, demo.OGM)))
+    more = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert more.exit_code == 0, more.output
+    said = " ".join(more.output.split())
+    assert "2 trainings to go in 1 jobs" in said and "8 of 10 trainings" in said
+    assert ckpt.stat().st_mtime_ns == stamps[0]
+    assert (out / "runs" / "concat+ogm" / "seed-1" / "probe_visual.json").is_file()
 
 
 @pytest.mark.slow
