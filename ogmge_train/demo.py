@@ -553,6 +553,11 @@ def _mechanism_text(mech: dict, cfg: DemoConfig) -> list[str]:
                 if s[key] is not None:
                     parts.append(f"{what} encoder update {s[key]:.2f}× `{cfg.baseline}`'s")
         lines.append(f"- `{name}`, epochs {lo}–{hi}: " + ", ".join(parts) + ".")
+    ge = [a.name for a in cfg.arms if a.name in mech["summary"] and a.settings.get("modulation") == "ogm-ge"]
+    if mech["recorded"] and ge:
+        lines.append(f"- The update of {', '.join(f'`{n}`' for n in ge)} includes the Gaussian enhancement (noise "
+                     "N(0, std(g)) added to the scaled gradient of the slowed encoder), so its norm is not k·g "
+                     "alone; OGM's shows the scaling by itself.")
     if not mech["recorded"]:
         lines.append("- Encoder update norms: **not recorded** (this build's metrics.jsonl has no `update_norm_a` / "
                      "`update_norm_v`), so the plot shows k and rho only.")

@@ -375,3 +375,46 @@ def test_one_epoch_runs_get_integer_ticks_and_no_band_past_the_run(tmp_path, mon
     x0, x1 = band.get_x(), band.get_x() + band.get_width()
     assert (x0, x1) == (0, 1) and ax.get_xlim()[1] <= 1
     assert band.get_label() == "modulated (epochs 0–0)"
+
+
+@pytest.mark.parametrize("epochs", [1, 15])
+def test_mechanism_plot_keeps_text_inside_whole_epoch_ticks_and_the_band_within_the_run(
+        tmp_path, monkeypatch, epochs):
+    """mechanism.png (issue 20): every text inside the canvas, whole-epoch ticks even for a
+    one-epoch run, the modulated band (configured for epochs 0-7) ending where the run ends, and
+    a panel with nothing recorded saying so instead of an empty axis."""
+    figs = _captured_figures(monkeypatch)
+    curves = {name: {"rho_a": {e: 2.0 + 0.1 * e for e in range(epochs)},
+                     "k_a": {e: scale for e in range(epochs)}, "k_v": {e: 1.0 for e in range(epochs)},
+                     "update_norm_a": {e: 0.1 * scale for e in range(epochs)},
+                     "update_norm_v": {e: None for e in range(epochs)}}
+              for name, scale in (("concat", 1.0), ("concat+ogm-ge", 0.2), ("control-ogm-strong", 0.01))}
+    report.plot_mechanism(curves, tmp_path / "mechanism.png", window=(0, 7), whole_run={"control-ogm-strong"})
+    fig = figs["mechanism.png"]
+    fig.canvas.draw()
+    assert _text_outside_canvas(fig) == []
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        assert hi <= epochs - 0.5 + 1e-9
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        for band in (p for p in ax.patches if p.get_label().startswith("modulated")):
+            assert band.get_x() + band.get_width() <= min(7, epochs - 1) + 0.5 + 1e-9
+    (visual,) = [ax for ax in fig.axes if ax.get_title() == "visual encoder update per step"]
+    assert [t.get_text() for t in visual.texts] == ["not recorded by this build"]
+    assert {t.get_text() for t in fig.legends[0].get_texts()} >= {"concat", "concat+ogm-ge", "control-ogm-strong"}
+
+
+@pytest.mark.parametrize("rows", [1, 4, 26])
+def test_contrast_plot_keeps_every_label_inside_the_canvas(tmp_path, monkeypatch, rows):
+    """effects.png with the demo's 4 contrasts and compare's ~26: no label or title cut."""
+    figs = _captured_figures(monkeypatch)
+    contrasts = {f"concat+method-with-a-long-name-{i} − concat": {"diffs": [0.01 * i, 0.02, -0.01], "mean": 0.01,
+                                                                  "ci": (-0.01, 0.03)} for i in range(rows)}
+    report.plot_contrasts(contrasts, tmp_path / "effects.png",
+                          "primary endpoint: fused test accuracy at the last epoch, paired differences by seed")
+    fig = figs["effects.png"]
+    fig.canvas.draw()
+    assert _text_outside_canvas(fig) == []
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == list(reversed(contrasts))
