@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 LINT = $(PY) -m ruff check $(LINTED) && $(PY) -m mypy
 
+# the same task, protocol and report on 4 arms x 3 seeds and 512 test clips: a preview, not powered
 demo-quick: $(STAMP)
 	OGMGE_COMMAND="make demo-quick" $(PY) -m cli.demo --quick --out demo-quick-out
 

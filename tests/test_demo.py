@@ -368,3 +368,19 @@ def test_tiny_compare_end_to_end(tmp_path):
     table = md.split("## Primary endpoint")[1].split("## Secondary")[0]
     assert sum(ln.startswith("| concat+") or ln.startswith("| control") for ln in table.splitlines()) == \
         len(demo.contrasts(dataclasses.replace(COMPARE, arms=tuple(a for a in COMPARE.arms if a.name in runnable))))
+
+
+def test_make_targets_run_the_three_presets():
+    """`make demo`, `make demo-quick` and `make compare` (dry run: the commands only) name the
+    presets and output folders the README gives, and the command the user typed for Ctrl-C."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    root = Path(__file__).resolve().parents[1]
+    for target, flags in (("demo", "--out demo-out"), ("demo-quick", "--quick --out demo-quick-out"),
+                          ("compare", "--compare --out compare-out")):
+        out = subprocess.run(["make", "-n", "-C", str(root), target, "TORCH=torch==2.13.0"], capture_output=True,
+                             text=True, check=True).stdout
+        assert f'OGMGE_COMMAND="make {target}" .venv/bin/python -m cli.demo {flags}' in out, out
