@@ -611,7 +611,8 @@ def setup_markdown(cfg: DemoConfig = DEMO) -> str:
             f"cue at {cfg.audio_snr:g} dB SNR (a class tone) on {100 * cfg.audio_cue_fraction:.0f}% of the clips, "
             f"visual cue at {cfg.visual_snr:g} dB (a class colour under pixel noise) on all. Splits: {n['train']} "
             f"train, {n['val']} val, {n['test']} test clips (one test clip = {100 / n['test']:.2f} points). Arms "
-            f"{arms}; preset `{cfg.preset}` (SGD), {_epochs(cfg.epochs)}, modulation in epochs "
+            f"{arms}; preset `{cfg.preset}` (SGD), {_epochs(cfg.epochs)}, the learning rate ×0.1 after epoch "
+            f"{lr_step(cfg) - 1}, modulation in epochs "
             f"0–{modulation_end(cfg)}, seeds {seeds_text(cfg)}.\n")
 
 
