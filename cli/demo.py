@@ -114,6 +114,7 @@ class _Job:
     cost: float                   # relative CPU cost (a two-encoder run is ~2 single-encoder ones)
     log: Path
     proc: subprocess.Popen | None = None
+    after: set = dataclasses.field(default_factory=set)   # arms that must finish first (teachers)
     step: str = ""                # the subcommand running now
     started: float = 0.0
 
@@ -148,7 +149,7 @@ def _changed_runs(cfg, arm, folder: Path, shards: Path) -> list[str]:
         if not runfolder.is_run(run):
             continue
         wanted = dc.asdict(resolve(cfg.preset, shards=str(shards), out=str(run), seed=s,
-                                   **demo_lib.arm_settings(cfg, arm)))
+                                   **demo_lib.arm_settings(cfg, arm, folder.parent.resolve(), s)))
         changes = demo_lib.setting_changes(runfolder.read_config(run), wanted)
         if changes:
             out.append(f"{run.name}: " + ", ".join(f"{k} {a} → {b}" for k, (a, b) in list(changes.items())[:3]))
@@ -179,17 +180,19 @@ def _plan_jobs(cfg, shards: Path, runs: Path, logs: Path) -> tuple[list[_Job], l
                  or _probe_fresh(runfolder.seed_dir(folder, s), _modalities(arm))]
         probed += len(fresh) if arm.multimodal else 0
         commands = []
-        if todo:
-            commands.append(["sweep", "--seeds", ",".join(map(str, todo)), "--shards", str(shards),
+        # an arm with teachers names another run per seed: one sweep per seed
+        for group in ([[s] for s in todo] if arm.teachers else [todo] if todo else []):
+            commands.append(["sweep", "--seeds", ",".join(map(str, group)), "--shards", str(shards),
                              "--out", str(folder), "--preset", cfg.preset,
-                             *_flags(demo_lib.arm_settings(cfg, arm))])
+                             *_flags(demo_lib.arm_settings(cfg, arm, runs.resolve(), group[0]))])
         stale = [s for s in seeds if s not in fresh] if arm.multimodal else []
         if stale:
             commands.append(["probe", *(str(runfolder.seed_dir(folder, s)) for s in stale), "--which", "last",
                              "--max-iter", str(cfg.probe_steps)])
         if commands:
             cost = (2.0 if arm.multimodal else 1.0) * (len(todo) + 0.3 * len(stale))
-            jobs.append(_Job(arm, commands, len(todo), cost, logs / f"{arm.name}.log"))
+            jobs.append(_Job(arm, commands, len(todo), cost, logs / f"{arm.name}.log",
+                             after={t for _, t in arm.teachers}))
     # longest first, so the lanes end together
     jobs.sort(key=lambda j: -j.cost)
     return jobs, kept, probed, total
@@ -248,8 +251,13 @@ def _train_all(cfg, jobs: list[_Job], runs: Path, lanes: int, threads: int) -> N
                       f"({threads} torch thread{'s' if threads > 1 else ''} each); the ETA follows the first")
     try:
         while queue or running:
-            while queue and len(running) < lanes:
-                job = queue.pop(0)
+            while len(running) < lanes:
+                busy = {j.arm.name for j in (*queue, *running)}
+                ready = [j for j in queue if not j.after & busy]
+                if not ready:
+                    break
+                job = ready[0]
+                queue.remove(job)
                 err_console.rule(f"[bold]5/7 train and probe {job.arm.name}")
                 _start(job, threads)
                 running.append(job)
@@ -444,7 +452,9 @@ def _extra_plots(cfg, groups, rep, out: Path, compare: bool) -> list[Path]:
 
 def _preamble(cfg, seconds: dict[str, float], skipped: list[str], lanes: int) -> str:
     arms = "\n".join(f"- `{a.name}`: `ogmge-train sweep --preset {cfg.preset} "
-                     f"{shlex.join(_flags(demo_lib.arm_settings(cfg, a)))}`" for a in cfg.arms)
+                     f"{shlex.join(_flags(demo_lib.arm_settings(cfg, a)))}`"
+                     + "".join(f" `--{opt.replace('_', '-')} runs/{t}/seed-<k>`" for opt, t in a.teachers)
+                     for a in cfg.arms)
     text = (demo_lib.setup_markdown(cfg) + "\n" + demo_lib.design_markdown(cfg) + "\n"
             + demo_lib.protocol_markdown(cfg) + "\n### Runs\n\n"
             f"Extracted with `--frame-size {cfg.frame_size} {shlex.join(_flags(cfg.spec))}` from the demo's split "

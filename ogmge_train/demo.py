@@ -48,6 +48,9 @@ class Arm:
     name: str                 # folder name under OUT/runs and row label of the report
     settings: dict            # TrainConfig fields on top of the preset (e.g. {"modulation": "ogm"})
     whole_run: bool = False   # modulate every epoch (default: the demo's modulation window)
+    # TrainConfig option -> arm whose run of the same seed it names (UMT's uni-modal teachers);
+    # the arm trains after those arms
+    teachers: tuple = ()
 
     @property
     def multimodal(self) -> bool:
@@ -150,8 +153,14 @@ def method_arms() -> tuple:
             continue
         fusions = names.METHOD_FUSIONS.get(method)
         fusion = "concat" if fusions is None or "concat" in fusions else fusions[0]
-        arms += variants.get(method) or [Arm(f"{fusion}+{method}", {"fusion": fusion, "modulation": method})]
+        teachers = _TEACHERS.get(method, ())
+        arms += variants.get(method) or [Arm(f"{fusion}+{method}", {"fusion": fusion, "modulation": method},
+                                             teachers=teachers)]
     return tuple(arms)
+
+
+# methods distilled from uni-modal models: their teachers are the demo's own uni-modal arms
+_TEACHERS = {"umt": (("umt_teacher_audio", AUDIO_ONLY.name), ("umt_teacher_visual", VISUAL_ONLY.name))}
 
 
 def _compare_arms() -> tuple:
@@ -172,12 +181,16 @@ def modulation_end(cfg: DemoConfig) -> int:
     return max(0, math.ceil(cfg.epochs * cfg.modulation_fraction) - 1)
 
 
-def arm_settings(cfg: DemoConfig, arm: Arm) -> dict:
+def arm_settings(cfg: DemoConfig, arm: Arm, runs=None, seed: int | None = None) -> dict:
     """Every TrainConfig field the demo sets for ``arm`` on top of its preset, in flag order:
-    budget and evaluation (the same for every arm), the modulation window, the arm's own."""
+    budget and evaluation (the same for every arm), the modulation window, the arm's own, and
+    (given the runs folder and a seed) the run folders of its teachers for that seed."""
     window = cfg.epochs - 1 if arm.whole_run else modulation_end(cfg)
-    return {"epochs": cfg.epochs, "eval_every": cfg.epochs, "lr_step": lr_step(cfg), "modulation_end": window,
-            **cfg.train, **arm.settings}
+    out = {"epochs": cfg.epochs, "eval_every": cfg.epochs, "lr_step": lr_step(cfg), "modulation_end": window,
+           **cfg.train, **arm.settings}
+    if runs is not None and seed is not None:
+        out.update({opt: str(runfolder.seed_dir(Path(runs) / teacher, seed)) for opt, teacher in arm.teachers})
+    return out
 
 
 def verdict_arms(cfg: DemoConfig) -> set[str]:

@@ -28,8 +28,10 @@ __all__ = ["RunRecord", "Group", "Report", "COLUMNS", "plot_shapley", "read_run"
            "per_seed", "plot_seed_bars", "plot_contrasts", "plot_mechanism", "column_titles", "AT", "selection"]
 
 # Config keys that do not change the experiment (so runs that differ only there are seeds).
+# UMT's teacher run folders differ per seed by design (each seed learns from the uni-modal runs
+# of its own seed, as `make compare` does), so they do not split a sweep into experiments.
 _NOT_EXPERIMENT = {"seed", "out", "resume", "shards", "s3_endpoint", "workers", "device",
-                   "eval_splits"}
+                   "eval_splits", "umt_teacher_audio", "umt_teacher_visual"}
 
 # (column title, key in run_values) — the table's columns after the "run" column.
 COLUMNS = (

@@ -112,6 +112,16 @@ def test_compare_keeps_every_seed_for_the_verdict_arms_and_fewer_for_the_other_m
     assert "5 for the methods outside the demo's verdict" in demo.protocol_markdown(COMPARE)
 
 
+def test_umt_learns_from_the_demo_own_unimodal_runs_of_the_same_seed(tmp_path):
+    (umt,) = [a for a in COMPARE.arms if a.settings.get("modulation") == "umt"]
+    assert dict(umt.teachers) == {"umt_teacher_audio": DEMO.audio_only, "umt_teacher_visual": DEMO.visual_only}
+    settings = demo.arm_settings(COMPARE, umt, tmp_path, 3)
+    assert settings["umt_teacher_audio"] == str(tmp_path / DEMO.audio_only / "seed-3")
+    assert settings["umt_teacher_visual"] == str(tmp_path / DEMO.visual_only / "seed-3")
+    assert "umt_teacher_audio" not in demo.arm_settings(COMPARE, umt)
+    assert all(not a.teachers for a in COMPARE.arms if a is not umt)
+
+
 def test_setting_changes_name_what_differs_and_ignore_place_and_new_fields():
     stored = {"lr": 0.01, "epochs": 15, "eval_splits": ["val", "test"], "out": "a/seed-0", "shards": "/x",
               "workers": 0, "gone": 1}
@@ -327,14 +337,20 @@ def test_tiny_demo_end_to_end_twice(tmp_path, monkeypatch):
     assert "holds runs trained with other settings (seed-0: epochs 1 → 2" in said, changed.output
     assert "choose another --out" in said and ckpt.stat().st_mtime_ns == stamps[0]
 
-    # a method added later (compare after a new entry in names.METHODS): only its arm trains
-    monkeypatch.setattr(demo, "QUICK", dataclasses.replace(QUICK, arms=(*QUICK.arms, demo.OGM)))
+    # a method added later (compare after a new entry in names.METHODS): only its arm trains.
+    # UMT's teachers are the demo's own uni-modal runs of the same seed
+    (umt,) = [a for a in COMPARE.arms if a.settings.get("modulation") == "umt"]
+    monkeypatch.setattr(demo, "QUICK", dataclasses.replace(QUICK, arms=(*QUICK.arms, umt)))
     more = CliRunner().invoke(main, args, catch_exceptions=False)
     assert more.exit_code == 0, more.output
     said = " ".join(more.output.split())
     assert "2 trainings to go in 1 jobs" in said and "8 of 10 trainings" in said
     assert ckpt.stat().st_mtime_ns == stamps[0]
-    assert (out / "runs" / "concat+ogm" / "seed-1" / "probe_visual.json").is_file()
+    run = out / "runs" / umt.name / "seed-1"
+    assert (run / "probe_visual.json").is_file()
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["umt_teacher_audio"] == str((out / "runs" / "audio-only" / "seed-1").resolve())
+    assert stored["umt_teacher_visual"] == str((out / "runs" / "visual-only" / "seed-1").resolve())
 
 
 @pytest.mark.slow
