@@ -6,7 +6,7 @@ extraction compares it to the stored one.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -130,7 +130,8 @@ def spec_preset(name: str, dataset: str = "", **overrides) -> SpecConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Everything that determines the bytes of the output (so: recorded in dataset.json)."""
+    """Everything that determines the bytes of the output (so: recorded in dataset.json, beside the
+    split options ``extract`` takes, its ``extra``)."""
 
     spec: SpecConfig
     fps: int = 1
@@ -142,7 +143,6 @@ class ExtractConfig:
     spec_dtype: str = "float16"
     shard_size: int = 1000
     shard_max_bytes: int | None = None
-    extra: dict = field(default_factory=dict)  # dataset-specific options (split files, split_by, seed)
 
     def __post_init__(self):
         if self.spec_dtype not in ("float16", "float32"):

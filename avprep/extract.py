@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,10 +145,7 @@ def extract(dataset: str, src, out, cfg: ExtractConfig, *, workers: int | None =
     src = Path(src)
     adapter = _adapter(dataset)
     split_files = list(split_files)
-    cfg = replace(cfg, extra={**cfg.extra, "split_files": _split_file_records(split_files),
-                              "split_by": split_by, "seed": seed})
-    # the canonical dataset spelling goes into dataset.json
-    options = {"name": adapter.name, "config": cfg.to_dict(), "tool_version": tool_version()}
+    options = _options(adapter.name, cfg, split_files, split_by, seed)
     if not overwrite:
         outdir.check_options(out, options)
     runner = engine if isinstance(engine, Engine) else make_engine(engine, workers, ray_address)
@@ -180,14 +177,7 @@ def _extract_into(src: Path, out: Path, dataset: str, disc: Discovery, cfg: Extr
     Every shard file in ``out``, kept or new, goes to ``uploader`` when there is one; shards
     the engine built and uploaded elsewhere (``ShardState.in_bucket``) are only in ``loc``."""
     plans = shardlib.plan_shards(disc.clips, cfg)
-    kept, checked = {}, 0
-    for p in plans:         # hashes every shard a killed run left: minutes for a large output
-        if (st := outdir.finished_state(out, p, loc)) is not None:
-            kept[p.name] = st
-        checked += len(p.clips)
-        emit(ExtractEvent("check", checked, 0, len(disc.clips), shard=p.name))
-    retried = {n for n, s in kept.items() if _worth_retrying(s, retry_failed)}
-    kept = {n: s for n, s in kept.items() if n not in retried}
+    kept, retried = _finished_shards(out, plans, loc, retry_failed, emit, len(disc.clips))
     todo = [p for p in plans if p.name not in kept]
     if todo:
         outdir.invalidate(out)
@@ -268,6 +258,20 @@ def _source_facts(dataset: str, src: Path, split_files: list, split_by, seed: in
     return _SourceFacts(match.record() if match else None, availability)
 
 
+def _finished_shards(out: Path, plans: list[shardlib.ShardPlan], loc: S3Location | None, retry_failed: bool,
+                     emit: OnEvent, total: int) -> tuple[dict[str, outdir.ShardState], set[str]]:
+    """The shards of ``plans`` a killed run finished, to keep (name -> state), and the names of
+    those that are finished but worth extracting again (``_worth_retrying``)."""
+    kept, checked = {}, 0
+    for p in plans:         # hashes every shard a killed run left: minutes for a large output
+        if (st := outdir.finished_state(out, p, loc)) is not None:
+            kept[p.name] = st
+        checked += len(p.clips)
+        emit(ExtractEvent("check", checked, 0, total, shard=p.name))
+    retried = {n for n, s in kept.items() if _worth_retrying(s, retry_failed)}
+    return {n: s for n, s in kept.items() if n not in retried}, retried
+
+
 def _worth_retrying(st: outdir.ShardState, retry_failed: bool) -> bool:
     """A kept shard is redone when one of its clips failed for a missing, empty or unreadable
     file (it may be there now), or when any clip failed, with ``retry_failed``."""
@@ -302,6 +306,14 @@ def _nothing_found(src: Path, adapter, disc: Discovery) -> str:
              for st in sorted({p.stage for p in disc.problems})]
     return (f"{src}: no clips to extract for {adapter.name} ({', '.join(seen) or 'nothing found'}); "
             f"expected layout: {adapter.layout}")
+
+
+def _options(dataset: str, cfg: ExtractConfig, split_files: list, split_by: str | None, seed: int) -> dict:
+    """The options an output is made with (``outdir``'s record, dataset.json's ``name``, ``config``
+    and ``tool_version``): ``dataset`` (the canonical spelling), ``cfg``, and, as the config's
+    ``extra``, the split options discovery is given."""
+    splits = {"split_files": _split_file_records(split_files), "split_by": split_by, "seed": seed}
+    return {"name": dataset, "config": {**cfg.to_dict(), "extra": splits}, "tool_version": tool_version()}
 
 
 def _split_file_records(split_files: list) -> list[dict]:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from . import shardformat
 from . import shards as shardlib
+from .atomicfile import fsync_dir
 from .errors import ConfigError, OutputError
 
 if TYPE_CHECKING:
@@ -310,6 +311,6 @@ def write_outputs(out: Path, classes: list[str], plans: list[shardlib.ShardPlan]
         return open(out / name, "rb")
 
     shardformat.write_card(out, meta, manifests, functools.partial(write, sync_dir=False), open_shard)
-    shardlib.fsync_dir(out)
+    fsync_dir(out)
     write(out / shardformat.DATASET, meta.to_json())
     return {split: m.class_counts for split, m in manifests.items()}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import shardformat
+from .atomicfile import commit, write_atomic
 from .config import ExtractConfig
 from .datasets._base import Clip
 from .shardformat import TMP_MARK, shard_name, split_order  # noqa: F401 - re-exported: the format owns them
@@ -134,40 +135,14 @@ def encode_sample(key: str, members: Mapping[str, bytes]) -> EncodedSample:
     return EncodedSample(key, data, zlib.crc32(data))
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def tmp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
-
-    ``durable``: fsync the data before the rename, so that even after a power loss the name
-    never shows a partial file (skip it only for files whose readers check them anyway).
-    ``sync_dir``: fsync the folder after the rename, making the rename itself survive a power
-    loss; a caller writing many files can do that once with ``fsync_dir``."""
-    tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if sync_dir and durable:
-        fsync_dir(path.parent)
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, through
+    ``<path>.tmp-<pid>`` (``atomicfile.write_atomic``: ``durable`` and ``sync_dir`` are its)."""
+    write_atomic(path, lambda tmp: tmp.write_bytes(data), tmp=tmp_path(path), durable=durable, sync_dir=sync_dir)
 
 
 class ShardWriter:
@@ -217,9 +192,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp, self.path)
-        if sync_dir:
-            fsync_dir(self.path.parent)
+        commit(self.tmp, self.path, sync_dir=sync_dir)
         return WrittenShard(self.path.name, self.num_samples, self.size, self._sha.hexdigest())
 
     def abort(self) -> None:

@@ -291,6 +291,17 @@ def _check_files(entry: Entry, split_files, names, report: CheckReport) -> None:
                                    f"{entry.id}'s published files")
         else:
             report.facts.append(f"{entry.id}'s hashes are unknown: only counts were checked")
+    _check_counts(entry, report)
+    shared = rows.overlap()
+    if len(shared) > entry.overlap:
+        report.problems.append(f"{len(shared):,} clip id(s) in more than one split (e.g. {sorted(shared)[0]})"
+                               + (f"; {entry.id} has {entry.overlap}" if entry.overlap else ""))
+    elif shared:
+        report.facts.append(f"{len(shared)} clip id(s) in two splits, as published ({entry.id} records them)")
+
+
+def _check_counts(entry: Entry, report: CheckReport) -> None:
+    """The files' rows per split (``report.counts``) against the entry's counts."""
     counted = ", ".join(f"{s} {n:,}" for s, n in report.counts.items())
     if not entry.counts:
         report.facts.append(f"{entry.id}'s counts are unknown; the files have {counted}")
@@ -302,12 +313,6 @@ def _check_files(entry: Entry, split_files, names, report: CheckReport) -> None:
             report.problems.append(f"{split}: {got:,} rows, but {entry.id} has no {split} split")
         elif want != got:
             report.problems.append(f"{split}: {got:,} rows, {entry.id} has {want:,}")
-    shared = rows.overlap()
-    if len(shared) > entry.overlap:
-        report.problems.append(f"{len(shared):,} clip id(s) in more than one split (e.g. {sorted(shared)[0]})"
-                               + (f"; {entry.id} has {entry.overlap}" if entry.overlap else ""))
-    elif shared:
-        report.facts.append(f"{len(shared)} clip id(s) in two splits, as published ({entry.id} records them)")
 
 
 def _check_classes(listing: Entry | None, classes: list[str], report: CheckReport) -> None:

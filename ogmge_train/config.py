@@ -166,10 +166,8 @@ class TrainConfig:
         _check(self.umt_scaling >= 0, "umt_scaling", "must be >= 0")
         _check(self.amss_temperature > 0, "amss_temperature", "must be > 0")
         _check(0.0 < self.valuation_part_ratio <= 1.0, "valuation_part_ratio", "must be in (0, 1]")
-        allowed = names.METHOD_FUSIONS.get(self.modulation)
-        if allowed is not None and self.modality == "both" and self.fusion not in allowed:
-            raise ConfigError(f"--modulation {self.modulation} works with --fusion {' or '.join(allowed)}, "
-                              f"not {self.fusion!r}")
+        if self.modality == "both" and (why := names.fusion_error(self.modulation, self.fusion)) is not None:
+            raise ConfigError(why)
         _check(self.frames is None or self.frames >= 1, "frames", "must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         _check(self.tbn_window >= 1, "tbn_window", "must be >= 1")
@@ -222,6 +220,14 @@ class TrainConfig:
 
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+# The roles of the fields that do not say what the experiment is, defined once here:
+# where and how a run runs;
+RUNTIME_FIELDS = frozenset({"out", "shards", "s3_endpoint", "workers", "device"})
+# what a resumed run may change (``train --resume``): that, and for how long it runs;
+RESUMABLE_FIELDS = RUNTIME_FIELDS | {"epochs"}
+# what runs of one experiment differ in (``report`` groups such runs as its seeds); UMT's teacher
+# runs differ per seed by design (each seed learns from the uni-modal runs of its own seed).
+NOT_EXPERIMENT_FIELDS = RUNTIME_FIELDS | {"seed", "eval_splits", "umt_teacher_audio", "umt_teacher_visual"}
 
 _BB = dict(arch="resnet18", epochs=30, batch_size=32, lr=1e-3, optimizer="adamw", weight_decay=0.01,
            lr_step=10, lr_gamma=0.1, image_size=224, modulation_start=0, modulation_end=80)

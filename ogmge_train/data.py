@@ -247,8 +247,8 @@ def _keep(keep_json: bool):
     return lambda ext: ext in (sf.CLS, sf.SPEC) or bool(sf.FRAME.fullmatch(ext)) or (keep_json and ext == sf.JSON)
 
 
-def read_run(location: Location, run: list, *, frames: int, train: bool, rng=None, keep_json: bool = False,
-             frame_pick: str = "segment", num_classes: int | None = None):
+def read_sample_run(location: Location, run: list, *, frames: int, train: bool, rng=None, keep_json: bool = False,
+                    frame_pick: str = "segment", num_classes: int | None = None):
     """Samples (or ``BadSample`` for corrupt ones) of one run of consecutive index entries, read
     with one byte-range request; each checked against its CRC-32 and parsed by shardformat. A
     valid label that is not the index line's ``label_index`` is a fatal ``BadSample``."""
@@ -330,7 +330,7 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
     ``visual`` is float32 normalised, or uint8 pixels with ``visual_dtype=torch.uint8``
     (normalise with ``to_device``).
 
-    With ``skip_bad`` a corrupt sample (or a ``BadSample`` from ``read_run``) is left out of the
+    With ``skip_bad`` a corrupt sample (or a ``BadSample`` from ``read_sample_run``) is left out of the
     batch and listed in ``batch["bad"]`` as ``BadSample``; otherwise it raises ``ShardDataError``.
     Each sample is decoded straight into its slot of the batch tensors (no per-sample tensors to
     stack); the float16 spectrogram is widened by torch, several times faster than numpy's astype.
@@ -452,9 +452,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         frame_rng = random.Random(f"frames:{tag}")
         positions = self.positions(worker, epoch)
         samples = (s for run in _runs(self.entries, positions)
-                   for s in read_run(self.location, run, frames=self.frames, train=self.train, rng=frame_rng,
-                                     keep_json=self.with_meta or self.segments, frame_pick=self.frame_pick,
-                                     num_classes=self.num_classes))
+                   for s in read_sample_run(self.location, run, frames=self.frames, train=self.train, rng=frame_rng,
+                                            keep_json=self.with_meta or self.segments, frame_pick=self.frame_pick,
+                                            num_classes=self.num_classes))
         if self.train:
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(f"buffer:{tag}"))
         decode = partial(decode_batch, train=self.train, image_size=self.image_size, rng=random.Random(f"aug:{tag}"),

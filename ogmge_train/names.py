@@ -56,7 +56,9 @@ METHOD_HELP = {
     "valuation-sample": "Sample-level valuation (CVPR 2024): per-sample Shapley values; copies train the low one alone",
     "valuation-modality": "Modality-level valuation (CVPR 2024): copies of random samples train the weaker modality",
 }
-# methods that work with some fusion heads only (the others work with every head)
+# methods that work with some fusion heads only (the others work with every head); a method
+# class's ``fusions`` is its entry here (``fusions = METHOD_FUSIONS["opm"]``), and ``fusion_error``
+# is the rule the config and ``modulation.build`` apply
 METHOD_FUSIONS = {"opm": ("concat", "sum"), "opm-ge": ("concat", "sum"),
                   "mla": ("concat",), "reconboost": ("concat",),
                   "mmcosine": ("concat", "sum"), "ume": ("concat",),
@@ -81,3 +83,11 @@ ON_NONFINITE = ("stop", "skip")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 AMPS = ("none", "bf16")
+
+
+def fusion_error(method: str, fusion: str) -> str | None:
+    """Why ``method`` cannot run with our fusion head ``fusion`` (``METHOD_FUSIONS``), or None."""
+    allowed = METHOD_FUSIONS.get(method)
+    if allowed is None or fusion in allowed:
+        return None
+    return f"--modulation {method} works with --fusion {' or '.join(allowed)}, not {fusion!r}"

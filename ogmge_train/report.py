@@ -19,6 +19,7 @@ import numpy as np
 from avprep import shardformat as sf
 
 from . import runfolder
+from .config import NOT_EXPERIMENT_FIELDS
 from .names import SELECTION_LABELS
 from .stats import mean_std
 
@@ -27,11 +28,6 @@ __all__ = ["RunRecord", "Group", "Report", "COLUMNS", "plot_shapley", "read_run"
            "plot_rho", "plot_loss", "write_report", "dominant_modality", "test_clips", "clips_sentence",
            "per_seed", "plot_seed_bars", "plot_contrasts", "plot_mechanism", "column_titles", "AT", "selection"]
 
-# Config keys that do not change the experiment (so runs that differ only there are seeds).
-# UMT's teacher run folders differ per seed by design (each seed learns from the uni-modal runs
-# of its own seed, as `make compare` does), so they do not split a sweep into experiments.
-_NOT_EXPERIMENT = {"seed", "out", "resume", "shards", "s3_endpoint", "workers", "device",
-                   "eval_splits", "umt_teacher_audio", "umt_teacher_visual"}
 
 # (column title, key in run_values) — the table's columns after the "run" column.
 COLUMNS = (
@@ -101,7 +97,7 @@ expand_runs = runfolder.expand_runs
 
 
 def _experiment_key(config: dict) -> str:
-    return json.dumps({k: v for k, v in config.items() if k not in _NOT_EXPERIMENT},
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_EXPERIMENT_FIELDS},
                       sort_keys=True, default=str)
 
 

@@ -218,6 +218,46 @@ def _scaled(cfg, row: Row):
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+def _check_request(table: int, overrides: dict, missing: str) -> None:
+    """A table this build runs, a known ``missing``, and no override of what the table's rows set."""
+    if table not in TABLE_ROWS:
+        if table in NOT_RUNNABLE:
+            raise ConfigError(f"Table {table} cannot run in this build: {NOT_RUNNABLE[table]}")
+        raise ConfigError(f"--table must be one of {', '.join(map(str, sorted(TABLE_ROWS)))}, not {table!r}")
+    if missing not in ("skip", "fail"):
+        raise ConfigError(f"missing must be skip or fail, not {missing!r}")
+    fixed = sorted(({"seed", "out", "shards"} | {k for r in TABLE_ROWS[table] for k in r.settings}) & set(overrides))
+    if fixed:
+        raise ConfigError(f"Table {table}'s rows set {', '.join('--' + k.replace('_', '-') for k in fixed)}; "
+                          "it cannot be overridden")
+
+
+def _runnable_rows(table: int, overrides: dict, missing: str) -> tuple[list[Row], dict[str, str]]:
+    """The rows of ``table`` this build can run, and why each other row is skipped (a
+    ConfigError with ``missing="fail"`` when there is any, or when no row is left)."""
+    rows, skipped = [], dict(NOT_BUILT_ROWS.get(table, {}))
+    for row in TABLE_ROWS[table]:
+        reason = unavailable(row.name, {**overrides, **row.settings})
+        if reason is None:
+            rows.append(row)
+        else:
+            skipped[row.name] = reason
+    if skipped and missing == "fail":
+        raise ConfigError("rows this build cannot run: " + "; ".join(skipped.values()))
+    if not rows:
+        raise ConfigError("no row of table {} can run: {}".format(table, "; ".join(skipped.values())))
+    return rows, skipped
+
+
+def _paper_preset(table: int, dataset: str, shards: str) -> str:
+    """The table's preset for ``dataset``, else the dataset's paper preset."""
+    preset = TABLE_PRESETS.get(table, {}).get(dataset) or PRESET_OF_DATASET.get(dataset)
+    if preset is None:
+        raise ConfigError(f"{shards}: dataset {dataset!r} has no paper preset; pass --preset "
+                          f"(the paper's: {', '.join(f'{d} -> {p}' for d, p in PRESET_OF_DATASET.items())})")
+    return preset
+
+
 def reproduce(table: int, shards: str, out, *, seeds=(0, 1, 2), overrides: dict | None = None,
               on_event: Callable[[dict], None] | None = None, preset: str | None = None,
               missing: str = "skip") -> ReproduceResult:
@@ -236,42 +276,19 @@ def reproduce(table: int, shards: str, out, *, seeds=(0, 1, 2), overrides: dict 
     from .report import write_report
     from .sweep import sweep
 
-    if table not in TABLE_ROWS:
-        if table in NOT_RUNNABLE:
-            raise ConfigError(f"Table {table} cannot run in this build: {NOT_RUNNABLE[table]}")
-        raise ConfigError(f"--table must be one of {', '.join(map(str, sorted(TABLE_ROWS)))}, not {table!r}")
-    if missing not in ("skip", "fail"):
-        raise ConfigError(f"missing must be skip or fail, not {missing!r}")
+    _check_request(table, overrides or {}, missing)
     emit = on_event or (lambda e: None)
     overrides = dict(overrides or {})
-    fixed = sorted(({"seed", "out", "shards"} | {k for r in TABLE_ROWS[table] for k in r.settings}) & set(overrides))
-    if fixed:
-        raise ConfigError(f"Table {table}'s rows set {', '.join('--' + k.replace('_', '-') for k in fixed)}; "
-                          "it cannot be overridden")
     seeds = list(seeds)
     if not seeds:
         raise ConfigError("--seeds: at least one seed")
     shards = runfolder.absolute_location(shards)
-    rows, skipped = [], dict(NOT_BUILT_ROWS.get(table, {}))
-    for row in TABLE_ROWS[table]:
-        reason = unavailable(row.name, {**overrides, **row.settings})
-        if reason is None:
-            rows.append(row)
-        else:
-            skipped[row.name] = reason
-    if skipped and missing == "fail":
-        raise ConfigError("rows this build cannot run: " + "; ".join(skipped.values()))
-    if not rows:
-        raise ConfigError("no row of table {} can run: {}".format(table, "; ".join(skipped.values())))
+    rows, skipped = _runnable_rows(table, overrides, missing)
     for name, reason in skipped.items():
         emit({"event": "skip", "row": name, "reason": reason})
-
     dataset = _dataset_name(shards, overrides.get("s3_endpoint"))
     if preset is None:
-        preset = TABLE_PRESETS.get(table, {}).get(dataset) or PRESET_OF_DATASET.get(dataset)
-        if preset is None:
-            raise ConfigError(f"{shards}: dataset {dataset!r} has no paper preset; pass --preset "
-                              f"(the paper's: {', '.join(f'{d} -> {p}' for d, p in PRESET_OF_DATASET.items())})")
+        preset = _paper_preset(table, dataset, shards)
     out = Path(out)
     configs = {row.name: _scaled(resolve(preset, **{**overrides, **row.settings, "shards": shards,
                                                     "out": str(out / "runs" / row.name)}), row)

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from avprep.shards import fsync_dir
+from avprep.atomicfile import write_atomic
 
 from .errors import RunFolderError, RunWriteError
 
@@ -62,29 +62,15 @@ def seed_dir(out, seed: int) -> Path:
 
 # ----------------------------------------------------------------------------- writing
 
-def _commit(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def _write_atomic(path, write) -> Path:
-    """``write(tmp)``, fsync, rename over ``path`` (all or nothing). On any failure the temp file
-    is removed and the previous version kept; an OSError (disk full, read-only folder) becomes a
+    """``write(tmp)``, fsync, rename over ``path`` (``avprep.atomicfile.write_atomic``: all or
+    nothing, the previous version kept); an OSError (disk full, read-only folder) becomes a
     one-line ``RunWriteError`` naming the file."""
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _commit(tmp, path)
+        return write_atomic(path, write, tmp=path.with_name(path.name + TMP_SUFFIX))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise RunWriteError(f"{path}: cannot write ({e.strerror or e}); the previous version is kept") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from avprep import shardformat as sf
 
 from . import data, dist, frameworks, imbalance, localisation, modulation, names, runfolder
-from .config import TrainConfig
+from .config import RESUMABLE_FIELDS, TrainConfig
 from .errors import ConfigError, NonFiniteError, PeerLostError, RunFolderError, TrainError
 from .frameworks import Model
 from .metrics import output_metrics
@@ -51,9 +51,6 @@ from .plugin import Balancer
 __all__ = ["EVENT_TYPES", "evaluate", "load_checkpoint", "load_run", "select_device", "train"]
 
 EVENT_TYPES = ("run_folder", "start", "epoch_start", "step", "eval", "eval_step", "epoch_end", "end")
-# Settings a resumed run may change: where and how it runs, and for how long (workers and
-# device may change the numbers, but not what the experiment is).
-_RESUMABLE = {"epochs", "workers", "device", "out", "shards", "s3_endpoint"}
 
 Event = Callable[[dict], None]
 EpochHook = Callable[[dict], None]
@@ -512,7 +509,7 @@ class _Setup:
         ckpt = load_checkpoint(ckpt_path)
         stored = TrainConfig.from_dict(ckpt["config"])
         diff = sorted(k for k in stored.to_dict()
-                      if k not in _RESUMABLE and stored.to_dict()[k] != self.cfg.to_dict()[k])
+                      if k not in RESUMABLE_FIELDS and stored.to_dict()[k] != self.cfg.to_dict()[k])
         if diff:
             raise ConfigError(f"{ckpt_path}: cannot resume with different settings: "
                               + ", ".join(f"{k} {stored.to_dict()[k]!r} -> {self.cfg.to_dict()[k]!r}" for k in diff))
@@ -575,67 +572,82 @@ class _EpochLoop:
         return torch.isfinite(norms).all()
 
     def train_epoch(self, epoch: int) -> dict:
+        """One training epoch, a ``_train_batch`` per batch: the epoch's metrics (steps.jsonl appended)."""
         s = self.s
-        cfg, dev = s.cfg, s.device
         self._begin_epoch(epoch)
         s.net.train()
-        skip = cfg.on_nonfinite == "skip"
         totals, steps_log = EpochStats(), []
         updates = _UpdateNorms(s.plug.modalities)
         t0 = time.perf_counter()
-        loader = _loader(cfg, "train", train=True, epoch=epoch, info=s.info, source=s.dataset,
+        loader = _loader(s.cfg, "train", train=True, epoch=epoch, info=s.info, source=s.dataset,
                          on_bad_sample=s.bad_sample)
-        finite: list[torch.Tensor] = []     # per backward of the current step
-
-        def check(loss: torch.Tensor) -> bool:
-            finite.append(self._finite(loss))
-            return bool(finite[-1]) if skip else True   # skipping needs the answer before the update: one sync
         for i, batch in enumerate(loader):
-            audio, visual, labels = _to(batch, dev)
-            labels, keys = localisation.rows(s.model, batch, labels, list(batch["key"]))
-            saved = [b.clone() for b in s.model.buffers()] if skip else None
-            finite.clear()
-            updates.before()
-            # the whole step (rows, method hooks, forward, backward, surgery, optimizer) is the plug-in API's
-            result = s.plug.train_step({"audio": audio, "visual": visual}, labels, s.opt, keys=keys,
-                                       model=s.net, autocast=lambda: _autocast(cfg, dev), on_backward=check)
-            if result is None:
-                for b, kept in zip(s.model.buffers(), saved):
-                    b.copy_(kept)
+            step = self._train_batch(epoch, i, batch, updates)
+            if step is None:
                 totals.skipped += 1
                 continue
-            out, labels = result.out, result.labels
-            stats = {**modulation.UNIT_STATS, **result.stats}    # a unimodal model reports 1.0 for the other
-            # one host sync for the step's numbers; a non-finite step stops the run here, before
-            # anything is written (the parameters in memory are lost, last.pt is intact)
-            step_loss, *correct, ok, norm_a, norm_v = torch.stack([
-                result.loss.detach(), *(_correct(lg, labels) for lg in (out.logits, out.unimodal.get("audio"),
-                                                                         out.unimodal.get("visual"))),
-                torch.stack(finite).all().float(), *updates.after()]).tolist()
-            if not ok:
-                raise NonFiniteError(
-                    f"{s.out}: non-finite loss or gradient in epoch {epoch}, step {i + 1} (global step "
-                    f"{s.global_step}); stopped, last.pt holds the last finite epoch "
-                    "(--on-nonfinite skip skips such steps)")
-            n = len(labels)
-            totals.add_step(step_loss, n, correct, stats, [norm_a, norm_v])
+            step_loss, n, correct, stats, norms = step
+            totals.add_step(step_loss, n, correct, stats, norms)
             steps_log.append({"epoch": epoch, "step": s.global_step, "loss": step_loss, **stats})
             elapsed = time.perf_counter() - t0
             s.emit({"event": "step", "epoch": epoch, "step": i + 1, "steps": s.steps, "loss": step_loss,
                     "acc": totals.correct / totals.samples, **stats,
                     "samples_per_s": totals.samples * s.info.world_size / max(elapsed, 1e-9)})
         seconds = time.perf_counter() - t0
-        t = totals.reduced(dev)
+        metrics = self._train_metrics(totals.reduced(s.device), seconds)
+        s.rec.append_steps(steps_log)
+        return metrics
+
+    def _train_batch(self, epoch: int, i: int, batch: dict, updates: _UpdateNorms):
+        """One optimizer step on ``batch`` (the whole step, rows, method hooks, forward, backward,
+        surgery and optimizer, is the plug-in API's): ``(loss, samples, [correct fused, audio,
+        visual], stats, [update norm audio, visual])``, or None when ``on_nonfinite="skip"`` skipped
+        it (the model's buffers restored). A non-finite step otherwise raises ``NonFiniteError``."""
+        s = self.s
+        cfg, dev = s.cfg, s.device
+        skip = cfg.on_nonfinite == "skip"
+        audio, visual, labels = _to(batch, dev)
+        labels, keys = localisation.rows(s.model, batch, labels, list(batch["key"]))
+        saved = [b.clone() for b in s.model.buffers()] if skip else None
+        finite: list[torch.Tensor] = []     # per backward of this step
+
+        def check(loss: torch.Tensor) -> bool:
+            finite.append(self._finite(loss))
+            return bool(finite[-1]) if skip else True   # skipping needs the answer before the update: one sync
+        updates.before()
+        result = s.plug.train_step({"audio": audio, "visual": visual}, labels, s.opt, keys=keys,
+                                   model=s.net, autocast=lambda: _autocast(cfg, dev), on_backward=check)
+        if result is None:
+            assert saved is not None        # only a skipping run skips a step
+            for b, kept in zip(s.model.buffers(), saved):
+                b.copy_(kept)
+            return None
+        out, labels = result.out, result.labels
+        stats = {**modulation.UNIT_STATS, **result.stats}    # a unimodal model reports 1.0 for the other
+        # one host sync for the step's numbers; a non-finite step stops the run here, before
+        # anything is written (the parameters in memory are lost, last.pt is intact)
+        step_loss, *correct, ok, norm_a, norm_v = torch.stack([
+            result.loss.detach(), *(_correct(lg, labels) for lg in (out.logits, out.unimodal.get("audio"),
+                                                                     out.unimodal.get("visual"))),
+            torch.stack(finite).all().float(), *updates.after()]).tolist()
+        if not ok:
+            raise NonFiniteError(
+                f"{s.out}: non-finite loss or gradient in epoch {epoch}, step {i + 1} (global step "
+                f"{s.global_step}); stopped, last.pt holds the last finite epoch "
+                "(--on-nonfinite skip skips such steps)")
+        return step_loss, len(labels), correct, stats, [norm_a, norm_v]
+
+    def _train_metrics(self, t: EpochStats, seconds: float) -> dict:
+        """metrics.jsonl's ``train`` part, the epoch means of the step stats, and the throughput."""
         n = max(t.samples, 1.0)
         train = {"loss": t.loss_sum / n if t.samples else math.nan, "acc": t.correct / n}
-        if s.model.modality != "visual":
+        if self.s.model.modality != "visual":
             train["acc_a"] = t.correct_a / n
-        if s.model.modality != "audio":
+        if self.s.model.modality != "audio":
             train["acc_v"] = t.correct_v / n
         if t.skipped:
             train["skipped_steps"] = int(t.skipped)
         means = {k: getattr(t, k) / max(t.steps, 1.0) for k in (*modulation.STAT_KEYS, *_UpdateNorms.KEYS)}
-        s.rec.append_steps(steps_log)
         return {"train": train, **means, "samples_per_s": t.samples / max(seconds, 1e-9)}
 
     def evaluate(self, epoch: int) -> dict:

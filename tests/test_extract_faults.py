@@ -97,6 +97,27 @@ def test_abort_removes_the_temp_file_when_close_fails(tmp_path):
     assert not writer.tmp.exists() and not (tmp_path / "x.tar").exists()
 
 
+def test_a_failed_atomic_write_keeps_the_old_file_and_no_temp_file(tmp_path):
+    """The one atomic-file helper (output folders and run folders both write through it)."""
+    from avprep import atomicfile
+    from ogmge_train import runfolder
+    from ogmge_train.errors import RunWriteError
+
+    def full(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    for name in ("dataset.json", "summary.json"):
+        (tmp_path / name).write_bytes(b"old")
+    with pytest.raises(OSError):
+        shards.write_atomic(tmp_path / "dataset.json", full, tmp=shards.tmp_path(tmp_path / "dataset.json"))
+    with pytest.raises(RunWriteError, match="summary.json: cannot write"):
+        runfolder._write_atomic(tmp_path / "summary.json", full)
+    assert runfolder.write_atomic is atomicfile.write_atomic is shards.write_atomic
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json", "summary.json"]
+    assert {p.read_bytes() for p in tmp_path.iterdir()} == {b"old"}
+
+
 @pytest.mark.parametrize("code,text", [(errno.ENOSPC, "no space left on the device"),
                                        (errno.EROFS, "read-only file system")])
 def test_disk_full_while_writing_manifests_is_one_typed_line(clip, tmp_path, monkeypatch, code, text):

@@ -312,6 +312,9 @@ def test_registry():
     # one list of names (torch-free) for config, CLI and the method classes
     assert modulation.NAMES == names.METHODS == tuple(modulation.METHODS)
     assert all(_build(n).name == n for n in modulation.NAMES)
+    # the fusion rule has one owner: a class's ``fusions`` is its names.METHOD_FUSIONS entry
+    assert {n: cls.fusions for n, cls in modulation.METHODS.items()} == {
+        n: names.METHOD_FUSIONS.get(n) for n in names.METHODS}
     from ogmge_train.config import CHOICES
     assert CHOICES["modulation"] is names.METHODS and CHOICES["fusion"] is names.FUSIONS
     with pytest.raises(ConfigError, match="modulation"):

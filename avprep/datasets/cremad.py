@@ -50,50 +50,59 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
         raise ConfigError("cremad: --split-by and split files are exclusive (the files fix the splits)")
     videos = _index(src / "VideoFlash", required=True)
     wavs = _index(src / "AudioWAV", required=False)
-    problems: list[Problem] = []
-    skipped: dict[str, int] = {}
-    notes: list[str] = []
-
-    def make_clip(name: str, label: str, split: str) -> Clip:
-        return Clip(make_key(name), label, split, videos[name], wavs.get(name),
-                    {"speaker": name.split("_")[0]})
-
     if split_files:
-        source = splitfiles.read_split_files(split_files, CLASSES)
-        problems += source.problems
-        clips = []
-        for e in source.entries:
-            if e.clip_id not in videos:
-                problems.append(Problem(make_key(e.clip_id), f"VideoFlash/{e.clip_id}.flv", "missing",
-                                        f"listed in {e.source} but not in {src / 'VideoFlash'}"))
-            elif _emotion(e.clip_id) != e.label:
-                problems.append(Problem(make_key(e.clip_id), e.source, "label",
-                                        f"{e.source} says {e.label} but the clip name says {_emotion(e.clip_id)}"))
-            else:
-                clips.append(make_clip(e.clip_id, e.label, e.split))
-        listed = {e.clip_id for e in source.entries} | {p.key for p in source.problems}
-        skipped["not in split files"] = sum(1 for name in videos if name not in listed)
-        if source.needs_val:
-            clips = derive_val(clips, seed)
-            notes.append(derived_val_note("the split files", seed))
-        notes.append("splits from " + ", ".join(source.files))
+        clips, problems, skipped, notes = _listed_clips(src, videos, wavs, split_files, seed)
     else:
-        clips = []
-        for name in sorted(videos):
-            label = _emotion(name)
-            if label not in CLASSES:
-                problems.append(Problem(make_key(name), f"VideoFlash/{videos[name].name}", "label",
-                                        f"emotion {label!r} of {name!r} is not one of {', '.join(CLASSES)}"))
-                continue
-            unit = name.split("_")[0] if split_by == "speaker" else name
-            clips.append(make_clip(name, label, hash_split(unit, seed)))
-        notes.append(f"splits by hash of the {'actor id' if split_by == 'speaker' else 'clip name'} "
-                     f"(seed {seed}): 10% test, the rest 9:1 train/val")
+        clips, problems, skipped, notes = _hashed_clips(videos, wavs, split_by, seed)
     missing_wav = sum(1 for c in clips if c.audio is None)
     if missing_wav:
         notes.append(f"{missing_wav} clips have no WAV: their audio comes from the FLV")
     clips, dups = dedupe(clips, src)
     return finish(NAME, CLASSES, clips, problems + dups, skipped, ADAPTER.default_duration, notes)
+
+
+def _clip(name: str, label: str, split: str, videos: dict[str, Path], wavs: dict[str, Path]) -> Clip:
+    return Clip(make_key(name), label, split, videos[name], wavs.get(name), {"speaker": name.split("_")[0]})
+
+
+def _listed_clips(src: Path, videos: dict[str, Path], wavs: dict[str, Path], split_files, seed: int):
+    """The clips the split files list: (clips, problems, skipped, notes)."""
+    source = splitfiles.read_split_files(split_files, CLASSES)
+    problems: list[Problem] = list(source.problems)
+    clips = []
+    for e in source.entries:
+        if e.clip_id not in videos:
+            problems.append(Problem(make_key(e.clip_id), f"VideoFlash/{e.clip_id}.flv", "missing",
+                                    f"listed in {e.source} but not in {src / 'VideoFlash'}"))
+        elif _emotion(e.clip_id) != e.label:
+            problems.append(Problem(make_key(e.clip_id), e.source, "label",
+                                    f"{e.source} says {e.label} but the clip name says {_emotion(e.clip_id)}"))
+        else:
+            clips.append(_clip(e.clip_id, e.label, e.split, videos, wavs))
+    listed = {e.clip_id for e in source.entries} | {p.key for p in source.problems}
+    skipped = {"not in split files": sum(1 for name in videos if name not in listed)}
+    notes = []
+    if source.needs_val:
+        clips = derive_val(clips, seed)
+        notes.append(derived_val_note("the split files", seed))
+    notes.append("splits from " + ", ".join(source.files))
+    return clips, problems, skipped, notes
+
+
+def _hashed_clips(videos: dict[str, Path], wavs: dict[str, Path], split_by: str | None, seed: int):
+    """Every clip, split by the hash of its name or its actor's id: (clips, problems, skipped, notes)."""
+    clips, problems = [], []
+    for name in sorted(videos):
+        label = _emotion(name)
+        if label not in CLASSES:
+            problems.append(Problem(make_key(name), f"VideoFlash/{videos[name].name}", "label",
+                                    f"emotion {label!r} of {name!r} is not one of {', '.join(CLASSES)}"))
+            continue
+        unit = name.split("_")[0] if split_by == "speaker" else name
+        clips.append(_clip(name, label, hash_split(unit, seed), videos, wavs))
+    notes = [f"splits by hash of the {'actor id' if split_by == 'speaker' else 'clip name'} "
+             f"(seed {seed}): 10% test, the rest 9:1 train/val"]
+    return clips, problems, {}, notes
 
 
 def _emotion(name: str) -> str:

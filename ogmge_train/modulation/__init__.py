@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..names import METHODS as NAMES
+from ..names import fusion_error
 from .agm import AGM
 from .amco import AMCo
 from .amss import AMSS, AMSSPlus
@@ -68,8 +69,8 @@ def build(name: str, *, alpha: float = 0.0, start_epoch: int = 0, end_epoch: int
     if name not in METHODS:
         raise ConfigError(f"modulation must be one of {', '.join(NAMES)}, not {name!r}")
     cls = METHODS[name]
-    if fusion is not None and cls.fusions is not None and fusion not in cls.fusions:
-        raise ConfigError(f"--modulation {name} works with --fusion {' or '.join(cls.fusions)}, not {fusion!r}")
+    if fusion is not None and (why := fusion_error(name, fusion)) is not None:
+        raise ConfigError(why)
     mine = {k: v for k, v in options.items() if k in cls.options}
     try:
         return cls(alpha=alpha, start_epoch=start_epoch, end_epoch=end_epoch, **mine)
