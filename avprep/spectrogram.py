@@ -78,7 +78,8 @@ def crop_start(key: str, spec: SpecConfig) -> int:
 def _stft(wave: np.ndarray, spec: SpecConfig) -> np.ndarray:
     x = wave.astype(np.float64)
     if spec.center:
-        x = np.pad(x, spec.n_fft // 2, mode=spec.pad_mode)
+        # numpy's stubs take only literal mode names; SpecConfig keeps dataset.json's string
+        x = np.pad(x, spec.n_fft // 2, mode=spec.pad_mode)  # type: ignore[call-overload]
     frames = np.lib.stride_tricks.sliding_window_view(x, spec.n_fft)[::spec.hop_length]
     spectrum = np.fft.rfft(frames * _window(spec.win_length, spec.n_fft), axis=1).T
     # the log in float32: |S| already holds float32's precision, and it is ~5x faster

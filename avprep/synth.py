@@ -24,6 +24,7 @@ import colorsys
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import av
 import numpy as np
@@ -158,7 +159,7 @@ def _audio_frames(wave: np.ndarray, stream, sample_rate: int, layout: str):
 
 def _open_output(path: Path):
     container = av.open(str(path), "w")
-    container.flags |= av.container.Flags.bitexact.value
+    container.flags |= cast(int, av.container.Flags.bitexact.value)    # an int (PyAV's stubs say Flags)
     return container
 
 

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
+from typing import Any
 
 import numpy as np
 import torch
@@ -352,7 +353,7 @@ def decode_batch(samples: list, *, train: bool, image_size: int, rng=None, per_f
             audio[j, 0].copy_(torch.from_numpy(spec))
             transform_clip(images, train=train, image_size=image_size, rng=rng, per_frame=per_frame, out=visual[j])
             meta = _meta(s) if with_meta or segments else None
-            if segments:
+            if segments and meta is not None:
                 seg = _segments(s, meta, num_classes, segs[0] if segs else None)
         except ShardDataError as e:
             if not skip_bad or e.check == "security":
@@ -438,6 +439,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def positions(self, worker: int, epoch: int) -> list[int]:
         if self.train:
+            assert self.steps is not None       # make_loader gives a training stream its steps
             return plan_train(self.entries, batch_size=self.batch_size, steps=self.steps, seed=self.seed,
                               epoch=epoch, run=self.run, rank=self.rank, world_size=self.world_size,
                               worker=worker, num_workers=self.num_workers)
@@ -619,7 +621,7 @@ def make_loader(source, split: str, *, train: bool, batch_size: int, frames: int
                          steps=steps, run=run or default_run(entries), num_classes=info.num_classes,
                          per_frame=per_frame, with_meta=with_meta, visual_dtype=visual_dtype,
                          spec_shape=info.meta.spec_shape, frame_pick=frame_pick, segments=segments)
-    extra = {}
+    extra: dict[str, Any] = {}
     if workers > 0:
         extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor or 2}
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,

@@ -37,8 +37,11 @@ def init(device: torch.device) -> DistInfo:
     info = env_info()
     if info.world_size > 1 and not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
-                                 **({"device_id": device} if device.type == "cuda" else {}))
+        timeout = datetime.timedelta(minutes=30)
+        if device.type == "cuda":
+            tdist.init_process_group(backend, timeout=timeout, device_id=device)
+        else:
+            tdist.init_process_group(backend, timeout=timeout)
     return info
 
 

@@ -98,11 +98,11 @@ class Modalities:
       returns: mid-fusion methods (greedy) insert layers there.
     """
 
-    def __init__(self, model: nn.Module, params: Mapping[str, nn.Module | Iterable[nn.Parameter]], *,
-                 modulated: Mapping[str, nn.Module | Iterable[nn.Parameter]] | None = None,
+    def __init__(self, model: nn.Module, params: Mapping[str, nn.Module | Iterable[torch.Tensor]], *,
+                 modulated: Mapping[str, nn.Module | Iterable[torch.Tensor]] | None = None,
                  forward: Callable[[nn.Module, dict, FeatureHook | None], Output] | None = None,
                  unimodal: Callable[[nn.Module, dict], dict] | None = None,
-                 head: nn.Module | Iterable[nn.Parameter] | None = None,
+                 head: nn.Module | Iterable[torch.Tensor] | None = None,
                  num_classes: int | None = None, dims: Mapping[str, int] | None = None,
                  stages: Mapping[str, Iterable[int]] | None = None):
         self.model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) \

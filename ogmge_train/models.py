@@ -25,7 +25,7 @@ and the head's unimodal logits.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from torch import nn
 from .errors import ConfigError
 from .modalities import Modalities, Output
 from .names import ARCHS, AUDIO_ARCHS, FUSIONS, HEAD_INITS, MODALITIES, SCOPES
+
+if TYPE_CHECKING:
+    from .xvector import XVector
 
 __all__ = ["ARCHS", "FUSIONS", "HEAD_INITS", "MODALITIES", "AVModel", "ModelOutput", "av_output", "build_model"]
 
@@ -156,7 +159,7 @@ class SmallTrunk(nn.Module):
         return self.body(x)
 
 
-def _trunk(arch: str, in_channels: int) -> nn.Module:
+def _trunk(arch: str, in_channels: int) -> ResNet18Trunk | SmallTrunk:
     return ResNet18Trunk(in_channels) if arch == "resnet18" else SmallTrunk(in_channels)
 
 
@@ -175,7 +178,7 @@ class AudioEncoder(nn.Module):
         return maps.mean(dim=(2, 3))
 
 
-def make_audio_encoder(arch: str, audio_arch: str = "same", bins: int | None = None) -> nn.Module:
+def make_audio_encoder(arch: str, audio_arch: str = "same", bins: int | None = None) -> AudioEncoder | XVector:
     """The audio encoder: ``AudioEncoder(arch)``, or with ``audio_arch="xvector"`` the x-vector
     TDNN (``ogmge_train.xvector``) over ``bins`` frequency bins (dataset.json's spectrogram shape)."""
     if audio_arch == "same":
@@ -323,13 +326,15 @@ class AVModel(nn.Module):
                  head_init: str = "xavier", audio_arch: str = "same", audio_bins: int | None = None):
         super().__init__()
         self.arch, self.fusion, self.modality, self.num_classes = arch, fusion, modality, num_classes
-        self.audio_encoder = make_audio_encoder(arch, audio_arch, audio_bins) if modality in ("both", "audio") \
-            else None
-        self.visual_encoder = VisualEncoder(arch) if modality in ("both", "visual") else None
-        if modality == "both":
-            self.head = HEADS[fusion](self.audio_encoder.out_dim, self.visual_encoder.out_dim, num_classes)
+        audio = make_audio_encoder(arch, audio_arch, audio_bins) if modality in ("both", "audio") else None
+        visual = VisualEncoder(arch) if modality in ("both", "visual") else None
+        self.audio_encoder, self.visual_encoder = audio, visual
+        self.head: nn.Module
+        if audio is not None and visual is not None:
+            self.head = HEADS[fusion](audio.out_dim, visual.out_dim, num_classes)
         else:
-            enc = self.audio_encoder or self.visual_encoder
+            enc = audio or visual
+            assert enc is not None      # a MODALITIES value has at least one encoder
             self.head = nn.Linear(enc.out_dim, num_classes)
         if head_init == "xavier":  # the reference code's weight_init: xavier-normal weights, zero bias
             for m in self.head.modules():
@@ -344,19 +349,21 @@ class AVModel(nn.Module):
         return self.head.unimodal(feat_a, feat_v)
 
     def forward(self, audio, visual, feature_hook: FeatureHook | None = None) -> ModelOutput:
-        if self.modality == "audio":
-            feat = self.audio_encoder(audio)
+        enc_a, enc_v = self.audio_encoder, self.visual_encoder
+        if enc_v is None:           # --modality audio
+            assert enc_a is not None
+            feat = enc_a(audio)
             logits = self.head(feat)
             return ModelOutput(logits, logits, None, feat, None)
-        if self.modality == "visual":
-            feat = self.visual_encoder(visual)
+        if enc_a is None:           # --modality visual
+            feat = enc_v(visual)
             logits = self.head(feat)
             return ModelOutput(logits, None, logits, None, feat)
         stage_hook = getattr(feature_hook, "stage", None)
         if stage_hook is not None:
             feat_a, feat_v = self._mid_fusion(audio, visual, stage_hook)
         else:
-            feat_a, feat_v = self.audio_encoder(audio), self.visual_encoder(visual)
+            feat_a, feat_v = enc_a(audio), enc_v(visual)
         if feature_hook is not None:
             feat_a, feat_v = feature_hook(feat_a, feat_v)
         logits, logits_a, logits_v = self.head(feat_a, feat_v)
@@ -365,8 +372,9 @@ class AVModel(nn.Module):
     @staticmethod
     def _stages(encoders: dict) -> dict | None:
         """Channels after each stage, when both encoders are trunks that run stage by stage (not x-vector)."""
-        trunks = {u: getattr(e, "trunk", None) for u, e in encoders.items()}
-        if len(trunks) < 2 or not all(hasattr(t, "stage") for t in trunks.values()):
+        trunks = {u: t for u, e in encoders.items()
+                  if isinstance(t := getattr(e, "trunk", None), (ResNet18Trunk, SmallTrunk))}
+        if len(trunks) < 2:
             return None
         return {u: t.widths for u, t in trunks.items()}
 
@@ -388,8 +396,8 @@ class AVModel(nn.Module):
         unimodal logits and its Linear weights (AGM's clipping rule)."""
         if scope not in SCOPES:
             raise ConfigError(f"modulation scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-        names = [u for u in ("audio", "visual") if self.encoder(u) is not None]
-        encoders = {u: self.encoder(u) for u in names}
+        encoders = {u: e for u in ("audio", "visual") if (e := self.encoder(u)) is not None}
+        names = list(encoders)
         return Modalities(self, encoders, modulated={u: [p for _, p in self.modulated_parameters(u, scope)]
                                                      for u in names},
                           forward=_forward, unimodal=_unimodal if self.modality == "both" else None,
@@ -397,13 +405,13 @@ class AVModel(nn.Module):
                           num_classes=self.num_classes, dims={u: e.out_dim for u, e in encoders.items()},
                           stages=self._stages(encoders))
 
-    def encoder(self, modality: str) -> nn.Module | None:
+    def encoder(self, modality: str) -> AudioEncoder | XVector | VisualEncoder | None:
         """The encoder of ``modality`` ("audio" or "visual"); None when the model lacks it."""
         if modality not in ("audio", "visual"):
             raise ValueError(f"modality must be 'audio' or 'visual', not {modality!r}")
         return self.audio_encoder if modality == "audio" else self.visual_encoder
 
-    def modulated_parameters(self, modality: str, scope: str = "conv") -> list[tuple[str, nn.Parameter]]:
+    def modulated_parameters(self, modality: str, scope: str = "conv") -> list[tuple[str, torch.Tensor]]:
         """Parameters whose gradients OGM-GE modulates for ``modality``, in a fixed order.
 
         ``conv``: the encoder's conv weights (the 4-D tensors the reference code selects);

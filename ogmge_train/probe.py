@@ -129,15 +129,17 @@ def select_and_fit(train: tuple, val: tuple | None, num_classes: int, *, steps: 
         l2 = grid[len(grid) // 2]
         if on_fit:
             on_fit(1, 1)
-        return fit_linear(*train, num_classes, l2=l2, steps=steps), l2, {}
-    best, scores = None, {}
+        return fit_linear(train[0], train[1], num_classes, l2=l2, steps=steps), l2, {}
+    best: tuple[float, LinearProbe, float] | None = None
+    scores = {}
     for i, l2 in enumerate(grid):
-        model = fit_linear(*train, num_classes, l2=l2, steps=steps)
+        model = fit_linear(train[0], train[1], num_classes, l2=l2, steps=steps)
         scores[repr(l2)] = acc = evaluate_linear(model, *val)["acc"]
         if best is None or acc >= best[0]:
             best = (acc, model, l2)
         if on_fit:
             on_fit(i + 1, len(grid))
+    assert best is not None, "an empty L2 grid"
     return best[1], best[2], scores
 
 
@@ -172,6 +174,7 @@ def probe(run_dir, modality: str, *, split: str = "test", which: str = "best", s
     for s in dict.fromkeys(("train", "val", split)):
         if s not in info.splits or info.splits[s].num_samples == 0:
             continue
+        assert cfg.frames is not None       # load_run's config went through with_dataset
         loader = make_loader(info, s, train=False, batch_size=batch_size, frames=cfg.frames,
                              image_size=cfg.image_size, workers=workers)
         total, done = loader.num_samples, 0

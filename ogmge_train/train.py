@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,10 +79,10 @@ def _seed_all(seed: int) -> None:
 
 def _rng_state() -> dict:
     """Global RNG states as tensors and primitives only (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "python": _to_lists(random.getstate()),
     }
@@ -225,6 +226,7 @@ def _loader(cfg: TrainConfig, split: str, *, train: bool, epoch: int, info: dist
     seed), so a resumed run consumes the RNG exactly like an uninterrupted one. On CUDA frames
     travel as uint8 (4x fewer bytes) and are normalised on the device (``data.to_device``)."""
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    assert cfg.frames is not None       # with_dataset filled it
     return data.make_loader(source or cfg.shards, split, train=train, batch_size=cfg.batch_size,
                             frames=cfg.frames, image_size=cfg.image_size, workers=cfg.workers, seed=cfg.seed,
                             epoch=epoch, rank=info.rank, world_size=info.world_size, s3_endpoint=cfg.s3_endpoint,
@@ -287,7 +289,7 @@ def _gather_predictions(local: dict) -> dict:
     ranks = dist.all_gather_object(local)
     keys = [k for r in ranks for k in r["keys"]]
     order = torch.as_tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)
-    out = {"keys": [keys[i] for i in order.tolist()]}
+    out: dict[str, Any] = {"keys": [keys[i] for i in order.tolist()]}
     for k in ranks[0]:
         if k == "keys":
             continue
@@ -453,7 +455,7 @@ class _Setup:
         _seed_all(cfg.seed)
         self.model = _build_model(cfg, len(self.dataset.classes)).to(self.device)
         self.plug = _balancer(cfg, self.model)      # before DDP and the optimizer: it may add heads
-        self.net = self.model
+        self.net: torch.nn.Module = self.model
         if self.info.world_size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -697,7 +699,7 @@ class _Recording:
 
     def summary(self, epochs_done: int) -> dict:
         s = self.s
-        record_of_best = s.rec.record_of(s.best["epoch"]) or {}
+        record_of_best = s.rec.record_of(int(s.best["epoch"])) or {}
         summary = {"selected_epoch": s.best["epoch"],
                    "selection": f"{s.select_on}_acc" if s.select_on else "last_epoch",
                    "selection_label": names.SELECTION_LABELS[s.select_on or "last"],
@@ -872,7 +874,8 @@ def evaluate(run_dir, split: str = "test", which: str = "best", *, shards: str |
     info = dist.init(dev)
     try:
         plug, _, cfg, ckpt = _load_run(run_dir, which, device=dev)
-        changes = {k: v for k, v in (("shards", shards), ("workers", workers), ("batch_size", batch_size))
+        changes: dict[str, Any] = {k: v for k, v in (("shards", shards), ("workers", workers),
+                                                      ("batch_size", batch_size))
                    if v is not None}
         cfg = dataclasses.replace(cfg, **changes)
         dataset = _read_dataset(cfg)

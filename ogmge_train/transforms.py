@@ -109,7 +109,7 @@ def _resized(img: Image.Image, image_size: int, params: tuple[int, int, int, int
         top, left, h, w = params
         # crop, then resize (what torchvision's resized_crop does; a resize box would blend in outside pixels)
         img = img.crop((left, top, left + w, top + h))
-    return img.resize((image_size, image_size), Image.BILINEAR)
+    return img.resize((image_size, image_size), Image.Resampling.BILINEAR)
 
 
 def eval_transform(img: Image.Image, image_size: int = 224, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import hashlib
 import os
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,7 +215,7 @@ def dedupe(clips, src: Path) -> tuple[list[Clip], list[Problem]]:
 
 
 def finish(name: str, classes: list[str], clips: list[Clip], problems: list[Problem],
-           skipped: dict[str, int], duration: float, notes: list[str] = ()) -> Discovery:
+           skipped: dict[str, int], duration: float, notes: Sequence[str] = ()) -> Discovery:
     """A Discovery with clips sorted by key and problems by (key, stage): reruns compare equal.
 
     Every text it carries is made valid UTF-8 here (``safe_text``), once for all adapters: a

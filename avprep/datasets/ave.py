@@ -58,7 +58,8 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
     for row in annotations:
         category.setdefault(row[2], row[1])
     listed = set_files(src)
-    problems, skipped, notes = [], {}, []
+    problems, notes = [], []
+    skipped: dict[str, int] = {}
     if listed:
         rows = [(split, *row) for split, path in listed.items() for row in read_annotations(path)]
         notes.append("splits from " + ", ".join(p.name for p in listed.values()))
@@ -78,7 +79,7 @@ def discover(src: Path, *, split_files=(), split_by=None, seed=0) -> Discovery:
             clips.append(Clip(key, cat, split, video, meta={"event": [start, end], "quality": quality}))
     if listed:
         in_splits = {row[3] for row in rows}
-        skipped["not in split files"] = sum(1 for vid in category if vid not in in_splits)
+        skipped["not in split files"] = sum(vid not in in_splits for vid in category)
         if "train" in listed and "test" in listed and "val" not in listed:
             clips = derive_val(clips, seed)
             notes.append(derived_val_note("the split files", seed))

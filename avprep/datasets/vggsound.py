@@ -86,7 +86,9 @@ def read_csv(path: Path) -> list[tuple[int, str, int, str, str]]:
                     continue        # a header some copies add
                 raise DatasetLayoutError(f"{path}:{n}: expected 'youtube_id,start_seconds,label,train|test', "
                                          f"got {','.join(row)!r}")
-            rows.append((n, row[0], int(row[1]), row[2], split_alias(row[3])))
+            split = split_alias(row[3])
+            assert split is not None        # checked by ok
+            rows.append((n, row[0], int(row[1]), row[2], split))
     if not rows:
         raise DatasetLayoutError(f"{path}: no rows; expected {LAYOUT}")
     return rows
