@@ -127,6 +127,8 @@ class TrainConfig:
     dataset: str = ""                     # dataset.json's name, filled by with_dataset
 
     def __post_init__(self):
+        """Every choice against its registry, then one range check per line: a table of the
+        fields' rules, long because the fields are many (split, it would only be cut in two)."""
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:

@@ -314,28 +314,27 @@ def _split_of(groups: list[Group], split: str) -> str:
 
 def plot_accuracy(groups: list[Group], path, split: str = "test") -> Path:
     """Paper Figure 1 style: fused, audio and visual accuracy per epoch, one line per group."""
-    split = _split_of(groups, split)
-    fig, axes = _figure(3, f"{split} accuracy per epoch (mean ± std over seeds)")
-    for ax, (key, title) in zip(axes, (("acc", "fused"), ("acc_a", "audio"), ("acc_v", "visual"))):
-        for i, g in enumerate(groups):
-            curve = _epoch_curve(g.runs, lambda m, k=key: (m.get(split) or {}).get(k))
-            if curve is not None:
-                _draw(ax, curve, g.label, _colour(i), 100)
-        _epoch_axis(ax, "accuracy (%)", title)
-    _legend(axes)
-    return _save(fig, path)
+    return _split_panels(groups, path, split, "accuracy per epoch", "accuracy (%)",
+                         (("acc", "fused"), ("acc_a", "audio"), ("acc_v", "visual")))
 
 
 def plot_shapley(groups: list[Group], path, split: str = "test") -> Path:
     """Each modality's Shapley value of the fused accuracy per epoch (ogmge_train.imbalance)."""
+    return _split_panels(groups, path, split, "Shapley value of the fused accuracy per epoch",
+                         "Shapley value (accuracy points)", (("shapley_a", "audio"), ("shapley_v", "visual")))
+
+
+def _split_panels(groups: list[Group], path, split: str, what: str, ylabel: str, panels) -> Path:
+    """One panel per ``(key, title)`` of ``panels``: ``split``'s per-epoch value of that key in
+    percent, a line per group (mean ± std over its seeds)."""
     split = _split_of(groups, split)
-    fig, axes = _figure(2, f"{split} Shapley value of the fused accuracy per epoch (mean ± std over seeds)")
-    for ax, (key, title) in zip(axes, (("shapley_a", "audio"), ("shapley_v", "visual"))):
+    fig, axes = _figure(len(panels), f"{split} {what} (mean ± std over seeds)")
+    for ax, (key, title) in zip(axes, panels):
         for i, g in enumerate(groups):
             curve = _epoch_curve(g.runs, lambda m, k=key: (m.get(split) or {}).get(k))
             if curve is not None:
                 _draw(ax, curve, g.label, _colour(i), 100)
-        _epoch_axis(ax, "Shapley value (accuracy points)", title)
+        _epoch_axis(ax, ylabel, title)
     _legend(axes)
     return _save(fig, path)
 

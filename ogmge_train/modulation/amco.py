@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..names import METHOD_FUSIONS
 from .base import EpochStart, Method, Step
 
 RAMP = 0.1      # l advances by epoch * RAMP per step (the benchmark's l_t += current_epoch / 10)
@@ -51,7 +52,7 @@ def class_mask(num_classes: int, ratio: float, generator: torch.Generator | None
 
 class AMCo(Method):
     name = "amco"
-    fusions = ("concat", "sum")
+    fusions = METHOD_FUSIONS["amco"]
     options = ("amco_sigma", "amco_eps")
 
     def __init__(self, *, amco_sigma: float = 0.5, amco_eps: float = 0.3, **kwargs):

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..names import METHOD_FUSIONS
 from .base import Method, Step
 
 RATIO = 4
@@ -71,7 +72,7 @@ class MMTM(nn.Module):
 
 class Greedy(Method):
     name = "greedy"
-    fusions = ("sum",)
+    fusions = METHOD_FUSIONS["greedy"]
     options = ("greedy_eps", "greedy_window")
     needs = ("stages",)
     max_modalities = 2
