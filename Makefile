@@ -6,7 +6,7 @@ TORCH ?= torch
 TORCH_INDEX ?=
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell printf '%s' '$(TORCH) $(TORCH_INDEX)' | tr -c 'A-Za-z0-9.' '_')
-LINTED := avprep ogmge_train cli
+LINTED := avprep ogmge_train cli tests bench
 
 .PHONY: demo demo-quick compare test test-all test-slow lint bench install clean
 

@@ -331,7 +331,8 @@ def main(argv=None) -> int:
     clips = args.clips or clips
     size = tuple(map(int, args.size.lower().split("x"))) if args.size else size
     fps = args.src_fps or fps
-    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    def log(m):
+        print(m, file=sys.stderr, flush=True)
 
     log(f"synthetic {kind}: {clips} clips {size[0]}x{size[1]} at {fps} fps in {args.data}")
     dataset, src = make_data(kind, clips, size, fps, args.data)
@@ -351,7 +352,8 @@ def main(argv=None) -> int:
         "seconds": {k: round(v, 3) for k, v in t.items()},
         "clips_per_s": {k: round(clips / v, 2) for k, v in t.items()},
         # CPU time: on a loaded machine the one-core ratios are best read from these
-        "cpu_seconds": {k: round(v, 3) for k, v in cpu.items() if k != "avprep-2"},   # (pool workers are not our children)
+        # (pool workers are not our children)
+        "cpu_seconds": {k: round(v, 3) for k, v in cpu.items() if k != "avprep-2"},
         "cpu_ratios": {"extract_over_floor": round(cpu["avprep-1"] / cpu["floor"], 3),
                        "convert_over_floor": round(cpu["convert"] / cpu["floor"], 3),
                        "reference_over_extract": round(cpu["reference"] / cpu["avprep-1"], 3),

@@ -231,7 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--keep", type=Path, help="build the data here and keep it (default: a temp folder)")
     args = ap.parse_args(argv)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -150,7 +150,8 @@ def measure(setup: str, reps: int = 5, warmup: int = 2, num_classes: int = 6, on
     hook = {n: max(h - plain_loss_s, 0.0) for n, h in hook.items()}
     base = median["plain"]
     return {
-        "setup": setup, "arch": arch, "batch": batch, "audio": [1, f, t], "visual": [frames, 3, side, side], "reps": reps,
+        "setup": setup, "arch": arch, "batch": batch, "audio": [1, f, t], "visual": [frames, 3, side, side],
+        "reps": reps,
         "threads": torch.get_num_threads(),
         "median_s": median,
         "hook_median_s": hook,

@@ -17,7 +17,6 @@ from ogmge_train import train as train_mod
 from tests._helpers import REPO, read_jsonl, torchrun
 
 
-
 @pytest.fixture(scope="module")
 def small_shards(train_shards):
     # 3 samples per shard: the test split spans 2 shards, so both ranks evaluate part of it,
@@ -27,7 +26,8 @@ def small_shards(train_shards):
 
 @pytest.mark.parametrize("modulation,fusion", [
     ("ogm-ge", "concat"), ("pmr", "gated"), ("mmpareto", "sum"), ("gradient-blending", "concat"),
-    pytest.param("opm-ge", "sum", marks=pytest.mark.slow), pytest.param("agm", "gated", marks=pytest.mark.slow), pytest.param("modality-drop", "film", marks=pytest.mark.slow)])
+    pytest.param("opm-ge", "sum", marks=pytest.mark.slow), pytest.param("agm", "gated", marks=pytest.mark.slow),
+    pytest.param("modality-drop", "film", marks=pytest.mark.slow)])
 def test_ddp_parameters_identical_and_metrics_cover_every_sample(small_shards, tmp_path, modulation, fusion):
     """Parameter hashes come from ``train(on_epoch_end=...)`` on every rank (tests/ddp_worker.py)."""
     out, hashes = tmp_path / "run", tmp_path / "hashes"

@@ -130,7 +130,7 @@ def test_spectrogram_is_the_wav_through_the_preset(raw, out1):
     """The stored spec is log|STFT| of the WAV tiled to 3 s, by an independent numpy STFT."""
     from scipy.io import wavfile
 
-    index = [json.loads(l) for l in (out1 / "train.samples.jsonl").read_text().splitlines()]
+    index = [json.loads(line) for line in (out1 / "train.samples.jsonl").read_text().splitlines()]
     row = next(r for r in index if r["duration"] < 3)       # one that needs tiling
     spec = np.load(io.BytesIO(dict(_samples(out1 / row["shard"])[row["key"]])["spec.npy"]))
     sr, pcm = wavfile.read(raw / "AudioWAV" / f"{row['key']}.wav")
@@ -149,9 +149,9 @@ def test_two_workers_give_identical_bytes(raw, out1, tmp_path):
     assert result.ok
     assert _public_files(tmp_path) == _public_files(out1)
     clip_events = [e for e in events if e.kind == "clip"]
-    assert sorted(e.key for e in clip_events) == sorted(json.loads(l)["key"] for s in ("train", "val", "test")
-                                                       if (out1 / f"{s}.samples.jsonl").exists()
-                                                       for l in (out1 / f"{s}.samples.jsonl").read_text().splitlines())
+    indexes = [out1 / f"{s}.samples.jsonl" for s in ("train", "val", "test")]
+    assert sorted(e.key for e in clip_events) == sorted(json.loads(line)["key"] for p in indexes if p.exists()
+                                                       for line in p.read_text().splitlines())
     assert events[-1].kind == "finish" and events[-1].done == events[-1].total == N_CLIPS
 
 
@@ -192,12 +192,12 @@ def test_bad_inputs_are_listed_and_good_clips_kept(bad_raw, tmp_path):
     stages = {f["key"]: f["stage"] for f in result.failures}
     assert stages == {"1001_DFA_ANG_XX": "open", "1001_DFA_HAP_XX": "open",
                       "1001_DFA_SAD_XX": "audio", "1001_DFA_XXX_XX": "label"}
-    lines = [json.loads(l) for l in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert lines == sorted(lines, key=lambda r: r["key"]) and len(lines) == 4
     for line in lines:
         assert set(line) == {"key", "source", "stage", "error"}
         assert "\n" not in line["error"] and line["error"]
-    assert next(l for l in lines if l["key"] == "1001_DFA_HAP_XX")["source"] == "VideoFlash/1001_DFA_HAP_XX.mp4"
+    assert next(f for f in lines if f["key"] == "1001_DFA_HAP_XX")["source"] == "VideoFlash/1001_DFA_HAP_XX.mp4"
     assert result.num_samples == 3
     assert result.failures_by_stage == {"audio": 1, "label": 1, "open": 2}
     assert result.failed_fraction == pytest.approx(4 / 7) and not result.ok

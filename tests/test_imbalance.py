@@ -39,7 +39,7 @@ def test_shapley_matches_the_benchmarks_definition(fusion):
     torch.manual_seed(0)
     model = build_model("small", fusion, 3).eval()
     with torch.no_grad():                       # a head that leans on audio: unequal contributions
-        for n, p in model.head.named_parameters():
+        for p in model.head.parameters():
             if p.dim() == 2 and p.shape[1] == 256:
                 p[:, :128] *= 4
     g = torch.Generator().manual_seed(1)

@@ -119,7 +119,7 @@ def test_one_step_matches_float64_reference(curate):
     for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
         g = torch.zeros_like(q) if q.grad is None else q.grad
         torch.testing.assert_close(p.grad.double(), g, rtol=2e-4, atol=1e-5 * float(g.abs().max()) + 1e-12,
-                                   msg=lambda m: f"{n}: {m}")
+                                   msg=lambda m, n=n: f"{n}: {m}")
     for i, blk in blocks.items():           # the averages were committed
         for j in (0, 1):
             torch.testing.assert_close(blk.average(j).double(), avgs[int(i)][j], rtol=1e-5, atol=1e-7)
@@ -127,8 +127,8 @@ def test_one_step_matches_float64_reference(curate):
     assert stats["greedy_cur_v"] == float(curate == 1) and stats["greedy_cur_a"] == 0.0
     if curate is None:        # the speeds: ||g||^2 / ||w||^2 per group, d = log10(b0/m0) - log10(b1/m1)
         def ratio(params):
-            return sum(float((p.grad.double() ** 2).sum()) for p in params) / sum(float((p.detach().double() ** 2).sum())
-                                                                               for p in params)
+            grads = sum(float((p.grad.double() ** 2).sum()) for p in params)
+            return grads / sum(float((p.detach().double() ** 2).sum()) for p in params)
         shared = [p for blk in twin.aux_heads.values() for p in blk.squeeze.parameters()]
         bypass = [ratio([p for blk in twin.aux_heads.values() for p in blk.excite[j].parameters()] + shared)
                   for j in (0, 1)]

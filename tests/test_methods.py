@@ -156,8 +156,8 @@ def _start(side, batches, epoch=0, steps=10):
 
 
 def _pmr(**kw):
-    method = modulation.build("pmr", alpha=0.0, start_epoch=kw.pop("start_epoch", 0), end_epoch=kw.pop("end_epoch", None),
-                              **kw)
+    method = modulation.build("pmr", alpha=0.0, start_epoch=kw.pop("start_epoch", 0),
+                              end_epoch=kw.pop("end_epoch", None), **kw)
     method.setup(_model().modalities())
     return method
 

@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from ogmge_train.metrics import (OutputAccumulator, accuracy, average_precision, classification_metrics,
-                                 mean_average_precision)
+from ogmge_train.metrics import (
+    OutputAccumulator,
+    accuracy,
+    average_precision,
+    classification_metrics,
+    mean_average_precision,
+)
 from ogmge_train.models import ModelOutput
 
 

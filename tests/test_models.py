@@ -21,8 +21,12 @@ def _batch(frames=2, size=32):
 
 def _resnet18_params(in_channels: int) -> int:
     """Parameter count of a torchvision-style ResNet-18 trunk (no fc), from the architecture table."""
-    conv = lambda cin, cout, k: cin * cout * k * k
-    bn = lambda c: 2 * c
+    def conv(cin, cout, k):
+        return cin * cout * k * k
+
+    def bn(c):
+        return 2 * c
+
     total = conv(in_channels, 64, 7) + bn(64)
     cin = 64
     for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):

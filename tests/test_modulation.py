@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from ogmge_train import modulation, names
-from ogmge_train.plugin import Balancer
 from ogmge_train.errors import ConfigError
 from ogmge_train.models import FUSIONS, av_output, build_model
 from ogmge_train.modulation import base
+from ogmge_train.plugin import Balancer
 
 B, C, ALPHA = 8, 5, 0.6
 
@@ -64,7 +64,9 @@ def _reference_coefficients(model, out, labels, alpha):
     model.head.float()
     rho_v = s_v / s_a
     rho_a = 1 / rho_v
-    k = lambda rho: 1 - math.tanh(alpha * rho) if rho > 1 else 1.0
+
+    def k(rho):
+        return 1 - math.tanh(alpha * rho) if rho > 1 else 1.0
     return {"rho_a": rho_a, "rho_v": rho_v, "k_a": k(rho_a), "k_v": k(rho_v)}
 
 

@@ -548,7 +548,8 @@ def test_three_modalities_train_with_every_method_defined_for_them(name):
     keyed = [(i, y, [f"k{s}-{j}" for j in range(len(y))]) for s, (i, y) in enumerate(data)]
     start = copy.deepcopy([p.detach() for p in model.parameters()])
     for epoch in range(2):
-        balancer.begin_epoch(epoch, steps=len(data), batches=lambda n: iter(data[:n]), keyed_batches=lambda e: iter(keyed),
+        balancer.begin_epoch(epoch, steps=len(data), batches=lambda n: iter(data[:n]),
+                             keyed_batches=lambda e: iter(keyed),
                              make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), epochs=2)
         for inputs, labels, keys in keyed:
             result = balancer.train_step(inputs, labels, opt, keys=keys)

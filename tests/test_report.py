@@ -22,8 +22,9 @@ def _write_run(path, *, seed, modulation="ogm-ge", test_acc=0.5, epochs=3, probe
     (path / "config.json").write_text(json.dumps(cfg))
     metrics, steps = [], []
     for e in range(epochs):
-        split = lambda acc: {"loss": 2.0 - 0.1 * e, "acc": acc, "map": acc / 2, "acc_a": acc + 0.1,
-                             "map_a": 0.3, "acc_v": acc - 0.1, "map_v": 0.2}
+        def split(acc, e=e):
+            return {"loss": 2.0 - 0.1 * e, "acc": acc, "map": acc / 2, "acc_a": acc + 0.1,
+                    "map_a": 0.3, "acc_v": acc - 0.1, "map_v": 0.2}
         # val peaks at epoch 1: selection must pick it, not the last epoch
         val_acc = 0.6 if e == 1 else 0.4
         metrics.append({"epoch": e, "lr": 1e-3, "train": {"loss": 1.5 - 0.2 * e, "acc": 0.5,
@@ -216,8 +217,8 @@ def test_fit_linear_matches_an_independent_logistic_regression():
 
 
 def test_probe_refuses_a_missing_encoder(tiny_run, tmp_path):
-    from ogmge_train.errors import ConfigError
     from ogmge_train.config import TrainConfig
+    from ogmge_train.errors import ConfigError
     from ogmge_train.probe import probe
     from ogmge_train.train import train
 

@@ -472,7 +472,8 @@ def test_update_norms_are_each_encoders_mean_step_change(shards, tmp_path, monke
         before = {u: [p.detach().clone() for p in self.modalities.params(u)] for u in norms}
         result = real(self, inputs, labels, optimizer, **kw)
         for u in norms:
-            diff = torch.cat([(p.detach() - b).double().flatten() for p, b in zip(self.modalities.params(u), before[u])])
+            diff = torch.cat([(p.detach() - b).double().flatten()
+                              for p, b in zip(self.modalities.params(u), before[u])])
             norms[u].append(diff.norm().item())
         return result
 
