@@ -401,7 +401,7 @@ def main(out, compare, quick, clips, epochs, seeds, jobs, update_readme, note):
     block = demo_lib.readme_block(cfg, report_lib.markdown_table(rep.table, "last"), findings, footer=footer)
     runfolder.atomic_write_text(out / "readme-block.md", block)
     if update_readme:
-        demo_lib.update_readme(update_readme, block)
+        demo_lib.update_readme(update_readme, block, cfg)
         err_console.print(f"updated the results block of {update_readme}")
 
     console.print(summary_table("results (test %, last epoch, mean ± std over seeds)", rep.table, at="last"))

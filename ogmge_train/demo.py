@@ -40,7 +40,7 @@ __all__ = ["Arm", "DemoConfig", "DEMO", "QUICK", "COMPARE", "README_BEGIN", "REA
            "setting_changes", "split_counts", "assign_splits",
            "write_split_files", "arm_problem", "reference_accuracy", "precondition", "contrasts",
            "analyse", "mechanism", "design_markdown", "protocol_markdown", "conclusion", "setup_markdown",
-           "seeds_text", "readme_block", "readme_section", "update_readme", "method_arms"]
+           "seeds_text", "readme_markers", "readme_block", "readme_section", "update_readme", "method_arms"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,7 @@ class DemoConfig:
     level: float = 0.05                # two-sided, family-wise over the planned contrasts (Holm)
     power: float = 0.8                 # of the minimal detectable effect
     label: str = "make demo"
+    readme_marker: str = "demo-results"  # the README block this configuration's results go to
 
 
 DEMO = DemoConfig()
@@ -170,10 +171,16 @@ def _compare_arms() -> tuple:
 
 # `make compare`: every method on the demo's task, budget, protocol and statistics; the demo's
 # arms keep their 10 seeds, every other method gets 5 (so ~25 methods fit 45 min on 2 cores).
-COMPARE = dataclasses.replace(DEMO, arms=_compare_arms(), method_seeds=5, label="make compare")
+COMPARE = dataclasses.replace(DEMO, arms=_compare_arms(), method_seeds=5, label="make compare",
+                              readme_marker="compare-results")
 
-README_BEGIN = "<!-- demo-results:begin (written by `python -m cli.demo --update-readme`) -->"
-README_END = "<!-- demo-results:end -->"
+def readme_markers(cfg: DemoConfig) -> tuple[str, str]:
+    """The begin and end markers of ``cfg``'s results block in the README."""
+    return (f"<!-- {cfg.readme_marker}:begin (written by `python -m cli.demo --update-readme`) -->",
+            f"<!-- {cfg.readme_marker}:end -->")
+
+
+README_BEGIN, README_END = readme_markers(DemoConfig())
 
 
 def modulation_end(cfg: DemoConfig) -> int:
@@ -326,6 +333,16 @@ def _label(c: tuple[str, str]) -> str:
     return f"{c[0]} − {c[1]}"
 
 
+def _families(cfg: DemoConfig, planned: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """The planned contrasts' labels by Holm family: ``verdict`` (both arms are the verdict's) and
+    ``exploratory`` (compare's other methods)."""
+    verdict = verdict_arms(cfg)
+    out: dict[str, list[str]] = {}
+    for c in planned:
+        out.setdefault("verdict" if set(c) <= verdict else "exploratory", []).append(_label(c))
+    return out
+
+
 def analyse(groups: Groups, cfg: DemoConfig = DEMO) -> dict:
     """Every planned contrast on the primary endpoint (paired difference, Holm-adjusted sign-flip
     p over the family, TOST at the pre-registered margin, MDE) and on each secondary endpoint
@@ -334,15 +351,19 @@ def analyse(groups: Groups, cfg: DemoConfig = DEMO) -> dict:
     planned = contrasts(cfg, [a for a, runs in groups.items() if runs])
     primary = {_label(c): stats.paired_difference(_values(groups, c[1], PRIMARY), _values(groups, c[0], PRIMARY))
                for c in planned}
-    m = len(primary)
-    for label, adj in stats.holm({k: d["p"] for k, d in primary.items()}).items():
-        d = primary[label]
-        d["p_holm"] = adj
-        d["tost"] = stats.tost(d["diffs"], cfg.equivalence_margin)
-        d["bound"] = stats.equivalence_bound(d["diffs"], cfg.level)
-        d["mde"] = stats.minimal_detectable_effect(d["sd"], d["n"], alpha=cfg.level, power=cfg.power)
-        d["mde_family"] = stats.minimal_detectable_effect(d["sd"], d["n"], alpha=cfg.level / max(m, 1),
-                                                          power=cfg.power)
+    # Holm runs within each family: the verdict's contrasts are confirmatory; compare's other methods
+    # (fewer seeds) form their own exploratory family, so adding methods never dilutes the verdict.
+    for family in _families(cfg, planned).values():
+        m = len(family)
+        for label, adj in stats.holm({k: primary[k]["p"] for k in family}).items():
+            d = primary[label]
+            d["p_holm"] = adj
+            d["family_size"] = m
+            d["tost"] = stats.tost(d["diffs"], cfg.equivalence_margin)
+            d["bound"] = stats.equivalence_bound(d["diffs"], cfg.level)
+            d["mde"] = stats.minimal_detectable_effect(d["sd"], d["n"], alpha=cfg.level, power=cfg.power)
+            d["mde_family"] = stats.minimal_detectable_effect(d["sd"], d["n"], alpha=cfg.level / max(m, 1),
+                                                              power=cfg.power)
     secondary = {_label(c): {k: stats.paired_difference(_values(groups, c[1], k), _values(groups, c[0], k))
                              for k in SECONDARY} for c in planned}
     flat = {(lab, k): d["p"] for lab, ds in secondary.items() for k, d in ds.items()}
@@ -445,7 +466,13 @@ def design_markdown(cfg: DemoConfig = DEMO) -> str:
 def protocol_markdown(cfg: DemoConfig = DEMO, present=None) -> str:
     """The pre-registered protocol (written before any number; deterministic)."""
     planned = contrasts(cfg, present)
-    m = len(planned)
+    families = _families(cfg, planned)
+    m = len(families.get("verdict", ()))
+    n_explore = len(families.get("exploratory", ()))
+    explore = ("" if not n_explore else
+               f"; the other methods' {n_explore} contrasts are an exploratory family with its own Holm correction "
+               f"(with {cfg.method_seeds} seeds the exact sign-flip p cannot go below 2/2^{cfg.method_seeds} = "
+               f"{2 / 2 ** (cfg.method_seeds or 1):.4g}, so read them by their intervals and MDEs)")
     lines = [
         "### Protocol (pre-registered: fixed before the runs, stated before the numbers)\n",
         f"- **Primary endpoint**: {ENDPOINTS[PRIMARY]} at the **last epoch** ({_epochs(cfg.epochs)}, the same "
@@ -466,7 +493,8 @@ def protocol_markdown(cfg: DemoConfig = DEMO, present=None) -> str:
         "says nothing).",
         f"- **Tests**: per-seed paired differences, their mean with a 95% Student-t interval, and the exact "
         f"two-sided sign-flip permutation test (all 2^n sign patterns). **Holm's** step-down correction over the "
-        f"{m} planned contrasts (family-wise level {cfg.level:g}); secondary endpoints: Holm over their own family "
+        f"{m} planned contrasts of the verdict (family-wise level {cfg.level:g}){explore}; secondary endpoints: "
+        "Holm over their own family "
         "(supportive, not confirmatory).",
         f"- **Verdict rule**: an effect is claimed when the Holm-adjusted p ≤ {cfg.level:g}. Otherwise \"no effect "
         f"larger than {100 * cfg.equivalence_margin:g} points\" is claimed only when the paired TOST equivalence test "
@@ -650,28 +678,31 @@ def _seed_list(seeds) -> str:
 
 def readme_block(cfg: DemoConfig, table: str, conclusion_md: str, footer: str = "") -> str:
     """The README's results block: setup (deterministic), table, findings, footer (timings)."""
-    parts = [README_BEGIN, "", setup_markdown(cfg), table.rstrip() + "\n",
+    begin, end = readme_markers(cfg)
+    parts = [begin, "", setup_markdown(cfg), table.rstrip() + "\n",
              conclusion_md.replace("## ", "#### ").rstrip() + "\n"]
     if footer:
         parts.append(footer.rstrip() + "\n")
-    parts.append(README_END)
+    parts.append(end)
     return "\n".join(parts) + "\n"
 
 
-def readme_section(text: str) -> str | None:
-    """The block between the markers in ``text`` (markers included), or None."""
-    start = text.find(README_BEGIN)
-    end = text.find(README_END, start + 1)
+def readme_section(text: str, cfg: DemoConfig | None = None) -> str | None:
+    """The block between ``cfg``'s markers (the demo's by default) in ``text``, markers included, or None."""
+    begin, end_marker = readme_markers(cfg or DEMO)
+    start = text.find(begin)
+    end = text.find(end_marker, start + 1)
     if start < 0 or end < 0:
         return None
-    return text[start:end + len(README_END)] + "\n"
+    return text[start:end + len(end_marker)] + "\n"
 
 
-def update_readme(path, block: str) -> Path:
-    """Replace the block between the markers in README ``path`` with ``block``."""
+def update_readme(path, block: str, cfg: DemoConfig | None = None) -> Path:
+    """Replace ``cfg``'s block (the demo's by default) in README ``path`` with ``block``."""
     path = Path(path)
     text = path.read_text()
-    old = readme_section(text)
+    old = readme_section(text, cfg)
     if old is None:
-        raise RunFolderError(f"{path}: no {README_BEGIN!r} ... {README_END!r} markers")
+        begin, end = readme_markers(cfg or DEMO)
+        raise RunFolderError(f"{path}: no {begin!r} ... {end!r} markers")
     return runfolder.atomic_write_text(path, text.replace(old, block, 1))

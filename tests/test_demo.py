@@ -400,3 +400,15 @@ def test_make_targets_run_the_three_presets():
         out = subprocess.run(["make", "-n", "-C", str(root), target, "TORCH=torch==2.13.0"], capture_output=True,
                              text=True, check=True).stdout
         assert f'OGMGE_COMMAND="make {target}" .venv/bin/python -m cli.demo {flags}' in out, out
+
+
+def test_compare_keeps_the_demos_holm_family_and_its_own_readme_block():
+    # compare's extra methods must not dilute the verdict's correction: the verdict family is the demo's
+    families = demo._families(demo.COMPARE, demo.contrasts(demo.COMPARE))
+    assert families["verdict"] == [demo._label(c) for c in demo.contrasts(demo.DEMO)]
+    assert len(families["verdict"]) == 4
+    assert len(families["exploratory"]) == len(demo.contrasts(demo.COMPARE)) - 4
+    text = README.read_text()
+    compare_block = demo.readme_section(text, demo.COMPARE)
+    assert compare_block is not None and demo.setup_markdown(demo.COMPARE) in compare_block
+    assert demo.readme_section(text) != compare_block
