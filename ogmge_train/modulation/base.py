@@ -53,8 +53,25 @@ def step_generator(seed: int, step: int, device: torch.device, *extra: int) -> t
     return torch.Generator(device=device).manual_seed(int(s[0]) << 32 | int(s[1]))
 
 
+class _RunView:
+    """What Step and EpochStart both offer: the model behind ``modalities`` and a sum over ranks."""
+
+    modalities: Modalities
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.modalities.model
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks, in place (``all_reduce`` may return None, as torch's does)."""
+        if self.all_reduce is not None:
+            self.all_reduce(t)
+        return t
+
+
 @dataclass
-class Step:
+class Step(_RunView):
     """What a method sees of one training step (built by ``Balancer`` before the forward pass).
 
     ``modalities``: the model side (``step.model`` is the module, unwrapped from DDP);
@@ -79,16 +96,6 @@ class Step:
     weight: float = 1.0
     keys: list[str] | None = None
 
-    @property
-    def model(self) -> nn.Module:
-        return self.modalities.model
-
-    def reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over ranks, in place (``all_reduce`` may return None, as torch's does)."""
-        if self.all_reduce is not None:
-            self.all_reduce(t)
-        return t
-
     @functools.cached_property
     def local_generator(self) -> torch.Generator:
         return step_generator(self.seed, self.step, self.labels.device, self.rank, 1)
@@ -101,7 +108,7 @@ class Step:
 
 
 @dataclass
-class EpochStart:
+class EpochStart(_RunView):
     """What a method sees before a training epoch: ``batches(n)`` yields up to n training batches
     ``(inputs, labels)`` on the device (this rank's part, the epoch's order);
     ``keyed_batches(loader_epoch)`` yields every training batch of that epoch's order as
@@ -122,16 +129,6 @@ class EpochStart:
     emit: Callable[[dict], None] = field(default=lambda e: None)
     seed: int = 0
     rank: int = 0
-
-    @property
-    def model(self) -> nn.Module:
-        return self.modalities.model
-
-    def reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over ranks, in place (``all_reduce`` may return None, as torch's does)."""
-        if self.all_reduce is not None:
-            self.all_reduce(t)
-        return t
 
 
 def progress_event(method: str, task: str, done: int, total: int, started: float, now: float) -> dict:
