@@ -316,11 +316,12 @@ def test_cli_refuses_existing_run_without_resume(demo_run, shards):
 
 # ---------------------------------------------------------------- learning
 
-@pytest.mark.xfail(strict=False, reason="failed once after the issue 22/25 merges (epoch 1 loss 0.72 vs epoch 0 "
-                                        "1.57); not yet investigated")
 def test_converges_on_synthetic_cremad(shards, tmp_path):
-    """Class cues in both modalities: three demo epochs take accuracy far above chance (1/6)."""
-    summary = train_mod.train(tiny_config(shards, tmp_path / "run", epochs=3, lr=3e-3))
+    """Class cues in both modalities: three demo epochs take accuracy far above chance (1/6).
+
+    At the preset's own SGD learning rate (3e-2): the 3e-3 this test once passed was chosen for
+    Adam, and under SGD it learns about ten times slower (epoch losses 1.57, 0.72, 0.47)."""
+    summary = train_mod.train(tiny_config(shards, tmp_path / "run", epochs=3))
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     losses = [r["train"]["loss"] for r in records]
     # the first epoch does most of the work; later ones may wobble by a few hundredths
