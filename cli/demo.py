@@ -319,29 +319,11 @@ def _job_progress(cfg, runs: Path, job: _Job) -> float:
 @handle_errors(interrupt_hint=RESUME_HINT)
 def main(out, compare, quick, clips, epochs, seeds, jobs, update_readme, note):
     """Run the OGM-GE demo end to end on this CPU and write OUT/report.md."""
-    from ogmge_train.sweep import parse_seeds
-
-    if compare and quick:
-        raise click.UsageError("--compare and --quick exclude each other")
-    base = demo_lib.COMPARE if compare else demo_lib.QUICK if quick else demo_lib.DEMO
-    cfg = dataclasses.replace(base, **{k: v for k, v in {
-        "clips": clips, "epochs": epochs, "seeds": tuple(parse_seeds(seeds)) if seeds else None,
-        "jobs": jobs}.items() if v is not None})
+    cfg = _settings(compare, quick, clips=clips, epochs=epochs, seeds=seeds, jobs=jobs)
     lanes = max(1, min(cfg.jobs, os.cpu_count() or 1))
     threads = max(1, (os.cpu_count() or 1) // lanes)
     out = Path(out)
-    raw, shards, runs, splits, logs = out / "raw", out / "shards", out / "runs", out / "splits", out / "logs"
-    seconds, kept, t0 = {}, [], time.monotonic()
-    # Stage times of the run that did the work: a resumed run keeps the earlier numbers of the
-    # stages it skipped, so the report's wall times describe the whole job.
-    times_file = out / "timings.json"
-    earlier = runfolder.read_json(times_file) if times_file.is_file() else {}
-
-    def lap(name, did_work=True):
-        nonlocal t0
-        seconds[name] = time.monotonic() - t0 if did_work or name not in earlier else earlier[name]
-        t0 = time.monotonic()
-
+    clock, kept = _Clock(out / "timings.json"), []
     arms, skipped = [], []
     for arm in cfg.arms:
         problem = demo_lib.arm_problem(arm)
@@ -350,8 +332,48 @@ def main(out, compare, quick, clips, epochs, seeds, jobs, update_readme, note):
         err_console.print(f"[yellow]skipped[/] {problem}")
     cfg = dataclasses.replace(cfg, arms=tuple(arms))
 
+    shards = _prepare_data(cfg, out, clock, kept)
+    _train_stage(cfg, shards, out / "runs", out / "logs", clock, kept, lanes, threads)
+    _report_stage(cfg, out, clock, kept, skipped, lanes, compare=compare, note=note, update_readme=update_readme)
+
+
+def _settings(compare: bool, quick: bool, **given) -> demo_lib.DemoConfig:
+    """The preset the flags pick, with the options given on the command line over it."""
+    from ogmge_train.sweep import parse_seeds
+
+    if compare and quick:
+        raise click.UsageError("--compare and --quick exclude each other")
+    base = demo_lib.COMPARE if compare else demo_lib.QUICK if quick else demo_lib.DEMO
+    if given.get("seeds"):
+        given["seeds"] = tuple(parse_seeds(given["seeds"]))
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+class _Clock:
+    """Wall time per stage. A stage a rerun skipped keeps the time of the run that did its work
+    (``timings.json``), so the report's wall times describe the whole job."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.earlier = runfolder.read_json(path) if path.is_file() else {}
+        self.seconds: dict[str, float] = {}
+        self.t0 = time.monotonic()
+
+    def lap(self, name: str, did_work: bool = True) -> None:
+        self.seconds[name] = (time.monotonic() - self.t0 if did_work or name not in self.earlier
+                              else self.earlier[name])
+        self.t0 = time.monotonic()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        runfolder.atomic_write_json(self.path, self.seconds)
+
+
+def _prepare_data(cfg, out: Path, clock: _Clock, kept: list[str]) -> Path:
+    """Steps 1-4: synthesize, split, extract, verify (each kept when an earlier run finished it)."""
+    raw, shards, splits = out / "raw", out / "shards", out / "splits"
     _synth(cfg, raw, kept)
-    lap("synth", not kept)
+    clock.lap("synth", not kept)
     err_console.rule("[bold]2/7 split files")
     files = demo_lib.write_split_files(raw, splits, cfg)
     n = demo_lib.split_counts(cfg)
@@ -364,10 +386,15 @@ def main(out, compare, quick, clips, epochs, seeds, jobs, update_readme, note):
         "--frame-size", str(cfg.frame_size), *_flags(cfg.spec), "--shard-size", str(cfg.shard_size),
         "--workers", str(cfg.extract_workers), *(x for s in ("train", "val", "test")
                                                  for x in ("--split-file", f"{s}={files[s]}"))])
-    lap("extract", not had_shards)
+    clock.lap("extract", not had_shards)
     _run("4/7 verify shards", "avprep", ["verify", str(shards)])
-    lap("verify")
+    clock.lap("verify")
+    return shards
 
+
+def _train_stage(cfg, shards: Path, runs: Path, logs: Path, clock: _Clock, kept: list[str], lanes: int,
+                 threads: int) -> None:
+    """Steps 5-6: every training and probe not already finished with the same settings."""
     jobs_, kept_runs, probed, total = _plan_jobs(cfg, shards.resolve(), runs, logs)
     done_before = _finished_runs(cfg, runs)
     if done_before:
@@ -380,9 +407,14 @@ def main(out, compare, quick, clips, epochs, seeds, jobs, update_readme, note):
     else:
         err_console.rule("[bold]5/7 train and 6/7 probe")
         err_console.print("every training and probe was kept")
-    lap("train and probe", bool(jobs_))
+    clock.lap("train and probe", bool(jobs_))
 
+
+def _report_stage(cfg, out: Path, clock: _Clock, kept: list[str], skipped: list[str], lanes: int, *,
+                  compare: bool, note: str, update_readme: str | None) -> None:
+    """Step 7: report.md and its plots, the README block, the summary on the terminal."""
     err_console.rule("[bold]7/7 report")
+    runs = out / "runs"
     folders = [runs / a.name for a in cfg.arms]
     groups = {a.name: [report_lib.read_run(p) for p in runfolder.expand_runs([runs / a.name])
                        if int(runfolder.read_config(p).get("seed", -1)) in demo_lib.arm_seeds(cfg, a)]
@@ -391,12 +423,11 @@ def main(out, compare, quick, clips, epochs, seeds, jobs, update_readme, note):
     title = {"make compare": "Every method", "make demo-quick": "OGM-GE demo, quick preview"}.get(cfg.label,
                                                                                                  "OGM-GE demo")
     rep = report_lib.write_report(folders, out, title=f"{title} (synthetic CREMA-D)", split="train", at="last",
-                                  preamble=_preamble(cfg, seconds, skipped, lanes), conclusion=findings)
+                                  preamble=_preamble(cfg, clock.seconds, skipped, lanes), conclusion=findings)
     extra = _extra_plots(cfg, groups, rep, out, compare)
-    lap("report")
-    out.mkdir(parents=True, exist_ok=True)
-    runfolder.atomic_write_json(times_file, seconds)
-    footer = (f"Wall time on this machine ({cfg.label}, {lanes} trainings side by side): {_times(seconds)}."
+    clock.lap("report")
+    clock.save()
+    footer = (f"Wall time on this machine ({cfg.label}, {lanes} trainings side by side): {_times(clock.seconds)}."
               + (f" {note}" if note else ""))
     block = demo_lib.readme_block(cfg, report_lib.markdown_table(rep.table, "last"), findings, footer=footer)
     runfolder.atomic_write_text(out / "readme-block.md", block)
@@ -409,7 +440,7 @@ def main(out, compare, quick, clips, epochs, seeds, jobs, update_readme, note):
     if kept:
         err_console.print("kept from an earlier run: " + ", ".join(kept))
     err_console.print(f"wrote {rep.markdown}, {', '.join(p.name for p in [*rep.plots.values(), *extra])} "
-                      f"in {_duration(sum(seconds.values()))}")
+                      f"in {_duration(sum(clock.seconds.values()))}")
 
 
 def _times(seconds: dict[str, float]) -> str:

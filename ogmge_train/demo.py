@@ -472,7 +472,7 @@ def protocol_markdown(cfg: DemoConfig = DEMO, present=None) -> str:
     explore = ("" if not n_explore else
                f"; the other methods' {n_explore} contrasts are an exploratory family with its own Holm correction "
                f"(with {cfg.method_seeds} seeds the exact sign-flip p cannot go below 2/2^{cfg.method_seeds} = "
-               f"{2 / 2 ** (cfg.method_seeds or 1):.4g}, so read them by their intervals and MDEs)")
+               f"{stats.sign_flip_floor(cfg.method_seeds or 1):.4g}, so read them by their intervals and MDEs)")
     lines = [
         "### Protocol (pre-registered: fixed before the runs, stated before the numbers)\n",
         f"- **Primary endpoint**: {ENDPOINTS[PRIMARY]} at the **last epoch** ({_epochs(cfg.epochs)}, the same "
@@ -553,6 +553,13 @@ def _primary_verdict(label: str, d: dict, cfg: DemoConfig) -> str:
         return f"{head}: **no effect larger than {margin:g} points** (TOST p = {_p(tost['p'])})."
     bound = "" if d["bound"] is None else f"; effects up to {100 * d['bound']:.1f} points are not excluded"
     tost_p = "" if tost["p"] is None else f" (TOST at ±{margin:g} points: p = {_p(tost['p'])})"
+    floor = stats.sign_flip_floor(d["n"])
+    if floor > cfg.level:
+        # no data could make this contrast significant: say so instead of "no effect detected"
+        side = ("contains 0" if d["ci"] is None or d["ci"][0] <= 0 <= d["ci"][1] else
+                "lies above 0" if d["ci"][0] > 0 else "lies below 0")
+        return (f"{head}: **not testable with {d['n']} seeds** (the exact sign-flip p cannot go below "
+                f"{floor:.4g} > {cfg.level:g}); descriptively, its 95% interval {side}{tost_p}{bound}.")
     return f"{head}: **inconclusive**: no effect detected, none excluded{tost_p}{bound}."
 
 

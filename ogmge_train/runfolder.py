@@ -34,7 +34,7 @@ __all__ = ["CONFIG", "METRICS", "STEPS", "SUMMARY", "LAST", "BEST", "SEED_DIR", 
            "keep_epochs", "read_config", "read_summary", "read_metrics", "read_steps", "read_probe",
            "write_config", "write_summary", "write_probe", "record_of", "is_run", "expand_runs",
            "finished", "absolute_location", "LOCK", "writer_lock", "remove_temp", "RUNS_DIR", "run_stem",
-           "new_run_folder"]
+           "new_run_folder", "remove_unused_run_folder"]
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -355,3 +355,23 @@ def new_run_folder(stem: str, parent=RUNS_DIR) -> Path:
     except OSError as e:
         raise RunFolderError(f"{e.filename or parent}: cannot create the run folder ({e.strerror or e}); "
                              "pass --out RUN") from None
+
+
+def remove_unused_run_folder(run) -> bool:
+    """Remove ``run`` (a folder ``new_run_folder`` made) when a run stopped before its first step
+    left nothing in it but its config, lock and an empty steps file, so a typo in a flag checked
+    late (e.g. a teacher run's path) does not leave numbered folders behind. Anything else in it,
+    and the folder stays. Returns whether it was removed."""
+    run = Path(run)
+    disposable = {CONFIG, LOCK, STEPS}
+    try:
+        entries = list(run.iterdir())
+        if any(p.name not in disposable or not p.is_file() for p in entries) or \
+                any(p.name == STEPS and p.stat().st_size for p in entries):
+            return False
+        for p in entries:
+            p.unlink()
+        run.rmdir()
+    except OSError:
+        return False
+    return True

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-__all__ = ["mean_std", "t_cdf", "t_quantile", "t_quantile_975", "sign_flip_p", "paired_difference",
+__all__ = ["mean_std", "t_cdf", "t_quantile", "t_quantile_975", "sign_flip_p", "sign_flip_floor", "paired_difference",
            "holm", "tost", "equivalence_bound", "minimal_detectable_effect", "EXACT_SIGN_FLIP_MAX"]
 
 # Up to this many pairs the sign-flip test enumerates every pattern (2^20 ~ 1e6, well under a
@@ -157,6 +157,12 @@ def sign_flip_p(d) -> tuple[float, bool]:
         signs = rng.choice((-1.0, 1.0), size=(min(10_000, _MC_DRAWS - start), n))
         hits += int(np.count_nonzero(np.abs(signs @ d) >= observed - tol))
     return hits / (_MC_DRAWS + 1), False
+
+
+def sign_flip_floor(n: int) -> float:
+    """The smallest p ``sign_flip_p`` can give for ``n`` pairs: 2 / 2^n (the observed sign pattern
+    and its mirror), so with n seeds no contrast can reach a level below it, whatever the data."""
+    return 1.0 if n <= 0 else min(1.0, 2 / 2 ** n)
 
 
 def paired_difference(base: dict, treated: dict) -> dict:

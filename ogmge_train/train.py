@@ -393,10 +393,10 @@ class _Setup:
         self._warned: set[str] = set()
         self.dataset.on_warning = self.warning
         self._check_splits()
-        made = not self.cfg.out
-        if made:
+        self.made = not self.cfg.out
+        if self.made:
             self.cfg = dataclasses.replace(self.cfg, out=self._new_run_folder())
-        self.emit({"event": "run_folder", "out": self.cfg.out, "new": made})
+        self.emit({"event": "run_folder", "out": self.cfg.out, "new": self.made})
         self.out = Path(self.cfg.out)
         self.rec = Recorder(self.out, self.info.is_main)
 
@@ -483,8 +483,15 @@ class _Setup:
         if refused is not None:
             raise refused[0](refused[1])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Release the writer lock; after a failure before the first step, remove the run folder
+        this run made (it holds nothing a user could want)."""
         self._locks.close()
+        stepped = hasattr(self, "plug") and self.global_step > 0
+        if failed and self.made and self.info.is_main and not stepped and runfolder.remove_unused_run_folder(self.out):
+            with contextlib.suppress(Exception):      # an observer's failure must not hide the run's own error
+                self.emit({"event": "warning", "message": f"{self.out}: removed; the run stopped before its first "
+                           "step"})
 
     def _check_folder(self) -> None:
         # every rank checks (same answer everywhere), so none is left waiting at a barrier
@@ -793,7 +800,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     never overwrites results. Under torchrun this joins the process group (and leaves it at the
     end); the caller sees the same summary on rank 0 and an empty dict elsewhere.
     Without ``cfg.out`` the run gets a new folder, ``runs/<dataset>-<fusion>-<method>-<n>``
-    (``runfolder.new_run_folder``).
+    (``runfolder.new_run_folder``); a run that fails before its first step removes that folder
+    again (``runfolder.remove_unused_run_folder``: only its config and lock are in it).
     ``on_event(dict)`` is called on rank 0 with ``{"event": kind, ...}``: ``run_folder`` (out,
     new: whether this run made it; before anything is written), ``start`` (epochs, start_epoch,
     steps, world_size, device, config), ``epoch_start`` (epoch,
@@ -813,10 +821,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
     when a run file cannot be written.
     """
     owns_group = not dist.is_distributed()
-    setup = None
+    setup, failed = None, True
     try:
         setup = _Setup(cfg, resume, on_event)
-        return _run(setup, on_epoch_end)
+        summary = _run(setup, on_epoch_end)
+        failed = False
+        return summary
     except RuntimeError as e:
         if setup is not None and setup.info.world_size > 1 and dist.is_peer_loss(e):
             raise PeerLostError(f"rank {setup.info.rank}: lost contact with another training process "
@@ -825,7 +835,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event | None = No
         raise
     finally:
         if setup is not None:
-            setup.close()
+            setup.close(failed)
         if owns_group:
             dist.shutdown()
 

@@ -122,6 +122,47 @@ def test_umt_learns_from_the_demo_own_unimodal_runs_of_the_same_seed(tmp_path):
     assert all(not a.teachers for a in COMPARE.arms if a is not umt)
 
 
+def test_an_arm_with_teachers_starts_only_after_its_teachers_arms_finish(tmp_path, monkeypatch):
+    """`_train_all` with two lanes: the UMT arm is planned first (most costly) but waits until both
+    unimodal arms, whose runs it distils, have finished; meanwhile another arm takes the free lane."""
+    import cli.demo as cli_demo
+
+    events: list[tuple[str, str]] = []
+    polls = {"visual-only": 8}                 # visual-only ends last; every other job after 3 polls
+
+    class Proc:
+        def __init__(self, job):
+            self.job, self.polls = job, 0
+
+        def poll(self):
+            self.polls += 1
+            n = polls.get(self.job.arm.name, 3)
+            if self.polls < n:
+                return None
+            if self.polls == n:
+                events.append(("end", self.job.arm.name))
+            return 0
+
+    def start(job, threads):
+        job.commands.pop(0)
+        job.proc = Proc(job)
+        events.append(("start", job.arm.name))
+
+    monkeypatch.setattr(cli_demo, "_start", start)
+    monkeypatch.setattr(cli_demo, "_POLL_S", 0.0)
+    monkeypatch.setattr(cli_demo, "_finished_runs", lambda cfg, runs: 0)
+    arms = {a.name: a for a in COMPARE.arms}
+    umt = arms["concat+umt"]
+    assert {t for _, t in umt.teachers} == {"audio-only", "visual-only"}
+    jobs = [cli_demo._Job(arms[name], [["sweep"]], 1, cost, tmp_path / f"{name}.log",
+                          after={t for _, t in arms[name].teachers})
+            for name, cost in (("concat+umt", 9.0), ("audio-only", 2.0), ("visual-only", 2.0), ("concat", 1.0))]
+    cli_demo._train_all(COMPARE, jobs, tmp_path, lanes=2, threads=1)
+    assert events == [("start", "audio-only"), ("start", "visual-only"), ("end", "audio-only"),
+                      ("start", "concat"), ("end", "concat"), ("end", "visual-only"), ("start", "concat+umt"),
+                      ("end", "concat+umt")]
+
+
 def test_setting_changes_name_what_differs_and_ignore_place_and_new_fields():
     stored = {"lr": 0.01, "epochs": 15, "eval_splits": ["val", "test"], "out": "a/seed-0", "shards": "/x",
               "workers": 0, "gone": 1}
@@ -215,6 +256,18 @@ def test_null_results_are_equivalence_only_with_tost_else_inconclusive():
     # a control that does not move: the report says the null results are uninformative
     dull = demo.conclusion(_groups(treated_gain=0.0, noise=0.03, control=0.0))
     assert "**not detected**, so the endpoint may be insensitive" in dull
+
+
+def test_a_clear_effect_on_too_few_seeds_is_called_untestable_not_absent():
+    """Five seeds, all higher: the exact sign-flip p is 2/32 whatever the size, so the verdict
+    says the contrast cannot be tested and which side of 0 its interval lies, not "no effect"."""
+    text = demo.conclusion(_groups(n=5, treated_gain=0.05))
+    line = next(ln for ln in text.splitlines() if ln.startswith("- `concat+ogm-ge` vs `concat`"))
+    assert "higher in 5, lower in 0 of 5 seeds" in line and "sign-flip p = 0.062" in line
+    assert "**not testable with 5 seeds** (the exact sign-flip p cannot go below 0.0625 > 0.05)" in line
+    assert "its 95% interval lies above 0" in line and "inconclusive" not in line and "no effect" not in line
+    # with ten seeds the same effect is tested, and detected
+    assert "**raised**" in demo.conclusion(_groups(n=10, treated_gain=0.05))
 
 
 def test_a_failed_premise_is_said_before_any_contrast():

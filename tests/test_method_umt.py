@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,7 +156,7 @@ def test_trains_with_every_fusion_teachers_recorded_not_saved(shards, teacher_ru
             shutil.move(moved, teacher_runs)
 
 
-def test_teacher_runs_refused_with_one_line(shards, teacher_runs, tmp_path):
+def test_teacher_runs_refused_with_one_line(shards, teacher_runs, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^umt teacher for audio: .*nowhere/best\.pt: no such checkpoint \(give "
                                           r"the folder of a finished --modality audio run\)$"):
         train_mod.train(tiny(shards, tmp_path / "a", modulation="umt", umt_teacher_audio=str(tmp_path / "nowhere"),
@@ -164,6 +165,19 @@ def test_teacher_runs_refused_with_one_line(shards, teacher_runs, tmp_path):
                                           r"visual run, not a uni-modal --modality audio one$"):
         train_mod.train(tiny(shards, tmp_path / "b", modulation="umt", umt_teacher_audio=str(teacher_runs / "visual"),
                              umt_teacher_visual=str(teacher_runs / "visual")))
+    # without --out: the numbered folder the run made is removed again, nothing else touched
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    events: list[dict] = []
+    with pytest.raises(ConfigError, match=r"^umt teacher for audio: .*nowhere/best\.pt: no such checkpoint"):
+        train_mod.train(resolve("demo", shards=str(shards), epochs=1, batch_size=8, image_size=32, workers=0,
+                                device="cpu", modulation="umt", umt_teacher_audio=str(tmp_path / "nowhere"),
+                                umt_teacher_visual=str(teacher_runs / "visual")), on_event=events.append)
+    made = next(e["out"] for e in events if e["event"] == "run_folder")
+    assert Path(made).parent == Path("runs") and not Path(made).exists() and list((cwd / "runs").iterdir()) == []
+    assert any(e["event"] == "warning" and e["message"] == f"{made}: removed; the run stopped before its first step"
+               for e in events)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "best.pt").write_bytes(b"not a checkpoint")

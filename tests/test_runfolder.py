@@ -114,6 +114,24 @@ def test_new_run_folder_takes_the_next_number_and_never_an_existing_path(tmp_pat
     assert runfolder.new_run_folder("cremad-sum-none", runs) == runs / "cremad-sum-none-1"
 
 
+def test_an_unused_run_folder_is_removed_and_one_with_results_kept(tmp_path):
+    runs = tmp_path / "runs"
+    unused = runfolder.new_run_folder("ks-sum-umt", runs)
+    (unused / runfolder.CONFIG).write_text("{}")
+    (unused / runfolder.LOCK).write_text("")
+    (unused / runfolder.STEPS).write_text("")
+    assert runfolder.remove_unused_run_folder(unused) and not unused.exists()
+    for name, text in ((runfolder.STEPS, '{"epoch": 0}\n'), (runfolder.METRICS, ""), ("notes.txt", "mine")):
+        run = runfolder.new_run_folder("ks-sum-umt", runs)
+        (run / runfolder.CONFIG).write_text("{}")
+        (run / name).write_text(text)
+        assert not runfolder.remove_unused_run_folder(run) and (run / name).read_text() == text
+    sub = runfolder.new_run_folder("ks-sum-umt", runs)
+    (sub / "seed-0").mkdir()
+    assert not runfolder.remove_unused_run_folder(sub) and (sub / "seed-0").is_dir()
+    assert not runfolder.remove_unused_run_folder(runs / "never-made")
+
+
 def test_runs_racing_for_a_number_each_get_their_own_folder(tmp_path, monkeypatch):
     import threading
 

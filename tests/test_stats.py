@@ -46,6 +46,15 @@ def test_sign_flip_is_exact_and_matches_a_naive_enumeration_and_scipy(n):
     assert p == pytest.approx(ref.pvalue, abs=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 6, 10])
+def test_sign_flip_floor_is_the_smallest_p_any_data_gives(n):
+    """Over every sign pattern of distinct magnitudes, the smallest p equals the floor."""
+    mags = [0.01 * (k + 1) for k in range(n)]
+    smallest = min(stats.sign_flip_p([s * m for s, m in zip(signs, mags)])[0]
+                   for signs in itertools.product((1, -1), repeat=n))
+    assert stats.sign_flip_floor(n) == pytest.approx(smallest, abs=1e-15) == pytest.approx(min(1.0, 2 / 2 ** n))
+
+
 def test_sign_flip_extremes_and_ties():
     # all ten differences positive: only the observed pattern and its mirror are as extreme
     p, _ = stats.sign_flip_p([0.01 * (k + 1) for k in range(10)])
