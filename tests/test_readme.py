@@ -111,6 +111,9 @@ def run(step: Step, cwd: Path) -> tuple[int, list[str]]:
 
 BLOCKS = parse(README.read_text())
 
+# one worker runs every block in order (make test's --dist loadgroup): later blocks use what earlier ones made
+pytestmark = pytest.mark.xdist_group("readme")
+
 
 def test_readme_has_command_blocks():
     assert len(BLOCKS) >= 2 and any(not b.slow for b in BLOCKS)
