@@ -38,14 +38,15 @@ compare: $(STAMP)
 # Both say how long they took (lint included), so a slow or loaded machine is visible; make test
 # also lists its 15 slowest tests (no default test should take more than about a minute of CPU).
 # make test runs on PYTEST_WORKERS processes (pytest-xdist; "auto" = one per core, at most 4;
-# 0 = in this process): on 2 idle cores 8 min 20 s to 9 min 35 s instead of 12 min 6 s. The README's blocks
-# stay in one worker (they build on each other); the slow suite stays serial (it measures memory).
+# 0 = in this process). xdist hands each worker tests in collection order, so a README block
+# can first replay the earlier blocks its worker has not run (tests/test_readme.py). The slow
+# suite stays serial (it measures memory).
 PYTEST_WORKERS ?= auto
 TIMED = start=$$(date +%s); $(1); rc=$$?; s=$$(( $$(date +%s) - start )); \
 	echo "make $@: $$(( s / 60 )) min $$(( s % 60 )) s (exit $$rc)"; exit $$rc
 
 test: $(STAMP)
-	@$(call TIMED,$(LINT) && $(PY) -m pytest -q -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadgroup --durations=15)
+	@$(call TIMED,$(LINT) && $(PY) -m pytest -q -n $(PYTEST_WORKERS) --maxprocesses 4 --durations=15)
 
 test-all: $(STAMP)
 	@$(call TIMED,$(LINT) && $(PY) -m pytest -q -m "slow or not slow" --durations=15)

@@ -111,9 +111,6 @@ def run(step: Step, cwd: Path) -> tuple[int, list[str]]:
 
 BLOCKS = parse(README.read_text())
 
-# one worker runs every block in order (make test's --dist loadgroup): later blocks use what earlier ones made
-pytestmark = pytest.mark.xdist_group("readme")
-
 
 def test_readme_has_command_blocks():
     assert len(BLOCKS) >= 2 and any(not b.slow for b in BLOCKS)
@@ -136,7 +133,8 @@ def workdir(tmp_path_factory):
                                    for b in BLOCKS])
 def test_readme_block(block: Block, workdir):
     # a block may use what the fast blocks before it made: run those first when they were not
-    # selected (`pytest -m slow` runs the slow blocks alone)
+    # selected (`pytest -m slow` runs the slow blocks alone) or ran in another xdist worker (each
+    # worker gets its tests in collection order, so a block never comes after a later one here)
     for earlier in BLOCKS[:block.index]:
         if not earlier.slow and earlier.index not in workdir.ran:
             for step in earlier.steps:
