@@ -362,12 +362,13 @@ def remove_unused_run_folder(run) -> bool:
     left nothing in it but its config, lock and an empty steps file, so a typo in a flag checked
     late (e.g. a teacher run's path) does not leave numbered folders behind. Anything else in it,
     and the folder stays. Returns whether it was removed."""
+    def disposable(p: Path) -> bool:
+        return p.is_file() and (p.name in (CONFIG, LOCK) or (p.name == STEPS and p.stat().st_size == 0))
+
     run = Path(run)
-    disposable = {CONFIG, LOCK, STEPS}
     try:
         entries = list(run.iterdir())
-        if any(p.name not in disposable or not p.is_file() for p in entries) or \
-                any(p.name == STEPS and p.stat().st_size for p in entries):
+        if not all(disposable(p) for p in entries):
             return False
         for p in entries:
             p.unlink()

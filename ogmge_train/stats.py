@@ -160,9 +160,12 @@ def sign_flip_p(d) -> tuple[float, bool]:
 
 
 def sign_flip_floor(n: int) -> float:
-    """The smallest p ``sign_flip_p`` can give for ``n`` pairs: 2 / 2^n (the observed sign pattern
-    and its mirror), so with n seeds no contrast can reach a level below it, whatever the data."""
-    return 1.0 if n <= 0 else min(1.0, 2 / 2 ** n)
+    """The smallest p ``sign_flip_p`` can give for ``n`` pairs, whatever the data: 2 / 2^n when it
+    enumerates (the observed sign pattern and its mirror), 1 / (draws + 1) past
+    ``EXACT_SIGN_FLIP_MAX``. With n seeds no contrast can reach a level below it."""
+    if n <= 0:
+        return 1.0
+    return min(1.0, 2 / 2 ** n) if n <= EXACT_SIGN_FLIP_MAX else 1 / (_MC_DRAWS + 1)
 
 
 def paired_difference(base: dict, treated: dict) -> dict:

@@ -40,6 +40,13 @@ def read_jsonl(path) -> list:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+WALL_TIME = {"time_s", "samples_per_s"}      # metrics.jsonl keys that differ between identical runs
+
+
+def strip_wall_time(rows) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in WALL_TIME} for r in rows]
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -18,7 +18,7 @@ from ogmge_train import modulation, names
 from ogmge_train import train as train_mod
 from ogmge_train.config import BB_METHOD_SETTINGS, PRESETS, resolve
 from ogmge_train.errors import ConfigError
-from tests._helpers import REPO, read_jsonl, torchrun
+from tests._helpers import REPO, read_jsonl, strip_wall_time, torchrun
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,7 +51,6 @@ CASES = {
     "valuation-sample": Case("gated", "concat"),
     "valuation-modality": Case("gated", "concat", {"valuation_part_ratio": 0.5}),
 }
-WALL_TIME = {"time_s", "samples_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +149,6 @@ def test_trains_with_every_fusion_it_allows(shards, tmp_path, method, fusion):
     _check_folder(method, tmp_path / "run")
 
 
-def _strip(lines):
-    return [{k: v for k, v in r.items() if k not in WALL_TIME} for r in lines]
-
-
 class Crash(Exception):
     pass
 
@@ -176,7 +171,7 @@ def test_resume_is_bit_exact(shards, tmp_path, method):
         train_mod.train(tiny_config(shards, part, method, **kw), on_event=crash_in_last_epoch)
     assert ckpt(part / "last.pt")["epoch"] == last - 1
     train_mod.train(tiny_config(shards, part, method, **kw), resume=True)
-    assert _strip(read_jsonl(part / "metrics.jsonl")) == _strip(read_jsonl(full / "metrics.jsonl"))
+    assert strip_wall_time(read_jsonl(part / "metrics.jsonl")) == strip_wall_time(read_jsonl(full / "metrics.jsonl"))
     assert (part / "steps.jsonl").read_bytes() == (full / "steps.jsonl").read_bytes()
     a, b = ckpt(part / "last.pt"), ckpt(full / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])

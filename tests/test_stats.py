@@ -53,6 +53,10 @@ def test_sign_flip_floor_is_the_smallest_p_any_data_gives(n):
     smallest = min(stats.sign_flip_p([s * m for s, m in zip(signs, mags)])[0]
                    for signs in itertools.product((1, -1), repeat=n))
     assert stats.sign_flip_floor(n) == pytest.approx(smallest, abs=1e-15) == pytest.approx(min(1.0, 2 / 2 ** n))
+    # past the exact limit the Monte-Carlo p counts the observed pattern once among the draws
+    n = stats.EXACT_SIGN_FLIP_MAX + 5
+    assert stats.sign_flip_floor(n) == 1 / (stats._MC_DRAWS + 1) == \
+        stats.sign_flip_p([0.01 * (k + 1) for k in range(n)])[0]
 
 
 def test_sign_flip_extremes_and_ties():

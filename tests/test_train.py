@@ -23,8 +23,8 @@ from ogmge_train.errors import (
     RunFolderError,
     RunWriteError,
 )
+from tests._helpers import read_jsonl, strip_wall_time
 
-WALL_TIME = {"time_s", "samples_per_s"}
 EVAL_KEYS = {"loss", "acc", "map", "acc_a", "map_a", "acc_v", "map_v", "shapley_a", "shapley_v"}
 RECORD_KEYS = {"epoch", "lr", "train", "val", "test", "rho_a", "rho_v", "k_a", "k_v", "update_norm_a", "update_norm_v",
                "samples_per_s", "time_s"}
@@ -43,14 +43,6 @@ def shards(train_shards):
 def tiny_config(shards, out, **kw) -> TrainConfig:
     kw = {"epochs": 2, "batch_size": 8, "image_size": 32, "workers": 0, "device": "cpu", **kw}
     return resolve("demo", shards=str(shards), out=str(out), **kw)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def strip_wall_time(lines):
-    return [{k: v for k, v in r.items() if k not in WALL_TIME} for r in lines]
 
 
 def ckpt(path):

@@ -28,11 +28,10 @@ from ogmge_train import data, runfolder
 from ogmge_train import train as train_mod
 from ogmge_train.config import resolve
 from ogmge_train.errors import ConfigError, PeerLostError, RunFolderError
-from tests._helpers import REPO, read_jsonl, torchrun
+from tests._helpers import REPO, read_jsonl, strip_wall_time, torchrun
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-WALL_TIME = {"time_s", "samples_per_s"}
 FLAGS = ["--preset", "demo", "--epochs", "2", "--batch-size", "8", "--image-size", "32", "--device", "cpu"]
 
 # Runs the ogmge-train CLI. OGMGE_TEST_KILL="<file>:<n>" SIGKILLs the process at the n-th write of
@@ -96,10 +95,6 @@ def run_cli(cmd, timeout: float = 300, **env) -> subprocess.CompletedProcess:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-def strip_wall_time(rows):
-    return [{k: v for k, v in r.items() if k not in WALL_TIME} for r in rows]
 
 
 def ckpt(path):
